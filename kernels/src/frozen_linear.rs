@@ -1,0 +1,131 @@
+//! A linear layer over a frozen weight whose backward returns the input gradient only.
+//!
+//! candle's `matmul` backward always computes (and stores) a gradient for both operands, even
+//! when the weight is a constant: for a LoRA step that is a third of the backward FLOPs and a
+//! weight-sized buffer per layer. Here the product is computed outside the autograd graph and
+//! re-attached to the input through a custom op whose backward is `dx = dy · W`.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+
+/// `y = x · Wᵀ` for `x: [.., in]`, `w: [out, in]`, with a gradient for `x` only.
+///
+/// `w` must not be a `Var` (it is treated as a constant; no gradient is ever computed for it).
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let y = matmul_t(&x.detach(), w)?.contiguous()?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2_arc(&y, std::sync::Arc::new(Box::new(Reattach { w: w.clone() })))
+}
+
+/// `x · Wᵀ` for any leading batch dims of `x`, as one 2-D matmul.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let in_features = x.dim(D::Minus1)?;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("rank >= 1 checked by dim") = w.dim(0)?;
+    let x2 = x.reshape(((), in_features))?;
+    x2.matmul(&w.t()?)?.reshape(out_dims)
+}
+
+/// Forward: returns a copy of the precomputed product (the second argument).
+/// Backward: `dx = dy · W`, nothing for the product (it was computed without a graph).
+struct Reattach {
+    w: Tensor,
+}
+
+impl CustomOp2 for Reattach {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _x_layout: &Layout,
+        y: &CpuStorage,
+        y_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((copy_contiguous(y, y_layout)?, y_layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _x_layout: &Layout,
+        y: &candle_core::CudaStorage,
+        y_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = y.device().clone();
+        let mut dst = unsafe { dev.alloc_uninit(y_layout.shape(), y.dtype())? };
+        y.copy_strided_src(&mut dst, 0, y_layout)?;
+        Ok((dst, y_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let out_features = grad_res.dim(D::Minus1)?;
+        let g = grad_res.reshape(((), out_features))?;
+        let dx = g.matmul(&self.w.to_dtype(g.dtype())?)?.reshape(x.shape())?;
+        Ok((Some(dx), None))
+    }
+}
+
+fn copy_contiguous(s: &CpuStorage, layout: &Layout) -> Result<CpuStorage> {
+    use candle_core::backend::BackendStorage;
+    // `frozen_linear` only passes the contiguous output of a matmul.
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("frozen-linear: expected a contiguous product")
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
+        other => candle_core::bail!("frozen-linear: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn forward_equals_matmul_and_gradient_reaches_input_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (2, 3, 5), &dev)?;
+        let w = Tensor::randn(0f32, 1., (4, 5), &dev)?;
+        let y = frozen_linear(x.as_tensor(), &w)?;
+        let reference = x.as_tensor().broadcast_matmul(&w.t()?)?;
+        let diff = (&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "forward differs by {diff}");
+
+        // loss = sum(y * c): dL/dx = c · W
+        let c = Tensor::randn(0f32, 1., (2, 3, 4), &dev)?;
+        let grads = (&y * &c)?.sum_all()?.backward()?;
+        let dx = grads.get(x.as_tensor()).expect("gradient reaches x");
+        let expected = c.broadcast_matmul(&w)?;
+        let diff = (dx - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "dx differs by {diff}");
+        assert!(grads.get(&w).is_none(), "no gradient for the frozen weight");
+        Ok(())
+    }
+
+    #[test]
+    fn no_graph_when_input_is_constant() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (3, 5), &dev)?;
+        let w = Tensor::randn(0f32, 1., (4, 5), &dev)?;
+        let y = frozen_linear(&x, &w)?;
+        assert!(!y.track_op());
+        assert_eq!(y.dims(), &[3, 4]);
+        Ok(())
+    }
+}

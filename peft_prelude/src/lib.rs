@@ -1,0 +1,16 @@
+//! peft_prelude: everything a notebook cell touches.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`model`] | config, the Mistral/Llama decoder, KV cache, loaders (HF dir, hub, GGUF) |
+//! | [`tokenizer`] | tokenizer.json, tokenizers rebuilt from GGUF metadata, chat templates |
+//! | [`generate`] | sampling, KV-cached decoding, streamers |
+//! | [`prelude`] | one glob import for notebook cells |
+
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod prelude;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,197 @@
+//! GGUF checkpoints of the `llama` architecture (what llama.cpp writes for Mistral and Llama):
+//! metadata → [`ModelConfig`], tensors by GGUF name → Hugging Face names, with llama.cpp's q/k
+//! row permutation undone so that the weights (and adapters trained on them) are in HF order.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::quantized::{gguf_file, GgmlDType};
+use candle_core::{DType, Device, Tensor};
+
+use super::config::ModelConfig;
+use super::weights::WeightSource;
+use crate::error::{Error, Result};
+
+/// GGUF tensor types this loader reads (dequantized at load for now).
+pub const SUPPORTED_TYPES: [GgmlDType; 9] = [
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+/// An opened GGUF file: its parsed header, ready to hand out tensors.
+pub struct GgufFile {
+    path: PathBuf,
+    content: gguf_file::Content,
+    reader: Mutex<BufReader<File>>,
+}
+
+impl GgufFile {
+    /// Parses the header and checks that every tensor lies inside the file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader)
+            .map_err(|e| Error::corrupt(&path, format!("not a valid GGUF file: {e}")))?;
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            if elems % block != 0 {
+                return Err(Error::corrupt(
+                    &path,
+                    format!("tensor `{name}` has {elems} elements, not a multiple of its {block}-element blocks"),
+                ));
+            }
+            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            let end = content.tensor_data_offset + info.offset + bytes;
+            if end > file_len {
+                return Err(Error::corrupt(
+                    &path,
+                    format!("truncated: tensor `{name}` ends at byte {end}, the file has {file_len} bytes"),
+                ));
+            }
+        }
+        Ok(GgufFile {
+            path,
+            content,
+            reader: Mutex::new(reader),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn content(&self) -> &gguf_file::Content {
+        &self.content
+    }
+
+    pub fn config(&self) -> Result<ModelConfig> {
+        ModelConfig::from_gguf(&self.content, &self.path)
+    }
+
+    /// Reads one tensor as a quantized `QTensor`.
+    pub fn qtensor(&self, gguf_name: &str, device: &Device) -> Result<candle_core::quantized::QTensor> {
+        let info = self.content.tensor_infos.get(gguf_name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: gguf_name.to_string(),
+        })?;
+        if !SUPPORTED_TYPES.contains(&info.ggml_dtype) {
+            return Err(Error::unsupported(
+                &self.path,
+                format!("tensor type {:?} of `{gguf_name}` (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)", info.ggml_dtype),
+            ));
+        }
+        let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        self.content
+            .tensor(&mut *reader, gguf_name, device)
+            .map_err(|e| Error::corrupt(&self.path, format!("tensor `{gguf_name}`: {e}")))
+    }
+}
+
+/// A GGUF file seen as a [`WeightSource`] with Hugging Face tensor names.
+pub struct GgufSource<'a> {
+    file: &'a GgufFile,
+    /// HF name → (GGUF name, heads for un-permuting q/k rows)
+    names: HashMap<String, (String, Option<usize>)>,
+}
+
+impl<'a> GgufSource<'a> {
+    pub fn new(file: &'a GgufFile, config: &ModelConfig) -> Self {
+        let mut names = HashMap::new();
+        let mut add = |hf: String, gguf: String, heads: Option<usize>| {
+            names.insert(hf, (gguf, heads));
+        };
+        add("model.embed_tokens.weight".into(), "token_embd.weight".into(), None);
+        add("model.norm.weight".into(), "output_norm.weight".into(), None);
+        add("lm_head.weight".into(), "output.weight".into(), None);
+        for l in 0..config.num_hidden_layers {
+            let hf = |s: &str| format!("model.layers.{l}.{s}.weight");
+            let gg = |s: &str| format!("blk.{l}.{s}.weight");
+            add(hf("self_attn.q_proj"), gg("attn_q"), Some(config.num_attention_heads));
+            add(hf("self_attn.k_proj"), gg("attn_k"), Some(config.num_key_value_heads));
+            add(hf("self_attn.v_proj"), gg("attn_v"), None);
+            add(hf("self_attn.o_proj"), gg("attn_output"), None);
+            add(hf("mlp.gate_proj"), gg("ffn_gate"), None);
+            add(hf("mlp.up_proj"), gg("ffn_up"), None);
+            add(hf("mlp.down_proj"), gg("ffn_down"), None);
+            add(hf("input_layernorm"), gg("attn_norm"), None);
+            add(hf("post_attention_layernorm"), gg("ffn_norm"), None);
+        }
+        GgufSource { file, names }
+    }
+
+    fn gguf_name(&self, hf_name: &str) -> Option<&(String, Option<usize>)> {
+        self.names.get(hf_name)
+    }
+}
+
+impl WeightSource for GgufSource<'_> {
+    fn file_of(&self, _name: &str) -> PathBuf {
+        self.file.path.clone()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.gguf_name(name)
+            .is_some_and(|(g, _)| self.file.content.tensor_infos.contains_key(g))
+    }
+
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        let (g, _) = self.gguf_name(name).ok_or_else(|| Error::MissingTensor {
+            path: self.file.path.clone(),
+            name: name.to_string(),
+        })?;
+        let info = self.file.content.tensor_infos.get(g).ok_or_else(|| Error::MissingTensor {
+            path: self.file.path.clone(),
+            name: g.clone(),
+        })?;
+        Ok(info.shape.dims().to_vec())
+    }
+
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let (g, heads) = self.gguf_name(name).ok_or_else(|| Error::MissingTensor {
+            path: self.file.path.clone(),
+            name: name.to_string(),
+        })?;
+        // Dequantize on the CPU (every GGML type has a CPU kernel), then move.
+        let w = self.file.qtensor(g, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        let w = match heads {
+            Some(n) => unpermute_rows(&w, *n)?,
+            None => w,
+        };
+        Ok(w.to_dtype(dtype)?.to_device(device)?)
+    }
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)` of q/k rows (interleaved RoPE pairs → HF halves):
+/// `w.reshape(n, rows/n/2, 2, cols).swapaxes(1, 2).reshape(rows, cols)`.
+pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w
+        .reshape((heads, rows / heads / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+/// The inverse of [`unpermute_rows`]: HF order → llama.cpp order (for GGUF export and for
+/// matching adapters to a GGUF base).
+pub fn permute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w
+        .reshape((heads, 2, rows / heads / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}

@@ -1,0 +1,205 @@
+//! Loading a model with its tokenizer from what users have: a Hugging Face model directory, a
+//! hub repository id (through the standard Hugging Face cache, offline when cached), or a GGUF.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use super::config::ModelConfig;
+use super::decoder::Model;
+use super::gguf::{GgufFile, GgufSource};
+use super::weights::{load_model_weights, SafetensorsSource};
+use crate::error::{Error, Result};
+use crate::generate::GenerationConfig;
+use crate::tokenizer::Tokenizer;
+
+/// Where and in which precision to put the weights.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// A model with everything needed to talk to it.
+#[derive(Debug)]
+pub struct Pretrained {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub generation_config: GenerationConfig,
+    /// Where it came from (directory or file).
+    pub source: PathBuf,
+}
+
+impl Pretrained {
+    /// Loads from a GGUF file, a model directory, or (if neither exists) a hub repo id.
+    /// A hub GGUF is named `repo_id/file.gguf` (e.g. `org/Model-GGUF/model.Q4_K_M.gguf`).
+    pub fn load(source: &str, options: &LoadOptions) -> Result<Self> {
+        let path = Path::new(source);
+        if path.is_dir() {
+            return Self::from_dir(path, options);
+        }
+        if path.is_file() {
+            return Self::from_gguf(path, options);
+        }
+        // `org/name` (or `org/name/file.gguf`) is a hub id; anything else is a local path
+        // that does not exist.
+        let hub_like = !path.is_absolute()
+            && !source.starts_with('.')
+            && (source.matches('/').count() == 1 || split_gguf(source).is_some());
+        if !hub_like {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such model directory or GGUF file",
+                ),
+            ));
+        }
+        Self::from_hub(source, options)
+    }
+
+    /// A Hugging Face model directory: config.json, model.safetensors (or a sharded index),
+    /// tokenizer.json, generation_config.json when present.
+    pub fn from_dir(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = ModelConfig::from_json_file(dir.join("config.json"))?;
+        let files = SafetensorsSource::files_in_dir(dir)?;
+        let source = SafetensorsSource::open(files)?;
+        let weights = load_model_weights(&config, &source, options.dtype, &options.device)?;
+        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
+        let generation_config = GenerationConfig::for_model(
+            &config,
+            &tokenizer,
+            Some(dir.join("generation_config.json")).filter(|p| p.is_file()).as_deref(),
+        )?;
+        Ok(Pretrained {
+            model: Model::new(config, weights)?,
+            tokenizer,
+            generation_config,
+            source: dir.to_path_buf(),
+        })
+    }
+
+    /// A GGUF file of the `llama` architecture; quantized weights are dequantized at load.
+    pub fn from_gguf(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = file.config()?;
+        let weights = load_model_weights(&config, &GgufSource::new(&file, &config), options.dtype, &options.device)?;
+        let tokenizer = Tokenizer::from_gguf(file.content(), file.path())?;
+        let generation_config = GenerationConfig::for_model(&config, &tokenizer, None)?;
+        Ok(Pretrained {
+            model: Model::new(config, weights)?,
+            tokenizer,
+            generation_config,
+            source: file.path().to_path_buf(),
+        })
+    }
+
+    /// A hub repository, through the standard Hugging Face cache (`HF_HOME`, default
+    /// `~/.cache/huggingface`), so files Python downloaded are reused. With `HF_HUB_OFFLINE=1`,
+    /// or when every file is already cached, nothing is fetched.
+    pub fn from_hub(repo: &str, options: &LoadOptions) -> Result<Self> {
+        Self::from_hub_in(repo, &hub_cache_dir(), options)
+    }
+
+    /// [`Pretrained::from_hub`] with an explicit cache directory (the `hub` folder).
+    pub fn from_hub_in(repo: &str, cache_dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let hub = Hub::new(cache_dir);
+        if let Some((repo_id, file)) = split_gguf(repo) {
+            let path = hub.get(repo_id, file)?;
+            return Self::from_gguf(path, options);
+        }
+        let config = hub.get(repo, "config.json")?;
+        let dir = config
+            .parent()
+            .ok_or_else(|| Error::Hub(format!("{repo}: cached config.json has no parent directory")))?
+            .to_path_buf();
+        if hub.get(repo, "model.safetensors").is_err() {
+            let index = hub.get(repo, "model.safetensors.index.json")?;
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: std::collections::BTreeMap<String, String>,
+            }
+            let index: Index = crate::error::read_json(&index)?;
+            let mut shards: Vec<&String> = index.weight_map.values().collect();
+            shards.sort();
+            shards.dedup();
+            for shard in shards {
+                hub.get(repo, shard)?;
+            }
+        }
+        hub.get(repo, "tokenizer.json")?;
+        for optional in ["tokenizer_config.json", "generation_config.json"] {
+            let _ = hub.get(repo, optional);
+        }
+        Self::from_dir(dir, options)
+    }
+}
+
+fn split_gguf(repo: &str) -> Option<(&str, &str)> {
+    if !repo.ends_with(".gguf") {
+        return None;
+    }
+    let (repo_id, file) = repo.rsplit_once('/')?;
+    repo_id.contains('/').then_some((repo_id, file))
+}
+
+/// The `hub` folder of the Hugging Face cache: `$HF_HUB_CACHE`, `$HF_HOME/hub`, or
+/// `~/.cache/huggingface/hub` (the same rules as Python's huggingface_hub).
+pub fn hub_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(home) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(home).join("hub");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    home.join(".cache").join("huggingface").join("hub")
+}
+
+fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
+        .unwrap_or(false)
+}
+
+/// Files of hub repositories: from the cache when present, downloaded otherwise.
+struct Hub {
+    cache: hf_hub::Cache,
+}
+
+impl Hub {
+    fn new(cache_dir: &Path) -> Self {
+        Hub {
+            cache: hf_hub::Cache::new(cache_dir.to_path_buf()),
+        }
+    }
+
+    fn get(&self, repo: &str, file: &str) -> Result<PathBuf> {
+        if let Some(path) = self.cache.model(repo.to_string()).get(file) {
+            return Ok(path);
+        }
+        if hub_offline() {
+            return Err(Error::Hub(format!(
+                "{repo}: `{file}` is not in the cache at {} and HF_HUB_OFFLINE is set",
+                self.cache.path().display()
+            )));
+        }
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(self.cache.clone())
+            .with_progress(false)
+            .build()
+            .map_err(|e| Error::Hub(format!("{repo}: {e}")))?;
+        api.model(repo.to_string())
+            .get(file)
+            .map_err(|e| Error::Hub(format!("{repo}: cannot fetch `{file}`: {e}")))
+    }
+}

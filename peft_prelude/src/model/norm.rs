@@ -1,0 +1,43 @@
+//! RMSNorm as a differentiable composition (candle's fused `rms_norm` has no backward).
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::Result;
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm {
+            weight: weight.detach(),
+            eps,
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `w * (x / sqrt(mean(x², -1) + eps))`, computed in (at least) f32 like the reference.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(accumulation_dtype(dtype))?;
+        let mean_sq = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv_rms = (mean_sq + self.eps)?.sqrt()?.recip()?;
+        let normed = xf.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight.to_dtype(dtype)?)?)
+    }
+}
+
+/// f32 for f32/f16/bf16 activations; f64 stays f64 (gradient checks run in f64).
+pub(crate) fn accumulation_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}

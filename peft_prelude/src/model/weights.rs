@@ -1,0 +1,200 @@
+//! Where a model's weights come from: a source that hands out tensors by their Hugging Face
+//! names, checked against the shapes the configuration implies.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use super::config::ModelConfig;
+use super::decoder::{LayerWeights, ModelWeights, ATTENTION_PROJECTIONS, MLP_PROJECTIONS};
+use crate::error::{Error, Result};
+
+/// A checkpoint that can produce tensors by Hugging Face name.
+pub trait WeightSource {
+    /// The file that holds `name` (for error messages).
+    fn file_of(&self, name: &str) -> PathBuf;
+    fn contains(&self, name: &str) -> bool;
+    /// The tensor's shape without loading it.
+    fn shape(&self, name: &str) -> Result<Vec<usize>>;
+    /// Loads the tensor (dequantized, converted to `dtype`) onto `device`.
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor>;
+}
+
+/// Loads every tensor the decoder needs, checking names and shapes first so that a checkpoint
+/// that disagrees with its config fails before anything large is read.
+pub fn load_model_weights(
+    config: &ModelConfig,
+    source: &dyn WeightSource,
+    dtype: DType,
+    device: &Device,
+) -> Result<ModelWeights> {
+    let c = config;
+    let q_out = c.num_attention_heads * c.head_dim;
+    let kv_out = c.num_key_value_heads * c.head_dim;
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let proj_shapes = [
+        [q_out, h],
+        [kv_out, h],
+        [kv_out, h],
+        [h, q_out],
+        [i, h],
+        [i, h],
+        [h, i],
+    ];
+    let get = |name: &str, expected: &[usize]| -> Result<Tensor> {
+        if !source.contains(name) {
+            return Err(Error::MissingTensor {
+                path: source.file_of(name),
+                name: name.to_string(),
+            });
+        }
+        let got = source.shape(name)?;
+        if got != expected {
+            return Err(Error::ShapeMismatch {
+                path: source.file_of(name),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                got,
+            });
+        }
+        source.load(name, dtype, device)
+    };
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let names: Vec<String> = ATTENTION_PROJECTIONS
+            .iter()
+            .map(|n| format!("{p}.self_attn.{n}.weight"))
+            .chain(MLP_PROJECTIONS.iter().map(|n| format!("{p}.mlp.{n}.weight")))
+            .collect();
+        let mut projections = Vec::with_capacity(7);
+        for (name, shape) in names.iter().zip(proj_shapes.iter()) {
+            projections.push(get(name, shape)?);
+        }
+        layers.push(LayerWeights {
+            input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+            post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            projections: projections
+                .try_into()
+                .expect("exactly seven projections were pushed"),
+        });
+    }
+    let embed_tokens = get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+    let lm_head = if c.tie_word_embeddings && !source.contains("lm_head.weight") {
+        None
+    } else {
+        Some(get("lm_head.weight", &[c.vocab_size, h])?)
+    };
+    Ok(ModelWeights {
+        embed_tokens,
+        layers,
+        norm: get("model.norm.weight", &[h])?,
+        lm_head,
+    })
+}
+
+/// `model.safetensors`, or the shards listed in `model.safetensors.index.json`, memory-mapped.
+pub struct SafetensorsSource {
+    files: Vec<PathBuf>,
+    tensors: MmapedSafetensors,
+    /// tensor name → index into `files`
+    owner: std::collections::HashMap<String, usize>,
+}
+
+impl SafetensorsSource {
+    pub fn open(files: Vec<PathBuf>) -> Result<Self> {
+        let mut owner = std::collections::HashMap::new();
+        for (idx, file) in files.iter().enumerate() {
+            let bytes = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+            // SAFETY: the file is only read; a concurrent writer would corrupt the numbers, not memory safety
+            // in a way we could prevent — this is how every safetensors loader works.
+            let mmap = unsafe { memmap2::Mmap::map(&bytes) }.map_err(|e| Error::io(file, e))?;
+            let st = safetensors::SafeTensors::deserialize(&mmap)
+                .map_err(|e| Error::corrupt(file, format!("not a valid safetensors file: {e}")))?;
+            for name in st.names() {
+                owner.insert(name.to_string(), idx);
+            }
+        }
+        // SAFETY: as above.
+        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
+            Error::corrupt(files.first().cloned().unwrap_or_default(), e.to_string())
+        })?;
+        Ok(SafetensorsSource {
+            files,
+            tensors,
+            owner,
+        })
+    }
+
+    /// The checkpoint files of a Hugging Face model directory.
+    pub fn files_in_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let index = dir.join("model.safetensors.index.json");
+        if index.is_file() {
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: std::collections::BTreeMap<String, String>,
+            }
+            let index_data: Index = crate::error::read_json(&index)?;
+            let mut files: Vec<PathBuf> = index_data
+                .weight_map
+                .values()
+                .map(|f| dir.join(f))
+                .collect();
+            files.sort();
+            files.dedup();
+            for f in &files {
+                if !f.is_file() {
+                    return Err(Error::io(
+                        f,
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            format!("shard listed in {} is missing", index.display()),
+                        ),
+                    ));
+                }
+            }
+            return Ok(files);
+        }
+        Err(Error::io(
+            &single,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no model.safetensors or model.safetensors.index.json in the model directory",
+            ),
+        ))
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn file_of(&self, name: &str) -> PathBuf {
+        match self.owner.get(name) {
+            Some(&i) => self.files[i].clone(),
+            None => self.files.first().cloned().unwrap_or_default(),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.owner.contains_key(name)
+    }
+
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        let view = self
+            .tensors
+            .get(name)
+            .map_err(|e| Error::corrupt(self.file_of(name), e.to_string()))?;
+        Ok(view.shape().to_vec())
+    }
+
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .load(name, device)
+            .map_err(|e| Error::corrupt(self.file_of(name), format!("tensor `{name}`: {e}")))?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}

@@ -1,0 +1,12 @@
+//! `use peft_prelude::prelude::*;` — everything a notebook cell needs, in one import.
+
+pub use crate::error::{Error, Result};
+pub use crate::generate::{
+    chat, generate, generate_batch, generate_ids, FinishReason, Generation, GenerationConfig,
+    Hooks, StdoutStreamer, Streamer,
+};
+pub use crate::model::{
+    Forward, FrozenLinear, KvCache, Linear, LoadOptions, Model, ModelConfig, Pretrained,
+};
+pub use crate::tokenizer::{ChatMessage, Tokenizer};
+pub use candle_core::{DType, Device, Tensor, Var, D};
