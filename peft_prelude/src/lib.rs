@@ -5,11 +5,13 @@
 //! | [`model`] | config, the Mistral/Llama decoder, KV cache, loaders (HF dir, hub, GGUF) |
 //! | [`tokenizer`] | tokenizer.json, tokenizers rebuilt from GGUF metadata, chat templates |
 //! | [`generate`] | sampling, KV-cached decoding, streamers |
+//! | [`notebook`] | display handles, progress, live plots, token streaming, interrupt check |
 //! | [`prelude`] | one glob import for notebook cells |
 
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod notebook;
 pub mod prelude;
 pub mod tokenizer;
 
