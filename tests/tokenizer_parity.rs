@@ -124,11 +124,11 @@ fn mistral_tokenizer_json_matches_reference() {
         "tiny-mistral/tokenizer.json",
         &check(&tok, "mistral", mistral_roundtrips),
     );
+    assert_eq!((tok.bos_token_id(), tok.eos_token_id()), (Some(1), Some(2)));
     assert_eq!(
-        (tok.bos_token_id(), tok.eos_token_id()),
-        (Some(1), Some(2))
+        (tok.bos_token(), tok.eos_token()),
+        (Some("<s>"), Some("</s>"))
     );
-    assert_eq!((tok.bos_token(), tok.eos_token()), (Some("<s>"), Some("</s>")));
     assert!(tok.add_bos_token());
 }
 
@@ -144,7 +144,10 @@ fn check_gguf_llama(file: &str) {
     let path = fixture(&format!("gguf/{file}"));
     let tok = timed_gguf(&path);
     assert_no_failures(file, &check(&tok, "mistral", mistral_roundtrips));
-    assert_eq!((tok.bos_token(), tok.eos_token()), (Some("<s>"), Some("</s>")));
+    assert_eq!(
+        (tok.bos_token(), tok.eos_token()),
+        (Some("<s>"), Some("</s>"))
+    );
     assert_eq!((tok.bos_token_id(), tok.eos_token_id()), (Some(1), Some(2)));
     assert!(tok.add_bos_token());
     assert_eq!(tok.vocab_size(), 32000);
@@ -188,7 +191,13 @@ fn gguf_llama_pipeline_equals_tokenizer_json() {
             our_merges[i], ref_merges[i]
         );
     }
-    for key in ["normalizer", "pre_tokenizer", "decoder", "post_processor", "added_tokens"] {
+    for key in [
+        "normalizer",
+        "pre_tokenizer",
+        "decoder",
+        "post_processor",
+        "added_tokens",
+    ] {
         assert_eq!(ours[key], reference[key], "{key}");
     }
     for key in ["vocab", "unk_token", "fuse_unk", "byte_fallback", "type"] {
@@ -306,7 +315,8 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("peft-tokenizer-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("peft-tokenizer-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
     }
@@ -334,7 +344,10 @@ fn corrupt_tokenizer_json_is_a_corrupt_error_naming_the_path() {
 
     std::fs::write(&path, b"{\"not\": \"a tokenizer\"}").unwrap();
     let err = Tokenizer::from_file(&path).unwrap_err();
-    assert!(matches!(&err, Error::Corrupt { path: p, .. } if p == &path), "{err:?}");
+    assert!(
+        matches!(&err, Error::Corrupt { path: p, .. } if p == &path),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -348,11 +361,19 @@ fn corrupt_tokenizer_config_is_a_corrupt_error_naming_it() {
     let config = dir.0.join("tokenizer_config.json");
     std::fs::write(&config, b"{\"bos_token\": ").unwrap();
     let err = Tokenizer::from_file(dir.0.join("tokenizer.json")).unwrap_err();
-    assert!(matches!(&err, Error::Corrupt { path, .. } if path == &config), "{err:?}");
+    assert!(
+        matches!(&err, Error::Corrupt { path, .. } if path == &config),
+        "{err:?}"
+    );
 }
 
 fn strings(items: &[&str]) -> Value {
-    Value::Array(items.iter().map(|s| Value::String((*s).to_owned())).collect())
+    Value::Array(
+        items
+            .iter()
+            .map(|s| Value::String((*s).to_owned()))
+            .collect(),
+    )
 }
 
 /// Writes a GGUF with only metadata (no tensors).
@@ -372,7 +393,10 @@ fn gguf_with_unsupported_tokenizer_model_is_unsupported() {
         "bert.gguf",
         &[
             ("tokenizer.ggml.model", Value::String("bert".into())),
-            ("tokenizer.ggml.tokens", strings(&["[PAD]", "[UNK]", "hello"])),
+            (
+                "tokenizer.ggml.tokens",
+                strings(&["[PAD]", "[UNK]", "hello"]),
+            ),
         ],
     );
     let err = Tokenizer::from_gguf_file(&path).unwrap_err();
@@ -391,7 +415,11 @@ fn gguf_with_bad_tokenizer_metadata_is_corrupt() {
     let tokens = strings(&["<unk>", "<s>", "</s>", "a", "b", "ab"]);
     let scores = Value::Array(vec![Value::F32(0.0); 6]);
     let cases: Vec<(&str, Vec<(&str, Value)>, &str)> = vec![
-        ("no-model.gguf", vec![("tokenizer.ggml.tokens", tokens.clone())], "tokenizer.ggml.model"),
+        (
+            "no-model.gguf",
+            vec![("tokenizer.ggml.tokens", tokens.clone())],
+            "tokenizer.ggml.model",
+        ),
         (
             "no-scores.gguf",
             vec![
@@ -405,7 +433,10 @@ fn gguf_with_bad_tokenizer_metadata_is_corrupt() {
             vec![
                 ("tokenizer.ggml.model", Value::String("llama".into())),
                 ("tokenizer.ggml.tokens", tokens.clone()),
-                ("tokenizer.ggml.scores", Value::Array(vec![Value::F32(0.0); 2])),
+                (
+                    "tokenizer.ggml.scores",
+                    Value::Array(vec![Value::F32(0.0); 2]),
+                ),
             ],
             "tokenizer.ggml.scores",
         ),
@@ -455,12 +486,22 @@ fn gguf_with_bad_tokenizer_metadata_is_corrupt() {
         "mini-llama.gguf",
         &[
             ("tokenizer.ggml.model", Value::String("llama".into())),
-            ("tokenizer.ggml.tokens", strings(&["<unk>", "<s>", "</s>", "▁", "a", "b", "ab", "▁ab"])),
+            (
+                "tokenizer.ggml.tokens",
+                strings(&["<unk>", "<s>", "</s>", "▁", "a", "b", "ab", "▁ab"]),
+            ),
             (
                 "tokenizer.ggml.scores",
-                Value::Array([0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0].map(Value::F32).to_vec()),
+                Value::Array(
+                    [0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0]
+                        .map(Value::F32)
+                        .to_vec(),
+                ),
             ),
-            ("tokenizer.ggml.token_type", Value::Array([2, 3, 3, 1, 1, 1, 1, 1].map(Value::I32).to_vec())),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array([2, 3, 3, 1, 1, 1, 1, 1].map(Value::I32).to_vec()),
+            ),
             ("tokenizer.ggml.bos_token_id", Value::U32(1)),
             ("tokenizer.ggml.eos_token_id", Value::U32(2)),
             ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
@@ -476,5 +517,8 @@ fn gguf_with_bad_tokenizer_metadata_is_corrupt() {
 fn missing_gguf_is_an_io_error() {
     let path = fixture("gguf/no-such-file.gguf");
     let err = Tokenizer::from_gguf_file(&path).unwrap_err();
-    assert!(matches!(&err, Error::Io { path: p, .. } if p == &path), "{err:?}");
+    assert!(
+        matches!(&err, Error::Io { path: p, .. } if p == &path),
+        "{err:?}"
+    );
 }

@@ -108,12 +108,12 @@ impl Pretrained {
     /// `~/.cache/huggingface`), so files Python downloaded are reused. With `HF_HUB_OFFLINE=1`,
     /// or when every file is already cached, nothing is fetched.
     pub fn from_hub(repo: &str, options: &LoadOptions) -> Result<Self> {
-        Self::from_hub_in(repo, &hub_cache_dir(), options)
+        Self::from_hub_with(repo, &HubOptions::from_env(), options)
     }
 
-    /// [`Pretrained::from_hub`] with an explicit cache directory (the `hub` folder).
-    pub fn from_hub_in(repo: &str, cache_dir: &Path, options: &LoadOptions) -> Result<Self> {
-        let hub = Hub::new(cache_dir);
+    /// [`Pretrained::from_hub`] with an explicit cache directory and offline switch.
+    pub fn from_hub_with(repo: &str, hub: &HubOptions, options: &LoadOptions) -> Result<Self> {
+        let hub = Hub::new(hub);
         if let Some((repo_id, file)) = split_gguf(repo) {
             let path = hub.get(repo_id, file)?;
             return Self::from_gguf(path, options);
@@ -153,6 +153,25 @@ fn split_gguf(repo: &str) -> Option<(&str, &str)> {
     repo_id.contains('/').then_some((repo_id, file))
 }
 
+/// Where hub files are cached and whether the network may be used.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// The `hub` folder of the Hugging Face cache.
+    pub cache_dir: PathBuf,
+    /// Never download; a file missing from the cache is an error.
+    pub offline: bool,
+}
+
+impl HubOptions {
+    /// The same cache as Python's huggingface_hub, offline when `HF_HUB_OFFLINE` is set.
+    pub fn from_env() -> Self {
+        HubOptions {
+            cache_dir: hub_cache_dir(),
+            offline: hub_offline(),
+        }
+    }
+}
+
 /// The `hub` folder of the Hugging Face cache: `$HF_HUB_CACHE`, `$HF_HOME/hub`, or
 /// `~/.cache/huggingface/hub` (the same rules as Python's huggingface_hub).
 pub fn hub_cache_dir() -> PathBuf {
@@ -175,12 +194,14 @@ fn hub_offline() -> bool {
 /// Files of hub repositories: from the cache when present, downloaded otherwise.
 struct Hub {
     cache: hf_hub::Cache,
+    offline: bool,
 }
 
 impl Hub {
-    fn new(cache_dir: &Path) -> Self {
+    fn new(options: &HubOptions) -> Self {
         Hub {
-            cache: hf_hub::Cache::new(cache_dir.to_path_buf()),
+            cache: hf_hub::Cache::new(options.cache_dir.clone()),
+            offline: options.offline,
         }
     }
 
@@ -188,9 +209,9 @@ impl Hub {
         if let Some(path) = self.cache.model(repo.to_string()).get(file) {
             return Ok(path);
         }
-        if hub_offline() {
+        if self.offline {
             return Err(Error::Hub(format!(
-                "{repo}: `{file}` is not in the cache at {} and HF_HUB_OFFLINE is set",
+                "{repo}: `{file}` is not in the cache at {} and the hub is offline (HF_HUB_OFFLINE)",
                 self.cache.path().display()
             )));
         }

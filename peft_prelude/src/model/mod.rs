@@ -14,4 +14,4 @@ pub use cache::KvCache;
 pub use config::{Architecture, ModelConfig};
 pub use decoder::{Forward, Model};
 pub use linear::{FrozenLinear, Linear};
-pub use load::{LoadOptions, Pretrained};
+pub use load::{HubOptions, LoadOptions, Pretrained};

@@ -35,7 +35,10 @@ pub(super) fn render(template: &str, ctx: &Context<'_>) -> Result<String> {
     let messages = serde_json::to_value(ctx.messages)
         .map_err(|e| Error::ChatTemplate(format!("cannot serialise the messages: {e}")))?;
     vars.insert("messages".into(), messages);
-    vars.insert("add_generation_prompt".into(), ctx.add_generation_prompt.into());
+    vars.insert(
+        "add_generation_prompt".into(),
+        ctx.add_generation_prompt.into(),
+    );
     // transformers passes these as None, so `tools is not none` is false.
     vars.insert("tools".into(), serde_json::Value::Null);
     vars.insert("documents".into(), serde_json::Value::Null);
@@ -186,7 +189,11 @@ fn bad_args(method: &str, expected: &str) -> minijinja::Error {
 }
 
 /// Argument `i` as a string; `None` when absent or none.
-fn str_arg<'v>(args: &'v [Value], i: usize, method: &str) -> std::result::Result<Option<&'v str>, minijinja::Error> {
+fn str_arg<'v>(
+    args: &'v [Value],
+    i: usize,
+    method: &str,
+) -> std::result::Result<Option<&'v str>, minijinja::Error> {
     match args.get(i) {
         None => Ok(None),
         Some(v) if v.is_none() || v.is_undefined() => Ok(None),
@@ -197,7 +204,11 @@ fn str_arg<'v>(args: &'v [Value], i: usize, method: &str) -> std::result::Result
     }
 }
 
-fn int_arg(args: &[Value], i: usize, method: &str) -> std::result::Result<Option<i64>, minijinja::Error> {
+fn int_arg(
+    args: &[Value],
+    i: usize,
+    method: &str,
+) -> std::result::Result<Option<i64>, minijinja::Error> {
     match args.get(i) {
         None => Ok(None),
         Some(v) if v.is_none() || v.is_undefined() => Ok(None),
@@ -277,7 +288,10 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> MethodResult {
         "capitalize" => {
             let mut chars = s.chars();
             Value::from(match chars.next() {
-                Some(first) => first.to_uppercase().chain(chars.flat_map(char::to_lowercase)).collect(),
+                Some(first) => first
+                    .to_uppercase()
+                    .chain(chars.flat_map(char::to_lowercase))
+                    .collect(),
                 None => String::new(),
             })
         }
@@ -296,7 +310,8 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> MethodResult {
         }
         "replace" => {
             arity(3)?;
-            let (Some(from), Some(to)) = (str_arg(args, 0, method)?, str_arg(args, 1, method)?) else {
+            let (Some(from), Some(to)) = (str_arg(args, 0, method)?, str_arg(args, 1, method)?)
+            else {
                 return Err(bad_args(method, "(old, new[, count])"));
             };
             Value::from(match int_arg(args, 2, method)? {
@@ -325,12 +340,18 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> MethodResult {
             let parts: Vec<String> = items.map(|v| v.to_string()).collect();
             Value::from(parts.join(s))
         }
-        "isdigit" | "isnumeric" | "isdecimal" => Value::from(!s.is_empty() && s.chars().all(|c| c.is_numeric())),
+        "isdigit" | "isnumeric" | "isdecimal" => {
+            Value::from(!s.is_empty() && s.chars().all(|c| c.is_numeric()))
+        }
         "isalpha" => Value::from(!s.is_empty() && s.chars().all(char::is_alphabetic)),
         "isalnum" => Value::from(!s.is_empty() && s.chars().all(char::is_alphanumeric)),
         "isspace" => Value::from(!s.is_empty() && s.chars().all(char::is_whitespace)),
-        "islower" => Value::from(s.chars().any(char::is_lowercase) && !s.chars().any(char::is_uppercase)),
-        "isupper" => Value::from(s.chars().any(char::is_uppercase) && !s.chars().any(char::is_lowercase)),
+        "islower" => {
+            Value::from(s.chars().any(char::is_lowercase) && !s.chars().any(char::is_uppercase))
+        }
+        "isupper" => {
+            Value::from(s.chars().any(char::is_uppercase) && !s.chars().any(char::is_lowercase))
+        }
         _ => return Err(minijinja::Error::from(ErrorKind::UnknownMethod)),
     })
 }
@@ -392,9 +413,8 @@ fn split_whitespace(s: &str, max: usize, from_right: bool) -> Vec<String> {
 }
 
 fn map_method(map: &Value, method: &str, args: &[Value]) -> MethodResult {
-    let keys = || -> std::result::Result<Vec<Value>, minijinja::Error> {
-        Ok(map.try_iter()?.collect())
-    };
+    let keys =
+        || -> std::result::Result<Vec<Value>, minijinja::Error> { Ok(map.try_iter()?.collect()) };
     Ok(match method {
         "items" => {
             let mut items = Vec::new();
@@ -447,7 +467,10 @@ mod tests {
 
     #[test]
     fn chat_template_python_methods() {
-        let messages = [ChatMessage::new("user", "  <think>x</think>\n\nHello World  ")];
+        let messages = [ChatMessage::new(
+            "user",
+            "  <think>x</think>\n\nHello World  ",
+        )];
         let t = "{{ messages[0].content.strip() }}|{{ messages[0].content.split('</think>')[-1].lstrip('\\n').rstrip() }}|\
                  {{ messages[0]['role'].upper() }}|{{ messages[0].get('missing', 'dflt') }}|\
                  {{ messages[0].get('role') }}|{% for k, v in messages[0].items() %}{{ k }}={{ v|length }};{% endfor %}|\
@@ -465,7 +488,10 @@ mod tests {
     fn chat_template_raise_exception_and_syntax_errors() {
         let t = "{% if messages[0].role != 'system' %}{{ raise_exception('System first!') }}{% endif %}";
         let err = render_str(t, &[ChatMessage::user("hi")]).unwrap_err();
-        assert!(matches!(&err, Error::ChatTemplate(m) if m.contains("System first!")), "{err}");
+        assert!(
+            matches!(&err, Error::ChatTemplate(m) if m.contains("System first!")),
+            "{err}"
+        );
         let err = render_str("{% for %}", &[]).unwrap_err();
         assert!(matches!(err, Error::ChatTemplate(_)));
     }
@@ -482,7 +508,10 @@ mod tests {
         // 2024-07-26 13:05:09 UTC, a Friday.
         let t = 1_722_000_000 - 1_722_000_000 % 86_400 + 13 * 3600 + 5 * 60 + 9;
         assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
-        assert_eq!(strftime("%-d %B %y, %A %H:%M:%S %I%p %%", t), "26 July 24, Friday 13:05:09 01PM %");
+        assert_eq!(
+            strftime("%-d %B %y, %A %H:%M:%S %I%p %%", t),
+            "26 July 24, Friday 13:05:09 01PM %"
+        );
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }

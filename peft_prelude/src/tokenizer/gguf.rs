@@ -70,13 +70,18 @@ pub(super) fn build(content: &Content, path: &Path) -> Result<Built> {
     let mut inner = match model {
         "llama" => {
             let scores = meta.floats("tokenizer.ggml.scores")?.ok_or_else(|| {
-                Error::corrupt(path, "SentencePiece (`llama`) tokenizer without `tokenizer.ggml.scores`")
+                Error::corrupt(
+                    path,
+                    "SentencePiece (`llama`) tokenizer without `tokenizer.ggml.scores`",
+                )
             })?;
             meta.check_len("tokenizer.ggml.scores", scores.len(), tokens.len())?;
             let unk = unk_id
                 .map(|id| tokens[id as usize])
                 .or_else(|| tokens.contains(&"<unk>").then_some("<unk>"));
-            let add_space_prefix = meta.bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+            let add_space_prefix = meta
+                .bool("tokenizer.ggml.add_space_prefix")?
+                .unwrap_or(true);
             sentencepiece_bpe(&tokens, &scores, unk, add_space_prefix, path)?
         }
         "gpt2" => {
@@ -126,7 +131,9 @@ pub(super) fn build(content: &Content, path: &Path) -> Result<Built> {
         .map_err(|e| Error::corrupt(path, format!("cannot register user-defined tokens: {e}")))?;
 
     // SentencePiece models add BOS unless told otherwise; byte-level ones do not.
-    let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(model == "llama");
+    let add_bos = meta
+        .bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(model == "llama");
     let add_eos = meta.bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
     let special_token = |id: Option<u32>, wanted: bool| {
         id.filter(|_| wanted).map(|id| SpecialToken {
@@ -377,7 +384,10 @@ impl<'a> Meta<'a> {
     fn wrong_type(&self, key: &str, expected: &str, found: &Value) -> Error {
         Error::corrupt(
             self.path,
-            format!("`{key}` should be {expected}, found {:?}", found.value_type()),
+            format!(
+                "`{key}` should be {expected}, found {:?}",
+                found.value_type()
+            ),
         )
     }
 
@@ -505,10 +515,27 @@ mod tests {
             .iter()
             .map(|(l, r)| (l.as_str(), r.as_str()))
             .collect();
-        assert_eq!(
-            merges,
-            [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")],
-        );
+        assert_eq!(merges, [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")],);
+    }
+
+    #[test]
+    fn byte_level_pre_tokenizers_split_digits_like_llama_cpp() {
+        // `Ġ` is the byte-level space. " 12" is one regex chunk for GPT-2, a space and two
+        // single digits for SmolLM2/StarCoder, a space and a 1-3 digit group for Llama 3.
+        let tokens = ["1", "2", "Ġ", "Ġ1", "12"];
+        let merges = ["Ġ 1", "1 2"];
+        let path = Path::new("test.gguf");
+        let ids = |pre: &str| {
+            let tok = byte_level_bpe(&tokens, &merges, pre, None, path).unwrap();
+            tok.encode(" 12", false).unwrap().get_ids().to_vec()
+        };
+        assert_eq!(ids("gpt2"), [3, 1]);
+        assert_eq!(ids("smollm"), [2, 0, 1]);
+        assert_eq!(ids("llama-bpe"), [2, 4]);
+        assert!(matches!(
+            byte_level_bpe(&tokens, &merges, "mystery", None, path),
+            Err(Error::Unsupported { what, .. }) if what.contains("`mystery`")
+        ));
     }
 
     #[test]

@@ -527,9 +527,9 @@ fn resolve_id(
     key: &str,
 ) -> Result<Option<SpecialToken>> {
     let Some(id) = id else { return Ok(None) };
-    let text = inner.id_to_token(id).ok_or_else(|| {
-        Error::corrupt(path, format!("`{key}` = {id} is outside the vocabulary"))
-    })?;
+    let text = inner
+        .id_to_token(id)
+        .ok_or_else(|| Error::corrupt(path, format!("`{key}` = {id} is outside the vocabulary")))?;
     Ok(Some(SpecialToken { text, id }))
 }
 
@@ -600,7 +600,10 @@ mod tests {
         assert_eq!(tok.vocab_size(), 32000);
         assert_eq!(tok.encode("Hello world", true).unwrap(), [1, 22557, 1526]);
         assert_eq!(tok.decode(&[1, 22557, 1526], true).unwrap(), "Hello world");
-        assert_eq!(tok.decode(&[1, 22557, 1526], false).unwrap(), "<s> Hello world");
+        assert_eq!(
+            tok.decode(&[1, 22557, 1526], false).unwrap(),
+            "<s> Hello world"
+        );
         assert!(tok.chat_template().is_none());
     }
 
@@ -620,7 +623,10 @@ mod tests {
         assert!(!tok.add_bos_token());
         assert_eq!(tok.encode("Hello world", true).unwrap(), [22557, 1526, 2]);
         tok.set_special_token_insertion(true, true).unwrap();
-        assert_eq!(tok.encode("Hello world", true).unwrap(), [1, 22557, 1526, 2]);
+        assert_eq!(
+            tok.encode("Hello world", true).unwrap(),
+            [1, 22557, 1526, 2]
+        );
         tok.set_special_token_insertion(false, false).unwrap();
         assert_eq!(tok.encode("Hello world", true).unwrap(), [22557, 1526]);
     }
@@ -650,7 +656,11 @@ mod tests {
         let tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
         assert_eq!(tok.apply_chat_template(&[], false).unwrap(), "</s>");
 
-        std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": "<nope>"}"#).unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"eos_token": "<nope>"}"#,
+        )
+        .unwrap();
         let err = Tokenizer::from_file(&dir).unwrap_err();
         assert!(
             matches!(&err, Error::Corrupt { path, what } if path.ends_with("tokenizer_config.json") && what.contains("<nope>")),

@@ -58,7 +58,11 @@ impl<'a> TokenStream<'a> {
     /// A stream that continues `context` (the prompt ids). Its text is not emitted, but the
     /// first generated token is decoded after it, so a leading `▁` becomes the space it is
     /// (`"Once upon a time,"` + `▁there` emits `" there"`, not `"there"`).
-    pub fn with_context(tokenizer: &'a Tokenizer, context: &[u32], skip_special_tokens: bool) -> Self {
+    pub fn with_context(
+        tokenizer: &'a Tokenizer,
+        context: &[u32],
+        skip_special_tokens: bool,
+    ) -> Self {
         let tail = &context[context.len().saturating_sub(CONTEXT_TOKENS)..];
         Self {
             tokenizer,
@@ -169,7 +173,10 @@ mod tests {
                     let chunks = stream_all(&tok, &ids, skip);
                     assert_eq!(chunks.concat(), tok.decode(&ids, skip).unwrap(), "{text:?}");
                     for chunk in &chunks {
-                        assert!(!chunk.contains(REPLACEMENT), "{text:?}: split char in {chunks:?}");
+                        assert!(
+                            !chunk.contains(REPLACEMENT),
+                            "{text:?}: split char in {chunks:?}"
+                        );
                     }
                 }
             }
@@ -210,7 +217,10 @@ mod tests {
         let prompt = tok.encode("Once upon a time,", true).unwrap();
         let generated = tok.encode("there was a 🦀", false).unwrap();
         // Without context the first word loses its space, as decode(generated) does.
-        assert_eq!(stream_all(&tok, &generated, true).concat(), "there was a 🦀");
+        assert_eq!(
+            stream_all(&tok, &generated, true).concat(),
+            "there was a 🦀"
+        );
 
         let mut stream = TokenStream::with_context(&tok, &prompt, true);
         let mut out = String::new();
