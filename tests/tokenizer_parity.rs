@@ -376,6 +376,8 @@ fn strings(items: &[&str]) -> Value {
     )
 }
 
+type Metadata = Vec<(&'static str, Value)>;
+
 /// Writes a GGUF with only metadata (no tensors).
 fn write_gguf(dir: &TempDir, name: &str, metadata: &[(&str, Value)]) -> PathBuf {
     let path = dir.0.join(name);
@@ -414,7 +416,8 @@ fn gguf_with_bad_tokenizer_metadata_is_corrupt() {
     let dir = TempDir::new("corrupt-gguf");
     let tokens = strings(&["<unk>", "<s>", "</s>", "a", "b", "ab"]);
     let scores = Value::Array(vec![Value::F32(0.0); 6]);
-    let cases: Vec<(&str, Vec<(&str, Value)>, &str)> = vec![
+    // (file name, metadata, the key the error must name)
+    let cases: Vec<(&str, Metadata, &str)> = vec![
         (
             "no-model.gguf",
             vec![("tokenizer.ggml.tokens", tokens.clone())],

@@ -10,3 +10,7 @@ pub use crate::model::{
 };
 pub use crate::tokenizer::{ChatMessage, Tokenizer};
 pub use candle_core::{DType, Device, Tensor, Var, D};
+pub use crate::notebook::{
+    clear_output, interrupted, print_stream, show, show_text, Display, Html, LinePlot, Png,
+    ProgressBar, Rich, Svg, Table, TokenStreamer,
+};

@@ -22,12 +22,16 @@ pub trait Streamer {
     fn end(&mut self) {}
 }
 
-/// Prints to stdout as text arrives (what a script or a plain REPL wants).
+/// Prints to stdout as text arrives (what a script or a plain REPL wants). Inside the notebook
+/// kernel the text goes out as stream records, so tokens show before a newline arrives.
 #[derive(Debug, Default)]
 pub struct StdoutStreamer;
 
 impl Streamer for StdoutStreamer {
     fn put(&mut self, text: &str) {
+        if crate::notebook::in_kernel() {
+            return crate::notebook::print_stream(text);
+        }
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(text.as_bytes());
         let _ = out.flush();
@@ -214,7 +218,8 @@ pub fn generate_ids(
     let max_stop = config.stop_strings.iter().map(String::len).max().unwrap_or(0);
 
     for _step in 0..config.max_new_tokens {
-        if hooks.should_stop.is_some_and(|stop| stop()) {
+        // A notebook interrupt stops generation like the caller's own check does.
+        if hooks.should_stop.is_some_and(|stop| stop()) || crate::notebook::interrupted() {
             for f in finish.iter_mut().filter(|f| f.is_none()) {
                 *f = Some(FinishReason::Stopped);
             }

@@ -1,2 +1,25 @@
 //! Live notebook output (display handles, progress bars, plots, token streaming) and the
 //! cooperative interrupt check. Outside the kernel everything falls back to plain text.
+//!
+//! Inside the `peft-kernel` Jupyter kernel (which sets [`protocol::ENV_KERNEL`] for the
+//! process that runs cells) every function here writes one-line records to stdout
+//! ([`protocol::Record`]): the kernel turns them into `display_data`, `update_display_data`,
+//! `stream` and `clear_output` messages. Elsewhere (tests, scripts, a plain REPL) the same
+//! calls print text, so code written for a notebook runs anywhere.
+//!
+//! Nothing here keeps global state across calls that matters for correctness: evcxr links
+//! each cell into its own library, so every cell sees its own copy of any `static`.
+
+mod display;
+mod interrupt;
+mod plot;
+mod progress;
+pub mod protocol;
+mod stream;
+
+pub use display::{show, show_text, Display, Html, MimeBundle, Png, Rich, Svg, Table};
+pub use interrupt::interrupted;
+pub use plot::LinePlot;
+pub use progress::ProgressBar;
+pub use protocol::in_kernel;
+pub use stream::{clear_output, print_stream, TokenStreamer};

@@ -227,23 +227,19 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> MethodResult {
             Ok(())
         }
     };
-    let chars_pattern = |chars: Option<&str>| -> Box<dyn Fn(char) -> bool> {
-        match chars {
-            None => Box::new(char::is_whitespace),
-            Some(set) => {
-                let set: Vec<char> = set.chars().collect();
-                Box::new(move |c| set.contains(&c))
-            }
-        }
-    };
     Ok(match method {
         "strip" | "lstrip" | "rstrip" => {
             arity(1)?;
-            let pattern = chars_pattern(str_arg(args, 0, method)?);
+            // Python strips whitespace by default, else any of the given characters.
+            let set: Option<Vec<char>> = str_arg(args, 0, method)?.map(|set| set.chars().collect());
+            let pattern = |c: char| {
+                set.as_ref()
+                    .map_or(c.is_whitespace(), |set| set.contains(&c))
+            };
             let out = match method {
-                "strip" => s.trim_matches(|c| pattern(c)),
-                "lstrip" => s.trim_start_matches(|c| pattern(c)),
-                _ => s.trim_end_matches(|c| pattern(c)),
+                "strip" => s.trim_matches(pattern),
+                "lstrip" => s.trim_start_matches(pattern),
+                _ => s.trim_end_matches(pattern),
             };
             Value::from(out)
         }

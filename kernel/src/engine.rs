@@ -1,0 +1,103 @@
+//! The evcxr context with the prelude loaded: creation (in a locked build slot), cell
+//! execution, and the bits of environment the cell process needs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use evcxr::{CommandContext, EvalContext, EvalContextOutputs};
+
+use crate::slot::Slot;
+
+/// Env vars shared with `peft_prelude::notebook::protocol`.
+pub const ENV_KERNEL: &str = "PEFT_KERNEL";
+pub const ENV_INTERRUPT_FILE: &str = "PEFT_KERNEL_INTERRUPT_FILE";
+
+/// Where the prelude crate is: `$PEFT_PRELUDE_PATH` (the kernelspec sets it), else the copy
+/// next to the kernel's own sources.
+pub fn prelude_path() -> PathBuf {
+    std::env::var_os("PEFT_PRELUDE_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft_prelude"))
+        .canonicalize()
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft_prelude"))
+}
+
+/// Must run before any thread starts: evcxr reads its config directory from the environment.
+pub fn configure_process(slot: &Slot) {
+    // SAFETY (edition 2021 has no unsafe marker): called from main before threads exist.
+    std::env::set_var("EVCXR_CONFIG_DIR", slot.config_dir());
+    std::env::set_var("EVCXR_TMPDIR", slot.build_dir());
+}
+
+/// The code that makes the prelude available to every cell.
+pub fn preload_code(prelude: &Path) -> String {
+    let features = match std::env::var("PEFT_KERNEL_FEATURES") {
+        Ok(f) if !f.trim().is_empty() => {
+            let list: Vec<String> = f.split(',').map(|s| format!("{:?}", s.trim())).collect();
+            format!(", features = [{}]", list.join(", "))
+        }
+        _ => String::new(),
+    };
+    format!(
+        ":dep peft_prelude = {{ path = {:?}{features} }}\nuse peft_prelude::prelude::*;",
+        prelude.display().to_string()
+    )
+}
+
+/// A running evcxr context.
+pub struct Engine {
+    pub ctx: CommandContext,
+    pub process: Arc<Mutex<std::process::Child>>,
+}
+
+impl Engine {
+    /// Starts the cell process and loads the prelude (compiling it when the slot is cold).
+    /// Returns the output channels, which must be drained from then on.
+    pub fn start(
+        slot: &Slot,
+        prelude: &Path,
+        on_outputs: impl FnOnce(EvalContextOutputs),
+    ) -> Result<Engine> {
+        let started = Instant::now();
+        let mut child = Command::new(std::env::current_exe()?);
+        child
+            .env(ENV_KERNEL, "1")
+            .env(ENV_INTERRUPT_FILE, slot.interrupt_file())
+            .env("LD_LIBRARY_PATH", library_path()?);
+        let (eval, outputs) = EvalContext::with_subprocess_command(child)
+            .map_err(|e| anyhow!("starting evcxr: {e}"))?;
+        on_outputs(outputs);
+        let mut ctx = CommandContext::with_eval_context(eval);
+        ctx.execute(&preload_code(prelude)).map_err(|e| {
+            anyhow!("loading peft_prelude from {}:\n{}", prelude.display(), crate::errors::plain(&e))
+        })?;
+        slot.mark_warm()?;
+        eprintln!("peft-kernel: prelude ready in {:.1} s", started.elapsed().as_secs_f64());
+        let process = ctx.process_handle();
+        Ok(Engine { ctx, process })
+    }
+}
+
+/// evcxr links cells with an rpath relative to `target/<triple>/debug/deps` but loads them from
+/// one directory up, so libstd's shared library is not found in a persistent build directory:
+/// put the toolchain's library directory on the loader path.
+fn library_path() -> Result<String> {
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .context("running rustc --print sysroot (is the Rust toolchain on PATH?)")?;
+    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
+    let verbose = Command::new("rustc").arg("-vV").output()?;
+    let host = String::from_utf8_lossy(&verbose.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .context("rustc -vV printed no host")?;
+    let dir = format!("{sysroot}/lib/rustlib/{host}/lib");
+    Ok(match std::env::var("LD_LIBRARY_PATH") {
+        Ok(old) if !old.is_empty() => format!("{dir}:{old}"),
+        _ => dir,
+    })
+}

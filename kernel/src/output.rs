@@ -1,0 +1,318 @@
+//! From the cell process's stdout/stderr lines to notebook outputs.
+//!
+//! Plain lines become stream output. Lines carrying the prelude's marker become displays,
+//! display updates, raw stream text or clear_output (see `peft_prelude::notebook::protocol`,
+//! duplicated here because the kernel must not depend on the prelude). Output is coalesced so
+//! that the Jupyter server's rate limits (1000 msgs/s, 1 MB/s) are never hit: stream text is
+//! batched for 50 ms, and a display is updated at most four times a second (the latest
+//! content wins, and the last one is always sent).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+use serde::Deserialize;
+
+/// Must equal `peft_prelude::notebook::protocol::MARKER`.
+pub const MARKER: &str = "\u{1e}peft-kernel ";
+/// Stream text waits at most this long to be merged with more.
+const STREAM_BATCH: Duration = Duration::from_millis(50);
+/// The shortest interval between two updates of one display.
+const UPDATE_INTERVAL: Duration = Duration::from_millis(250);
+
+pub type MimeData = BTreeMap<String, String>;
+
+/// One notebook output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    Stream { name: String, text: String },
+    Display { id: Option<String>, data: MimeData },
+    Update { id: String, data: MimeData },
+    Clear { wait: bool },
+}
+
+/// Where outputs go: iopub messages, or the outputs of a notebook run headlessly.
+pub trait Sink: Send + 'static {
+    fn emit(&mut self, out: Out);
+}
+
+/// The prelude's record format.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Record {
+    Display { id: String, data: MimeData },
+    Update { id: String, data: MimeData },
+    Stream { name: String, text: String },
+    Clear { wait: bool },
+}
+
+/// Turns one line of cell stdout into an output.
+pub fn parse_stdout_line(line: &str) -> Out {
+    let record = line.strip_prefix(MARKER).and_then(|json| serde_json::from_str(json).ok());
+    match record {
+        Some(Record::Display { id, data }) => Out::Display { id: Some(id), data },
+        Some(Record::Update { id, data }) => Out::Update { id, data },
+        Some(Record::Stream { name, text }) => Out::Stream { name, text },
+        Some(Record::Clear { wait }) => Out::Clear { wait },
+        None => Out::Stream { name: "stdout".into(), text: format!("{line}\n") },
+    }
+}
+
+/// Batches stream text and rate-limits display updates; pure, so it is tested with fake times.
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    stream: Option<(String, String, Instant)>,
+    pending: Vec<(String, MimeData)>,
+    last_update: HashMap<String, Instant>,
+}
+
+impl Coalescer {
+    /// Takes one output; returns what is due now, in order.
+    pub fn push(&mut self, out: Out, now: Instant) -> Vec<Out> {
+        let mut ready = vec![];
+        match out {
+            Out::Stream { name, text } => {
+                match &mut self.stream {
+                    Some((n, buf, _)) if *n == name => buf.push_str(&text),
+                    _ => {
+                        ready.extend(self.take_stream());
+                        self.stream = Some((name, text, now));
+                    }
+                }
+                ready.extend(self.tick(now));
+            }
+            Out::Update { id, data } => {
+                ready.extend(self.take_stream());
+                let due = self.last_update.get(&id).is_none_or(|t| now >= *t + UPDATE_INTERVAL);
+                if due {
+                    self.pending.retain(|(p, _)| *p != id);
+                    self.last_update.insert(id.clone(), now);
+                    ready.push(Out::Update { id, data });
+                } else if let Some(slot) = self.pending.iter_mut().find(|(p, _)| *p == id) {
+                    slot.1 = data;
+                } else {
+                    self.pending.push((id, data));
+                }
+            }
+            other => {
+                ready.extend(self.take_stream());
+                if let Out::Display { id: Some(id), .. } = &other {
+                    self.last_update.insert(id.clone(), now);
+                }
+                ready.push(other);
+            }
+        }
+        ready
+    }
+
+    /// What has become due by `now`.
+    pub fn tick(&mut self, now: Instant) -> Vec<Out> {
+        let mut ready = vec![];
+        if self.stream.as_ref().is_some_and(|(_, _, t)| now >= *t + STREAM_BATCH) {
+            ready.extend(self.take_stream());
+        }
+        let last = &mut self.last_update;
+        self.pending.retain(|(id, data)| {
+            let due = last.get(id).is_none_or(|t| now >= *t + UPDATE_INTERVAL);
+            if due {
+                last.insert(id.clone(), now);
+                ready.push(Out::Update { id: id.clone(), data: data.clone() });
+            }
+            !due
+        });
+        ready
+    }
+
+    /// Everything held back (at the end of a cell).
+    pub fn flush(&mut self, now: Instant) -> Vec<Out> {
+        let mut ready: Vec<Out> = self.take_stream().into_iter().collect();
+        for (id, data) in self.pending.drain(..) {
+            self.last_update.insert(id.clone(), now);
+            ready.push(Out::Update { id, data });
+        }
+        ready
+    }
+
+    fn take_stream(&mut self) -> Option<Out> {
+        self.stream.take().map(|(name, text, _)| Out::Stream { name, text })
+    }
+}
+
+/// What the forwarder saw during one cell.
+#[derive(Debug, Default)]
+pub struct CellReport {
+    /// The panic message, when the cell panicked (evcxr reports a caught panic as success).
+    pub panic: Option<String>,
+}
+
+/// The forwarder thread's handle.
+#[derive(Clone)]
+pub struct Forwarder {
+    flush: Sender<Sender<CellReport>>,
+}
+
+impl Forwarder {
+    /// Starts forwarding evcxr's output channels into `sink`.
+    pub fn spawn(stdout: Receiver<String>, stderr: Receiver<String>, sink: impl Sink) -> Self {
+        let (flush, flush_rx) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name("output".into())
+            .spawn(move || forward(stdout, stderr, flush_rx, sink))
+            .expect("spawning the output thread");
+        Forwarder { flush }
+    }
+
+    /// Waits until every line the cell wrote has been emitted; returns what the cell did.
+    pub fn finish_cell(&self) -> CellReport {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self.flush.send(tx).is_err() {
+            return CellReport::default();
+        }
+        rx.recv().unwrap_or_default()
+    }
+}
+
+/// Watches stderr for the default panic hook's report: "thread '…' panicked at FILE:" and then
+/// the message lines, up to the "note:" line.
+#[derive(Debug, Default)]
+struct PanicWatch {
+    message: Option<String>,
+    collecting: bool,
+}
+
+impl PanicWatch {
+    fn line(&mut self, line: &str) {
+        if line.starts_with("thread '") && line.contains("' panicked at ") {
+            self.message = Some(String::new());
+            self.collecting = true;
+        } else if self.collecting {
+            if line.starts_with("note: ") || line.starts_with("stack backtrace:") {
+                self.collecting = false;
+            } else if let Some(m) = &mut self.message {
+                if !m.is_empty() {
+                    m.push('\n');
+                }
+                m.push_str(line);
+            }
+        }
+    }
+
+    fn take(&mut self) -> Option<String> {
+        self.collecting = false;
+        self.message.take().map(|m| if m.is_empty() { "panicked".to_string() } else { m })
+    }
+}
+
+fn forward(
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+    flush: Receiver<Sender<CellReport>>,
+    mut sink: impl Sink,
+) {
+    let mut coalescer = Coalescer::default();
+    let mut panic = PanicWatch::default();
+    let emit = |outs: Vec<Out>, sink: &mut dyn Sink| outs.into_iter().for_each(|o| sink.emit(o));
+    let on_stderr = |line: String, panic: &mut PanicWatch| {
+        panic.line(&line);
+        Out::Stream { name: "stderr".into(), text: format!("{line}\n") }
+    };
+    loop {
+        select! {
+            recv(stdout) -> line => match line {
+                Ok(line) => emit(coalescer.push(parse_stdout_line(&line), Instant::now()), &mut sink),
+                Err(_) => return,
+            },
+            recv(stderr) -> line => match line {
+                Ok(line) => {
+                    let out = on_stderr(line, &mut panic);
+                    emit(coalescer.push(out, Instant::now()), &mut sink)
+                }
+                Err(_) => return,
+            },
+            recv(flush) -> reply => {
+                let Ok(reply) = reply else { return };
+                // stderr has its own reader thread in evcxr: give a panic report written just
+                // before the cell ended a moment to arrive.
+                std::thread::sleep(Duration::from_millis(20));
+                while let Ok(line) = stdout.try_recv() {
+                    emit(coalescer.push(parse_stdout_line(&line), Instant::now()), &mut sink);
+                }
+                while let Ok(line) = stderr.try_recv() {
+                    let out = on_stderr(line, &mut panic);
+                    emit(coalescer.push(out, Instant::now()), &mut sink);
+                }
+                emit(coalescer.flush(Instant::now()), &mut sink);
+                let _ = reply.send(CellReport { panic: panic.take() });
+            },
+            default(Duration::from_millis(20)) => emit(coalescer.tick(Instant::now()), &mut sink),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(s: &str) -> MimeData {
+        MimeData::from([("text/plain".to_string(), s.to_string())])
+    }
+
+    #[test]
+    fn parses_the_preludes_records() {
+        // The exact line peft_prelude's protocol test pins down.
+        let line = "\u{1e}peft-kernel {\"op\":\"stream\",\"name\":\"stdout\",\"text\":\"hi\"}";
+        assert_eq!(parse_stdout_line(line), Out::Stream { name: "stdout".into(), text: "hi".into() });
+        let line = "\u{1e}peft-kernel {\"op\":\"update\",\"id\":\"d\",\"data\":{\"text/plain\":\"x\"}}";
+        assert_eq!(parse_stdout_line(line), Out::Update { id: "d".into(), data: data("x") });
+        let line = "\u{1e}peft-kernel {\"op\":\"clear\",\"wait\":true}";
+        assert_eq!(parse_stdout_line(line), Out::Clear { wait: true });
+        assert_eq!(
+            parse_stdout_line("plain"),
+            Out::Stream { name: "stdout".into(), text: "plain\n".into() }
+        );
+    }
+
+    #[test]
+    fn stream_text_is_batched() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::default();
+        let s = |t: &str| Out::Stream { name: "stdout".into(), text: t.into() };
+        assert!(c.push(s("a"), t0).is_empty());
+        assert!(c.push(s("b"), t0 + Duration::from_millis(10)).is_empty());
+        assert_eq!(c.tick(t0 + Duration::from_millis(60)), vec![s("ab")]);
+        assert!(c.push(s("c"), t0 + Duration::from_millis(70)).is_empty());
+        let err = Out::Stream { name: "stderr".into(), text: "e".into() };
+        assert_eq!(c.push(err.clone(), t0 + Duration::from_millis(71)), vec![s("c")]);
+        assert_eq!(c.flush(t0 + Duration::from_millis(72)), vec![err]);
+    }
+
+    #[test]
+    fn updates_are_rate_limited_and_the_last_one_wins() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::default();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let shown = Out::Display { id: Some("d".into()), data: data("0") };
+        assert_eq!(c.push(shown.clone(), ms(0)), vec![shown]);
+        for i in 1..=100 {
+            let out = c.push(Out::Update { id: "d".into(), data: data(&i.to_string()) }, ms(i));
+            assert!(out.is_empty(), "update {i} sent too early");
+        }
+        assert!(c.tick(ms(200)).is_empty());
+        assert_eq!(c.tick(ms(250)), vec![Out::Update { id: "d".into(), data: data("100") }]);
+        let u = Out::Update { id: "d".into(), data: data("101") };
+        assert!(c.push(u.clone(), ms(300)).is_empty());
+        assert_eq!(c.flush(ms(301)), vec![u]);
+        assert!(c.flush(ms(302)).is_empty());
+    }
+
+    #[test]
+    fn a_panic_report_is_recognised() {
+        let mut w = PanicWatch::default();
+        w.line("thread '<unnamed>' panicked at src/lib.rs:3:5:");
+        w.line("boom");
+        w.line("note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace");
+        w.line("later output");
+        assert_eq!(w.take().as_deref(), Some("boom"));
+        assert_eq!(w.take(), None);
+    }
+}

@@ -1,0 +1,138 @@
+//! Persistent build directories ("slots") under the kernel's cache directory.
+//!
+//! evcxr's build directory holds the compiled prelude and candle; keeping it between sessions
+//! is what makes a restart fast. Two evcxr instances must never share one (they would
+//! overwrite each other's `ctx` library), so each kernel takes the first slot whose lock it can
+//! get, and a fresh slot is seeded by copying a warm one.
+
+use std::fs::{self, File};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// How many kernels may run at once before the next one waits.
+const MAX_SLOTS: usize = 8;
+
+/// A locked slot; the lock is held for as long as this value lives.
+#[derive(Debug)]
+pub struct Slot {
+    pub dir: PathBuf,
+    _lock: File,
+}
+
+impl Slot {
+    /// evcxr's build directory (its `tmpdir`).
+    pub fn build_dir(&self) -> PathBuf {
+        self.dir.join("build")
+    }
+
+    /// The kernel-owned evcxr config directory (holds `evcxr.toml`).
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.join("config")
+    }
+
+    /// The file through which the kernel tells the cell process about interrupts.
+    pub fn interrupt_file(&self) -> PathBuf {
+        self.dir.join("interrupt")
+    }
+
+    fn warm_marker(&self) -> PathBuf {
+        self.dir.join("warm")
+    }
+
+    pub fn is_warm(&self) -> bool {
+        self.warm_marker().exists()
+    }
+
+    pub fn mark_warm(&self) -> Result<()> {
+        fs::write(self.warm_marker(), b"").context("marking the build slot warm")
+    }
+}
+
+/// The kernel's cache directory: `$PEFT_KERNEL_CACHE`, else `~/.cache/peft-kernel`.
+pub fn cache_root() -> PathBuf {
+    std::env::var_os("PEFT_KERNEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache/peft-kernel"))
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+/// Locks the first free slot, preparing its configuration. `workspace_lock` (the prelude
+/// workspace's Cargo.lock) pins the versions of the prelude's dependencies in a new slot.
+pub fn acquire(workspace_lock: Option<&Path>) -> Result<Slot> {
+    let root = cache_root();
+    for n in 0..MAX_SLOTS {
+        let dir = root.join(format!("slot-{n}"));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lock = File::create(dir.join("lock"))?;
+        // SAFETY: flock on a file descriptor we own; released when the file is closed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        let slot = Slot { dir, _lock: lock };
+        if !slot.is_warm() && n > 0 {
+            seed_from(&root.join("slot-0"), &slot);
+        }
+        prepare(&slot, workspace_lock)?;
+        return Ok(slot);
+    }
+    bail!(
+        "all {MAX_SLOTS} build slots in {} are in use by running kernels; stop one",
+        root.display()
+    )
+}
+
+/// Copies a warm slot's build directory so a second kernel does not compile candle again.
+/// Best effort: a failed copy only means a slower first cell.
+fn seed_from(warm: &Path, slot: &Slot) {
+    if !warm.join("warm").exists() {
+        return;
+    }
+    eprintln!("peft-kernel: seeding {} from {}", slot.dir.display(), warm.display());
+    let _ = fs::remove_dir_all(slot.build_dir());
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(warm.join("build"))
+        .arg(slot.build_dir())
+        .status();
+    if status.is_ok_and(|s| s.success()) {
+        let _ = slot.mark_warm();
+    }
+}
+
+/// Writes the configuration evcxr reads at start. Settings that change how dependencies are
+/// compiled live here (not in `:` commands), because evcxr runs `cargo clean` when
+/// `allow_static_linking` differs from the previous compile.
+fn prepare(slot: &Slot, workspace_lock: Option<&Path>) -> Result<()> {
+    let build = slot.build_dir();
+    fs::create_dir_all(&build)?;
+    fs::create_dir_all(slot.config_dir())?;
+    let toml = format!(
+        "[evcxr]\ntmpdir = {:?}\npreserve_vars_on_panic = true\nallow_static_linking = true\n",
+        build.display().to_string()
+    );
+    fs::write(slot.config_dir().join("evcxr.toml"), toml)?;
+    // Cargo merges config files from the build directory's ancestors; evcxr owns the one in
+    // the build directory itself. Dependencies are compiled fully optimised and without the
+    // debug assertions and overflow checks evcxr's profile turns on (a 135M-parameter forward
+    // pass is unusable with them); user cells keep evcxr's settings.
+    let cargo_dir = slot.dir.join(".cargo");
+    fs::create_dir_all(&cargo_dir)?;
+    fs::write(
+        cargo_dir.join("config.toml"),
+        "[profile.dev.package.\"*\"]\nopt-level = 3\ndebug-assertions = false\noverflow-checks = false\n",
+    )?;
+    if let Some(lock) = workspace_lock.filter(|l| l.is_file()) {
+        let target = build.join("Cargo.lock");
+        if !target.exists() {
+            fs::copy(lock, &target).context("copying the workspace Cargo.lock")?;
+        }
+    }
+    fs::write(slot.interrupt_file(), b"0")?;
+    Ok(())
+}
