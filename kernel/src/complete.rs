@@ -81,7 +81,10 @@ mod tests {
     #[test]
     fn brackets_strings_and_comments() {
         assert_eq!(is_complete("let x = 1;").0, "complete");
-        assert_eq!(is_complete("fn f() {\n let a = [1,"), ("incomplete", "        ".into()));
+        assert_eq!(
+            is_complete("fn f() {\n let a = [1,"),
+            ("incomplete", "        ".into())
+        );
         assert_eq!(is_complete("let s = \"a { \\\" b\";").0, "complete");
         assert_eq!(is_complete("let s = \"open").0, "incomplete");
         assert_eq!(is_complete("let c = '{'; // {").0, "complete");

@@ -72,10 +72,17 @@ impl Engine {
         on_outputs(outputs);
         let mut ctx = CommandContext::with_eval_context(eval);
         ctx.execute(&preload_code(prelude)).map_err(|e| {
-            anyhow!("loading peft_prelude from {}:\n{}", prelude.display(), crate::errors::plain(&e))
+            anyhow!(
+                "loading peft_prelude from {}:\n{}",
+                prelude.display(),
+                crate::errors::plain(&e)
+            )
         })?;
         slot.mark_warm()?;
-        eprintln!("peft-kernel: prelude ready in {:.1} s", started.elapsed().as_secs_f64());
+        eprintln!(
+            "peft-kernel: prelude ready in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
         let process = ctx.process_handle();
         Ok(Engine { ctx, process })
     }

@@ -33,8 +33,9 @@ pub fn describe(error: &Error) -> CellError {
                 traceback.push(header);
                 if e.is_from_user_code() {
                     for m in e.spanned_messages() {
-                        let span =
-                            m.span.map(|s| (s.start_line, s.start_column, s.end_line, s.end_column));
+                        let span = m
+                            .span
+                            .map(|s| (s.start_line, s.start_column, s.end_line, s.end_column));
                         traceback.extend(spanned_lines(span, &m.lines, &m.label));
                     }
                     traceback.extend(e.help().into_iter().map(|h| format!("help: {h}")));
@@ -43,8 +44,16 @@ pub fn describe(error: &Error) -> CellError {
                 }
                 traceback.push(String::new());
             }
-            let evalue = errors.iter().map(|e| e.message()).collect::<Vec<_>>().join("\n");
-            CellError { ename: "CompilationError".into(), evalue, traceback }
+            let evalue = errors
+                .iter()
+                .map(|e| e.message())
+                .collect::<Vec<_>>()
+                .join("\n");
+            CellError {
+                ename: "CompilationError".into(),
+                evalue,
+                traceback,
+            }
         }
         Error::SubprocessTerminated(m) => CellError::new("ProcessTerminated", m),
         Error::TypeRedefinedVariablesLost(_) => CellError::new("VariablesLost", &error.to_string()),
@@ -60,7 +69,11 @@ fn spanned_lines(
     label: &str,
 ) -> Vec<String> {
     let Some((start_line, start_column, end_line, end_column)) = span else {
-        return if label.is_empty() { vec![] } else { vec![format!("note: {label}")] };
+        return if label.is_empty() {
+            vec![]
+        } else {
+            vec![format!("note: {label}")]
+        };
     };
     let width = end_line.max(start_line).to_string().len();
     let mut out = vec![format!("{:width$} |", "")];
@@ -70,11 +83,21 @@ fn spanned_lines(
     if start_line == end_line {
         let start = start_column.saturating_sub(1);
         let len = end_column.saturating_sub(start_column).max(1);
-        out.push(format!("{:width$} | {}{} {label}", "", " ".repeat(start), "^".repeat(len)));
+        out.push(format!(
+            "{:width$} | {}{} {label}",
+            "",
+            " ".repeat(start),
+            "^".repeat(len)
+        ));
     } else if !label.is_empty() {
         out.push(format!("{:width$} = {label}", ""));
     }
     out
+}
+
+/// One plain-text block (for logs and `peft-kernel run`).
+pub fn plain(error: &Error) -> String {
+    describe(error).traceback.join("\n")
 }
 
 #[cfg(test)]
@@ -83,11 +106,13 @@ mod tests {
     fn carets_sit_under_the_span() {
         let lines = vec!["let x = y + 1;".to_string()];
         let out = super::spanned_lines(Some((2, 9, 2, 10)), &lines, "not found in this scope");
-        assert_eq!(out, vec!["  |", "2 | let x = y + 1;", "  |         ^ not found in this scope"]);
+        assert_eq!(
+            out,
+            vec![
+                "  |",
+                "2 | let x = y + 1;",
+                "  |         ^ not found in this scope"
+            ]
+        );
     }
-}
-
-/// One plain-text block (for logs and `peft-kernel run`).
-pub fn plain(error: &Error) -> String {
-    describe(error).traceback.join("\n")
 }

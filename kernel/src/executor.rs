@@ -50,7 +50,10 @@ pub fn spawn(shared: Arc<Shared>, slot: Slot) -> Sender<Request> {
             .spawn(move || {
                 let mut forwarder = None;
                 let result = Engine::start(&slot, &prelude_path(), |outputs| {
-                    let sink = IopubSink { shared: Arc::clone(&shared), parent };
+                    let sink = IopubSink {
+                        shared: Arc::clone(&shared),
+                        parent,
+                    };
                     forwarder = Some(Forwarder::spawn(outputs.stdout, outputs.stderr, sink));
                 });
                 let result = result.map(|engine| {
@@ -65,7 +68,15 @@ pub fn spawn(shared: Arc<Shared>, slot: Slot) -> Sender<Request> {
     }
     std::thread::Builder::new()
         .name("executor".into())
-        .spawn(move || Executor { shared, parent, count: 0, init: Init::Pending(init_rx) }.run(rx))
+        .spawn(move || {
+            Executor {
+                shared,
+                parent,
+                count: 0,
+                init: Init::Pending(init_rx),
+            }
+            .run(rx)
+        })
         .expect("spawning the executor thread");
     tx
 }
@@ -100,16 +111,27 @@ impl Executor {
             let msg = &req.msg;
             self.iopub(status(msg, "busy"));
             if req.seq < self.shared.abort_below.load(Ordering::SeqCst) {
-                self.reply(msg, json!({ "status": "aborted", "execution_count": self.count }));
+                self.reply(
+                    msg,
+                    json!({ "status": "aborted", "execution_count": self.count }),
+                );
                 self.iopub(status(msg, "idle"));
                 continue;
             }
             if !exec.silent && exec.store_history {
                 self.count += 1;
-                self.shared.history.lock().unwrap().push((self.count, exec.code.clone()));
+                self.shared
+                    .history
+                    .lock()
+                    .unwrap()
+                    .push((self.count, exec.code.clone()));
             }
             let count = self.count;
-            self.iopub(child(msg, "execute_input", json!({ "code": exec.code, "execution_count": count })));
+            self.iopub(child(
+                msg,
+                "execute_input",
+                json!({ "code": exec.code, "execution_count": count }),
+            ));
             self.shared.interrupt.reset();
             self.shared.interrupted.store(false, Ordering::SeqCst);
             self.shared.killed.store(false, Ordering::SeqCst);
@@ -139,7 +161,9 @@ impl Executor {
             // Jupyter's stop_on_error (and an interrupt) drop the cells queued behind this one.
             if (matches!(outcome, Outcome::Error(_)) && exec.stop_on_error) || interrupted {
                 let last = self.shared.last_seq.load(Ordering::SeqCst);
-                self.shared.abort_below.fetch_max(last + 1, Ordering::SeqCst);
+                self.shared
+                    .abort_below
+                    .fetch_max(last + 1, Ordering::SeqCst);
             }
             self.reply(msg, content);
             self.iopub(status(msg, "idle"));
@@ -155,7 +179,9 @@ impl Executor {
         let mut guard = self.shared.engine.lock().unwrap();
         let engine = guard.as_mut().expect("the prelude is loaded");
         let input = |_| String::new();
-        let mut callbacks = evcxr::EvalCallbacks { input_reader: &input };
+        let mut callbacks = evcxr::EvalCallbacks {
+            input_reader: &input,
+        };
         let result = engine.ctx.execute_with_callbacks(code, &mut callbacks);
         drop(guard);
         let report = forwarder.finish_cell();
@@ -202,13 +228,23 @@ impl Executor {
                     let text = format!(
                         "Loading peft_prelude… {:.0} s{}",
                         start.elapsed().as_secs_f64(),
-                        if cargo.is_empty() { String::new() } else { format!("\n{}", cargo.trim()) }
+                        if cargo.is_empty() {
+                            String::new()
+                        } else {
+                            format!("\n{}", cargo.trim())
+                        }
                     );
                     if text != last_text {
                         let out = if shown {
-                            Out::Update { id: id.clone(), data: loading(text.clone()) }
+                            Out::Update {
+                                id: id.clone(),
+                                data: loading(text.clone()),
+                            }
                         } else {
-                            Out::Display { id: Some(id.clone()), data: loading(text.clone()) }
+                            Out::Display {
+                                id: Some(id.clone()),
+                                data: loading(text.clone()),
+                            }
                         };
                         let (t, c) = output_content(&out);
                         self.iopub(child(msg, t, c));
@@ -220,8 +256,14 @@ impl Executor {
             }
         };
         if shown {
-            let text = format!("peft_prelude loaded in {:.1} s", start.elapsed().as_secs_f64());
-            let (t, c) = output_content(&Out::Update { id, data: loading(text) });
+            let text = format!(
+                "peft_prelude loaded in {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+            let (t, c) = output_content(&Out::Update {
+                id,
+                data: loading(text),
+            });
             self.iopub(child(msg, t, c));
         }
         self.init = match result {
@@ -241,6 +283,9 @@ impl Executor {
     }
 
     fn reply(&self, msg: &JupyterMessage, content: Value) {
-        let _ = self.shared.shell_out.send(child(msg, "execute_reply", content));
+        let _ = self
+            .shared
+            .shell_out
+            .send(child(msg, "execute_reply", content));
     }
 }

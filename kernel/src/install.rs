@@ -41,7 +41,9 @@ impl Location {
 }
 
 fn home() -> Result<PathBuf> {
-    std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .context("HOME is not set")
 }
 
 /// `sys.prefix` of the Python that runs Jupyter (`$PYTHON`, else `python3`).
@@ -69,7 +71,10 @@ pub fn install(location: &Location, binary: &Path, prelude: &Path) -> Result<Pat
         "env": { "PEFT_PRELUDE_PATH": prelude },
         "metadata": { "peft_kernel": { "version": env!("CARGO_PKG_VERSION") } },
     });
-    fs::write(dir.join("kernel.json"), serde_json::to_string_pretty(&spec)? + "\n")?;
+    fs::write(
+        dir.join("kernel.json"),
+        serde_json::to_string_pretty(&spec)? + "\n",
+    )?;
     fs::write(dir.join("logo-32x32.png"), LOGO_32)?;
     fs::write(dir.join("logo-64x64.png"), LOGO_64)?;
     fs::write(dir.join("logo-svg.svg"), LOGO_SVG)?;

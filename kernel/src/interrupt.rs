@@ -10,7 +10,9 @@ pub struct InterruptFile {
 
 impl InterruptFile {
     pub fn new(path: &Path) -> Self {
-        InterruptFile { path: path.to_path_buf() }
+        InterruptFile {
+            path: path.to_path_buf(),
+        }
     }
 
     /// Before each cell: nothing is interrupted.

@@ -21,7 +21,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "peft-kernel", version, about = "Jupyter kernel for Rust with peft_prelude preloaded")]
+#[command(
+    name = "peft-kernel",
+    version,
+    about = "Jupyter kernel for Rust with peft_prelude preloaded"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -94,7 +98,11 @@ fn main() -> Result<()> {
         Cmd::Install { location, no_warm } => {
             let binary = std::env::current_exe()?.canonicalize()?;
             let dir = install::install(&location.location(), &binary, &engine::prelude_path())?;
-            println!("Installed kernelspec {} in {}", install::KERNEL_NAME, dir.display());
+            println!(
+                "Installed kernelspec {} in {}",
+                install::KERNEL_NAME,
+                dir.display()
+            );
             if !no_warm {
                 warm()?;
             }
@@ -104,7 +112,11 @@ fn main() -> Result<()> {
             None => println!("No kernelspec {} to remove", install::KERNEL_NAME),
         },
         Cmd::Warm => warm()?,
-        Cmd::Run { notebook, out, allow_errors } => {
+        Cmd::Run {
+            notebook,
+            out,
+            allow_errors,
+        } => {
             let slot = take_slot()?;
             let out = out.unwrap_or_else(|| notebook.clone());
             run::run(&notebook, &out, &slot, allow_errors)?;
@@ -143,7 +155,11 @@ fn warm() -> Result<()> {
         .ctx
         .execute("let __peft_warm: u8 = 0;")
         .map_err(|e| anyhow::anyhow!("{}", errors::plain(&e)))?;
-    println!("Build cache warm ({:.0} s): {}", start.elapsed().as_secs_f64(), slot.dir.display());
+    println!(
+        "Build cache warm ({:.0} s): {}",
+        start.elapsed().as_secs_f64(),
+        slot.dir.display()
+    );
     Ok(())
 }
 

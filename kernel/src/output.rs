@@ -48,13 +48,18 @@ enum Record {
 
 /// Turns one line of cell stdout into an output.
 pub fn parse_stdout_line(line: &str) -> Out {
-    let record = line.strip_prefix(MARKER).and_then(|json| serde_json::from_str(json).ok());
+    let record = line
+        .strip_prefix(MARKER)
+        .and_then(|json| serde_json::from_str(json).ok());
     match record {
         Some(Record::Display { id, data }) => Out::Display { id: Some(id), data },
         Some(Record::Update { id, data }) => Out::Update { id, data },
         Some(Record::Stream { name, text }) => Out::Stream { name, text },
         Some(Record::Clear { wait }) => Out::Clear { wait },
-        None => Out::Stream { name: "stdout".into(), text: format!("{line}\n") },
+        None => Out::Stream {
+            name: "stdout".into(),
+            text: format!("{line}\n"),
+        },
     }
 }
 
@@ -83,7 +88,10 @@ impl Coalescer {
             }
             Out::Update { id, data } => {
                 ready.extend(self.take_stream());
-                let due = self.last_update.get(&id).is_none_or(|t| now >= *t + UPDATE_INTERVAL);
+                let due = self
+                    .last_update
+                    .get(&id)
+                    .is_none_or(|t| now >= *t + UPDATE_INTERVAL);
                 if due {
                     self.pending.retain(|(p, _)| *p != id);
                     self.last_update.insert(id.clone(), now);
@@ -108,7 +116,11 @@ impl Coalescer {
     /// What has become due by `now`.
     pub fn tick(&mut self, now: Instant) -> Vec<Out> {
         let mut ready = vec![];
-        if self.stream.as_ref().is_some_and(|(_, _, t)| now >= *t + STREAM_BATCH) {
+        if self
+            .stream
+            .as_ref()
+            .is_some_and(|(_, _, t)| now >= *t + STREAM_BATCH)
+        {
             ready.extend(self.take_stream());
         }
         let last = &mut self.last_update;
@@ -116,7 +128,10 @@ impl Coalescer {
             let due = last.get(id).is_none_or(|t| now >= *t + UPDATE_INTERVAL);
             if due {
                 last.insert(id.clone(), now);
-                ready.push(Out::Update { id: id.clone(), data: data.clone() });
+                ready.push(Out::Update {
+                    id: id.clone(),
+                    data: data.clone(),
+                });
             }
             !due
         });
@@ -134,7 +149,9 @@ impl Coalescer {
     }
 
     fn take_stream(&mut self) -> Option<Out> {
-        self.stream.take().map(|(name, text, _)| Out::Stream { name, text })
+        self.stream
+            .take()
+            .map(|(name, text, _)| Out::Stream { name, text })
     }
 }
 
@@ -182,7 +199,8 @@ struct PanicWatch {
 
 impl PanicWatch {
     fn line(&mut self, line: &str) {
-        if line.starts_with("thread '") && line.contains("' panicked at ") {
+        // "thread 'main' panicked at src/lib.rs:1:1:" (newer toolchains add " (TID)").
+        if line.starts_with("thread '") && line.contains(" panicked at ") {
             self.message = Some(String::new());
             self.collecting = true;
         } else if self.collecting {
@@ -199,7 +217,13 @@ impl PanicWatch {
 
     fn take(&mut self) -> Option<String> {
         self.collecting = false;
-        self.message.take().map(|m| if m.is_empty() { "panicked".to_string() } else { m })
+        self.message.take().map(|m| {
+            if m.is_empty() {
+                "panicked".to_string()
+            } else {
+                m
+            }
+        })
     }
 }
 
@@ -214,7 +238,10 @@ fn forward(
     let emit = |outs: Vec<Out>, sink: &mut dyn Sink| outs.into_iter().for_each(|o| sink.emit(o));
     let on_stderr = |line: String, panic: &mut PanicWatch| {
         panic.line(&line);
-        Out::Stream { name: "stderr".into(), text: format!("{line}\n") }
+        Out::Stream {
+            name: "stderr".into(),
+            text: format!("{line}\n"),
+        }
     };
     loop {
         select! {
@@ -261,14 +288,30 @@ mod tests {
     fn parses_the_preludes_records() {
         // The exact line peft_prelude's protocol test pins down.
         let line = "\u{1e}peft-kernel {\"op\":\"stream\",\"name\":\"stdout\",\"text\":\"hi\"}";
-        assert_eq!(parse_stdout_line(line), Out::Stream { name: "stdout".into(), text: "hi".into() });
-        let line = "\u{1e}peft-kernel {\"op\":\"update\",\"id\":\"d\",\"data\":{\"text/plain\":\"x\"}}";
-        assert_eq!(parse_stdout_line(line), Out::Update { id: "d".into(), data: data("x") });
+        assert_eq!(
+            parse_stdout_line(line),
+            Out::Stream {
+                name: "stdout".into(),
+                text: "hi".into()
+            }
+        );
+        let line =
+            "\u{1e}peft-kernel {\"op\":\"update\",\"id\":\"d\",\"data\":{\"text/plain\":\"x\"}}";
+        assert_eq!(
+            parse_stdout_line(line),
+            Out::Update {
+                id: "d".into(),
+                data: data("x")
+            }
+        );
         let line = "\u{1e}peft-kernel {\"op\":\"clear\",\"wait\":true}";
         assert_eq!(parse_stdout_line(line), Out::Clear { wait: true });
         assert_eq!(
             parse_stdout_line("plain"),
-            Out::Stream { name: "stdout".into(), text: "plain\n".into() }
+            Out::Stream {
+                name: "stdout".into(),
+                text: "plain\n".into()
+            }
         );
     }
 
@@ -276,13 +319,22 @@ mod tests {
     fn stream_text_is_batched() {
         let t0 = Instant::now();
         let mut c = Coalescer::default();
-        let s = |t: &str| Out::Stream { name: "stdout".into(), text: t.into() };
+        let s = |t: &str| Out::Stream {
+            name: "stdout".into(),
+            text: t.into(),
+        };
         assert!(c.push(s("a"), t0).is_empty());
         assert!(c.push(s("b"), t0 + Duration::from_millis(10)).is_empty());
         assert_eq!(c.tick(t0 + Duration::from_millis(60)), vec![s("ab")]);
         assert!(c.push(s("c"), t0 + Duration::from_millis(70)).is_empty());
-        let err = Out::Stream { name: "stderr".into(), text: "e".into() };
-        assert_eq!(c.push(err.clone(), t0 + Duration::from_millis(71)), vec![s("c")]);
+        let err = Out::Stream {
+            name: "stderr".into(),
+            text: "e".into(),
+        };
+        assert_eq!(
+            c.push(err.clone(), t0 + Duration::from_millis(71)),
+            vec![s("c")]
+        );
         assert_eq!(c.flush(t0 + Duration::from_millis(72)), vec![err]);
     }
 
@@ -291,15 +343,33 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Coalescer::default();
         let ms = |n| t0 + Duration::from_millis(n);
-        let shown = Out::Display { id: Some("d".into()), data: data("0") };
+        let shown = Out::Display {
+            id: Some("d".into()),
+            data: data("0"),
+        };
         assert_eq!(c.push(shown.clone(), ms(0)), vec![shown]);
         for i in 1..=100 {
-            let out = c.push(Out::Update { id: "d".into(), data: data(&i.to_string()) }, ms(i));
+            let out = c.push(
+                Out::Update {
+                    id: "d".into(),
+                    data: data(&i.to_string()),
+                },
+                ms(i),
+            );
             assert!(out.is_empty(), "update {i} sent too early");
         }
         assert!(c.tick(ms(200)).is_empty());
-        assert_eq!(c.tick(ms(250)), vec![Out::Update { id: "d".into(), data: data("100") }]);
-        let u = Out::Update { id: "d".into(), data: data("101") };
+        assert_eq!(
+            c.tick(ms(250)),
+            vec![Out::Update {
+                id: "d".into(),
+                data: data("100")
+            }]
+        );
+        let u = Out::Update {
+            id: "d".into(),
+            data: data("101"),
+        };
         assert!(c.push(u.clone(), ms(300)).is_empty());
         assert_eq!(c.flush(ms(301)), vec![u]);
         assert!(c.flush(ms(302)).is_empty());
@@ -308,7 +378,7 @@ mod tests {
     #[test]
     fn a_panic_report_is_recognised() {
         let mut w = PanicWatch::default();
-        w.line("thread '<unnamed>' panicked at src/lib.rs:3:5:");
+        w.line("thread '<unnamed>' (31482) panicked at src/lib.rs:3:5:");
         w.line("boom");
         w.line("note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace");
         w.line("later output");

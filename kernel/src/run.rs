@@ -79,20 +79,31 @@ impl Sink for NotebookSink {
 /// Runs every code cell of `input`, writes the executed notebook to `output`, and fails on the
 /// first cell error unless `allow_errors`.
 pub fn run(input: &Path, output: &Path, slot: &Slot, allow_errors: bool) -> Result<()> {
-    let text = std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
     let mut notebook: Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", input.display()))?;
     let outputs = Arc::new(Mutex::new(Outputs::default()));
     let mut forwarder = None;
     let start = Instant::now();
     let mut engine = Engine::start(slot, &prelude_path(), |o| {
-        forwarder = Some(Forwarder::spawn(o.stdout, o.stderr, NotebookSink(Arc::clone(&outputs))));
+        forwarder = Some(Forwarder::spawn(
+            o.stdout,
+            o.stderr,
+            NotebookSink(Arc::clone(&outputs)),
+        ));
     })?;
     let forwarder = forwarder.context("evcxr produced no output channels")?;
-    eprintln!("peft-kernel run: prelude ready after {:.1} s", start.elapsed().as_secs_f64());
+    eprintln!(
+        "peft-kernel run: prelude ready after {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
     let interrupt = InterruptFile::new(&slot.interrupt_file());
 
-    let cells = notebook["cells"].as_array().context("the notebook has no cells")?.clone();
+    let cells = notebook["cells"]
+        .as_array()
+        .context("the notebook has no cells")?
+        .clone();
     let code_cells = cells.iter().filter(|c| c["cell_type"] == "code").count();
     let mut count = 0;
     let mut failure = None;
@@ -137,7 +148,13 @@ pub fn run(input: &Path, output: &Path, slot: &Slot, allow_errors: bool) -> Resu
                 "output_type": "error", "ename": e.ename, "evalue": e.evalue, "traceback": e.traceback
             }));
         }
-        let cell_outputs = outputs.lock().unwrap().cells.get(&i).cloned().unwrap_or_default();
+        let cell_outputs = outputs
+            .lock()
+            .unwrap()
+            .cells
+            .get(&i)
+            .cloned()
+            .unwrap_or_default();
         notebook["cells"][i]["outputs"] = json!(cell_outputs);
         notebook["cells"][i]["execution_count"] = json!(count);
         if let Some(e) = error {

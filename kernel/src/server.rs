@@ -53,7 +53,8 @@ pub struct Shared {
 pub fn serve(connection_file: &Path, slot: Slot, cargo_status: Arc<Mutex<String>>) -> Result<()> {
     let text = std::fs::read_to_string(connection_file)
         .with_context(|| format!("reading {}", connection_file.display()))?;
-    let info: ConnectionInfo = serde_json::from_str(&text).context("parsing the connection file")?;
+    let info: ConnectionInfo =
+        serde_json::from_str(&text).context("parsing the connection file")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -73,9 +74,7 @@ async fn run(info: ConnectionInfo, slot: Slot, cargo_status: Arc<Mutex<String>>)
     let (shell_tx, mut shell_rx) = unbounded_channel::<JupyterMessage>();
     let (mut shell_send, mut shell_recv) = shell.split();
 
-    tokio::spawn(async move {
-        while heartbeat.single_heartbeat().await.is_ok() {}
-    });
+    tokio::spawn(async move { while heartbeat.single_heartbeat().await.is_ok() {} });
     tokio::spawn(async move {
         while let Some(msg) = iopub_rx.recv().await {
             if let Err(e) = iopub.send(msg).await {
@@ -184,19 +183,26 @@ pub fn kernel_info_content() -> Value {
 
 fn handle_control(shared: &Arc<Shared>, msg: &JupyterMessage) -> (Option<JupyterMessage>, bool) {
     match &msg.content {
-        JupyterMessageContent::KernelInfoRequest(_) => {
-            (Some(child(msg, "kernel_info_reply", kernel_info_content())), false)
-        }
+        JupyterMessageContent::KernelInfoRequest(_) => (
+            Some(child(msg, "kernel_info_reply", kernel_info_content())),
+            false,
+        ),
         JupyterMessageContent::ShutdownRequest(req) => {
             let reply = json!({ "status": "ok", "restart": req.restart });
             (Some(child(msg, "shutdown_reply", reply)), true)
         }
         JupyterMessageContent::InterruptRequest(_) => {
             interrupt(shared);
-            (Some(child(msg, "interrupt_reply", json!({ "status": "ok" }))), false)
+            (
+                Some(child(msg, "interrupt_reply", json!({ "status": "ok" }))),
+                false,
+            )
         }
         _ => {
-            eprintln!("peft-kernel: ignoring control message {}", msg.header.msg_type);
+            eprintln!(
+                "peft-kernel: ignoring control message {}",
+                msg.header.msg_type
+            );
             (None, false)
         }
     }
@@ -249,21 +255,21 @@ fn handle_shell(shared: &Shared, msg: &JupyterMessage) -> Option<JupyterMessage>
             }
             reply("is_complete_reply", content)
         }
-        JupyterMessageContent::CompleteRequest(req) => {
-            reply("complete_reply", complete(shared, &req.code, req.cursor_pos))
-        }
+        JupyterMessageContent::CompleteRequest(req) => reply(
+            "complete_reply",
+            complete(shared, &req.code, req.cursor_pos),
+        ),
         JupyterMessageContent::InspectRequest(req) => {
             reply("inspect_reply", inspect(shared, &req.code, req.cursor_pos))
         }
         JupyterMessageContent::CommInfoRequest(_) => {
             reply("comm_info_reply", json!({ "status": "ok", "comms": {} }))
         }
-        JupyterMessageContent::HistoryRequest(req) => {
-            reply("history_reply", history(shared, req))
-        }
-        JupyterMessageContent::ShutdownRequest(req) => {
-            reply("shutdown_reply", json!({ "status": "ok", "restart": req.restart }))
-        }
+        JupyterMessageContent::HistoryRequest(req) => reply("history_reply", history(shared, req)),
+        JupyterMessageContent::ShutdownRequest(req) => reply(
+            "shutdown_reply",
+            json!({ "status": "ok", "restart": req.restart }),
+        ),
         // No comm targets: a comm_open is answered by closing it, comm messages are dropped.
         JupyterMessageContent::CommOpen(open) => {
             let _ = shared.iopub.send(child(
@@ -275,7 +281,10 @@ fn handle_shell(shared: &Shared, msg: &JupyterMessage) -> Option<JupyterMessage>
         }
         JupyterMessageContent::CommMsg(_) | JupyterMessageContent::CommClose(_) => None,
         _ => {
-            eprintln!("peft-kernel: ignoring shell message {}", msg.header.msg_type);
+            eprintln!(
+                "peft-kernel: ignoring shell message {}",
+                msg.header.msg_type
+            );
             None
         }
     }
@@ -283,7 +292,10 @@ fn handle_shell(shared: &Shared, msg: &JupyterMessage) -> Option<JupyterMessage>
 
 /// Jupyter counts cursor positions in code points; evcxr wants byte offsets.
 fn byte_offset(code: &str, chars: usize) -> usize {
-    code.char_indices().nth(chars).map(|(i, _)| i).unwrap_or(code.len())
+    code.char_indices()
+        .nth(chars)
+        .map(|(i, _)| i)
+        .unwrap_or(code.len())
 }
 
 fn char_offset(code: &str, bytes: usize) -> usize {
@@ -338,23 +350,41 @@ fn history(shared: &Shared, req: &jupyter_protocol::HistoryRequest) -> Value {
             let n = (*n).max(0) as usize;
             (all[all.len().saturating_sub(n)..].to_vec(), *output)
         }
-        H::Range { start, stop, output, .. } => {
+        H::Range {
+            start,
+            stop,
+            output,
+            ..
+        } => {
             let (start, stop) = (*start as usize, *stop as usize);
             (
-                all.into_iter().filter(|(i, _)| *i >= start && (stop == 0 || *i < stop)).collect(),
+                all.into_iter()
+                    .filter(|(i, _)| *i >= start && (stop == 0 || *i < stop))
+                    .collect(),
                 *output,
             )
         }
-        H::Search { pattern, n, output, .. } => {
+        H::Search {
+            pattern, n, output, ..
+        } => {
             let needle = pattern.trim_matches('*');
-            let hits: Vec<_> = all.into_iter().filter(|(_, c)| c.contains(needle)).collect();
+            let hits: Vec<_> = all
+                .into_iter()
+                .filter(|(_, c)| c.contains(needle))
+                .collect();
             let n = (*n).max(0) as usize;
             (hits[hits.len().saturating_sub(n)..].to_vec(), *output)
         }
     };
     let history: Vec<Value> = entries
         .into_iter()
-        .map(|(i, code)| if output { json!([0, i, [code, ""]]) } else { json!([0, i, code]) })
+        .map(|(i, code)| {
+            if output {
+                json!([0, i, [code, ""]])
+            } else {
+                json!([0, i, code])
+            }
+        })
         .collect();
     json!({ "status": "ok", "history": history })
 }

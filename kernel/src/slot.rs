@@ -59,7 +59,9 @@ pub fn cache_root() -> PathBuf {
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
 }
 
 /// Locks the first free slot, preparing its configuration. `workspace_lock` (the prelude
@@ -93,7 +95,11 @@ fn seed_from(warm: &Path, slot: &Slot) {
     if !warm.join("warm").exists() {
         return;
     }
-    eprintln!("peft-kernel: seeding {} from {}", slot.dir.display(), warm.display());
+    eprintln!(
+        "peft-kernel: seeding {} from {}",
+        slot.dir.display(),
+        warm.display()
+    );
     let _ = fs::remove_dir_all(slot.build_dir());
     let status = Command::new("cp")
         .arg("-a")

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`model`] | config, the Mistral/Llama decoder, KV cache, loaders (HF dir, hub, GGUF) |
 //! | [`tokenizer`] | tokenizer.json, tokenizers rebuilt from GGUF metadata, chat templates |
+//! | [`peft`] | LoRA (rsLoRA, DoRA), IA3, prompt/prefix/P-tuning, bottleneck adapters; PEFT-format save/load |
 //! | [`generate`] | sampling, KV-cached decoding, streamers |
 //! | [`notebook`] | display handles, progress, live plots, token streaming, interrupt check |
 //! | [`prelude`] | one glob import for notebook cells |
@@ -12,7 +13,9 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod notebook;
+pub mod peft;
 pub mod prelude;
+pub mod rng;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

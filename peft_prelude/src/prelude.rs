@@ -8,9 +8,9 @@ pub use crate::generate::{
 pub use crate::model::{
     Forward, FrozenLinear, KvCache, Linear, LoadOptions, Model, ModelConfig, Pretrained,
 };
-pub use crate::tokenizer::{ChatMessage, Tokenizer};
-pub use candle_core::{DType, Device, Tensor, Var, D};
 pub use crate::notebook::{
     clear_output, interrupted, print_stream, show, show_text, Display, Html, LinePlot, Png,
     ProgressBar, Rich, Svg, Table, TokenStreamer,
 };
+pub use crate::tokenizer::{ChatMessage, Tokenizer};
+pub use candle_core::{DType, Device, Tensor, Var, D};

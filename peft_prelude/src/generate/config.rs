@@ -112,7 +112,10 @@ impl GenerationConfig {
     pub fn validated(self) -> Result<Self> {
         let bad = |what: String| Err(Error::Config(format!("generation: {what}")));
         if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return bad(format!("temperature must be > 0 when sampling, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be > 0 when sampling, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));

@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
+pub use crate::rng::Rng;
 pub use config::GenerationConfig;
-pub use sampling::Rng;
 
 use crate::error::{Error, Result};
 use crate::model::{Forward, Model};
@@ -215,7 +215,12 @@ pub fn generate_ids(
         .map(|p| TokenStream::with_context(tokenizer, p, true))
         .collect();
     let mut texts: Vec<String> = vec![String::new(); batch];
-    let max_stop = config.stop_strings.iter().map(String::len).max().unwrap_or(0);
+    let max_stop = config
+        .stop_strings
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(0);
 
     for _step in 0..config.max_new_tokens {
         // A notebook interrupt stops generation like the caller's own check does.
@@ -245,7 +250,10 @@ pub fn generate_ids(
                 texts[b].push_str(&piece);
                 // Search only where a stop string could newly end.
                 let from = before.saturating_sub(max_stop);
-                let from = (0..=from).rev().find(|&i| texts[b].is_char_boundary(i)).unwrap_or(0);
+                let from = (0..=from)
+                    .rev()
+                    .find(|&i| texts[b].is_char_boundary(i))
+                    .unwrap_or(0);
                 let hit = config
                     .stop_strings
                     .iter()

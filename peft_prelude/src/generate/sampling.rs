@@ -1,29 +1,7 @@
 //! Choosing the next token from logits: repetition penalty, temperature, top-k, top-p.
 
 use super::config::GenerationConfig;
-
-/// A small deterministic RNG (SplitMix64), so a seed reproduces a sample on every platform.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+pub use crate::rng::Rng;
 
 /// transformers' `RepetitionPenaltyLogitsProcessor`: every token already in the sequence has
 /// its logit divided by the penalty if positive, multiplied if negative.
@@ -122,7 +100,10 @@ mod tests {
     #[test]
     fn greedy_takes_argmax() {
         let mut l = vec![0.1, 3.0, -1.0, 2.9];
-        assert_eq!(sample(&mut l, &[], &cfg(false, 0, 1.0, 1.0), &mut Rng::new(0)), 1);
+        assert_eq!(
+            sample(&mut l, &[], &cfg(false, 0, 1.0, 1.0), &mut Rng::new(0)),
+            1
+        );
     }
 
     #[test]

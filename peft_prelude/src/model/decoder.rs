@@ -39,12 +39,25 @@ impl Mlp {
     }
 }
 
+/// A module that adjusts a block's output given its input (bottleneck adapters hook in here).
+pub trait BlockAdapter: Send + Sync + std::fmt::Debug {
+    /// `input`: what the block (attention or MLP) received, after its norm; `output`: what
+    /// the block produced, before the residual add. Returns the adjusted output.
+    fn forward(&self, input: &Tensor, output: &Tensor) -> Result<Tensor>;
+    fn as_any(&self) -> &dyn std::any::Any;
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
 #[derive(Debug)]
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Mlp,
+    /// Applied to the attention block's output.
+    pub attn_adapter: Option<Box<dyn BlockAdapter>>,
+    /// Applied to the MLP block's output.
+    pub mlp_adapter: Option<Box<dyn BlockAdapter>>,
 }
 
 /// What one forward pass takes besides the model. Build with [`Forward::ids`] or
@@ -155,6 +168,8 @@ impl Model {
                         up_proj: up,
                         down_proj: down,
                     },
+                    attn_adapter: None,
+                    mlp_adapter: None,
                 }
             })
             .collect();
@@ -200,8 +215,40 @@ impl Model {
         &self.layers
     }
 
+    pub fn layers_mut(&mut self) -> &mut [DecoderLayer] {
+        &mut self.layers
+    }
+
     pub fn embed_tokens(&self) -> &Tensor {
         &self.embed_tokens
+    }
+
+    /// Replaces the token embedding table (e.g. by a trainable copy for `modules_to_save`).
+    /// Unlike the constructor this does not detach: a `Var`'s tensor stays trainable.
+    pub fn set_embed_tokens(&mut self, table: Tensor) -> Result<()> {
+        if table.dims() != self.embed_tokens.dims() {
+            return Err(Error::InvalidArgument(format!(
+                "embedding table has shape {:?}, expected {:?}",
+                table.dims(),
+                self.embed_tokens.dims()
+            )));
+        }
+        self.embed_tokens = table;
+        Ok(())
+    }
+
+    /// Number of parameters of the base model (embeddings, norms, projections, head).
+    pub fn num_parameters(&self) -> usize {
+        let c = &self.config;
+        let norms = (2 * self.layers.len() + 1) * c.hidden_size;
+        let linears: usize = self
+            .linear_paths()
+            .iter()
+            .filter(|p| *p != "lm_head" || !c.tie_word_embeddings)
+            .filter_map(|p| self.linear(p).ok())
+            .map(|l| l.base().num_params())
+            .sum();
+        self.embed_tokens.elem_count() + norms + linears
     }
 
     pub fn final_norm(&self) -> &RmsNorm {
@@ -408,10 +455,17 @@ impl Model {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let h = layer.input_layernorm.forward(x)?;
-        let attn = self.attention(index, &layer.self_attn, &h, cos, sin, mask, cache)?;
+        let mut attn = self.attention(index, &layer.self_attn, &h, cos, sin, mask, cache)?;
+        if let Some(adapter) = &layer.attn_adapter {
+            attn = adapter.forward(&h, &attn)?;
+        }
         let x = (x + attn)?;
         let h = layer.post_attention_layernorm.forward(&x)?;
-        Ok((&x + layer.mlp.forward(&h)?)?)
+        let mut mlp = layer.mlp.forward(&h)?;
+        if let Some(adapter) = &layer.mlp_adapter {
+            mlp = adapter.forward(&h, &mlp)?;
+        }
+        Ok((&x + mlp)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -435,15 +489,7 @@ impl Model {
         let k = Rope::apply(&k.contiguous()?, cos, sin)?;
         let v = v.contiguous()?;
         let (k, v) = match cache {
-            Some(cache) => {
-                let (pk, pv) = cache.append(index, k, v)?;
-                if pk.dim(0)? != b && pk.dim(0)? == 1 {
-                    // A prefix shared by the whole batch.
-                    (pk.repeat((b, 1, 1, 1))?, pv.repeat((b, 1, 1, 1))?)
-                } else {
-                    (pk, pv)
-                }
-            }
+            Some(cache) => cache.append(index, k, v)?,
             None => (k, v),
         };
         let s = k.dim(2)?;

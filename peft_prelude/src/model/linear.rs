@@ -17,6 +17,7 @@ pub trait Linear: Send + Sync + Debug {
     fn out_features(&self) -> usize;
     /// The frozen base weight under any wrappers (for merging, export, parameter counts).
     fn base(&self) -> &FrozenLinear;
+    fn base_mut(&mut self) -> &mut FrozenLinear;
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
     fn into_any(self: Box<Self>) -> Box<dyn Any>;
@@ -48,6 +49,19 @@ impl FrozenLinear {
         self.bias.as_ref()
     }
 
+    /// Replaces the weight (merging adapters into it); the shape must stay the same.
+    pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
+        if weight.dims() != self.weight.dims() {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "new weight has shape {:?}, the layer's is {:?}",
+                weight.dims(),
+                self.weight.dims()
+            )));
+        }
+        self.weight = weight.detach();
+        Ok(())
+    }
+
     /// Number of parameters (weight and bias).
     pub fn num_params(&self) -> usize {
         self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
@@ -77,6 +91,10 @@ impl Linear for FrozenLinear {
     }
 
     fn base(&self) -> &FrozenLinear {
+        self
+    }
+
+    fn base_mut(&mut self) -> &mut FrozenLinear {
         self
     }
 

@@ -44,10 +44,15 @@ fn plain(text: &str) -> MimeBundle {
 
 /// Shows `x` as a new output and returns its handle.
 pub fn show(x: &(impl Rich + ?Sized)) -> Display {
-    let display = Display { id: new_display_id() };
+    let display = Display {
+        id: new_display_id(),
+    };
     let data = x.mime_bundle();
     if in_kernel() {
-        emit(&Record::Display { id: display.id.clone(), data });
+        emit(&Record::Display {
+            id: display.id.clone(),
+            data,
+        });
     } else {
         print_plain(&data);
     }
@@ -70,7 +75,10 @@ impl Display {
     pub fn update(&self, x: &(impl Rich + ?Sized)) {
         let data = x.mime_bundle();
         if in_kernel() {
-            emit(&Record::Update { id: self.id.clone(), data });
+            emit(&Record::Update {
+                id: self.id.clone(),
+                data,
+            });
         } else {
             print_plain(&data);
         }
@@ -98,7 +106,10 @@ fn print_plain(data: &MimeBundle) {
 pub(crate) fn evcxr_print(data: &MimeBundle) {
     let mut out = String::new();
     for (mime, content) in data {
-        let _ = write!(out, "EVCXR_BEGIN_CONTENT {mime}\n{content}\nEVCXR_END_CONTENT\n");
+        let _ = write!(
+            out,
+            "EVCXR_BEGIN_CONTENT {mime}\n{content}\nEVCXR_END_CONTENT\n"
+        );
     }
     print!("{out}");
 }
@@ -124,7 +135,10 @@ pub struct Html {
 
 impl Html {
     pub fn new(html: impl Into<String>) -> Self {
-        Html { html: html.into(), text: "[HTML]".into() }
+        Html {
+            html: html.into(),
+            text: "[HTML]".into(),
+        }
     }
 }
 
@@ -145,7 +159,10 @@ impl Rich for Svg {
     fn mime_bundle(&self) -> MimeBundle {
         MimeBundle::from([
             ("image/svg+xml".to_string(), self.0.clone()),
-            ("text/plain".to_string(), format!("[SVG image, {} bytes]", self.0.len())),
+            (
+                "text/plain".to_string(),
+                format!("[SVG image, {} bytes]", self.0.len()),
+            ),
         ])
     }
 }
@@ -158,7 +175,10 @@ impl Rich for Png {
     fn mime_bundle(&self) -> MimeBundle {
         MimeBundle::from([
             ("image/png".to_string(), base64(&self.0)),
-            ("text/plain".to_string(), format!("[PNG image, {} bytes]", self.0.len())),
+            (
+                "text/plain".to_string(),
+                format!("[PNG image, {} bytes]", self.0.len()),
+            ),
         ])
     }
 }
@@ -172,11 +192,15 @@ pub struct Table {
 
 impl Table {
     pub fn new<S: ToString>(header: impl IntoIterator<Item = S>) -> Self {
-        Table { header: header.into_iter().map(|s| s.to_string()).collect(), rows: vec![] }
+        Table {
+            header: header.into_iter().map(|s| s.to_string()).collect(),
+            rows: vec![],
+        }
     }
 
     pub fn row<S: ToString>(mut self, cells: impl IntoIterator<Item = S>) -> Self {
-        self.rows.push(cells.into_iter().map(|s| s.to_string()).collect());
+        self.rows
+            .push(cells.into_iter().map(|s| s.to_string()).collect());
         self
     }
 
@@ -198,7 +222,13 @@ impl Table {
     }
 
     fn text(&self) -> String {
-        let columns = self.rows.iter().chain([&self.header]).map(Vec::len).max().unwrap_or(0);
+        let columns = self
+            .rows
+            .iter()
+            .chain([&self.header])
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0);
         let width = |c: usize| {
             self.rows
                 .iter()
@@ -218,7 +248,13 @@ impl Table {
             padded.join("  ").trim_end().to_string()
         };
         let mut out = vec![line(&self.header)];
-        out.push(widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+        out.push(
+            widths
+                .iter()
+                .map(|w| "-".repeat(*w))
+                .collect::<Vec<_>>()
+                .join("  "),
+        );
         out.extend(self.rows.iter().map(|r| line(r)));
         out.join("\n")
     }
@@ -226,13 +262,21 @@ impl Table {
     fn html(&self) -> String {
         let mut html = String::from("<table>\n<thead><tr>");
         for h in &self.header {
-            let _ = write!(html, "<th style=\"text-align:left\">{}</th>", escape_html(h));
+            let _ = write!(
+                html,
+                "<th style=\"text-align:left\">{}</th>",
+                escape_html(h)
+            );
         }
         html.push_str("</tr></thead>\n<tbody>\n");
         for row in &self.rows {
             html.push_str("<tr>");
             for cell in row {
-                let _ = write!(html, "<td style=\"text-align:left\">{}</td>", escape_html(cell));
+                let _ = write!(
+                    html,
+                    "<td style=\"text-align:left\">{}</td>",
+                    escape_html(cell)
+                );
             }
             html.push_str("</tr>\n");
         }
@@ -251,16 +295,22 @@ impl Rich for Table {
 }
 
 pub(crate) fn escape_html(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Standard base64 with padding (what Jupyter expects for binary mime types).
 fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -288,9 +338,14 @@ mod tests {
 
     #[test]
     fn table_renders_text_and_escaped_html() {
-        let t = Table::new(["field", "value"]).row(["a<b", "1"]).row(["long name", "2"]);
+        let t = Table::new(["field", "value"])
+            .row(["a<b", "1"])
+            .row(["long name", "2"]);
         let b = t.mime_bundle();
-        assert_eq!(b["text/plain"], "field      value\n---------  -----\na<b        1\nlong name  2");
+        assert_eq!(
+            b["text/plain"],
+            "field      value\n---------  -----\na<b        1\nlong name  2"
+        );
         assert!(b["text/html"].contains("<td style=\"text-align:left\">a&lt;b</td>"));
     }
 
@@ -301,8 +356,14 @@ mod tests {
             hidden_size: usize,
             name: &'static str,
         }
-        let t = Table::from_serialize(&C { hidden_size: 64, name: "tiny" });
-        assert_eq!(t.rows, vec![vec!["hidden_size", "64"], vec!["name", "tiny"]]);
+        let t = Table::from_serialize(&C {
+            hidden_size: 64,
+            name: "tiny",
+        });
+        assert_eq!(
+            t.rows,
+            vec![vec!["hidden_size", "64"], vec!["name", "tiny"]]
+        );
     }
 
     #[test]

@@ -16,8 +16,9 @@ const LEFT: f64 = 64.0;
 const RIGHT: f64 = 140.0;
 const TOP: f64 = 32.0;
 const BOTTOM: f64 = 44.0;
-const COLORS: [&str; 8] =
-    ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
+const COLORS: [&str; 8] = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+];
 
 /// `let mut plot = LinePlot::new("loss");` then `plot.push("run 1", step, loss)` in a loop.
 /// The first point shows the plot; later points redraw it at most five times a second, and
@@ -64,7 +65,11 @@ impl LinePlot {
             Some((_, points)) => points.push((x, y)),
             None => self.series.push((series.into(), vec![(x, y)])),
         }
-        if in_kernel() && self.last_draw.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
+        if in_kernel()
+            && self
+                .last_draw
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(200))
+        {
             self.draw();
         }
     }
@@ -80,7 +85,10 @@ impl LinePlot {
 
     /// The points of one series.
     pub fn points(&self, series: &str) -> Option<&[(f64, f64)]> {
-        self.series.iter().find(|(n, _)| n == series).map(|(_, p)| p.as_slice())
+        self.series
+            .iter()
+            .find(|(n, _)| n == series)
+            .map(|(_, p)| p.as_slice())
     }
 
     /// Called by evcxr when the plot is the last expression of a cell.
@@ -162,8 +170,10 @@ impl LinePlot {
         );
         for (i, (name, points)) in self.series.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
-            let path: Vec<String> =
-                points.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+            let path: Vec<String> = points
+                .iter()
+                .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+                .collect();
             let _ = writeln!(
                 svg,
                 "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",

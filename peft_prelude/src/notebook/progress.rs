@@ -46,7 +46,11 @@ impl ProgressBar {
                 None => self.metrics.push((name.to_string(), *value)),
             }
         }
-        let interval = if in_kernel() { Duration::from_millis(100) } else { Duration::from_secs(5) };
+        let interval = if in_kernel() {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(5)
+        };
         let done = self.position >= self.total;
         if done || self.last_draw.is_none_or(|t| t.elapsed() >= interval) {
             self.draw();

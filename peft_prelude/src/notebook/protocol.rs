@@ -81,9 +81,18 @@ mod tests {
         data.insert("text/plain".into(), "a\nb".into());
         data.insert("image/svg+xml".into(), "<svg>\n</svg>".into());
         for record in [
-            Record::Display { id: "x".into(), data: data.clone() },
-            Record::Update { id: "x".into(), data },
-            Record::Stream { name: "stdout".into(), text: "tok\n".into() },
+            Record::Display {
+                id: "x".into(),
+                data: data.clone(),
+            },
+            Record::Update {
+                id: "x".into(),
+                data,
+            },
+            Record::Stream {
+                name: "stdout".into(),
+                text: "tok\n".into(),
+            },
             Record::Clear { wait: true },
         ] {
             let line = record.encode();
@@ -95,7 +104,10 @@ mod tests {
 
     #[test]
     fn encoding_is_stable() {
-        let record = Record::Stream { name: "stdout".into(), text: "hi".into() };
+        let record = Record::Stream {
+            name: "stdout".into(),
+            text: "hi".into(),
+        };
         assert_eq!(
             record.encode(),
             "\u{1e}peft-kernel {\"op\":\"stream\",\"name\":\"stdout\",\"text\":\"hi\"}\n"

@@ -14,7 +14,10 @@ pub fn print_stream(text: &str) {
         return;
     }
     if in_kernel() {
-        emit(&Record::Stream { name: "stdout".into(), text: text.into() });
+        emit(&Record::Stream {
+            name: "stdout".into(),
+            text: text.into(),
+        });
     } else {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(text.as_bytes());

@@ -4,9 +4,10 @@
 //! variables `messages`, `add_generation_prompt`, `tools`, `documents` and the special
 //! tokens, plus the functions `raise_exception` and `strftime_now`. Templates also call
 //! Python methods on values (`content.strip()`, `message.get('x')`); the common ones are
-//! provided here through minijinja's unknown-method hook.
+//! provided here through minijinja's unknown-method hook. `tojson` is Python's
+//! `json.dumps` (`", "` / `": "` separators, no HTML escaping), not minijinja's own.
 
-use minijinja::value::{Value, ValueKind};
+use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, ErrorKind, State};
 
 use super::ChatMessage;
@@ -26,6 +27,7 @@ pub(super) fn render(template: &str, ctx: &Context<'_>) -> Result<String> {
     env.set_lstrip_blocks(true);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
+    env.add_filter("tojson", tojson);
     env.set_unknown_method_callback(python_method);
     let template = env
         .template_from_named_str("chat_template", template)
@@ -67,6 +69,151 @@ fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Err
         ErrorKind::InvalidOperation,
         format!("the template raised an exception: {message}"),
     ))
+}
+
+/// `transformers`' `tojson` filter: `json.dumps(x, ensure_ascii=False, indent=None,
+/// separators=None, sort_keys=False)`, with the same keyword arguments (`indent` may also
+/// be passed positionally, as in Jinja2).
+fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> MethodResult {
+    let indent = match kwargs.get::<Option<Value>>("indent")?.or(indent) {
+        None => None,
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) => Some(match (v.as_i64(), v.as_str()) {
+            (Some(n), _) => " ".repeat(usize::try_from(n).unwrap_or(0)),
+            (None, Some(s)) => s.to_owned(),
+            _ => return Err(bad_args("tojson", "an integer or string `indent`")),
+        }),
+    };
+    let (item_sep, key_sep) = match kwargs.get::<Option<Vec<String>>>("separators")? {
+        Some(seps) => match <[String; 2]>::try_from(seps) {
+            Ok([item, key]) => (item, key),
+            Err(_) => return Err(bad_args("tojson", "`separators` = (item, key)")),
+        },
+        // Python drops the space after "," when indenting.
+        None if indent.is_some() => (",".to_owned(), ": ".to_owned()),
+        None => (", ".to_owned(), ": ".to_owned()),
+    };
+    let style = JsonStyle {
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+    };
+    kwargs.assert_all_used()?;
+    let mut out = String::new();
+    write_json(&mut out, value, &style, 0)?;
+    Ok(Value::from(out))
+}
+
+struct JsonStyle {
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+fn write_json_string(out: &mut String, s: &str, ensure_ascii: bool) {
+    let quoted = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned());
+    if !ensure_ascii {
+        out.push_str(&quoted);
+        return;
+    }
+    for c in quoted.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+}
+
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    style: &JsonStyle,
+    depth: usize,
+) -> std::result::Result<(), minijinja::Error> {
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(indent) = &style.indent {
+            out.push('\n');
+            for _ in 0..depth {
+                out.push_str(indent);
+            }
+        }
+    };
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+        ValueKind::Number => {
+            let number = serde_json::to_value(value).map_err(|e| {
+                minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}"))
+            })?;
+            match number.as_f64() {
+                // Python writes floats with a fractional part (`1.0`), ints without.
+                Some(f) if number.is_f64() && f.is_finite() => out.push_str(&format!("{f:?}")),
+                Some(f) if number.is_f64() => out.push_str(if f.is_nan() {
+                    "NaN"
+                } else if f > 0.0 {
+                    "Infinity"
+                } else {
+                    "-Infinity"
+                }),
+                _ => out.push_str(&number.to_string()),
+            }
+        }
+        ValueKind::String => {
+            write_json_string(out, value.as_str().unwrap_or_default(), style.ensure_ascii)
+        }
+        ValueKind::Map => {
+            let mut keys: Vec<Value> = value.try_iter()?.collect();
+            if style.sort_keys {
+                keys.sort();
+            }
+            if keys.is_empty() {
+                out.push_str("{}");
+                return Ok(());
+            }
+            out.push('{');
+            for (i, key) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&style.item_sep);
+                }
+                newline(out, depth + 1);
+                match key.as_str() {
+                    Some(k) => write_json_string(out, k, style.ensure_ascii),
+                    None => write_json_string(out, &key.to_string(), style.ensure_ascii),
+                }
+                out.push_str(&style.key_sep);
+                write_json(out, &value.get_item(key)?, style, depth + 1)?;
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = value.try_iter()?.collect();
+            if items.is_empty() {
+                out.push_str("[]");
+                return Ok(());
+            }
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&style.item_sep);
+                }
+                newline(out, depth + 1);
+                write_json(out, item, style, depth + 1)?;
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        _ => write_json_string(out, &value.to_string(), style.ensure_ascii),
+    }
+    Ok(())
 }
 
 /// `strftime_now(format)` in UTC, with the common `strftime` directives.
@@ -497,6 +644,21 @@ mod tests {
         let t = "{% if tools is not none %}TOOLS{% endif %}\n  {% for m in messages %}\n[{{ m.content }}]\n{% endfor %}\n{{ bos_token }}{{ eos_token }}";
         let out = render_str(t, &[ChatMessage::user("a"), ChatMessage::user("b")]).unwrap();
         assert_eq!(out, "[a]\n[b]\n<s></s>");
+    }
+
+    #[test]
+    fn chat_template_tojson_is_python_json_dumps() {
+        let messages = [ChatMessage::new("user", "<b>é\n\"</b>")];
+        // Single-key maps only: key order depends on minijinja's `preserve_order` feature.
+        let t = "{{ messages[0].content|tojson }}|{{ {'b': [1, 2.5, none, true, {}]}|tojson(indent=2) }}|\
+                 {{ messages[0].content|tojson(ensure_ascii=true) }}|{{ [1, []]|tojson(2) }}|\
+                 {{ {'x': [1, 2]}|tojson(separators=(',', ':')) }}|{{ {'x': 1}|tojson }}";
+        assert_eq!(
+            render_str(t, &messages).unwrap(),
+            "\"<b>é\\n\\\"</b>\"|\
+             {\n  \"b\": [\n    1,\n    2.5,\n    null,\n    true,\n    {}\n  ]\n}|\
+             \"<b>\\u00e9\\n\\\"</b>\"|[\n  1,\n  []\n]|{\"x\":[1,2]}|{\"x\": 1}"
+        );
     }
 
     #[test]

@@ -1,0 +1,144 @@
+//! Bottleneck adapters (Houlsby, Pfeiffer, parallel) as block adapters of the decoder:
+//! sequential `y = out + s · up(act(down(out)))`, parallel `y = out + s · up(act(down(in)))`.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor, Var};
+
+use super::prompt::TrainableLinear;
+use super::switch::AdapterSwitch;
+use crate::error::{Error, Result};
+use crate::model::decoder::BlockAdapter;
+use crate::rng::Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NonLinearity {
+    Relu,
+    Swish,
+    Gelu,
+    Tanh,
+}
+
+impl NonLinearity {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "relu" => NonLinearity::Relu,
+            "swish" | "silu" => NonLinearity::Swish,
+            "gelu" | "gelu_new" => NonLinearity::Gelu,
+            "tanh" => NonLinearity::Tanh,
+            other => {
+                return Err(Error::Config(format!(
+                    "bottleneck non_linearity `{other}` (supported: relu, swish, gelu, tanh)"
+                )))
+            }
+        })
+    }
+
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            NonLinearity::Relu => x.relu()?,
+            NonLinearity::Swish => x.silu()?,
+            NonLinearity::Gelu => x.gelu_erf()?,
+            NonLinearity::Tanh => x.tanh()?,
+        })
+    }
+}
+
+/// One adapter's down/up projections.
+#[derive(Debug, Clone)]
+pub struct Bottleneck {
+    pub down: TrainableLinear,
+    pub up: TrainableLinear,
+}
+
+/// The adapters of one block position (after attention or after the MLP), by adapter name.
+#[derive(Debug)]
+pub struct BottleneckBlock {
+    adapters: BTreeMap<String, (Bottleneck, NonLinearity, f64, bool)>,
+    switch: AdapterSwitch,
+}
+
+impl BottleneckBlock {
+    pub fn new(switch: AdapterSwitch) -> Self {
+        BottleneckBlock {
+            adapters: BTreeMap::new(),
+            switch,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_adapter(
+        &mut self,
+        name: &str,
+        hidden: usize,
+        width: usize,
+        act: NonLinearity,
+        scaling: f64,
+        parallel: bool,
+        init: &str,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<()> {
+        let mut down = TrainableLinear::new(hidden, width, rng, device)?;
+        let mut up = TrainableLinear::new(width, hidden, rng, device)?;
+        match init {
+            // AdapterHub's "bert": N(0, 0.01²) weights, zero biases: close to identity.
+            "bert" => {
+                for l in [&mut down, &mut up] {
+                    let (o, i) = l.weight.dims2()?;
+                    l.weight = Var::from_tensor(&Tensor::from_vec(rng.normal(o * i, 0.0, 0.01), (o, i), device)?)?;
+                    l.bias = Var::zeros(o, candle_core::DType::F32, device)?;
+                }
+            }
+            // "mam_adapter" (and Houlsby's zero-start): Kaiming down, zero up: exactly identity.
+            "mam_adapter" | "houlsby" => {
+                let (o, i) = up.weight.dims2()?;
+                up.weight = Var::zeros((o, i), candle_core::DType::F32, device)?;
+                up.bias = Var::zeros(o, candle_core::DType::F32, device)?;
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "bottleneck init_weights `{other}` (supported: bert, mam_adapter, houlsby)"
+                )))
+            }
+        }
+        self.adapters.insert(name.to_string(), (Bottleneck { down, up }, act, scaling, parallel));
+        Ok(())
+    }
+
+    pub fn adapter(&self, name: &str) -> Option<&Bottleneck> {
+        self.adapters.get(name).map(|a| &a.0)
+    }
+
+    pub fn remove_adapter(&mut self, name: &str) {
+        self.adapters.remove(name);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.adapters.is_empty()
+    }
+}
+
+impl BlockAdapter for BottleneckBlock {
+    fn forward(&self, input: &Tensor, output: &Tensor) -> Result<Tensor> {
+        let Some((active, _)) = self.switch.acting() else {
+            return Ok(output.clone());
+        };
+        let Some((b, act, scaling, parallel)) = self.adapters.get(&active) else {
+            return Ok(output.clone());
+        };
+        let source = if *parallel { input } else { output };
+        let h = act.apply(&b.down.forward(source)?)?;
+        let delta = (b.up.forward(&h)? * *scaling)?;
+        Ok((output + delta.to_dtype(output.dtype())?)?)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

@@ -1,0 +1,155 @@
+//! IA³: learned vectors that rescale a frozen projection's output (`y = W x ⊙ l`) or, for
+//! feed-forward modules, its input (`y = W (x ⊙ l)`).
+
+use std::any::Any;
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor, Var};
+
+use super::switch::AdapterSwitch;
+use crate::error::{Error, Result};
+use crate::model::{FrozenLinear, Linear};
+
+#[derive(Debug)]
+pub struct Ia3Linear {
+    base: Box<dyn Linear>,
+    /// `ia3_l`: `[out, 1]` (output scaling) or `[1, in]` (feed-forward, input scaling).
+    adapters: BTreeMap<String, Var>,
+    feedforward: bool,
+    switch: AdapterSwitch,
+    merged: Option<String>,
+}
+
+impl Ia3Linear {
+    pub fn new(base: Box<dyn Linear>, feedforward: bool, switch: AdapterSwitch) -> Self {
+        Ia3Linear {
+            base,
+            adapters: BTreeMap::new(),
+            feedforward,
+            switch,
+            merged: None,
+        }
+    }
+
+    pub fn is_feedforward(&self) -> bool {
+        self.feedforward
+    }
+
+    /// The shape PEFT gives `ia3_l` for this layer.
+    pub fn vector_shape(&self) -> (usize, usize) {
+        if self.feedforward {
+            (1, self.base.in_features())
+        } else {
+            (self.base.out_features(), 1)
+        }
+    }
+
+    /// Adds an adapter initialised to ones (a no-op).
+    pub fn add_adapter(&mut self, name: &str) -> Result<()> {
+        let device = self.base.base().weight().device().clone();
+        let l = Var::ones(self.vector_shape(), DType::F32, &device)?;
+        self.adapters.insert(name.to_string(), l);
+        Ok(())
+    }
+
+    pub fn adapters(&self) -> &BTreeMap<String, Var> {
+        &self.adapters
+    }
+
+    pub fn remove_adapter(&mut self, name: &str) -> Option<Var> {
+        self.adapters.remove(name)
+    }
+
+    pub fn into_base(self) -> Box<dyn Linear> {
+        self.base
+    }
+
+    /// The vector as a broadcastable row over the scaled dimension of W: `[out, 1]` scales
+    /// rows, `[1, in]` scales columns — exactly its saved shape.
+    fn scale_weight(&mut self, name: &str, invert: bool) -> Result<()> {
+        let l = self
+            .adapters
+            .get(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("no IA3 adapter named `{name}`")))?
+            .as_tensor()
+            .detach();
+        let w = self.base.base().weight().clone();
+        let l = l.to_dtype(DType::F32)?;
+        let w32 = w.to_dtype(DType::F32)?;
+        let new_w = if invert {
+            w32.broadcast_div(&(l + 1e-8)?)?
+        } else {
+            w32.broadcast_mul(&l)?
+        };
+        self.base.base_mut().set_weight(new_w.to_dtype(w.dtype())?)
+    }
+
+    pub fn merge(&mut self, name: &str) -> Result<()> {
+        if self.merged.is_some() {
+            return Err(Error::InvalidArgument("an adapter is already merged; unmerge it first".into()));
+        }
+        self.scale_weight(name, false)?;
+        self.merged = Some(name.to_string());
+        Ok(())
+    }
+
+    pub fn unmerge(&mut self) -> Result<()> {
+        if let Some(name) = self.merged.take() {
+            self.scale_weight(&name, true)?;
+        }
+        Ok(())
+    }
+
+    pub fn merged_adapter(&self) -> Option<&str> {
+        self.merged.as_deref()
+    }
+}
+
+impl Linear for Ia3Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let acting = self
+            .switch
+            .acting()
+            .filter(|(name, _)| self.merged.as_deref() != Some(name.as_str()))
+            .and_then(|(name, _)| self.adapters.get(&name));
+        let Some(l) = acting else {
+            return self.base.forward(x);
+        };
+        if self.feedforward {
+            let l = l.as_tensor().squeeze(0)?.to_dtype(x.dtype())?;
+            self.base.forward(&x.broadcast_mul(&l)?)
+        } else {
+            let y = self.base.forward(x)?;
+            let l = l.as_tensor().squeeze(1)?.to_dtype(y.dtype())?;
+            Ok(y.broadcast_mul(&l)?)
+        }
+    }
+
+    fn in_features(&self) -> usize {
+        self.base.in_features()
+    }
+
+    fn out_features(&self) -> usize {
+        self.base.out_features()
+    }
+
+    fn base(&self) -> &FrozenLinear {
+        self.base.base()
+    }
+
+    fn base_mut(&mut self) -> &mut FrozenLinear {
+        self.base.base_mut()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}

@@ -1,0 +1,268 @@
+//! LoRA (with rsLoRA scaling and DoRA) on a frozen base projection:
+//! `y = W x + s · B (A dropout(x))`, DoRA: `y = m / ‖W + s·B A‖_row ⊙ (W x + s · B A x)`.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use super::switch::AdapterSwitch;
+use crate::error::{Error, Result};
+use crate::model::{FrozenLinear, Linear};
+use crate::rng::Rng;
+
+/// One named LoRA adapter's parameters.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// `[r, in]`
+    pub a: Var,
+    /// `[out, r]`
+    pub b: Var,
+    pub scaling: f64,
+    pub dropout: f64,
+    /// DoRA magnitude `[out]`.
+    pub magnitude: Option<Var>,
+}
+
+impl LoraAdapter {
+    pub fn rank(&self) -> usize {
+        self.a.dim(0).unwrap_or(0)
+    }
+
+    /// `s · B A` as `[out, in]`, in `dtype`.
+    pub fn delta_weight(&self, dtype: DType) -> Result<Tensor> {
+        let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?;
+        Ok(delta.to_dtype(dtype)?.detach())
+    }
+}
+
+/// How to initialise A and B (`init_lora_weights`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoraInitKind {
+    /// Kaiming-uniform A, zero B: the adapter starts as a no-op.
+    Default,
+    /// A ~ N(0, 1/r²), zero B.
+    Gaussian,
+    /// Both random (nn.Linear's default), for tests.
+    Random,
+}
+
+/// A projection with LoRA adapters around a frozen base.
+#[derive(Debug)]
+pub struct LoraLinear {
+    base: Box<dyn Linear>,
+    adapters: BTreeMap<String, LoraAdapter>,
+    switch: AdapterSwitch,
+    /// Adapter merged into the base weight, with what is needed to unmerge it
+    /// (for DoRA the row norms used at merge time).
+    merged: Option<(String, Option<Tensor>)>,
+}
+
+impl LoraLinear {
+    pub fn new(base: Box<dyn Linear>, switch: AdapterSwitch) -> Self {
+        LoraLinear {
+            base,
+            adapters: BTreeMap::new(),
+            switch,
+            merged: None,
+        }
+    }
+
+    /// Adds a freshly initialised adapter.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_adapter(
+        &mut self,
+        name: &str,
+        r: usize,
+        scaling: f64,
+        dropout: f64,
+        use_dora: bool,
+        init: LoraInitKind,
+        rng: &mut Rng,
+    ) -> Result<()> {
+        if r == 0 {
+            return Err(Error::Config("LoRA rank r must be positive".into()));
+        }
+        let (out_f, in_f) = (self.base.out_features(), self.base.in_features());
+        let device = self.base.base().weight().device().clone();
+        let bound_a = 1.0 / (in_f as f64).sqrt();
+        let a = match init {
+            LoraInitKind::Gaussian => rng.normal(r * in_f, 0.0, 1.0 / r as f64),
+            _ => rng.uniform(r * in_f, -bound_a, bound_a),
+        };
+        let b = match init {
+            LoraInitKind::Random => {
+                let bound_b = 1.0 / (r as f64).sqrt();
+                rng.uniform(out_f * r, -bound_b, bound_b)
+            }
+            _ => vec![0.0; out_f * r],
+        };
+        let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_f), &device)?)?;
+        let b = Var::from_tensor(&Tensor::from_vec(b, (out_f, r), &device)?)?;
+        let mut adapter = LoraAdapter {
+            a,
+            b,
+            scaling,
+            dropout,
+            magnitude: None,
+        };
+        if use_dora {
+            // PEFT initialises the magnitude to the row norms of W + s·B A.
+            let norms = self.row_norms(&adapter)?;
+            adapter.magnitude = Some(Var::from_tensor(&norms)?);
+        }
+        self.adapters.insert(name.to_string(), adapter);
+        Ok(())
+    }
+
+    pub fn adapters(&self) -> &BTreeMap<String, LoraAdapter> {
+        &self.adapters
+    }
+
+    pub fn adapter_mut(&mut self, name: &str) -> Option<&mut LoraAdapter> {
+        self.adapters.get_mut(name)
+    }
+
+    pub fn remove_adapter(&mut self, name: &str) -> Option<LoraAdapter> {
+        self.adapters.remove(name)
+    }
+
+    pub fn into_base(self) -> Box<dyn Linear> {
+        self.base
+    }
+
+    /// `‖W + s·B A‖` per output row (detached: PEFT's DoRA treats the norm as a constant).
+    fn row_norms(&self, adapter: &LoraAdapter) -> Result<Tensor> {
+        let w = self.base.base().weight().to_dtype(DType::F32)?;
+        let merged = (w + adapter.delta_weight(DType::F32)?)?;
+        Ok(merged.sqr()?.sum(D::Minus1)?.sqrt()?.detach())
+    }
+
+    /// Adds the adapter's delta to the base weight (`merge`); the adapter stops acting
+    /// separately until [`unmerge`](Self::unmerge).
+    pub fn merge(&mut self, name: &str) -> Result<()> {
+        if self.merged.is_some() {
+            return Err(Error::InvalidArgument("an adapter is already merged; unmerge it first".into()));
+        }
+        let adapter = self
+            .adapters
+            .get(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("no LoRA adapter named `{name}`")))?
+            .clone();
+        let w = self.base.base().weight().clone();
+        let dtype = w.dtype();
+        let merged_w = (w.to_dtype(DType::F32)? + adapter.delta_weight(DType::F32)?)?;
+        let (new_w, norms) = match &adapter.magnitude {
+            None => (merged_w, None),
+            Some(m) => {
+                let norms = merged_w.sqr()?.sum(D::Minus1)?.sqrt()?;
+                let scale = (m.as_tensor().detach() / &norms)?;
+                (merged_w.broadcast_mul(&scale.unsqueeze(1)?)?, Some(norms))
+            }
+        };
+        self.base.base_mut().set_weight(new_w.to_dtype(dtype)?)?;
+        self.merged = Some((name.to_string(), norms));
+        Ok(())
+    }
+
+    /// Subtracts a merged adapter from the base weight again.
+    pub fn unmerge(&mut self) -> Result<()> {
+        let Some((name, norms)) = self.merged.take() else {
+            return Ok(());
+        };
+        let adapter = self.adapters[&name].clone();
+        let w = self.base.base().weight().clone();
+        let dtype = w.dtype();
+        let mut w32 = w.to_dtype(DType::F32)?;
+        if let (Some(m), Some(norms)) = (&adapter.magnitude, norms) {
+            let scale = (m.as_tensor().detach() / norms)?;
+            w32 = w32.broadcast_div(&scale.unsqueeze(1)?)?;
+        }
+        let original = (w32 - adapter.delta_weight(DType::F32)?)?;
+        self.base.base_mut().set_weight(original.to_dtype(dtype)?)?;
+        Ok(())
+    }
+
+    pub fn merged_adapter(&self) -> Option<&str> {
+        self.merged.as_ref().map(|(n, _)| n.as_str())
+    }
+
+    pub fn device(&self) -> Device {
+        self.base.base().weight().device().clone()
+    }
+}
+
+/// `x [.., in] · Wᵀ` for a trainable `W [out, in]` (gradients for both).
+fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let in_f = x.dim(D::Minus1)?;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+    Ok(x.reshape(((), in_f))?.matmul(&w.t()?)?.reshape(dims)?)
+}
+
+impl Linear for LoraLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        let Some((active, training)) = self.switch.acting() else {
+            return Ok(y);
+        };
+        if self.merged_adapter() == Some(active.as_str()) {
+            return Ok(y);
+        }
+        let Some(ad) = self.adapters.get(&active) else {
+            return Ok(y);
+        };
+        let x = x.to_dtype(ad.a.dtype())?;
+        let x_in = if training && ad.dropout > 0.0 {
+            candle_nn::ops::dropout(&x, ad.dropout as f32)?
+        } else {
+            x
+        };
+        let lora = (matmul_t(&matmul_t(&x_in, ad.a.as_tensor())?, ad.b.as_tensor())? * ad.scaling)?;
+        let lora = lora.to_dtype(y.dtype())?;
+        match &ad.magnitude {
+            None => Ok((y + lora)?),
+            Some(m) => {
+                // PEFT: result = m / ‖W + s·BA‖ ⊙ (base + lora), the norm detached.
+                let scale = (m.as_tensor() / self.row_norms(ad)?)?.to_dtype(y.dtype())?;
+                let base_no_bias = match self.base.base().bias() {
+                    Some(b) => y.broadcast_sub(b)?,
+                    None => y.clone(),
+                };
+                let scaled = (base_no_bias + lora)?.broadcast_mul(&scale)?;
+                Ok(match self.base.base().bias() {
+                    Some(b) => scaled.broadcast_add(b)?,
+                    None => scaled,
+                })
+            }
+        }
+    }
+
+    fn in_features(&self) -> usize {
+        self.base.in_features()
+    }
+
+    fn out_features(&self) -> usize {
+        self.base.out_features()
+    }
+
+    fn base(&self) -> &FrozenLinear {
+        self.base.base()
+    }
+
+    fn base_mut(&mut self) -> &mut FrozenLinear {
+        self.base.base_mut()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}

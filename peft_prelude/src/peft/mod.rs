@@ -1,0 +1,21 @@
+//! Parameter-efficient fine-tuning methods in the Hugging Face PEFT format: LoRA (rsLoRA,
+//! DoRA), IA³, prompt tuning, P-tuning, prefix tuning, and bottleneck adapters.
+//!
+//! Methods are applied by module path (see [`crate::model::Model::linear_paths`]); the same
+//! paths name the saved tensors, so saving, loading and merging are walks over one map.
+
+pub mod bottleneck;
+pub mod config;
+pub mod ia3;
+pub mod io;
+pub mod lora;
+pub mod model;
+pub mod prompt;
+pub mod switch;
+pub mod targets;
+
+pub use config::{
+    BottleneckConfig, Ia3Config, LoraConfig, LoraInit, PeftConfig, PrefixTuningConfig,
+    PromptEncoderConfig, PromptTuningConfig, TargetModules,
+};
+pub use model::{get_peft_model, PeftModel};

@@ -1,0 +1,282 @@
+//! Prompt-learning methods: virtual tokens in front of the input (prompt tuning, P-tuning)
+//! or learned key/value prefixes in every attention layer (prefix tuning).
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use crate::error::{Error, Result};
+use crate::model::{KvCache, Model};
+use crate::rng::Rng;
+
+/// A trainable dense layer `y = x Wᵀ + b` (PyTorch `nn.Linear` init).
+#[derive(Debug, Clone)]
+pub struct TrainableLinear {
+    pub weight: Var,
+    pub bias: Var,
+}
+
+impl TrainableLinear {
+    pub fn new(in_f: usize, out_f: usize, rng: &mut Rng, device: &Device) -> Result<Self> {
+        let bound = 1.0 / (in_f as f64).sqrt();
+        Ok(TrainableLinear {
+            weight: Var::from_tensor(&Tensor::from_vec(rng.uniform(out_f * in_f, -bound, bound), (out_f, in_f), device)?)?,
+            bias: Var::from_tensor(&Tensor::from_vec(rng.uniform(out_f, -bound, bound), out_f, device)?)?,
+        })
+    }
+
+    /// `x: [.., in]` → `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let in_f = x.dim(D::Minus1)?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        let x = x.to_dtype(self.weight.dtype())?.reshape(((), in_f))?;
+        Ok(x.matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?
+            .reshape(dims)?)
+    }
+
+    fn named(&self, prefix: &str) -> Vec<(String, Var)> {
+        vec![
+            (format!("{prefix}.weight"), self.weight.clone()),
+            (format!("{prefix}.bias"), self.bias.clone()),
+        ]
+    }
+}
+
+/// One LSTM layer direction's parameters (PyTorch's layout: gates i, f, g, o stacked).
+#[derive(Debug, Clone)]
+pub struct LstmCell {
+    w_ih: Var,
+    w_hh: Var,
+    b_ih: Var,
+    b_hh: Var,
+}
+
+impl LstmCell {
+    fn new(input: usize, hidden: usize, rng: &mut Rng, device: &Device) -> Result<Self> {
+        let bound = 1.0 / (hidden as f64).sqrt();
+        let mut v = |rows: usize, cols: usize| -> Result<Var> {
+            let shape: Vec<usize> = if cols == 0 { vec![rows] } else { vec![rows, cols] };
+            let n = rows * cols.max(1);
+            Ok(Var::from_tensor(&Tensor::from_vec(rng.uniform(n, -bound, bound), shape, device)?)?)
+        };
+        Ok(LstmCell {
+            w_ih: v(4 * hidden, input)?,
+            w_hh: v(4 * hidden, hidden)?,
+            b_ih: v(4 * hidden, 0)?,
+            b_hh: v(4 * hidden, 0)?,
+        })
+    }
+
+    /// Runs over `x: [steps, input]` in the given order; returns `[steps, hidden]` in input order.
+    fn run(&self, x: &Tensor, reverse: bool) -> Result<Tensor> {
+        let steps = x.dim(0)?;
+        let hidden = self.w_hh.dim(1)?;
+        let device = x.device();
+        let mut h = Tensor::zeros((1, hidden), x.dtype(), device)?;
+        let mut c = Tensor::zeros((1, hidden), x.dtype(), device)?;
+        let pre = x
+            .matmul(&self.w_ih.as_tensor().t()?)?
+            .broadcast_add(self.b_ih.as_tensor())?
+            .broadcast_add(self.b_hh.as_tensor())?;
+        let mut outs = vec![None; steps];
+        let order: Vec<usize> = if reverse { (0..steps).rev().collect() } else { (0..steps).collect() };
+        for t in order {
+            let gates = (pre.narrow(0, t, 1)? + h.matmul(&self.w_hh.as_tensor().t()?)?)?;
+            let i = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hidden)?)?;
+            let f = candle_nn::ops::sigmoid(&gates.narrow(1, hidden, hidden)?)?;
+            let g = gates.narrow(1, 2 * hidden, hidden)?.tanh()?;
+            let o = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * hidden, hidden)?)?;
+            c = ((f * &c)? + (i * g)?)?;
+            h = (o * c.tanh()?)?;
+            outs[t] = Some(h.clone());
+        }
+        let outs: Vec<Tensor> = outs.into_iter().map(|o| o.expect("every step ran")).collect();
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+}
+
+/// P-tuning's prompt encoder.
+#[derive(Debug, Clone)]
+pub enum PromptEncoder {
+    /// `Linear(d, h) → ReLU → Linear(h, h) → ReLU → Linear(h, d)`
+    Mlp([TrainableLinear; 3]),
+    /// Bidirectional LSTM(d, h, layers), then `Linear(2h, 2h) → ReLU → Linear(2h, d)`.
+    Lstm {
+        layers: Vec<(LstmCell, LstmCell)>,
+        head: [TrainableLinear; 2],
+    },
+}
+
+impl PromptEncoder {
+    pub fn mlp(dim: usize, hidden: usize, rng: &mut Rng, device: &Device) -> Result<Self> {
+        Ok(PromptEncoder::Mlp([
+            TrainableLinear::new(dim, hidden, rng, device)?,
+            TrainableLinear::new(hidden, hidden, rng, device)?,
+            TrainableLinear::new(hidden, dim, rng, device)?,
+        ]))
+    }
+
+    pub fn lstm(dim: usize, hidden: usize, num_layers: usize, rng: &mut Rng, device: &Device) -> Result<Self> {
+        let mut layers = vec![];
+        for l in 0..num_layers.max(1) {
+            let input = if l == 0 { dim } else { 2 * hidden };
+            layers.push((LstmCell::new(input, hidden, rng, device)?, LstmCell::new(input, hidden, rng, device)?));
+        }
+        Ok(PromptEncoder::Lstm {
+            layers,
+            head: [
+                TrainableLinear::new(2 * hidden, 2 * hidden, rng, device)?,
+                TrainableLinear::new(2 * hidden, dim, rng, device)?,
+            ],
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            PromptEncoder::Mlp([a, b, c]) => c.forward(&b.forward(&a.forward(x)?.relu()?)?.relu()?),
+            PromptEncoder::Lstm { layers, head } => {
+                let mut h = x.clone();
+                for (fwd, bwd) in layers {
+                    h = Tensor::cat(&[&fwd.run(&h, false)?, &bwd.run(&h, true)?], D::Minus1)?;
+                }
+                head[1].forward(&head[0].forward(&h)?.relu()?)
+            }
+        }
+    }
+
+    /// Parameters under PEFT's module names (`mlp_head.0.weight`, `lstm_head.weight_ih_l0`, …).
+    fn named(&self, prefix: &str) -> Vec<(String, Var)> {
+        match self {
+            PromptEncoder::Mlp(ls) => ls
+                .iter()
+                .zip([0, 2, 4])
+                .flat_map(|(l, i)| l.named(&format!("{prefix}.mlp_head.{i}")))
+                .collect(),
+            PromptEncoder::Lstm { layers, head } => {
+                let mut v = vec![];
+                for (l, (f, b)) in layers.iter().enumerate() {
+                    for (cell, suffix) in [(f, ""), (b, "_reverse")] {
+                        for (name, var) in [
+                            ("weight_ih", &cell.w_ih),
+                            ("weight_hh", &cell.w_hh),
+                            ("bias_ih", &cell.b_ih),
+                            ("bias_hh", &cell.b_hh),
+                        ] {
+                            v.push((format!("{prefix}.lstm_head.{name}_l{l}{suffix}"), var.clone()));
+                        }
+                    }
+                }
+                v.extend(head[0].named(&format!("{prefix}.mlp_head.0")));
+                v.extend(head[1].named(&format!("{prefix}.mlp_head.2")));
+                v
+            }
+        }
+    }
+}
+
+/// A prompt-learning adapter's trainable state.
+#[derive(Debug, Clone)]
+pub enum PromptLearning {
+    /// Virtual token embeddings `[n, hidden]`, used as they are.
+    Prompt { embeddings: Var },
+    /// P-tuning: `encoder(embedding)` gives the virtual tokens. After loading a saved
+    /// adapter (which holds only the encoder's output) `encoder` is `None`.
+    Encoded {
+        embedding: Var,
+        encoder: Option<PromptEncoder>,
+    },
+    /// Prefix tuning: `[n, layers · 2 · kv_heads · head_dim]`, optionally through the projection
+    /// `Linear(d, h) → tanh → Linear(h, layers · 2 · d)` from an embedding `[n, d]`.
+    Prefix {
+        embedding: Var,
+        projection: Option<[TrainableLinear; 2]>,
+    },
+}
+
+impl PromptLearning {
+    pub fn num_virtual_tokens(&self) -> usize {
+        match self {
+            PromptLearning::Prompt { embeddings: e }
+            | PromptLearning::Encoded { embedding: e, .. }
+            | PromptLearning::Prefix { embedding: e, .. } => e.dim(0).unwrap_or(0),
+        }
+    }
+
+    /// What PEFT saves as `prompt_embeddings`: the virtual tokens (or prefixes) after any
+    /// encoder or projection.
+    pub fn prompt_embeddings(&self) -> Result<Tensor> {
+        match self {
+            PromptLearning::Prompt { embeddings } => Ok(embeddings.as_tensor().clone()),
+            PromptLearning::Encoded { embedding, encoder } => match encoder {
+                Some(enc) => enc.forward(embedding.as_tensor()),
+                None => Ok(embedding.as_tensor().clone()),
+            },
+            PromptLearning::Prefix { embedding, projection } => match projection {
+                Some([a, b]) => b.forward(&a.forward(embedding.as_tensor())?.tanh()?),
+                None => Ok(embedding.as_tensor().clone()),
+            },
+        }
+    }
+
+    /// Trainable parameters with PEFT's in-memory names.
+    pub fn named_vars(&self, adapter: &str) -> Vec<(String, Var)> {
+        let p = format!("prompt_encoder.{adapter}");
+        match self {
+            PromptLearning::Prompt { embeddings } => vec![(format!("{p}.embedding.weight"), embeddings.clone())],
+            PromptLearning::Encoded { embedding, encoder } => {
+                let mut v = vec![(format!("{p}.embedding.weight"), embedding.clone())];
+                if let Some(enc) = encoder {
+                    v.extend(enc.named(&p));
+                }
+                v
+            }
+            PromptLearning::Prefix { embedding, projection } => {
+                let mut v = vec![(format!("{p}.embedding.weight"), embedding.clone())];
+                if let Some([a, b]) = projection {
+                    v.extend(a.named(&format!("{p}.transform.0")));
+                    v.extend(b.named(&format!("{p}.transform.2")));
+                }
+                v
+            }
+        }
+    }
+
+    /// Replaces the state with saved `prompt_embeddings` (as PEFT does on load: encoders and
+    /// projections are not saved, their output is).
+    pub fn load_prompt_embeddings(&mut self, t: &Tensor) -> Result<()> {
+        let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+        *self = match self {
+            PromptLearning::Prompt { .. } => PromptLearning::Prompt { embeddings: var },
+            PromptLearning::Encoded { .. } => PromptLearning::Encoded { embedding: var, encoder: None },
+            PromptLearning::Prefix { .. } => PromptLearning::Prefix { embedding: var, projection: None },
+        };
+        Ok(())
+    }
+
+    /// For prefix tuning: the per-layer `(key, value)` prefixes `[batch, kv_heads, n, head_dim]`
+    /// in a cache, ready for a forward pass. Layout (PEFT): `[n, 2·layers, kv_heads, head_dim]`,
+    /// index `2l` = layer l's keys, `2l + 1` its values.
+    pub fn prefix_cache(&self, model: &Model, batch: usize) -> Result<KvCache> {
+        let c = model.config();
+        let n = self.num_virtual_tokens();
+        let (layers, kvh, d) = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim);
+        let table = self.prompt_embeddings()?.to_dtype(model.dtype())?;
+        let expected = layers * 2 * kvh * d;
+        if table.dims() != [n, expected] {
+            return Err(Error::InvalidArgument(format!(
+                "prefix has shape {:?}, the model needs [{n}, {expected}] (layers·2·kv_heads·head_dim)",
+                table.dims()
+            )));
+        }
+        let table = table.reshape((n, 2 * layers, kvh, d))?;
+        let mut prefix = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let pick = |i: usize| -> Result<Tensor> {
+                let t = table.narrow(1, i, 1)?.squeeze(1)?.transpose(0, 1)?.unsqueeze(0)?;
+                Ok(t.broadcast_as((batch, kvh, n, d))?.contiguous()?)
+            };
+            prefix.push((pick(2 * l)?, pick(2 * l + 1)?));
+        }
+        KvCache::from_prefix(prefix, c.sliding_window)
+    }
+}

@@ -1,0 +1,111 @@
+"""Executes notebooks/mistral_lora.ipynb with nbclient on the rust-peft kernel, then checks the
+live behaviour: the plot arrives as SVG, display updates arrive while the plot cell runs,
+streamed tokens arrive before the generation cell ends, and an interrupt of a long generation
+returns within 2 s with every earlier variable intact."""
+
+import os
+import sys
+import threading
+import time
+
+import nbformat
+from nbclient import NotebookClient
+
+from kernel_env import KERNEL_NAME, ROOT, check, execute, install_kernelspec
+
+
+class RecordingClient(NotebookClient):
+    """Records every iopub message with its arrival time, per cell."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log = {}
+
+    def process_message(self, msg, cell, cell_index):
+        self.log.setdefault(cell_index, []).append((time.monotonic(), msg))
+        return super().process_message(msg, cell, cell_index)
+
+
+def source(cell):
+    return cell.source if isinstance(cell.source, str) else "".join(cell.source)
+
+
+def main():
+    install_kernelspec()
+    path = os.path.join(ROOT, "notebooks", "mistral_lora.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    client = RecordingClient(nb, kernel_name=KERNEL_NAME, timeout=900, startup_timeout=120)
+    ends = {}
+    with client.setup_kernel():
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            t = time.monotonic()
+            client.execute_cell(cell, index)  # raises CellExecutionError on an error
+            ends[index] = time.monotonic()
+            print(f"cell {index}: ok in {ends[index] - t:.1f} s", flush=True)
+
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        check(any("image/svg+xml" in o.get("data", {}) for o in outputs), "no SVG plot among the outputs")
+        check(any("text/html" in o.get("data", {}) and "<table>" in o["data"]["text/html"] for o in outputs),
+              "no config table")
+
+        plot_cell = next(i for i, c in enumerate(nb.cells) if "LinePlot::new" in source(c))
+        updates = [t for t, m in client.log[plot_cell] if m["msg_type"] == "update_display_data"]
+        check(len(updates) >= 2, f"only {len(updates)} update_display_data in the plot cell")
+        check(min(updates) < ends[plot_cell] - 0.5, "display updates arrived only at the end of the cell")
+        rate = len(updates) / max(ends[plot_cell] - min(updates), 1e-3)
+        print(f"plot cell: {len(updates)} updates ({rate:.1f}/s)")
+
+        gen_cell = next(i for i, c in enumerate(nb.cells) if "TokenStreamer::new" in source(c))
+        streams = [t for t, m in client.log[gen_cell] if m["msg_type"] == "stream"]
+        check(len(streams) >= 3, f"only {len(streams)} stream messages in the generation cell")
+        check(min(streams) < ends[gen_cell] - 0.3, "streamed tokens arrived only at the end of the cell")
+        text = "".join(m["content"]["text"] for _, m in client.log[gen_cell] if m["msg_type"] == "stream")
+        print("generated:", text.strip().replace("\n", " | "))
+
+        # Interrupt a long generation: it stops within 2 s and every variable survives.
+        kc = client.kc
+        first_token = threading.Event()
+
+        def on_msg(msg):
+            if msg["msg_type"] == "stream":
+                first_token.set()
+
+        long_cell = (
+            "let long = GenerationConfig { max_new_tokens: 4000, eos_token_ids: vec![], "
+            "..config.clone() };\n"
+            "let stopped = generate(&pretrained.model, &pretrained.tokenizer, &prompt, &long, "
+            "Some(&mut TokenStreamer::new()))?;\n"
+            "println!(\"stopped after {} tokens: {:?}\", stopped.new_tokens, stopped.finish_reasons);"
+        )
+        result = {}
+
+        def run_long():
+            result["reply"], result["msgs"], result["end"] = execute(kc, long_cell, on_msg=on_msg)
+
+        worker = threading.Thread(target=run_long, daemon=True)
+        worker.start()
+        check(first_token.wait(120), "the long generation produced no token")
+        time.sleep(1.0)
+        t = time.monotonic()
+        client.km.interrupt_kernel()
+        worker.join(30)
+        check("reply" in result, "the interrupted cell did not finish")
+        took = result["end"] - t
+        print(f"interrupt: the cell returned {took:.2f} s after interrupt_request")
+        check(took < 2.0, f"the interrupted cell took {took:.2f} s to return")
+        check(result["reply"]["content"]["status"] == "ok", result["reply"]["content"])
+        printed = "".join(m["content"]["text"] for _, m in result["msgs"] if m["msg_type"] == "stream")
+        check("Stopped" in printed, printed)
+
+        reply, msgs, _ = execute(kc, "(output.new_tokens > 0, stopped.new_tokens > 0, pretrained.model.config().hidden_size)")
+        check(reply["content"]["status"] == "ok", reply["content"])
+        value = next(m["content"]["data"]["text/plain"] for _, m in msgs if m["msg_type"] == "execute_result")
+        check(value.startswith("(true, true, "), value)
+        print("after the interrupt:", value)
+    print("notebook: all checks passed")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

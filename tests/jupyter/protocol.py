@@ -1,0 +1,115 @@
+"""The kernel's Jupyter protocol, through a real jupyter_client: execution with results,
+kernel_info on control, completion while a cell runs, is_complete, comm_info, history, and
+errors (compile error, panic) after which earlier variables still work."""
+
+import threading
+import time
+
+from kernel_env import check, execute, start_kernel
+
+
+def text_result(msgs):
+    for _, m in msgs:
+        if m["msg_type"] == "execute_result":
+            return m["content"]["data"].get("text/plain")
+    return None
+
+
+def main():
+    t0 = time.monotonic()
+    km, kc = start_kernel()
+    print(f"kernel_info after {time.monotonic() - t0:.1f} s")
+    try:
+        # kernel_info on the control channel.
+        msg = kc.session.msg("kernel_info_request")
+        kc.control_channel.send(msg)
+        reply = kc.control_channel.get_msg(timeout=10)
+        check(reply["msg_type"] == "kernel_info_reply", reply)
+        check(reply["content"]["language_info"]["name"] == "rust", reply["content"])
+        check(reply["content"]["language_info"]["pygments_lexer"] == "rust", reply["content"])
+
+        # A first cell (waits for the prelude) and a result.
+        t = time.monotonic()
+        reply, msgs, _ = execute(kc, "let x: u64 = 40 + 2;\nx")
+        print(f"first cell after {time.monotonic() - t:.1f} s")
+        check(reply["content"]["status"] == "ok", reply["content"])
+        check(text_result(msgs) == "42", msgs)
+        check(reply["content"]["execution_count"] == 1, reply["content"])
+
+        # The prelude is in scope without any `use`.
+        reply, msgs, _ = execute(kc, "Table::new([\"a\"]).row([\"1\"]).rows.len()")
+        check(reply["content"]["status"] == "ok", reply["content"])
+        check(text_result(msgs) == "1", msgs)
+
+        # Completion and inspection are answered while a cell runs.
+        done = threading.Event()
+        slow = {}
+
+        def run_slow():
+            slow["reply"], slow["msgs"], slow["end"] = execute(
+                kc, "std::thread::sleep(std::time::Duration::from_secs(4));"
+            )
+            done.set()
+
+        from jupyter_client import BlockingKernelClient
+
+        kc2 = BlockingKernelClient(connection_file=km.connection_file)
+        kc2.load_connection_file()
+        kc2.start_channels()
+        threading.Thread(target=run_slow, daemon=True).start()
+        time.sleep(1.0)
+        t = time.monotonic()
+        reply = kc2.complete("x.pow", 5, reply=True, timeout=10)
+        check(reply["content"]["status"] == "ok", reply["content"])
+        check(not done.is_set(), "the completion waited for the running cell")
+        print(f"complete_reply during a running cell in {time.monotonic() - t:.2f} s")
+        reply = kc2.inspect("x", 1, reply=True, timeout=10)
+        check(reply["content"]["status"] == "ok", reply["content"])
+        # is_complete, comm_info, history.
+        check(kc2.is_complete("fn f() {", reply=True, timeout=10)["content"]["status"] == "incomplete", "is_complete")
+        check(kc2.is_complete("let a = 1;", reply=True, timeout=10)["content"]["status"] == "complete", "is_complete")
+        reply = kc2.comm_info(reply=True, timeout=10)
+        check(reply["content"] == {"status": "ok", "comms": {}}, reply["content"])
+        reply = kc2.history(hist_access_type="tail", n=10, reply=True, timeout=10)
+        inputs = [entry[2] for entry in reply["content"]["history"]]
+        check(any("40 + 2" in i for i in inputs), inputs)
+        check(done.wait(30), "the slow cell did not finish")
+        check(slow["reply"]["content"]["status"] == "ok", slow["reply"]["content"])
+        kc2.stop_channels()
+
+        # Completion with the kernel idle comes from rust-analyzer.
+        reply = kc.complete("x.pow", 5, reply=True, timeout=60)
+        print("completions of x.pow:", reply["content"]["matches"][:5])
+
+        # A compile error: an error reply with rustc's message; earlier variables remain.
+        reply, msgs, _ = execute(kc, 'let y: u32 = "not a number";')
+        check(reply["content"]["status"] == "error", reply["content"])
+        check("mismatched types" in reply["content"]["evalue"], reply["content"])
+        check(any(m["msg_type"] == "error" for _, m in msgs), "no error message on iopub")
+        reply, msgs, _ = execute(kc, "x + 1")
+        check(text_result(msgs) == "43", msgs)
+
+        # A panic: an error reply with the panic message; earlier variables remain.
+        reply, msgs, _ = execute(kc, 'let z = 5;\npanic!("boom {}", x);')
+        check(reply["content"]["status"] == "error", reply["content"])
+        check("boom 42" in reply["content"]["evalue"], reply["content"])
+        reply, msgs, _ = execute(kc, "x * 2")
+        check(reply["content"]["status"] == "ok", reply["content"])
+        check(text_result(msgs) == "84", msgs)
+
+        # Raw stream output without a newline, and a display update.
+        reply, msgs, _ = execute(
+            kc, 'print_stream("no newline");\nlet d = show("first");\nd.update("second");'
+        )
+        check(reply["content"]["status"] == "ok", reply["content"])
+        streams = "".join(m["content"]["text"] for _, m in msgs if m["msg_type"] == "stream")
+        check("no newline" in streams, msgs)
+        check(any(m["msg_type"] == "update_display_data" for _, m in msgs), msgs)
+        print("protocol: all checks passed")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+
+
+if __name__ == "__main__":
+    main()
