@@ -133,9 +133,12 @@ fn prepare(slot: &Slot, workspace_lock: Option<&Path>) -> Result<()> {
         cargo_dir.join("config.toml"),
         "[profile.dev.package.\"*\"]\nopt-level = 3\ndebug-assertions = false\noverflow-checks = false\n",
     )?;
+    // Refreshed whenever the workspace's lock file changes, so the prelude is built against
+    // the same dependency versions as the workspace (and its tests).
     if let Some(lock) = workspace_lock.filter(|l| l.is_file()) {
         let target = build.join("Cargo.lock");
-        if !target.exists() {
+        let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+        if modified(&target).is_none() || modified(lock) > modified(&target) {
             fs::copy(lock, &target).context("copying the workspace Cargo.lock")?;
         }
     }

@@ -2,4 +2,4 @@
 //!
 //! Every op here has a CPU implementation; the CUDA ones live behind the `cuda` feature.
 
-pub mod frozen_linear;
+pub mod frozen;

@@ -500,10 +500,11 @@ impl Model {
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(accumulation_dtype(q.dtype()))?;
         let scores = match mask {
-            Some(m) => scores
-                .reshape((b, kv_heads, groups, t, s))?
-                .broadcast_add(&m.to_dtype(scores.dtype())?.unsqueeze(1)?)?
-                .reshape((b, kv_heads, groups * t, s))?,
+            Some(m) => peft_kernels::frozen::add_const(
+                &scores.reshape((b, kv_heads, groups, t, s))?,
+                &m.to_dtype(scores.dtype())?.unsqueeze(1)?,
+            )?
+            .reshape((b, kv_heads, groups * t, s))?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;

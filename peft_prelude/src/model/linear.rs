@@ -75,7 +75,7 @@ impl Linear for FrozenLinear {
         } else {
             x.to_dtype(self.weight.dtype())?
         };
-        let y = peft_kernels::frozen_linear::frozen_linear(&x, &self.weight)?;
+        let y = peft_kernels::frozen::frozen_linear(&x, &self.weight)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -56,7 +56,9 @@ impl Rope {
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-        Ok((x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?)?)
+        // cos/sin are constants: no gradient is computed for the tables.
+        use peft_kernels::frozen::mul_const;
+        Ok((mul_const(x, &cos)? + mul_const(&rotate_half(x)?, &sin)?)?)
     }
 }
 

@@ -1,9 +1,13 @@
-//! A linear layer over a frozen weight whose backward returns the input gradient only.
+//! Operations between a tracked input and a frozen (constant) operand whose backward returns
+//! the input gradient only.
 //!
-//! candle's `matmul` backward always computes (and stores) a gradient for both operands, even
-//! when the weight is a constant: for a LoRA step that is a third of the backward FLOPs and a
-//! weight-sized buffer per layer. Here the product is computed outside the autograd graph and
-//! re-attached to the input through a custom op whose backward is `dx = dy · W`.
+//! candle's backward computes and stores a gradient for *both* operands of a matmul, a
+//! multiply or an add, even when one is a constant: for a LoRA step that is a third of the
+//! backward FLOPs and a weight-sized buffer per layer. Here the result is computed outside the
+//! autograd graph and re-attached to the input through a custom op with a hand-written
+//! input gradient.
+
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 
@@ -11,11 +15,60 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 ///
 /// `w` must not be a `Var` (it is treated as a constant; no gradient is ever computed for it).
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let y = matmul_t(&x.detach(), w)?.contiguous()?;
+    let y = matmul_t(&x.detach(), w)?;
+    let w = w.clone();
+    reattach(x, y, move |g| {
+        let out_features = g.dim(D::Minus1)?;
+        let in_dims = {
+            let mut d = g.dims().to_vec();
+            *d.last_mut().expect("rank >= 1") = w.dim(1)?;
+            d
+        };
+        g.reshape(((), out_features))?
+            .matmul(&w.to_dtype(g.dtype())?)?
+            .reshape(in_dims)
+    })
+}
+
+/// `x ⊙ c` with `c` broadcast to `x`'s shape (a norm weight, a RoPE table); gradient for `x` only.
+pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let y = x.detach().broadcast_mul(c)?;
+    if y.shape() != x.shape() {
+        // x itself is broadcast: let candle's op reduce the gradient.
+        return x.broadcast_mul(&c.detach());
+    }
+    let c = c.clone();
+    reattach(x, y, move |g| g.broadcast_mul(&c.to_dtype(g.dtype())?))
+}
+
+/// `x + c` with `c` broadcast to `x`'s shape (an attention mask); gradient for `x` only.
+pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let y = x.detach().broadcast_add(c)?;
+    if y.shape() != x.shape() {
+        return x.broadcast_add(&c.detach());
+    }
+    reattach(x, y, |g| Ok(g.clone()))
+}
+
+type InputGrad = dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync;
+
+/// Returns `y` (computed from `x` without a graph) as a function of `x` whose backward is
+/// `input_grad(dy)`.
+pub fn reattach(
+    x: &Tensor,
+    y: Tensor,
+    input_grad: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let y = y.contiguous()?;
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op2_arc(&y, std::sync::Arc::new(Box::new(Reattach { w: w.clone() })))
+    x.apply_op2_arc(
+        &y,
+        Arc::new(Box::new(Reattach {
+            input_grad: Box::new(input_grad),
+        })),
+    )
 }
 
 /// `x · Wᵀ` for any leading batch dims of `x`, as one 2-D matmul.
@@ -27,15 +80,15 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x2.matmul(&w.t()?)?.reshape(out_dims)
 }
 
-/// Forward: returns a copy of the precomputed product (the second argument).
-/// Backward: `dx = dy · W`, nothing for the product (it was computed without a graph).
+/// Forward: returns a copy of the precomputed result (the second argument).
+/// Backward: `input_grad(dy)` for the input, nothing for the result (it has no graph).
 struct Reattach {
-    w: Tensor,
+    input_grad: Box<InputGrad>,
 }
 
 impl CustomOp2 for Reattach {
     fn name(&self) -> &'static str {
-        "frozen-linear"
+        "frozen-operand"
     }
 
     fn cpu_fwd(
@@ -70,9 +123,8 @@ impl CustomOp2 for Reattach {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let out_features = grad_res.dim(D::Minus1)?;
-        let g = grad_res.reshape(((), out_features))?;
-        let dx = g.matmul(&self.w.to_dtype(g.dtype())?)?.reshape(x.shape())?;
+        let dx = (self.input_grad)(grad_res)?;
+        debug_assert_eq!(dx.shape(), x.shape());
         Ok((Some(dx), None))
     }
 }
@@ -81,14 +133,14 @@ fn copy_contiguous(s: &CpuStorage, layout: &Layout) -> Result<CpuStorage> {
     use candle_core::backend::BackendStorage;
     // `frozen_linear` only passes the contiguous output of a matmul.
     let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("frozen-linear: expected a contiguous product")
+        candle_core::bail!("frozen-operand: expected a contiguous result")
     };
     Ok(match s {
         CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
         CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
         CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
         CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
-        other => candle_core::bail!("frozen-linear: unsupported dtype {:?}", other.dtype()),
+        other => candle_core::bail!("frozen-operand: unsupported dtype {:?}", other.dtype()),
     })
 }
 
@@ -115,6 +167,24 @@ mod tests {
         let diff = (dx - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "dx differs by {diff}");
         assert!(grads.get(&w).is_none(), "no gradient for the frozen weight");
+        Ok(())
+    }
+
+    #[test]
+    fn const_ops_give_the_input_gradient_and_nothing_else() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (2, 3, 4), &dev)?;
+        let w = Tensor::randn(0f32, 1., 4, &dev)?;
+        let m = Tensor::randn(0f32, 1., (3, 4), &dev)?;
+        let y = add_const(&mul_const(x.as_tensor(), &w)?, &m)?;
+        let reference = x.as_tensor().broadcast_mul(&w)?.broadcast_add(&m)?;
+        assert_eq!((&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        let c = Tensor::randn(0f32, 1., (2, 3, 4), &dev)?;
+        let grads = mul_const(&y, &c)?.sum_all()?.backward()?;
+        let dx = grads.get(x.as_tensor()).expect("gradient reaches x");
+        let diff = (dx - c.broadcast_mul(&w)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        assert_eq!(grads.get_ids().count(), 1, "only x has a gradient");
         Ok(())
     }
 
