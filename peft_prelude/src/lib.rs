@@ -17,5 +17,6 @@ pub mod peft;
 pub mod prelude;
 pub mod rng;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

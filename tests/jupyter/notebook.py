@@ -19,10 +19,10 @@ class RecordingClient(NotebookClient):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.log = {}
+        self.messages = {}
 
     def process_message(self, msg, cell, cell_index):
-        self.log.setdefault(cell_index, []).append((time.monotonic(), msg))
+        self.messages.setdefault(cell_index, []).append((time.monotonic(), msg))
         return super().process_message(msg, cell, cell_index)
 
 
@@ -51,17 +51,17 @@ def main():
               "no config table")
 
         plot_cell = next(i for i, c in enumerate(nb.cells) if "LinePlot::new" in source(c))
-        updates = [t for t, m in client.log[plot_cell] if m["msg_type"] == "update_display_data"]
+        updates = [t for t, m in client.messages[plot_cell] if m["msg_type"] == "update_display_data"]
         check(len(updates) >= 2, f"only {len(updates)} update_display_data in the plot cell")
         check(min(updates) < ends[plot_cell] - 0.5, "display updates arrived only at the end of the cell")
         rate = len(updates) / max(ends[plot_cell] - min(updates), 1e-3)
         print(f"plot cell: {len(updates)} updates ({rate:.1f}/s)")
 
         gen_cell = next(i for i, c in enumerate(nb.cells) if "TokenStreamer::new" in source(c))
-        streams = [t for t, m in client.log[gen_cell] if m["msg_type"] == "stream"]
+        streams = [t for t, m in client.messages[gen_cell] if m["msg_type"] == "stream"]
         check(len(streams) >= 3, f"only {len(streams)} stream messages in the generation cell")
         check(min(streams) < ends[gen_cell] - 0.3, "streamed tokens arrived only at the end of the cell")
-        text = "".join(m["content"]["text"] for _, m in client.log[gen_cell] if m["msg_type"] == "stream")
+        text = "".join(m["content"]["text"] for _, m in client.messages[gen_cell] if m["msg_type"] == "stream")
         print("generated:", text.strip().replace("\n", " | "))
 
         # Interrupt a long generation: it stops within 2 s and every variable survives.

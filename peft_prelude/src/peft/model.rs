@@ -542,6 +542,27 @@ impl PeftModel {
         vars
     }
 
+    /// Sets the adapter's parameters from tensors keyed by [`adapter_vars`](Self::adapter_vars)
+    /// names (checkpoints, or a P-tuning encoder trained elsewhere). Every parameter must be
+    /// present with its shape. Returns how many were set.
+    pub fn set_adapter_vars(&self, adapter: &str, tensors: &BTreeMap<String, Tensor>) -> Result<usize> {
+        let vars = self.adapter_vars(adapter);
+        for (name, var) in &vars {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| Error::InvalidArgument(format!("no value for parameter `{name}`")))?;
+            if t.dims() != var.dims() {
+                return Err(Error::InvalidArgument(format!(
+                    "parameter `{name}` has shape {:?}, the value {:?}",
+                    var.dims(),
+                    t.dims()
+                )));
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(vars.len())
+    }
+
     /// The active adapter's trainable parameters, by name.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         self.adapter_vars(&self.active_adapter())
