@@ -77,25 +77,27 @@ impl BottleneckBlock {
         scaling: f64,
         parallel: bool,
         init: &str,
+        dtype: candle_core::DType,
         rng: &mut Rng,
         device: &Device,
     ) -> Result<()> {
-        let mut down = TrainableLinear::new(hidden, width, rng, device)?;
-        let mut up = TrainableLinear::new(width, hidden, rng, device)?;
+        let mut down = TrainableLinear::new(hidden, width, dtype, rng, device)?;
+        let mut up = TrainableLinear::new(width, hidden, dtype, rng, device)?;
         match init {
             // AdapterHub's "bert": N(0, 0.01²) weights, zero biases: close to identity.
             "bert" => {
                 for l in [&mut down, &mut up] {
                     let (o, i) = l.weight.dims2()?;
-                    l.weight = Var::from_tensor(&Tensor::from_vec(rng.normal(o * i, 0.0, 0.01), (o, i), device)?)?;
-                    l.bias = Var::zeros(o, candle_core::DType::F32, device)?;
+                    let w = Tensor::from_vec(rng.normal(o * i, 0.0, 0.01), (o, i), device)?;
+                    l.weight = Var::from_tensor(&w.to_dtype(dtype)?)?;
+                    l.bias = Var::zeros(o, dtype, device)?;
                 }
             }
             // "mam_adapter" (and Houlsby's zero-start): Kaiming down, zero up: exactly identity.
             "mam_adapter" | "houlsby" => {
                 let (o, i) = up.weight.dims2()?;
-                up.weight = Var::zeros((o, i), candle_core::DType::F32, device)?;
-                up.bias = Var::zeros(o, candle_core::DType::F32, device)?;
+                up.weight = Var::zeros((o, i), dtype, device)?;
+                up.bias = Var::zeros(o, dtype, device)?;
             }
             other => {
                 return Err(Error::Config(format!(

@@ -47,7 +47,8 @@ impl Ia3Linear {
     /// Adds an adapter initialised to ones (a no-op).
     pub fn add_adapter(&mut self, name: &str) -> Result<()> {
         let device = self.base.base().weight().device().clone();
-        let l = Var::ones(self.vector_shape(), DType::F32, &device)?;
+        let dtype = super::param_dtype(self.base.base().weight().dtype());
+        let l = Var::ones(self.vector_shape(), dtype, &device)?;
         self.adapters.insert(name.to_string(), l);
         Ok(())
     }

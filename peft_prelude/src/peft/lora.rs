@@ -97,8 +97,9 @@ impl LoraLinear {
             }
             _ => vec![0.0; out_f * r],
         };
-        let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_f), &device)?)?;
-        let b = Var::from_tensor(&Tensor::from_vec(b, (out_f, r), &device)?)?;
+        let dtype = super::param_dtype(self.base.base().weight().dtype());
+        let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_f), &device)?.to_dtype(dtype)?)?;
+        let b = Var::from_tensor(&Tensor::from_vec(b, (out_f, r), &device)?.to_dtype(dtype)?)?;
         let mut adapter = LoraAdapter {
             a,
             b,
@@ -133,8 +134,9 @@ impl LoraLinear {
 
     /// `‖W + s·B A‖` per output row (detached: PEFT's DoRA treats the norm as a constant).
     fn row_norms(&self, adapter: &LoraAdapter) -> Result<Tensor> {
-        let w = self.base.base().weight().to_dtype(DType::F32)?;
-        let merged = (w + adapter.delta_weight(DType::F32)?)?;
+        let dtype = adapter.a.dtype();
+        let w = self.base.base().weight().to_dtype(dtype)?;
+        let merged = (w + adapter.delta_weight(dtype)?)?;
         Ok(merged.sqr()?.sum(D::Minus1)?.sqrt()?.detach())
     }
 

@@ -19,3 +19,13 @@ pub use config::{
     PromptEncoderConfig, PromptTuningConfig, TargetModules,
 };
 pub use model::{get_peft_model, PeftModel};
+
+/// Trainable parameters are f32 whatever the activations (bf16 on GPU, f32 on CPU); an f64
+/// model (gradient checks) gets f64 parameters.
+pub fn param_dtype(model_dtype: candle_core::DType) -> candle_core::DType {
+    if model_dtype == candle_core::DType::F64 {
+        candle_core::DType::F64
+    } else {
+        candle_core::DType::F32
+    }
+}

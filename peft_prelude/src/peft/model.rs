@@ -309,6 +309,7 @@ impl PeftModel {
         let hidden = self.model.config().hidden_size;
         let width = hidden / c.reduction_factor;
         let device = self.model.device().clone();
+        let dtype = super::param_dtype(self.model.dtype());
         let switch = self.switch.clone();
         for (i, layer) in self.model.layers_mut().iter_mut().enumerate() {
             if c.leave_out.contains(&i) {
@@ -324,7 +325,18 @@ impl PeftModel {
                     .as_any_mut()
                     .downcast_mut::<BottleneckBlock>()
                     .ok_or_else(|| Error::InvalidArgument("layer has another kind of block adapter".into()))?;
-                block.add_adapter(name, hidden, width, act, c.scaling, c.is_parallel, &c.init_weights, rng, &device)?;
+                block.add_adapter(
+                    name,
+                    hidden,
+                    width,
+                    act,
+                    c.scaling,
+                    c.is_parallel,
+                    &c.init_weights,
+                    dtype,
+                    rng,
+                    &device,
+                )?;
             }
         }
         Ok(())
@@ -334,13 +346,14 @@ impl PeftModel {
         let n = c.prompt.num_virtual_tokens;
         let dim = c.prompt.token_dim.unwrap_or(self.model.config().hidden_size);
         let device = self.model.device();
+        let dtype = super::param_dtype(self.model.dtype());
         let table = match c.prompt_tuning_init.as_str() {
             "RANDOM" => Tensor::from_vec(rng.normal(n * dim, 0.0, 1.0), (n, dim), device)?,
             "SAMPLE_VOCAB" => {
                 let vocab = self.model.config().vocab_size;
                 let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
                 let ids = Tensor::new(ids.as_slice(), device)?;
-                self.model.embed_tokens().index_select(&ids, 0)?.to_dtype(DType::F32)?
+                self.model.embed_tokens().index_select(&ids, 0)?
             }
             "TEXT" => {
                 return Err(Error::Config(
@@ -354,7 +367,7 @@ impl PeftModel {
             }
         };
         Ok(PromptLearning::Prompt {
-            embeddings: Var::from_tensor(&table)?,
+            embeddings: Var::from_tensor(&table.to_dtype(dtype)?)?,
         })
     }
 
@@ -370,7 +383,7 @@ impl PeftModel {
         let n = embeddings.dim(0)?;
         let ids: Vec<u32> = ids.iter().cycle().take(n).copied().collect();
         let ids = Tensor::new(ids.as_slice(), self.model.device())?;
-        let table = self.model.embed_tokens().index_select(&ids, 0)?.to_dtype(DType::F32)?;
+        let table = self.model.embed_tokens().index_select(&ids, 0)?.to_dtype(embeddings.dtype())?;
         embeddings.set(&table)?;
         if let Some(PeftConfig::PromptTuning(c)) = self.configs.get_mut(adapter) {
             c.prompt_tuning_init = "TEXT".into();
@@ -383,10 +396,12 @@ impl PeftModel {
         let dim = c.prompt.token_dim.unwrap_or(self.model.config().hidden_size);
         let hidden = c.encoder_hidden_size.unwrap_or(dim);
         let device = self.model.device();
-        let embedding = Var::from_tensor(&Tensor::from_vec(rng.normal(n * dim, 0.0, 1.0), (n, dim), device)?)?;
+        let dtype = super::param_dtype(self.model.dtype());
+        let table = Tensor::from_vec(rng.normal(n * dim, 0.0, 1.0), (n, dim), device)?;
+        let embedding = Var::from_tensor(&table.to_dtype(dtype)?)?;
         let encoder = match c.encoder_reparameterization_type.as_str() {
-            "MLP" => PromptEncoder::mlp(dim, hidden, rng, device)?,
-            "LSTM" => PromptEncoder::lstm(dim, hidden, c.encoder_num_layers, rng, device)?,
+            "MLP" => PromptEncoder::mlp(dim, hidden, dtype, rng, device)?,
+            "LSTM" => PromptEncoder::lstm(dim, hidden, c.encoder_num_layers, dtype, rng, device)?,
             other => {
                 return Err(Error::Config(format!(
                     "encoder_reparameterization_type `{other}` (supported: MLP, LSTM)"
@@ -406,21 +421,25 @@ impl PeftModel {
         let layers = c.prompt.num_layers.unwrap_or(cfg.num_hidden_layers);
         let width = layers * 2 * dim;
         let device = self.model.device();
+        let dtype = super::param_dtype(self.model.dtype());
         let zero = c.init_weights.as_deref() == Some("zero");
-        let init = |rng: &mut Rng, n_el: usize| if zero { vec![0.0; n_el] } else { rng.normal(n_el, 0.0, 1.0) };
+        let mut init = |n_el: usize, shape: (usize, usize)| -> Result<Var> {
+            let v = if zero { vec![0.0; n_el] } else { rng.normal(n_el, 0.0, 1.0) };
+            Ok(Var::from_tensor(&Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)?)
+        };
         if c.prefix_projection {
             let hidden = c.encoder_hidden_size.unwrap_or(dim);
-            let embedding = Var::from_tensor(&Tensor::from_vec(init(rng, n * dim), (n, dim), device)?)?;
+            let embedding = init(n * dim, (n, dim))?;
             let projection = [
-                super::prompt::TrainableLinear::new(dim, hidden, rng, device)?,
-                super::prompt::TrainableLinear::new(hidden, width, rng, device)?,
+                super::prompt::TrainableLinear::new(dim, hidden, dtype, rng, device)?,
+                super::prompt::TrainableLinear::new(hidden, width, dtype, rng, device)?,
             ];
             Ok(PromptLearning::Prefix {
                 embedding,
                 projection: Some(projection),
             })
         } else {
-            let embedding = Var::from_tensor(&Tensor::from_vec(init(rng, n * width), (n, width), device)?)?;
+            let embedding = init(n * width, (n, width))?;
             Ok(PromptLearning::Prefix {
                 embedding,
                 projection: None,

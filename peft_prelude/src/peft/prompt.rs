@@ -15,11 +15,13 @@ pub struct TrainableLinear {
 }
 
 impl TrainableLinear {
-    pub fn new(in_f: usize, out_f: usize, rng: &mut Rng, device: &Device) -> Result<Self> {
+    pub fn new(in_f: usize, out_f: usize, dtype: DType, rng: &mut Rng, device: &Device) -> Result<Self> {
         let bound = 1.0 / (in_f as f64).sqrt();
+        let w = Tensor::from_vec(rng.uniform(out_f * in_f, -bound, bound), (out_f, in_f), device)?;
+        let b = Tensor::from_vec(rng.uniform(out_f, -bound, bound), out_f, device)?;
         Ok(TrainableLinear {
-            weight: Var::from_tensor(&Tensor::from_vec(rng.uniform(out_f * in_f, -bound, bound), (out_f, in_f), device)?)?,
-            bias: Var::from_tensor(&Tensor::from_vec(rng.uniform(out_f, -bound, bound), out_f, device)?)?,
+            weight: Var::from_tensor(&w.to_dtype(dtype)?)?,
+            bias: Var::from_tensor(&b.to_dtype(dtype)?)?,
         })
     }
 
@@ -52,12 +54,13 @@ pub struct LstmCell {
 }
 
 impl LstmCell {
-    fn new(input: usize, hidden: usize, rng: &mut Rng, device: &Device) -> Result<Self> {
+    fn new(input: usize, hidden: usize, dtype: DType, rng: &mut Rng, device: &Device) -> Result<Self> {
         let bound = 1.0 / (hidden as f64).sqrt();
         let mut v = |rows: usize, cols: usize| -> Result<Var> {
             let shape: Vec<usize> = if cols == 0 { vec![rows] } else { vec![rows, cols] };
             let n = rows * cols.max(1);
-            Ok(Var::from_tensor(&Tensor::from_vec(rng.uniform(n, -bound, bound), shape, device)?)?)
+            let t = Tensor::from_vec(rng.uniform(n, -bound, bound), shape, device)?;
+            Ok(Var::from_tensor(&t.to_dtype(dtype)?)?)
         };
         Ok(LstmCell {
             w_ih: v(4 * hidden, input)?,
@@ -108,25 +111,35 @@ pub enum PromptEncoder {
 }
 
 impl PromptEncoder {
-    pub fn mlp(dim: usize, hidden: usize, rng: &mut Rng, device: &Device) -> Result<Self> {
+    pub fn mlp(dim: usize, hidden: usize, dtype: DType, rng: &mut Rng, device: &Device) -> Result<Self> {
         Ok(PromptEncoder::Mlp([
-            TrainableLinear::new(dim, hidden, rng, device)?,
-            TrainableLinear::new(hidden, hidden, rng, device)?,
-            TrainableLinear::new(hidden, dim, rng, device)?,
+            TrainableLinear::new(dim, hidden, dtype, rng, device)?,
+            TrainableLinear::new(hidden, hidden, dtype, rng, device)?,
+            TrainableLinear::new(hidden, dim, dtype, rng, device)?,
         ]))
     }
 
-    pub fn lstm(dim: usize, hidden: usize, num_layers: usize, rng: &mut Rng, device: &Device) -> Result<Self> {
+    pub fn lstm(
+        dim: usize,
+        hidden: usize,
+        num_layers: usize,
+        dtype: DType,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
         let mut layers = vec![];
         for l in 0..num_layers.max(1) {
             let input = if l == 0 { dim } else { 2 * hidden };
-            layers.push((LstmCell::new(input, hidden, rng, device)?, LstmCell::new(input, hidden, rng, device)?));
+            layers.push((
+                LstmCell::new(input, hidden, dtype, rng, device)?,
+                LstmCell::new(input, hidden, dtype, rng, device)?,
+            ));
         }
         Ok(PromptEncoder::Lstm {
             layers,
             head: [
-                TrainableLinear::new(2 * hidden, 2 * hidden, rng, device)?,
-                TrainableLinear::new(2 * hidden, dim, rng, device)?,
+                TrainableLinear::new(2 * hidden, 2 * hidden, dtype, rng, device)?,
+                TrainableLinear::new(2 * hidden, dim, dtype, rng, device)?,
             ],
         })
     }
@@ -244,7 +257,7 @@ impl PromptLearning {
     /// Replaces the state with saved `prompt_embeddings` (as PEFT does on load: encoders and
     /// projections are not saved, their output is).
     pub fn load_prompt_embeddings(&mut self, t: &Tensor) -> Result<()> {
-        let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+        let var = Var::from_tensor(&t.to_dtype(super::param_dtype(t.dtype()))?)?;
         *self = match self {
             PromptLearning::Prompt { .. } => PromptLearning::Prompt { embeddings: var },
             PromptLearning::Encoded { .. } => PromptLearning::Encoded { embedding: var, encoder: None },
