@@ -2,4 +2,5 @@
 //!
 //! Every op here has a CPU implementation; the CUDA ones live behind the `cuda` feature.
 
+pub mod adamw;
 pub mod frozen;

@@ -65,7 +65,12 @@ def main():
         print("generated:", text.strip().replace("\n", " | "))
 
         # Interrupt a long generation: it stops within 2 s and every variable survives.
-        kc = client.kc
+        # nbclient's own client is asynchronous: drive the rest with a blocking one.
+        from jupyter_client import BlockingKernelClient
+
+        kc = BlockingKernelClient(connection_file=client.km.connection_file)
+        kc.load_connection_file()
+        kc.start_channels()
         first_token = threading.Event()
 
         def on_msg(msg):
@@ -89,7 +94,8 @@ def main():
         check(first_token.wait(120), "the long generation produced no token")
         time.sleep(1.0)
         t = time.monotonic()
-        client.km.interrupt_kernel()
+        # What KernelManager.interrupt_kernel sends for interrupt_mode "message".
+        kc.control_channel.send(kc.session.msg("interrupt_request", {}))
         worker.join(30)
         check("reply" in result, "the interrupted cell did not finish")
         took = result["end"] - t
@@ -104,6 +110,7 @@ def main():
         value = next(m["content"]["data"]["text/plain"] for _, m in msgs if m["msg_type"] == "execute_result")
         check(value.startswith("(true, true, "), value)
         print("after the interrupt:", value)
+        kc.stop_channels()
     print("notebook: all checks passed")
 
 

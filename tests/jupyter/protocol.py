@@ -15,6 +15,15 @@ def text_result(msgs):
     return None
 
 
+def shell_reply(kc, msg_id, timeout=10):
+    """The shell reply to `msg_id` (for requests whose client method has no `reply=`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 0.01))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply
+
+
 def main():
     t0 = time.monotonic()
     km, kc = start_kernel()
@@ -66,8 +75,10 @@ def main():
         reply = kc2.inspect("x", 1, reply=True, timeout=10)
         check(reply["content"]["status"] == "ok", reply["content"])
         # is_complete, comm_info, history.
-        check(kc2.is_complete("fn f() {", reply=True, timeout=10)["content"]["status"] == "incomplete", "is_complete")
-        check(kc2.is_complete("let a = 1;", reply=True, timeout=10)["content"]["status"] == "complete", "is_complete")
+        reply = shell_reply(kc2, kc2.is_complete("fn f() {"))
+        check(reply["content"]["status"] == "incomplete", reply["content"])
+        reply = shell_reply(kc2, kc2.is_complete("let a = 1;"))
+        check(reply["content"]["status"] == "complete", reply["content"])
         reply = kc2.comm_info(reply=True, timeout=10)
         check(reply["content"] == {"status": "ok", "comms": {}}, reply["content"])
         reply = kc2.history(hist_access_type="tail", n=10, reply=True, timeout=10)
