@@ -1,6 +1,25 @@
 //! Fused operations used by `peft_prelude`, as candle custom ops with a forward and a backward.
 //!
-//! Every op here has a CPU implementation; the CUDA ones live behind the `cuda` feature.
+//! Every op here has a multi-threaded CPU implementation (rayon); the CUDA ones (`cuda/*.cu`,
+//! compiled to PTX by `build.rs`) live behind the `cuda` feature. The public functions take
+//! and return ordinary tensors on any device and pick the implementation from the device.
 
 pub mod adamw;
+mod common;
+pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod frozen;
+pub mod lora;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
+#[cfg(test)]
+mod testing;
+
+pub use cross_entropy::{fused_linear_cross_entropy, IGNORE_INDEX};
+pub use lora::lora_linear;
+pub use rmsnorm::rms_norm;
+pub use rope::rope;
+pub use swiglu::swiglu;
+pub mod nf4;

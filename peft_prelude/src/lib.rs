@@ -5,10 +5,13 @@
 //! | [`model`] | config, the Mistral/Llama decoder, KV cache, loaders (HF dir, hub, GGUF) |
 //! | [`tokenizer`] | tokenizer.json, tokenizers rebuilt from GGUF metadata, chat templates |
 //! | [`peft`] | LoRA (rsLoRA, DoRA), IA3, prompt/prefix/P-tuning, bottleneck adapters; PEFT-format save/load |
+//! | [`data`] | JSON/JSONL/hub datasets, Alpaca template, tokenization, loss masks, padding, packing |
+//! | [`train`] | losses, AdamW, schedules, SFT and DPO trainers |
 //! | [`generate`] | sampling, KV-cached decoding, streamers |
 //! | [`notebook`] | display handles, progress, live plots, token streaming, interrupt check |
 //! | [`prelude`] | one glob import for notebook cells |
 
+pub mod data;
 pub mod error;
 pub mod generate;
 pub mod model;

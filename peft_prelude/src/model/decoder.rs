@@ -66,6 +66,7 @@ pub struct Forward<'a> {
     input: Input<'a>,
     attention_mask: Option<&'a Tensor>,
     position_ids: Option<&'a Tensor>,
+    segment_ids: Option<&'a Tensor>,
     cache: Option<&'a mut KvCache>,
 }
 
@@ -81,6 +82,7 @@ impl<'a> Forward<'a> {
             input: Input::Ids(ids),
             attention_mask: None,
             position_ids: None,
+            segment_ids: None,
             cache: None,
         }
     }
@@ -91,6 +93,7 @@ impl<'a> Forward<'a> {
             input: Input::Embeds(embeds),
             attention_mask: None,
             position_ids: None,
+            segment_ids: None,
             cache: None,
         }
     }
@@ -105,6 +108,13 @@ impl<'a> Forward<'a> {
     /// `[batch, seq]` RoPE positions; default: the tokens' slots (`cache.seen() + t`).
     pub fn with_position_ids(mut self, positions: &'a Tensor) -> Self {
         self.position_ids = Some(positions);
+        self
+    }
+
+    /// `[batch, seq]` example index of each token in a packed sequence: a token attends only
+    /// to earlier tokens of its own example. Not combinable with a cache.
+    pub fn with_segment_ids(mut self, segments: &'a Tensor) -> Self {
+        self.segment_ids = Some(segments);
         self
     }
 
@@ -393,6 +403,7 @@ impl Model {
             input,
             attention_mask,
             position_ids,
+            segment_ids,
             mut cache,
         } = args;
         let mut x = match input {
@@ -414,6 +425,12 @@ impl Model {
         }
         let past = cache.as_deref().map_or(0, |c| c.seen());
         let new_mask = attention_mask.map(|m| mask_rows(m, batch, seq)).transpose()?;
+        if segment_ids.is_some() && cache.as_deref().is_some_and(|c| c.seen() > 0) {
+            return Err(Error::InvalidArgument(
+                "segment ids (packed sequences) cannot be combined with a filled cache".into(),
+            ));
+        }
+        let segments = segment_ids.map(|s| segment_rows(s, batch, seq)).transpose()?;
         let positions = match position_ids {
             Some(p) => p.to_dtype(DType::U32)?,
             None => {
@@ -431,6 +448,7 @@ impl Model {
                 window: self.config.sliding_window,
                 cached_key_mask: cache.as_deref().and_then(|c| c.key_mask()),
                 new_key_mask: new_mask.as_ref(),
+                segments: segments.as_ref(),
             },
             &self.device,
         )?;
@@ -559,6 +577,8 @@ struct AttentionLayout<'a> {
     window: Option<usize>,
     cached_key_mask: Option<&'a Vec<Vec<f32>>>,
     new_key_mask: Option<&'a Vec<Vec<f32>>>,
+    /// Example index per new token (packed sequences).
+    segments: Option<&'a Vec<Vec<u32>>>,
 }
 
 /// The additive attention bias `[batch or 1, 1, seq, keys]`: 0 where a query may attend,
@@ -567,7 +587,7 @@ struct AttentionLayout<'a> {
 fn attention_bias(l: &AttentionLayout<'_>, device: &Device) -> Result<Option<Tensor>> {
     let kept = l.past - l.cache_start;
     let keys = kept + l.seq;
-    let padded = l.cached_key_mask.is_some() || l.new_key_mask.is_some();
+    let padded = l.cached_key_mask.is_some() || l.new_key_mask.is_some() || l.segments.is_some();
     let visible = |q_slot: usize, k_slot: usize| {
         k_slot <= q_slot && l.window.is_none_or(|w| k_slot + w > q_slot)
     };
@@ -589,17 +609,35 @@ fn attention_bias(l: &AttentionLayout<'_>, device: &Device) -> Result<Option<Ten
                 l.new_key_mask.is_none_or(|m| m[b][j - kept] > 0.5)
             }
         };
+        let same_segment = |t: usize, j: usize| -> bool {
+            match l.segments {
+                // Cached keys (a prefix) are visible to every segment.
+                Some(s) if j >= kept => s[b][t] == s[b][j - kept],
+                _ => true,
+            }
+        };
         for t in 0..l.seq {
             let q_slot = l.past + t;
             let row = &mut bias[(b * l.seq + t) * keys..][..keys];
             for (j, v) in row.iter_mut().enumerate() {
-                if !(visible(q_slot, l.cache_start + j) && key_real(j)) {
+                if !(visible(q_slot, l.cache_start + j) && key_real(j) && same_segment(t, j)) {
                     *v = f32::MIN;
                 }
             }
         }
     }
     Ok(Some(Tensor::from_vec(bias, (rows, 1, l.seq, keys), device)?))
+}
+
+/// Segment ids `[batch, seq]` as host rows.
+fn segment_rows(segments: &Tensor, batch: usize, seq: usize) -> Result<Vec<Vec<u32>>> {
+    if segments.dims() != [batch, seq] {
+        return Err(Error::InvalidArgument(format!(
+            "segment_ids has shape {:?}, expected [{batch}, {seq}]",
+            segments.dims()
+        )));
+    }
+    Ok(segments.to_dtype(DType::U32)?.to_vec2::<u32>()?)
 }
 
 /// An attention mask tensor `[batch, seq]` as host rows of 0.0 / 1.0.
@@ -743,6 +781,7 @@ mod tests {
             window: model.config.sliding_window,
             cached_key_mask: None,
             new_key_mask: None,
+            segments: None,
         };
         let mask = attention_bias(&layout, &Device::Cpu).unwrap();
         assert!(mask.is_some(), "6 tokens with a window of 4 need a mask");
@@ -802,6 +841,24 @@ mod tests {
             .forward_with(Forward::ids(&all.narrow(1, 3, 4).unwrap()).with_cache(&mut prefixed))
             .unwrap();
         let diff = (full - rest).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-10, "{diff}");
+    }
+
+    #[test]
+    fn packed_segments_equal_separate_runs() {
+        // Two examples packed in one row with restarted positions give the logits each
+        // gives alone.
+        let model = tiny_model();
+        let a = Tensor::new(&[[5u32, 8, 2]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[[9u32, 4, 11, 3, 7]], &Device::Cpu).unwrap();
+        let packed = Tensor::cat(&[&a, &b], 1).unwrap();
+        let pos = Tensor::new(&[[0u32, 1, 2, 0, 1, 2, 3, 4]], &Device::Cpu).unwrap();
+        let seg = Tensor::new(&[[0u32, 0, 0, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+        let out = model
+            .forward_with(Forward::ids(&packed).with_position_ids(&pos).with_segment_ids(&seg))
+            .unwrap();
+        let want = Tensor::cat(&[&model.forward(&a).unwrap(), &model.forward(&b).unwrap()], 1).unwrap();
+        let diff = (out - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(diff < 1e-10, "{diff}");
     }
 

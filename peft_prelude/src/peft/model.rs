@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use super::bottleneck::{BottleneckBlock, NonLinearity};
 use super::config::{LoraInit, PeftConfig, PromptLearningCommon, TargetModules};
@@ -140,15 +140,47 @@ impl PeftModel {
 
     /// [`forward`](Self::forward) with a padding mask `[batch, seq]`.
     pub fn forward_masked(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (batch, _) = ids.dims2()?;
+        self.forward_inputs(ids, mask, None, None, false)
+    }
+
+    /// Logits `[batch, seq, vocab]` aligned with `ids` (virtual prompt positions dropped), for
+    /// losses; `positions` / `segments` describe packed sequences.
+    pub fn forward_for_loss(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+        segments: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_inputs(ids, mask, positions, segments, true)
+    }
+
+    fn forward_inputs(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+        segments: Option<&Tensor>,
+        drop_virtual: bool,
+    ) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
         match self.acting_prompt() {
             None => {
                 let mut args = Forward::ids(ids);
                 if let Some(m) = mask {
                     args = args.with_attention_mask(m);
                 }
+                if let Some(p) = positions {
+                    args = args.with_position_ids(p);
+                }
+                if let Some(s) = segments {
+                    args = args.with_segment_ids(s);
+                }
                 self.model.forward_with(args)
             }
+            Some(_) if positions.is_some() || segments.is_some() => Err(Error::InvalidArgument(
+                "packed sequences are not supported with prompt-learning adapters; set packing = false".into(),
+            )),
             Some(p @ PromptLearning::Prefix { .. }) => {
                 let mut cache = p.prefix_cache(&self.model, batch)?;
                 let mut args = Forward::ids(ids).with_cache(&mut cache);
@@ -163,17 +195,19 @@ impl PeftModel {
                 let prompt = virtual_tokens.unsqueeze(0)?.broadcast_as((batch, n, h))?;
                 let embeds = Tensor::cat(&[&prompt, &self.model.embed(ids)?], 1)?;
                 let full_mask = match mask {
-                    Some(m) => Some(Tensor::cat(
-                        &[&Tensor::ones((batch, n), m.dtype(), m.device())?, m],
-                        1,
-                    )?),
+                    Some(m) => Some(Tensor::cat(&[&Tensor::ones((batch, n), m.dtype(), m.device())?, m], 1)?),
                     None => None,
                 };
                 let mut args = Forward::embeds(&embeds);
                 if let Some(m) = full_mask.as_ref() {
                     args = args.with_attention_mask(m);
                 }
-                self.model.forward_with(args)
+                let logits = self.model.forward_with(args)?;
+                if drop_virtual {
+                    Ok(logits.narrow(1, n, seq)?)
+                } else {
+                    Ok(logits)
+                }
             }
         }
     }

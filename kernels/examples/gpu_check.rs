@@ -1,0 +1,209 @@
+//! Checks every fused op, forward and backward, and exits non-zero on a mismatch.
+//!
+//! * default (needs `--features cuda` and a GPU): the CUDA implementation in f32 and bf16
+//!   against the CPU implementation in f32;
+//! * `--cpu`: the CPU implementation against the plain candle composition (what CI can run).
+//!
+//! One JSON line per op and dtype: `{"op", "device", "dtype", "max_rel_err", "tol", "ok"}`.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+/// How an input is prepared on the device under test.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// An activation: cast to the dtype under test, gets a gradient.
+    Act,
+    /// A constant activation-dtype operand (frozen weight, table): cast, no gradient.
+    Const,
+    /// An adapter weight: stays f32, gets a gradient.
+    Adapter,
+    /// Integer labels: unchanged.
+    Labels,
+}
+
+type OpFn = dyn Fn(&[Tensor]) -> Result<Tensor>;
+
+struct Case {
+    name: &'static str,
+    inputs: Vec<(Kind, Tensor)>,
+    fused: Box<OpFn>,
+    composition: Box<OpFn>,
+}
+
+fn main() -> Result<()> {
+    let cpu_only = std::env::args().any(|a| a == "--cpu");
+    let dev = if cpu_only { Device::Cpu } else { Device::new_cuda(0)? };
+    let dtypes: &[DType] = if cpu_only { &[DType::F32, DType::F64] } else { &[DType::F32, DType::BF16] };
+    let mut failures = 0;
+    for case in cases()? {
+        for &dtype in dtypes {
+            let (err, tol) = check(&case, &dev, dtype, cpu_only)?;
+            let ok = err <= tol;
+            failures += usize::from(!ok);
+            println!(
+                "{{\"op\":\"{}\",\"device\":\"{}\",\"dtype\":\"{dtype:?}\",\"max_rel_err\":{err:.3e},\"tol\":{tol:e},\"ok\":{ok}}}",
+                case.name,
+                if cpu_only { "cpu" } else { "cuda" },
+            );
+        }
+    }
+    if failures > 0 {
+        eprintln!("gpu_check: {failures} mismatches");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Runs `f` on prepared inputs, backpropagates `sum(y ⊙ c)`; returns y and the gradients of the
+/// inputs that get one, all as f32 on the CPU.
+fn run(
+    case: &Case,
+    f: &OpFn,
+    dev: &Device,
+    dtype: DType,
+    c: &Tensor,
+) -> Result<Vec<Tensor>> {
+    let mut vars = Vec::new();
+    let mut args = Vec::new();
+    for (kind, t) in &case.inputs {
+        let t = t.to_device(dev)?;
+        let t = match kind {
+            Kind::Act | Kind::Const => t.to_dtype(dtype)?,
+            Kind::Adapter if dtype == DType::F64 => t.to_dtype(dtype)?,
+            Kind::Adapter | Kind::Labels => t,
+        };
+        if matches!(kind, Kind::Act | Kind::Adapter) {
+            let v = Var::from_tensor(&t)?;
+            args.push(v.as_tensor().clone());
+            vars.push(v);
+        } else {
+            args.push(t);
+        }
+    }
+    let y = f(&args)?;
+    let c = c.to_device(dev)?.to_dtype(y.dtype())?;
+    let grads = (&y * &c)?.sum_all()?.backward()?;
+    let mut out = vec![y.to_device(&Device::Cpu)?.to_dtype(DType::F64)?];
+    for v in &vars {
+        let g = grads.get(v.as_tensor()).expect("every Act/Adapter input gets a gradient");
+        out.push(g.to_device(&Device::Cpu)?.to_dtype(DType::F64)?);
+    }
+    Ok(out)
+}
+
+fn check(case: &Case, dev: &Device, dtype: DType, cpu_only: bool) -> Result<(f64, f64)> {
+    let y0 = (case.fused)(&case.inputs.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>())?;
+    let c = Tensor::randn(0f32, 1., y0.shape(), &Device::Cpu)?;
+    let (got, want) = if cpu_only {
+        (
+            run(case, &*case.fused, dev, dtype, &c)?,
+            run(case, &*case.composition, dev, dtype, &c)?,
+        )
+    } else {
+        (
+            run(case, &*case.fused, dev, dtype, &c)?,
+            run(case, &*case.fused, &Device::Cpu, DType::F32, &c)?,
+        )
+    };
+    let mut err = 0f64;
+    for (g, w) in got.iter().zip(&want) {
+        let diff = (g - w)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let scale = w.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-30);
+        err = err.max(diff / scale);
+    }
+    let tol = match dtype {
+        DType::BF16 | DType::F16 => 4e-2,
+        DType::F64 => 1e-9,
+        _ if cpu_only => 1e-5,
+        _ => 1e-4,
+    };
+    Ok((err, tol))
+}
+
+fn randn(shape: impl Into<candle_core::Shape>, std: f32) -> Result<Tensor> {
+    Tensor::randn(0f32, std, shape, &Device::Cpu)
+}
+
+fn cases() -> Result<Vec<Case>> {
+    let (b, t, hidden, inter, heads, hd, vocab, rank) = (2, 64, 576, 1536, 9, 64, 3000, 16);
+    let labels: Vec<i64> =
+        (0..b * t).map(|i| if i % 7 == 0 { -100 } else { (i * 7919 % vocab) as i64 }).collect();
+    let angles = randn((b, 1, t, hd), 3.)?;
+    Ok(vec![
+        Case {
+            name: "rms_norm",
+            inputs: vec![(Kind::Act, randn((b, t, hidden), 1.)?), (Kind::Const, (randn(hidden, 0.1)? + 1.)?)],
+            fused: Box::new(|a| peft_kernels::rms_norm(&a[0], &a[1], 1e-5)),
+            composition: Box::new(|a| {
+                let r = (a[0].sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?.recip()?;
+                a[0].broadcast_mul(&r)?.broadcast_mul(&a[1].detach())
+            }),
+        },
+        Case {
+            name: "rope",
+            inputs: vec![
+                (Kind::Act, randn((b, t, heads, hd), 1.)?),
+                (Kind::Const, angles.cos()?),
+                (Kind::Const, angles.sin()?),
+            ],
+            // q as the projection lays it out, viewed as [b, heads, t, d].
+            fused: Box::new(|a| peft_kernels::rope(&a[0].transpose(1, 2)?, &a[1], &a[2])),
+            composition: Box::new(|a| {
+                let x = a[0].transpose(1, 2)?.contiguous()?;
+                let half = x.dim(D::Minus1)? / 2;
+                let rot = Tensor::cat(
+                    &[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?],
+                    D::Minus1,
+                )?;
+                x.broadcast_mul(&a[1].detach())? + rot.broadcast_mul(&a[2].detach())?
+            }),
+        },
+        Case {
+            name: "swiglu",
+            inputs: vec![(Kind::Act, randn((b, t, inter), 2.)?), (Kind::Act, randn((b, t, inter), 1.)?)],
+            fused: Box::new(|a| peft_kernels::swiglu(&a[0], &a[1])),
+            composition: Box::new(|a| a[0].silu()? * &a[1]),
+        },
+        Case {
+            name: "lora_linear",
+            inputs: vec![
+                (Kind::Act, randn((b, t, hidden), 1.)?),
+                (Kind::Const, randn((inter, hidden), 0.04)?),
+                (Kind::Adapter, randn((rank, hidden), 0.04)?),
+                (Kind::Adapter, randn((inter, rank), 0.1)?),
+            ],
+            fused: Box::new(|a| peft_kernels::lora_linear(&a[0], &a[1], &a[2], &a[3], 2.0)),
+            composition: Box::new(|a| {
+                let w = a[1].detach();
+                let base = a[0].broadcast_matmul(&w.t()?)?;
+                let xa = a[0].broadcast_matmul(&a[2].t()?)?;
+                base + (xa.broadcast_matmul(&a[3].t()?)? * 2.0)?
+            }),
+        },
+        Case {
+            name: "cross_entropy",
+            inputs: vec![
+                (Kind::Act, randn((b, t, hidden), 1.)?),
+                (Kind::Const, randn((vocab, hidden), 0.05)?),
+                (Kind::Labels, Tensor::from_vec(labels, (b, t), &Device::Cpu)?),
+            ],
+            // Chunks of 1024 over a 3000-row vocabulary: three full chunks and a partial one.
+            fused: Box::new(|a| Ok(peft_kernels::fused_linear_cross_entropy(&a[0], &a[1], &a[2], 1024)?.0)),
+            composition: Box::new(|a| {
+                let v = a[1].dim(0)?;
+                let logits = a[0].broadcast_matmul(&a[1].detach().t()?)?.reshape(((), v))?;
+                let max = logits.max_keepdim(1)?.detach();
+                let shifted = logits.broadcast_sub(&max)?;
+                let lsm = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(1)?.log()?)?;
+                let labels: Vec<i64> = a[2].flatten_all()?.to_vec1()?;
+                let idx: Vec<u32> = labels.iter().map(|&y| y.max(0) as u32).collect();
+                let w: Vec<f64> = labels.iter().map(|&y| if y < 0 { 0. } else { 1. }).collect();
+                let count = w.iter().sum::<f64>();
+                let idx = Tensor::from_vec(idx, (labels.len(), 1), a[0].device())?;
+                let w = Tensor::from_vec(w, labels.len(), a[0].device())?.to_dtype(lsm.dtype())?;
+                let picked = lsm.gather(&idx, 1)?.squeeze(1)?;
+                (picked * w)?.sum_all()? / -count
+            }),
+        },
+    ])
+}

@@ -1,0 +1,85 @@
+//! Helpers shared by the CPU implementations: element types, contiguous views, dispatch.
+
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
+
+/// The float types the CPU kernels are written for (f16/bf16 are widened to f32 by the public
+/// wrappers, like candle's own CPU backend does for matmul).
+pub(crate) trait Float: WithDType + std::ops::Neg<Output = Self> {
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn fmax(self, other: Self) -> Self;
+    /// The mutable buffer of a storage of this type.
+    fn storage_mut(s: &mut CpuStorage) -> Result<&mut [Self]>;
+}
+
+macro_rules! float {
+    ($t:ty, $variant:ident) => {
+        impl Float for $t {
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            #[inline(always)]
+            fn fmax(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+            fn storage_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Ok(v),
+                    other => bail!("expected {} storage, got {:?}", stringify!($t), candle_core::backend::BackendStorage::dtype(other)),
+                }
+            }
+        }
+    };
+}
+float!(f32, F32);
+float!(f64, F64);
+
+/// The contiguous elements of `s` under `l`; the wrappers make inputs contiguous first.
+pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{op}: expected a contiguous input, got strides {:?}", l.stride())
+    };
+    Ok(&T::cpu_storage_as_slice(s)?[start..end])
+}
+
+/// Calls `$f::<f32>` or `$f::<f64>` according to the storage's dtype.
+macro_rules! dispatch_float {
+    ($op:expr, $dtype:expr, $f:ident ( $($arg:expr),* $(,)? )) => {{
+        #[allow(unused_imports)]
+        use candle_core::backend::BackendStorage as _;
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::F64 => $f::<f64>($($arg),*),
+            other => candle_core::bail!("{}: CPU kernel supports f32 and f64, got {other:?}", $op),
+        }
+    }};
+}
+pub(crate) use dispatch_float;
+
+/// The dtype a CPU kernel computes in for activations of `dtype` (f16/bf16 → f32).
+pub(crate) fn cpu_dtype(device: &Device, dtype: DType) -> DType {
+    match (device, dtype) {
+        (Device::Cpu, DType::F16 | DType::BF16) => DType::F32,
+        _ => dtype,
+    }
+}
+
+/// A tensor with no graph from a CPU buffer (used for values saved by a forward).
+pub(crate) fn cpu_tensor<T: WithDType>(data: Vec<T>, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cpu(T::to_cpu_storage_owned(data)),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
+/// Rows handed to one rayon task: enough work to amortise the scheduling.
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
+    (16384 / row_len.max(1)).max(1)
+}

@@ -1,0 +1,341 @@
+//! Launchers for the kernels in `cuda/*.cu` (PTX built by `build.rs` with nvcc), on candle's
+//! CUDA device and stream. Activations are f32, bf16 or f16 (f32 arithmetic in the kernels);
+//! the cross-entropy state is always f32.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
+use half::{bf16, f16};
+
+use crate::rope::RopeDims;
+
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
+
+/// Kernel-name suffix of a dtype (`rms_norm_fwd_bf16`, ...).
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => bail!("peft-kernels CUDA: unsupported dtype {other:?}"),
+    })
+}
+
+/// Calls `$f::<T>` for the storage's element type.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::BF16 => $f::<bf16>($($arg),*),
+            DType::F16 => $f::<f16>($($arg),*),
+            other => bail!("peft-kernels CUDA: unsupported dtype {other:?}"),
+        }
+    };
+}
+
+/// `name_<dtype suffix>`.
+fn kname(name: &str, dtype: DType) -> Result<String> {
+    Ok(format!("{name}_{}", suffix(dtype)?))
+}
+
+/// The contiguous elements of `s` under `l`.
+fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("peft-kernels CUDA: expected a contiguous input, got strides {:?}", l.stride())
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+fn grid_for(n: usize, threads: u32) -> LaunchConfig {
+    // Grid-stride loops: cap the grid, the kernels loop over the rest.
+    let blocks = n.div_ceil(threads as usize).clamp(1, 65535 * 8) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block per row, a multiple of 32 threads (the block reductions need whole warps).
+fn rows_config(rows: usize, d: usize) -> LaunchConfig {
+    let threads = (d.div_ceil(32) * 32).clamp(32, 1024) as u32;
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: every element is written by the kernel that follows.
+    unsafe { dev.alloc::<T>(n) }
+}
+
+pub(crate) fn rms_norm_fwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let (xv, wv) = (view::<T>(x, xl)?, view::<T>(w, wl)?);
+        let y = alloc::<T>(&dev, rows * d)?;
+        let f = dev.get_or_load_custom_func(&kname("rms_norm_fwd", x.dtype())?, "peft_rmsnorm", ptx::RMSNORM)?;
+        let mut b = f.builder();
+        b.arg(&xv).arg(&wv).arg(&y);
+        candle_core::builder_arg!(b, d as u32, eps);
+        unsafe { b.launch(rows_config(rows, d)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+    by_dtype!(x.dtype(), run(x, xl, w, wl, rows, d, eps))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rms_norm_bwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    dy: &CudaStorage,
+    dyl: &Layout,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: CudaDType + DeviceRepr>(
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        dy: &CudaStorage,
+        dyl: &Layout,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let (xv, wv, gv) = (view::<T>(x, xl)?, view::<T>(w, wl)?, view::<T>(dy, dyl)?);
+        let dx = alloc::<T>(&dev, rows * d)?;
+        let f = dev.get_or_load_custom_func(&kname("rms_norm_bwd", x.dtype())?, "peft_rmsnorm", ptx::RMSNORM)?;
+        let mut b = f.builder();
+        b.arg(&xv).arg(&wv).arg(&gv).arg(&dx);
+        candle_core::builder_arg!(b, d as u32, eps);
+        unsafe { b.launch(rows_config(rows, d)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev))
+    }
+    by_dtype!(x.dtype(), run(x, xl, w, wl, dy, dyl, rows, d, eps))
+}
+
+pub(crate) fn rope(
+    x: &CudaStorage,
+    cos: &CudaStorage,
+    cl: &Layout,
+    sin: &CudaStorage,
+    sl: &Layout,
+    g: &RopeDims,
+    transpose: bool,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        x: &CudaStorage,
+        cos: &CudaStorage,
+        cl: &Layout,
+        sin: &CudaStorage,
+        sl: &Layout,
+        g: &RopeDims,
+        transpose: bool,
+    ) -> Result<CudaStorage> {
+        let dev = x.device().clone();
+        let xv = x.as_cuda_slice::<T>()?.slice(g.x_off..);
+        let (cv, sv) = (view::<T>(cos, cl)?, view::<T>(sin, sl)?);
+        let n = g.b * g.h * g.t * g.d;
+        let y = alloc::<T>(&dev, n)?;
+        let f = dev.get_or_load_custom_func(&kname("rope", x.dtype())?, "peft_rope", ptx::ROPE)?;
+        let mut b = f.builder();
+        b.arg(&xv).arg(&cv).arg(&sv).arg(&y);
+        candle_core::builder_arg!(
+            b,
+            g.b as u32,
+            g.h as u32,
+            g.t as u32,
+            g.d as u32,
+            g.xs[0] as u64,
+            g.xs[1] as u64,
+            g.xs[2] as u64,
+            g.per_batch as u32,
+            transpose as u32
+        );
+        unsafe { b.launch(grid_for(n / 2, 256)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+    by_dtype!(x.dtype(), run(x, cos, cl, sin, sl, g, transpose))
+}
+
+pub(crate) fn swiglu_fwd(
+    g: &CudaStorage,
+    gl: &Layout,
+    u: &CudaStorage,
+    ul: &Layout,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        g: &CudaStorage,
+        gl: &Layout,
+        u: &CudaStorage,
+        ul: &Layout,
+    ) -> Result<CudaStorage> {
+        let dev = g.device().clone();
+        let n = gl.shape().elem_count();
+        let (gv, uv) = (view::<T>(g, gl)?, view::<T>(u, ul)?);
+        let h = alloc::<T>(&dev, n)?;
+        let f = dev.get_or_load_custom_func(&kname("swiglu_fwd", g.dtype())?, "peft_swiglu", ptx::SWIGLU)?;
+        let mut b = f.builder();
+        b.arg(&gv).arg(&uv).arg(&h);
+        candle_core::builder_arg!(b, n as u64);
+        unsafe { b.launch(grid_for(n, 256)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(h, dev))
+    }
+    by_dtype!(g.dtype(), run(g, gl, u, ul))
+}
+
+pub(crate) fn swiglu_bwd(
+    g: &CudaStorage,
+    gl: &Layout,
+    u: &CudaStorage,
+    ul: &Layout,
+    dh: &CudaStorage,
+    dhl: &Layout,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        g: &CudaStorage,
+        gl: &Layout,
+        u: &CudaStorage,
+        ul: &Layout,
+        dh: &CudaStorage,
+        dhl: &Layout,
+    ) -> Result<CudaStorage> {
+        let dev = g.device().clone();
+        let n = gl.shape().elem_count();
+        let (gv, uv, dv) = (view::<T>(g, gl)?, view::<T>(u, ul)?, view::<T>(dh, dhl)?);
+        let out = alloc::<T>(&dev, 2 * n)?;
+        let f = dev.get_or_load_custom_func(&kname("swiglu_bwd", g.dtype())?, "peft_swiglu", ptx::SWIGLU)?;
+        let mut b = f.builder();
+        b.arg(&gv).arg(&uv).arg(&dv).arg(&out);
+        candle_core::builder_arg!(b, n as u64);
+        unsafe { b.launch(grid_for(n, 256)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+    by_dtype!(g.dtype(), run(g, gl, u, ul, dh, dhl))
+}
+
+/// In place: `y[i, o] += scale·Σ_k xa[i, k]·b[k·sk + o·so]` for contiguous `y: [m, n]`,
+/// `xa: [m, r]`.
+pub(crate) fn add_low_rank(
+    y: &mut CudaStorage,
+    xa: &CudaStorage,
+    b: &CudaStorage,
+    (m, n, r): (usize, usize, usize),
+    (sk, so): (usize, usize),
+    scale: f32,
+) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: CudaDType + DeviceRepr>(
+        y: &mut CudaStorage,
+        xa: &CudaStorage,
+        b: &CudaStorage,
+        m: usize,
+        n: usize,
+        r: usize,
+        sk: usize,
+        so: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let dev = xa.device().clone();
+        let dtype = xa.dtype();
+        let f = dev.get_or_load_custom_func(&kname("add_low_rank", dtype)?, "peft_lora", ptx::LORA)?;
+        let (xv, bv) = (xa.as_cuda_slice::<T>()?, b.as_cuda_slice::<T>()?);
+        let yv = y.as_cuda_slice_mut::<T>()?;
+        let mut bl = f.builder();
+        bl.arg(yv).arg(xv).arg(bv);
+        candle_core::builder_arg!(bl, m as u32, n as u32, r as u32, sk as u64, so as u64, scale);
+        unsafe { bl.launch(grid_for(m * n, 256)) }.w()?;
+        Ok(())
+    }
+    if y.dtype() != xa.dtype() || b.dtype() != xa.dtype() {
+        bail!("add_low_rank: mixed dtypes")
+    }
+    by_dtype!(xa.dtype(), run(y, xa, b, m, n, r, sk, so, scale))
+}
+
+pub(crate) fn ce_chunk_stats(
+    l: &CudaStorage,
+    ll: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+    st: &CudaStorage,
+    sl: &Layout,
+    v0: usize,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        l: &CudaStorage,
+        ll: &Layout,
+        t: &CudaStorage,
+        tl: &Layout,
+        st: &CudaStorage,
+        sl: &Layout,
+        v0: usize,
+    ) -> Result<CudaStorage> {
+        let dev = l.device().clone();
+        let (n, c) = ll.shape().dims2()?;
+        let lv = view::<T>(l, ll)?;
+        let tv = view::<u32>(t, tl)?;
+        let sv = view::<f32>(st, sl)?;
+        let out = alloc::<f32>(&dev, n * 4)?;
+        let f = dev.get_or_load_custom_func(&kname("ce_chunk_stats", l.dtype())?, "peft_ce", ptx::CROSS_ENTROPY)?;
+        let mut b = f.builder();
+        b.arg(&lv).arg(&tv).arg(&sv).arg(&out);
+        candle_core::builder_arg!(b, c as u32, v0 as u32);
+        unsafe { b.launch(rows_config(n, c)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+    if st.dtype() != DType::F32 {
+        bail!("cross_entropy CUDA: state must be f32 (f64 is CPU-only)")
+    }
+    by_dtype!(l.dtype(), run(l, ll, t, tl, st, sl, v0))
+}
+
+pub(crate) fn ce_exp_shifted(
+    l: &mut CudaStorage,
+    ll: &Layout,
+    st: &CudaStorage,
+    sl: &Layout,
+) -> Result<()> {
+    fn run<T: CudaDType + DeviceRepr>(
+        l: &mut CudaStorage,
+        ll: &Layout,
+        st: &CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        let dev = st.device().clone();
+        let (n, c) = ll.shape().dims2()?;
+        let Some((a, e)) = ll.contiguous_offsets() else { bail!("ce: logits not contiguous") };
+        let sv = view::<f32>(st, sl)?;
+        let dtype = l.dtype();
+        let f = dev.get_or_load_custom_func(&kname("ce_exp_shifted", dtype)?, "peft_ce", ptx::CROSS_ENTROPY)?;
+        let mut lv = l.as_cuda_slice_mut::<T>()?.slice_mut(a..e);
+        let mut b = f.builder();
+        b.arg(&mut lv).arg(&sv);
+        candle_core::builder_arg!(b, n as u32, c as u32);
+        unsafe { b.launch(grid_for(n * c, 256)) }.w()?;
+        Ok(())
+    }
+    by_dtype!(l.dtype(), run(l, ll, st, sl))
+}

@@ -1,0 +1,300 @@
+//! LoRA linear: `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ` with the base weight `W` frozen.
+//!
+//! One op with three differentiable inputs (x, A, B); W is captured, so no gradient is ever
+//! computed or stored for it. The big products go through candle's matmul (gemm on CPU,
+//! cuBLAS on CUDA); the rank-r term is added in place by a small kernel instead of a second
+//! `[tokens, out]` product and an add. `x·Aᵀ` is kept from the forward for `dB`, and
+//! `dy·B` is computed once for both `dx` and `dA`:
+//!
+//! `u = s·dy·B`, `dx = dy·W + u·A`, `dA = uᵀ·x`, `dB = s·dyᵀ·(x·Aᵀ)`.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp3, InplaceOp3, Layout, Result, Shape, Storage, Tensor, D,
+};
+use rayon::prelude::*;
+
+use crate::common::{cpu_dtype, cpu_tensor, dispatch_float, slice, Float};
+
+/// `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ` for `x: [.., in]`, `w: [out, in]` (frozen), `a: [r, in]`,
+/// `b: [out, r]`. Returns `[.., out]` in `x`'s dtype.
+///
+/// Gradients: `x`, `a` and `b` (those that are tracked); never `w`, even if it is a `Var`.
+/// `w` must have `x`'s dtype; `a`/`b` may be f32 while `x` is bf16 (CUDA): they are cast to
+/// `x`'s dtype inside the graph, so their gradients come back in their own dtype.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let k = x.dim(D::Minus1)?;
+    let (n, kw) = w.dims2()?;
+    let (r, ka) = a.dims2()?;
+    let (nb, rb) = b.dims2()?;
+    if kw != k || ka != k || nb != n || rb != r {
+        bail!(
+            "lora_linear: x {:?}, w {:?}, a {:?}, b {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            a.dims(),
+            b.dims()
+        )
+    }
+    if w.dtype() != x.dtype() {
+        bail!("lora_linear: w is {:?}, x is {:?}", w.dtype(), x.dtype())
+    }
+    let dtype = x.dtype();
+    let compute = cpu_dtype(x.device(), dtype);
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    let x2 = x.to_dtype(compute)?.reshape(((), k))?.contiguous()?;
+    let op = LoraLinear {
+        w: w.detach().to_dtype(compute)?.contiguous()?,
+        scale,
+        xa: Mutex::new(None),
+    };
+    let a = a.to_dtype(compute)?.contiguous()?;
+    let b = b.to_dtype(compute)?.contiguous()?;
+    x2.apply_op3(&a, &b, op)?.reshape(out_dims)?.to_dtype(dtype)
+}
+
+struct LoraLinear {
+    w: Tensor,
+    scale: f64,
+    /// `x·Aᵀ` from the forward, for the backward.
+    xa: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "peft-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(
+            y: CpuStorage,
+            xa: CpuStorage,
+            b: &[T],
+            (m, n, r): (usize, usize, usize),
+            scale: f64,
+        ) -> Result<(CpuStorage, Tensor)> {
+            let mut y = T::cpu_storage_data(y)?;
+            let xa = T::cpu_storage_data(xa)?;
+            // s·Bᵀ as [r, out]: the update is then r contiguous axpys per row.
+            let s = T::from_f64(scale);
+            let mut bt = vec![T::zero(); r * n];
+            for (o, row) in b.chunks_exact(r).enumerate() {
+                for (kk, &v) in row.iter().enumerate() {
+                    bt[kk * n + o] = s * v;
+                }
+            }
+            add_low_rank(&mut y, &xa, &bt, n, r);
+            Ok((T::to_cpu_storage_owned(y), cpu_tensor(xa, &[m, r])))
+        }
+        let (m, k) = xl.shape().dims2()?;
+        let (r, n) = (al.dims()[0], bl.dims()[0]);
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else { bail!("lora_linear: w is not on the CPU") };
+        let y = x.matmul(ws, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        let xa = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
+        let op = self.name();
+        let (y, xa) = dispatch_float!(
+            op,
+            x.dtype(),
+            run(y, xa, slice(b, bl, op)?, (m, n, r), self.scale)
+        )?;
+        *self.xa.lock().expect("not poisoned") = Some(xa);
+        Ok((y, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (r, n) = (al.dims()[0], bl.dims()[0]);
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cuda(ws) = &*ws else { bail!("lora_linear: w is not on the GPU") };
+        let mut y = x.matmul(ws, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        let xa = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
+        // y += s·xa·Bᵀ, reading B[o, k] at o·r + k.
+        crate::cuda::add_low_rank(&mut y, &xa, b, (m, n, r), (1, r), self.scale as f32)?;
+        let xa = Tensor::from_storage(
+            Storage::Cuda(xa),
+            (m, r),
+            candle_core::op::BackpropOp::none(),
+            false,
+        );
+        *self.xa.lock().expect("not poisoned") = Some(xa);
+        Ok((y, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = self.scale;
+        let dy = dy.contiguous()?;
+        let u = if x.track_op() || a.track_op() {
+            Some((dy.matmul(b)? * s)?)
+        } else {
+            None
+        };
+        let dx = match &u {
+            Some(u) if x.track_op() => {
+                let dx = dy.matmul(&self.w)?;
+                dx.inplace_op3(u, a, &AddLowRank)?;
+                Some(dx)
+            }
+            _ => None,
+        };
+        let da = match &u {
+            Some(u) if a.track_op() => Some(u.t()?.matmul(x)?),
+            _ => None,
+        };
+        let db = if b.track_op() {
+            let saved = self.xa.lock().expect("not poisoned").clone();
+            let xa = match saved {
+                Some(xa) => xa,
+                None => x.matmul(&a.t()?)?,
+            };
+            Some((dy.t()?.matmul(&xa)? * s)?)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
+    }
+}
+
+/// `y[i, :] += Σ_k xa[i, k]·bt[k, :]` for `y: [m, n]`, `xa: [m, r]`, `bt: [r, n]`.
+fn add_low_rank<T: Float>(y: &mut [T], xa: &[T], bt: &[T], n: usize, r: usize) {
+    let rows = (8192 / n.max(1)).max(1);
+    y.par_chunks_mut(rows * n)
+        .zip(xa.par_chunks(rows * r))
+        .for_each(|(yb, xb)| {
+            for (yr, xr) in yb.chunks_exact_mut(n).zip(xb.chunks_exact(r)) {
+                for (&c, br) in xr.iter().zip(bt.chunks_exact(n)) {
+                    for (yi, &bi) in yr.iter_mut().zip(br) {
+                        *yi += c * bi;
+                    }
+                }
+            }
+        });
+}
+
+/// In place: `y += xa·bt` (`dx += u·A` in the backward).
+struct AddLowRank;
+
+impl InplaceOp3 for AddLowRank {
+    fn name(&self) -> &'static str {
+        "peft-add-low-rank"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &mut CpuStorage,
+        yl: &Layout,
+        xa: &CpuStorage,
+        xl: &Layout,
+        bt: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<()> {
+        fn run<T: Float>(y: &mut CpuStorage, yl: &Layout, xa: &[T], bt: &[T], r: usize) -> Result<()> {
+            let Some((start, end)) = yl.contiguous_offsets() else {
+                bail!("add_low_rank: y must be contiguous")
+            };
+            let n = yl.dims()[1];
+            let y = T::storage_mut(y)?;
+            add_low_rank(&mut y[start..end], xa, bt, n, r);
+            Ok(())
+        }
+        let op = self.name();
+        let r = xl.dims()[1];
+        dispatch_float!(op, xa.dtype(), run(y, yl, slice(xa, xl, op)?, slice(bt, bl, op)?, r))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &mut candle_core::CudaStorage,
+        yl: &Layout,
+        xa: &candle_core::CudaStorage,
+        xl: &Layout,
+        bt: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<()> {
+        if !yl.is_contiguous() || yl.start_offset() != 0 || !xl.is_contiguous() || !bl.is_contiguous() {
+            bail!("add_low_rank: expected contiguous operands")
+        }
+        let (m, n) = yl.shape().dims2()?;
+        let r = xl.dims()[1];
+        // bt[k, o] at k·n + o.
+        crate::cuda::add_low_rank(y, xa, bt, (m, n, r), (n, 1), 1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::assert_close;
+    use candle_core::{DType, Device, Var};
+
+    fn reference(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+        let base = x.broadcast_matmul(&w.t()?)?;
+        base + (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * s)?
+    }
+
+    #[test]
+    fn matches_the_composition_with_gradients_for_x_a_b_only() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F64] {
+            let (k, n, r) = (37, 29, 4);
+            let v = |t: Tensor| Var::from_tensor(&t.to_dtype(dtype)?);
+            let x = v(Tensor::randn(0f32, 1., (2, 5, k), &dev)?)?;
+            let w = v(Tensor::randn(0f32, 0.2, (n, k), &dev)?)?;
+            let a = v(Tensor::randn(0f32, 0.2, (r, k), &dev)?)?;
+            let b = v(Tensor::randn(0f32, 0.2, (n, r), &dev)?)?;
+            let c = Tensor::randn(0f32, 1., (2, 5, n), &dev)?.to_dtype(dtype)?;
+            let y = lora_linear(&x, &w, &a, &b, 2.0)?;
+            let g = (&y * &c)?.sum_all()?.backward()?;
+            let yr = reference(&x, &w, &a, &b, 2.0)?;
+            let gr = (&yr * &c)?.sum_all()?.backward()?;
+            assert_close("lora y", &y, &yr, 1e-5)?;
+            for (name, t) in [("dx", &x), ("dA", &a), ("dB", &b)] {
+                let got = g.get(t).expect("gradient");
+                assert_close(name, got, gr.get(t).expect("reference gradient"), 1e-5)?;
+            }
+            assert!(g.get(&w).is_none(), "no gradient for the frozen weight");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_input_gives_adapter_gradients_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (6, 8), &dev)?;
+        let w = Tensor::randn(0f32, 1., (5, 8), &dev)?;
+        let a = Var::randn(0f32, 1., (2, 8), &dev)?;
+        let b = Var::randn(0f32, 1., (5, 2), &dev)?;
+        let g = lora_linear(&x, &w, &a, &b, 0.5)?.sum_all()?.backward()?;
+        assert!(g.get(&a).is_some() && g.get(&b).is_some());
+        assert!(g.get(&x).is_none());
+        Ok(())
+    }
+}

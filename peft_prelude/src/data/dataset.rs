@@ -1,0 +1,194 @@
+//! Datasets of JSON rows: files (JSON array, JSONL), hub dataset repos, in-memory rows; with
+//! map, filter, shuffle, select and train/test split.
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::error::{read_file, Error, Result};
+use crate::rng::Rng;
+
+/// One example: named fields (`instruction`, `input`, `output`, `messages`, `text` …).
+pub type Row = Map<String, Value>;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Dataset {
+    rows: Vec<Row>,
+}
+
+impl Dataset {
+    pub fn from_rows(rows: Vec<Row>) -> Self {
+        Dataset { rows }
+    }
+
+    /// Any serialisable records (structs with named fields, JSON objects).
+    pub fn from_records<T: Serialize>(records: &[T]) -> Result<Self> {
+        let rows = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match serde_json::to_value(r) {
+                Ok(Value::Object(m)) => Ok(m),
+                Ok(other) => Err(Error::InvalidArgument(format!("record {i} is not an object: {other}"))),
+                Err(e) => Err(Error::InvalidArgument(format!("record {i}: {e}"))),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Dataset { rows })
+    }
+
+    /// A `.json` file holding an array of objects (or `{"data"|"train": [...]}`), or a `.jsonl`
+    /// file with one object per line. The format is detected from the content.
+    pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = read_file(path)?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| Error::corrupt(path, format!("not UTF-8: {e}")))?;
+        let trimmed = text.trim_start();
+        if trimmed.starts_with('[') || (trimmed.starts_with('{') && serde_json::from_str::<Value>(text).is_ok()) {
+            let value: Value =
+                serde_json::from_str(text).map_err(|e| Error::corrupt(path, format!("invalid JSON: {e}")))?;
+            let array = match value {
+                Value::Array(a) => a,
+                Value::Object(mut o) => match ["data", "train", "rows"].iter().find_map(|k| o.remove(*k)) {
+                    Some(Value::Array(a)) => a,
+                    _ => return Err(Error::corrupt(path, "expected a JSON array of objects (or {\"data\": [...]})")),
+                },
+                _ => return Err(Error::corrupt(path, "expected a JSON array of objects")),
+            };
+            let rows = array
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::Object(m) => Ok(m),
+                    other => Err(Error::corrupt(path, format!("element {i} is not an object: {other}"))),
+                })
+                .collect::<Result<_>>()?;
+            return Ok(Dataset { rows });
+        }
+        let mut rows = vec![];
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Value>(line) {
+                Ok(Value::Object(m)) => rows.push(m),
+                Ok(_) => return Err(Error::corrupt(path, format!("line {}: not a JSON object", i + 1))),
+                Err(e) => return Err(Error::corrupt(path, format!("line {}: invalid JSON: {e}", i + 1))),
+            }
+        }
+        Ok(Dataset { rows })
+    }
+
+    /// A dataset repository on the hub (e.g. `yahma/alpaca-cleaned` with
+    /// `alpaca_data_cleaned.json`), through the standard Hugging Face cache.
+    pub fn from_hub(repo: &str, file: &str) -> Result<Self> {
+        let options = crate::model::HubOptions::from_env();
+        let cache = hf_hub::Cache::new(options.cache_dir.clone());
+        let repo_ref = hf_hub::Repo::new(repo.to_string(), hf_hub::RepoType::Dataset);
+        if let Some(path) = cache.repo(repo_ref.clone()).get(file) {
+            return Self::from_json_file(path);
+        }
+        if options.offline {
+            return Err(Error::Hub(format!(
+                "dataset {repo}: `{file}` is not in the cache at {} and the hub is offline",
+                options.cache_dir.display()
+            )));
+        }
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+            .with_progress(false)
+            .build()
+            .map_err(|e| Error::Hub(format!("{repo}: {e}")))?;
+        let path = api
+            .repo(repo_ref)
+            .get(file)
+            .map_err(|e| Error::Hub(format!("dataset {repo}: cannot fetch `{file}`: {e}")))?;
+        Self::from_json_file(path)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn rows(&self) -> &[Row] {
+        &self.rows
+    }
+
+    pub fn get(&self, i: usize) -> Option<&Row> {
+        self.rows.get(i)
+    }
+
+    /// Names of the fields of the first row.
+    pub fn column_names(&self) -> Vec<String> {
+        self.rows.first().map(|r| r.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// A new dataset with `f` applied to every row (`f` may add, change or drop fields).
+    pub fn map(&self, f: impl Fn(&Row) -> Result<Row>) -> Result<Self> {
+        Ok(Dataset {
+            rows: self.rows.iter().map(f).collect::<Result<_>>()?,
+        })
+    }
+
+    pub fn filter(&self, f: impl Fn(&Row) -> bool) -> Self {
+        Dataset {
+            rows: self.rows.iter().filter(|r| f(r)).cloned().collect(),
+        }
+    }
+
+    /// Fisher–Yates with our seeded RNG: the same seed gives the same order everywhere.
+    pub fn shuffle(&self, seed: u64) -> Self {
+        let mut rows = self.rows.clone();
+        shuffle_in_place(&mut rows, seed);
+        Dataset { rows }
+    }
+
+    /// Rows `range` (clamped to the dataset).
+    pub fn select(&self, range: std::ops::Range<usize>) -> Self {
+        let end = range.end.min(self.rows.len());
+        let start = range.start.min(end);
+        Dataset {
+            rows: self.rows[start..end].to_vec(),
+        }
+    }
+
+    /// Shuffled split: `test_size` a fraction in (0, 1) or, if ≥ 1, a row count.
+    pub fn train_test_split(&self, test_size: f64, seed: u64) -> Result<(Self, Self)> {
+        let n = self.rows.len();
+        let n_test = if test_size >= 1.0 { test_size as usize } else { (test_size * n as f64).ceil() as usize };
+        if test_size <= 0.0 || n_test == 0 || n_test >= n {
+            return Err(Error::InvalidArgument(format!(
+                "test_size {test_size} leaves no rows for training or testing ({n} rows)"
+            )));
+        }
+        let shuffled = self.shuffle(seed);
+        Ok((shuffled.select(n_test..n), shuffled.select(0..n_test)))
+    }
+
+    /// The string field `name` of row `i`, with an error that names both when it is missing.
+    pub fn text(&self, i: usize, name: &str) -> Result<&str> {
+        field_str(&self.rows[i], name).map_err(|e| Error::InvalidArgument(format!("row {i}: {e}")))
+    }
+}
+
+/// A row's string field.
+pub fn field_str<'a>(row: &'a Row, name: &str) -> std::result::Result<&'a str, String> {
+    match row.get(name) {
+        Some(Value::String(s)) => Ok(s),
+        Some(Value::Null) | None => Err(format!(
+            "missing field `{name}` (the row has: {})",
+            row.keys().cloned().collect::<Vec<_>>().join(", ")
+        )),
+        Some(other) => Err(format!("field `{name}` is not a string: {other}")),
+    }
+}
+
+pub(crate) fn shuffle_in_place<T>(items: &mut [T], seed: u64) {
+    let mut rng = Rng::new(seed);
+    for i in (1..items.len()).rev() {
+        let j = rng.below(i + 1);
+        items.swap(i, j);
+    }
+}

@@ -1,0 +1,162 @@
+//! The NF4 quantizer, bit-exact with bitsandbytes' CPU `quantize_4bit` (blocks of 64, nearest
+//! code by midpoints, first element in the high nibble) and its double quantization of the
+//! block absmax values (8-bit signed dynamic map in blocks of 256 through a 65536-entry lookup
+//! table, plus the mean as offset).
+
+use peft_kernels::nf4::{Absmax, NF4_CODE};
+use rayon::prelude::*;
+
+/// bitsandbytes' default NF4 block size.
+pub const BLOCKSIZE: usize = 64;
+/// Block size of the second (8-bit) quantization of the absmax values.
+pub const NESTED_BLOCKSIZE: usize = 256;
+
+/// Packed codes (`ceil(n / 2)` bytes) and one absmax per block of `blocksize` elements.
+pub fn quantize_blocks(data: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    let mids = midpoints(&NF4_CODE);
+    let code_of = |v: f32, inv: f32| -> u8 {
+        let s = (v * inv).clamp(-1.0, 1.0);
+        // torch.bucketize(right=False): the number of midpoints strictly below the value.
+        mids.iter().filter(|&&m| m < s).count() as u8
+    };
+    let absmax: Vec<f32> = data
+        .par_chunks(blocksize)
+        .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())))
+        .collect();
+    // Blocks of an even length pack independently; chunks of whole blocks run in parallel.
+    let per_task = blocksize * (16_384 / blocksize).max(1);
+    let per_task = if blocksize % 2 == 0 { per_task } else { data.len().max(1) };
+    let mut packed = vec![0u8; data.len().div_ceil(2)];
+    packed
+        .par_chunks_mut(per_task / 2 + per_task % 2)
+        .zip(data.par_chunks(per_task))
+        .enumerate()
+        .for_each(|(task, (out, xs))| {
+            let first_block = task * per_task / blocksize;
+            for (i, pair) in xs.chunks(2).enumerate() {
+                let q = |j: usize| -> u8 {
+                    let b = first_block + (2 * i + j) / blocksize;
+                    code_of(pair[j], 1.0 / absmax[b].max(1e-38))
+                };
+                let hi = q(0);
+                let lo = if pair.len() == 2 { q(1) } else { 0 };
+                out[i] = (hi << 4) | lo;
+            }
+        });
+    (packed, absmax)
+}
+
+/// bitsandbytes' double quantization of block absmax values: subtract the mean, then 8-bit
+/// blockwise quantization with the signed dynamic map (its CPU kernel's lookup-table rule).
+pub fn double_quantize(absmax: &[f32], nested_blocksize: usize) -> Absmax {
+    let offset = mean_f32(absmax);
+    let v: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+    let code_map = dynamic_map_signed();
+    let lut = lookup_table(&code_map);
+    let nested_absmax: Vec<f32> = v
+        .chunks(nested_blocksize)
+        .map(|b| b.iter().fold(0f32, |m, x| m.max(x.abs())))
+        .collect();
+    let codes = v
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let amax = nested_absmax[i / nested_blocksize];
+            if amax == 0.0 {
+                return 0;
+            }
+            let s = (x * (1.0 / amax)).clamp(-1.0, 1.0);
+            let idx = ((s + 1.0) * 0.5 * 65535.0 + 0.5) as u16;
+            lut[idx as usize]
+        })
+        .collect();
+    Absmax::Nested {
+        codes,
+        code_map,
+        nested_absmax,
+        nested_blocksize,
+        offset,
+    }
+}
+
+/// `torch.mean` of an f32 vector as bitsandbytes gets it: the sum rounded to f32, divided in f32.
+fn mean_f32(v: &[f32]) -> f32 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let sum: f64 = v.iter().map(|&x| x as f64).sum();
+    sum as f32 / v.len() as f32
+}
+
+/// bitsandbytes' `create_dynamic_map(signed=True)`: 7 decades of linearly spaced fractions,
+/// both signs, plus 0 and 1, sorted (256 f32 values), computed in f32 as torch does.
+pub fn dynamic_map_signed() -> Vec<f32> {
+    let mut data = Vec::with_capacity(256);
+    for i in 0..7 {
+        let steps = (1usize << i) + 1;
+        let bounds = linspace_f32(0.1, 1.0, steps);
+        let scale = 10f64.powi(i - 6) as f32;
+        for w in bounds.windows(2) {
+            let mean = (w[0] + w[1]) / 2.0;
+            data.push(scale * mean);
+            data.push(-scale * mean);
+        }
+    }
+    data.push(0.0);
+    data.push(1.0);
+    data.sort_by(f32::total_cmp);
+    data
+}
+
+/// `torch.linspace` in f32: the first half counted up from `start`, the rest down from `end`.
+fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    let step = (end - start) / (steps - 1) as f32;
+    let half = steps / 2;
+    (0..steps)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (steps - i - 1) as f32
+            }
+        })
+        .collect()
+}
+
+fn midpoints(code: &[f32]) -> Vec<f32> {
+    code.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect()
+}
+
+/// The CPU kernel's table: entry `i` is the number of code midpoints strictly below
+/// `-1 + 2i/65535` (f32), i.e. the code nearest to that grid point.
+fn lookup_table(code: &[f32]) -> Vec<u8> {
+    let mids = midpoints(code);
+    (0..65536u32)
+        .map(|i| {
+            let x = -1.0f32 + 2.0f32 * i as f32 / 65535.0f32;
+            mids.iter().filter(|&&m| m < x).count() as u8
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_puts_the_first_element_in_the_high_nibble() {
+        let (packed, absmax) = quantize_blocks(&[-1.0, 1.0, 0.0, 0.5, 0.25], 4);
+        assert_eq!(absmax, vec![1.0, 0.25]);
+        // -1 → 0, 1 → 15, 0 → 7, 0.5 → 12 (nearest to 0.5626 vs 0.4407); 0.25/0.25 = 1 → 15.
+        assert_eq!(packed, vec![0x0F, 0x7C, 0xF0]);
+    }
+
+    #[test]
+    fn dynamic_map_is_sorted_signed_and_complete() {
+        let m = dynamic_map_signed();
+        assert_eq!(m.len(), 256);
+        assert!(m.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*m.last().unwrap(), 1.0);
+        assert!(m.contains(&0.0));
+    }
+}

@@ -1,0 +1,79 @@
+//! The log of a training run (one entry per step), kept on disk under the output directory
+//! so that runs of a session (or of earlier sessions) can be overlaid on one plot.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::notebook::LinePlot;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub step: usize,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens_per_second: f64,
+    pub epoch: f64,
+    /// Set on steps where an evaluation ran.
+    pub eval_loss: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunHistory {
+    pub name: String,
+    pub entries: Vec<LogEntry>,
+}
+
+impl RunHistory {
+    pub fn losses(&self) -> Vec<(usize, f64)> {
+        self.entries.iter().map(|e| (e.step, e.loss)).collect()
+    }
+
+    pub fn last_loss(&self) -> Option<f64> {
+        self.entries.last().map(|e| e.loss)
+    }
+
+    /// Writes `<output_dir>/runs/<name>.json` (atomically).
+    pub fn save(&self, output_dir: &Path) -> Result<()> {
+        let dir = output_dir.join("runs");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let file = dir.join(format!("{}.json", sanitize(&self.name)));
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        crate::peft::io::write_atomic(&file, &json)
+    }
+
+    /// Every run saved under `output_dir`, oldest first.
+    pub fn load_all(output_dir: &Path) -> Result<Vec<RunHistory>> {
+        let dir = output_dir.join("runs");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(vec![]);
+        };
+        let mut files: Vec<_> = entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .map(|e| (e.metadata().and_then(|m| m.modified()).ok(), e.path()))
+            .collect();
+        files.sort();
+        files.into_iter().map(|(_, p)| crate::error::read_json(&p)).collect()
+    }
+}
+
+/// One plot with every run's loss curve.
+pub fn plot_runs(runs: &[RunHistory]) -> LinePlot {
+    let mut plot = LinePlot::new("training loss").y_label("loss");
+    for run in runs {
+        for e in &run.entries {
+            plot.push(&run.name, e.step as f64, e.loss);
+        }
+    }
+    plot.finish();
+    plot
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.=".contains(c) { c } else { '_' })
+        .collect()
+}

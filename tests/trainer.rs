@@ -1,0 +1,108 @@
+//! The SFT trainer on the tiny Mistral: resuming from a checkpoint reproduces the
+//! uninterrupted run exactly; bad input gives clear errors.
+
+use peft_prelude::data::Dataset;
+use peft_prelude::model::{LoadOptions, Pretrained};
+use peft_prelude::peft::{get_peft_model, LoraConfig};
+use peft_prelude::train::{SftTrainer, TrainingArgs};
+use peft_prelude::Error;
+use peft_tests::fixture;
+
+fn dataset(n: usize) -> Dataset {
+    let rows: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("Question {i}: what comes after {i}?"),
+                "completion": format!(" The answer is {}.</s>", i + 1),
+            })
+        })
+        .collect();
+    Dataset::from_records(&rows).unwrap()
+}
+
+fn trainer(out: &std::path::Path, max_steps: i64, lr: f64, data: &Dataset) -> peft_prelude::Result<SftTrainer> {
+    let p = Pretrained::from_dir(fixture("tiny-mistral"), &LoadOptions::default()).unwrap();
+    let peft = get_peft_model(p.model, LoraConfig::all_projections(4, 8.0)).unwrap();
+    let args = TrainingArgs {
+        output_dir: out.to_path_buf(),
+        per_device_train_batch_size: 2,
+        gradient_accumulation_steps: 2,
+        learning_rate: lr,
+        max_steps,
+        warmup_steps: 1,
+        logging_steps: 1,
+        max_seq_length: 32,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    SftTrainer::new(peft, p.tokenizer, data, args)
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("peft-trainer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn resuming_from_a_checkpoint_reproduces_the_straight_run() {
+    let data = dataset(10);
+    let out = scratch("straight");
+    let mut straight = trainer(&out, 6, 1e-2, &data).unwrap();
+    let full = straight.train().unwrap();
+    assert_eq!(full.global_step, 6);
+    let straight_losses: Vec<f64> = straight.history().entries.iter().map(|e| e.loss).collect();
+    assert!(straight_losses.last().unwrap() < straight_losses.first().unwrap(), "{straight_losses:?}");
+
+    let out2 = scratch("halves");
+    let mut first = trainer(&out2, 6, 1e-2, &data).unwrap();
+    // Train 3 of the 6 steps (same schedule), checkpoint, continue in a brand-new trainer.
+    first.train_steps(3).unwrap();
+    assert_eq!(first.state().global_step, 3);
+    let ckpt = first.save_checkpoint().unwrap();
+    assert!(ckpt.ends_with("checkpoint-3"));
+    let mut second = trainer(&out2, 6, 1e-2, &data).unwrap();
+    second.resume_from_checkpoint(&ckpt).unwrap();
+    second.train().unwrap();
+    let resumed: Vec<f64> = second.history().entries.iter().map(|e| e.loss).collect();
+    assert_eq!(resumed, straight_losses, "same loss trajectory");
+    for ((n, a), (_, b)) in straight.model().trainable_vars().iter().zip(second.model().trainable_vars()) {
+        let d = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{n}");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+    std::fs::remove_dir_all(out2).unwrap();
+}
+
+#[test]
+fn nan_loss_stops_with_the_step() {
+    let out = scratch("nan");
+    let mut t = trainer(&out, 50, 1e9, &dataset(6)).unwrap();
+    let err = t.train().unwrap_err().to_string();
+    assert!(err.contains("loss is") && err.contains("at step"), "{err}");
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn bad_inputs() {
+    let out = scratch("bad");
+    let err = trainer(&out, 2, 1e-3, &Dataset::default()).err().unwrap().to_string();
+    assert!(err.contains("empty"), "{err}");
+
+    let missing = Dataset::from_records(&[serde_json::json!({"prompt": "only a prompt"})]).unwrap();
+    let err = trainer(&out, 2, 1e-3, &missing).err().unwrap().to_string();
+    assert!(err.contains("row 0") && err.contains("text"), "{err}");
+
+    // Longer than max_seq_length: truncated, and still trains.
+    let long = Dataset::from_records(&[serde_json::json!({"text": "word ".repeat(200)})]).unwrap();
+    let mut t = trainer(&out, 1, 1e-3, &long).unwrap();
+    t.train().unwrap();
+
+    // A file where the output directory should be.
+    let file = out.join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let err = trainer(&file, 2, 1e-3, &dataset(4)).err().unwrap();
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(err.to_string().contains("not-a-dir"), "{err}");
+    std::fs::remove_dir_all(out).unwrap();
+}
