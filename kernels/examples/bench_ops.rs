@@ -41,7 +41,9 @@ fn main() -> Result<()> {
         threads,
         || backward(&peft_kernels::rms_norm(&x, &w, 1e-5)?),
         || {
-            let r = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?.recip()?;
+            let r = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?
+                .sqrt()?
+                .recip()?;
             backward(&mul_const(&x.broadcast_mul(&r)?, &w)?)
         },
     )?;
@@ -60,7 +62,10 @@ fn main() -> Result<()> {
             let x = q.transpose(1, 2)?.contiguous()?;
             let half = HEAD_DIM / 2;
             let rot = Tensor::cat(
-                &[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?],
+                &[
+                    &x.narrow(D::Minus1, half, half)?.neg()?,
+                    &x.narrow(D::Minus1, 0, half)?,
+                ],
                 D::Minus1,
             )?;
             backward(&(mul_const(&x, &cos)? + mul_const(&rot, &sin)?)?)
@@ -100,7 +105,15 @@ fn main() -> Result<()> {
     // Cross-entropy over the 49152-token vocabulary from hidden states (tied head).
     let h = Var::randn(0f32, 1., (B * T, HIDDEN), &dev)?;
     let head = Tensor::randn(0f32, 0.05, (VOCAB, HIDDEN), &dev)?;
-    let labels: Vec<i64> = (0..B * T).map(|i| if i % 8 == 0 { -100 } else { (i * 7919 % VOCAB) as i64 }).collect();
+    let labels: Vec<i64> = (0..B * T)
+        .map(|i| {
+            if i % 8 == 0 {
+                -100
+            } else {
+                (i * 7919 % VOCAB) as i64
+            }
+        })
+        .collect();
     let lt = Tensor::new(labels.as_slice(), &dev)?;
     let ce_iters = iters.div_ceil(3).max(2);
     report(
@@ -121,8 +134,10 @@ fn main() -> Result<()> {
             // What peft_prelude's causal_lm_loss does with full logits.
             let logits = frozen_linear(&h, &head)?;
             let lsm = log_softmax(&logits)?;
-            let (idx, wt): (Vec<u32>, Vec<f32>) =
-                labels.iter().map(|&y| if y < 0 { (0, 0.) } else { (y as u32, 1.) }).unzip();
+            let (idx, wt): (Vec<u32>, Vec<f32>) = labels
+                .iter()
+                .map(|&y| if y < 0 { (0, 0.) } else { (y as u32, 1.) })
+                .unzip();
             let count = wt.iter().sum::<f32>() as f64;
             let idx = Tensor::from_vec(idx, (B * T, 1), &dev)?;
             let wt = Tensor::from_vec(wt, B * T, &dev)?;

@@ -32,8 +32,16 @@ struct Case {
 
 fn main() -> Result<()> {
     let cpu_only = std::env::args().any(|a| a == "--cpu");
-    let dev = if cpu_only { Device::Cpu } else { Device::new_cuda(0)? };
-    let dtypes: &[DType] = if cpu_only { &[DType::F32, DType::F64] } else { &[DType::F32, DType::BF16] };
+    let dev = if cpu_only {
+        Device::Cpu
+    } else {
+        Device::new_cuda(0)?
+    };
+    let dtypes: &[DType] = if cpu_only {
+        &[DType::F32, DType::F64]
+    } else {
+        &[DType::F32, DType::BF16]
+    };
     let mut failures = 0;
     for case in cases()? {
         for &dtype in dtypes {
@@ -56,13 +64,7 @@ fn main() -> Result<()> {
 
 /// Runs `f` on prepared inputs, backpropagates `sum(y ⊙ c)`; returns y and the gradients of the
 /// inputs that get one, all as f32 on the CPU.
-fn run(
-    case: &Case,
-    f: &OpFn,
-    dev: &Device,
-    dtype: DType,
-    c: &Tensor,
-) -> Result<Vec<Tensor>> {
+fn run(case: &Case, f: &OpFn, dev: &Device, dtype: DType, c: &Tensor) -> Result<Vec<Tensor>> {
     let mut vars = Vec::new();
     let mut args = Vec::new();
     for (kind, t) in &case.inputs {
@@ -85,14 +87,22 @@ fn run(
     let grads = (&y * &c)?.sum_all()?.backward()?;
     let mut out = vec![y.to_device(&Device::Cpu)?.to_dtype(DType::F64)?];
     for v in &vars {
-        let g = grads.get(v.as_tensor()).expect("every Act/Adapter input gets a gradient");
+        let g = grads
+            .get(v.as_tensor())
+            .expect("every Act/Adapter input gets a gradient");
         out.push(g.to_device(&Device::Cpu)?.to_dtype(DType::F64)?);
     }
     Ok(out)
 }
 
 fn check(case: &Case, dev: &Device, dtype: DType, cpu_only: bool) -> Result<(f64, f64)> {
-    let y0 = (case.fused)(&case.inputs.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>())?;
+    let y0 = (case.fused)(
+        &case
+            .inputs
+            .iter()
+            .map(|(_, t)| t.clone())
+            .collect::<Vec<_>>(),
+    )?;
     let c = Tensor::randn(0f32, 1., y0.shape(), &Device::Cpu)?;
     let (got, want) = if cpu_only {
         (
@@ -126,16 +136,28 @@ fn randn(shape: impl Into<candle_core::Shape>, std: f32) -> Result<Tensor> {
 
 fn cases() -> Result<Vec<Case>> {
     let (b, t, hidden, inter, heads, hd, vocab, rank) = (2, 64, 576, 1536, 9, 64, 3000, 16);
-    let labels: Vec<i64> =
-        (0..b * t).map(|i| if i % 7 == 0 { -100 } else { (i * 7919 % vocab) as i64 }).collect();
+    let labels: Vec<i64> = (0..b * t)
+        .map(|i| {
+            if i % 7 == 0 {
+                -100
+            } else {
+                (i * 7919 % vocab) as i64
+            }
+        })
+        .collect();
     let angles = randn((b, 1, t, hd), 3.)?;
     Ok(vec![
         Case {
             name: "rms_norm",
-            inputs: vec![(Kind::Act, randn((b, t, hidden), 1.)?), (Kind::Const, (randn(hidden, 0.1)? + 1.)?)],
+            inputs: vec![
+                (Kind::Act, randn((b, t, hidden), 1.)?),
+                (Kind::Const, (randn(hidden, 0.1)? + 1.)?),
+            ],
             fused: Box::new(|a| peft_kernels::rms_norm(&a[0], &a[1], 1e-5)),
             composition: Box::new(|a| {
-                let r = (a[0].sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?.recip()?;
+                let r = (a[0].sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?
+                    .sqrt()?
+                    .recip()?;
                 a[0].broadcast_mul(&r)?.broadcast_mul(&a[1].detach())
             }),
         },
@@ -152,7 +174,10 @@ fn cases() -> Result<Vec<Case>> {
                 let x = a[0].transpose(1, 2)?.contiguous()?;
                 let half = x.dim(D::Minus1)? / 2;
                 let rot = Tensor::cat(
-                    &[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?],
+                    &[
+                        &x.narrow(D::Minus1, half, half)?.neg()?,
+                        &x.narrow(D::Minus1, 0, half)?,
+                    ],
                     D::Minus1,
                 )?;
                 x.broadcast_mul(&a[1].detach())? + rot.broadcast_mul(&a[2].detach())?
@@ -160,7 +185,10 @@ fn cases() -> Result<Vec<Case>> {
         },
         Case {
             name: "swiglu",
-            inputs: vec![(Kind::Act, randn((b, t, inter), 2.)?), (Kind::Act, randn((b, t, inter), 1.)?)],
+            inputs: vec![
+                (Kind::Act, randn((b, t, inter), 2.)?),
+                (Kind::Act, randn((b, t, inter), 1.)?),
+            ],
             fused: Box::new(|a| peft_kernels::swiglu(&a[0], &a[1])),
             composition: Box::new(|a| a[0].silu()? * &a[1]),
         },
@@ -185,19 +213,29 @@ fn cases() -> Result<Vec<Case>> {
             inputs: vec![
                 (Kind::Act, randn((b, t, hidden), 1.)?),
                 (Kind::Const, randn((vocab, hidden), 0.05)?),
-                (Kind::Labels, Tensor::from_vec(labels, (b, t), &Device::Cpu)?),
+                (
+                    Kind::Labels,
+                    Tensor::from_vec(labels, (b, t), &Device::Cpu)?,
+                ),
             ],
             // Chunks of 1024 over a 3000-row vocabulary: three full chunks and a partial one.
-            fused: Box::new(|a| Ok(peft_kernels::fused_linear_cross_entropy(&a[0], &a[1], &a[2], 1024)?.0)),
+            fused: Box::new(|a| {
+                Ok(peft_kernels::fused_linear_cross_entropy(&a[0], &a[1], &a[2], 1024)?.0)
+            }),
             composition: Box::new(|a| {
                 let v = a[1].dim(0)?;
-                let logits = a[0].broadcast_matmul(&a[1].detach().t()?)?.reshape(((), v))?;
+                let logits = a[0]
+                    .broadcast_matmul(&a[1].detach().t()?)?
+                    .reshape(((), v))?;
                 let max = logits.max_keepdim(1)?.detach();
                 let shifted = logits.broadcast_sub(&max)?;
                 let lsm = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(1)?.log()?)?;
                 let labels: Vec<i64> = a[2].flatten_all()?.to_vec1()?;
                 let idx: Vec<u32> = labels.iter().map(|&y| y.max(0) as u32).collect();
-                let w: Vec<f64> = labels.iter().map(|&y| if y < 0 { 0. } else { 1. }).collect();
+                let w: Vec<f64> = labels
+                    .iter()
+                    .map(|&y| if y < 0 { 0. } else { 1. })
+                    .collect();
                 let count = w.iter().sum::<f64>();
                 let idx = Tensor::from_vec(idx, (labels.len(), 1), a[0].device())?;
                 let w = Tensor::from_vec(w, labels.len(), a[0].device())?.to_dtype(lsm.dtype())?;

@@ -30,7 +30,11 @@ macro_rules! float {
             fn storage_mut(s: &mut CpuStorage) -> Result<&mut [Self]> {
                 match s {
                     CpuStorage::$variant(v) => Ok(v),
-                    other => bail!("expected {} storage, got {:?}", stringify!($t), candle_core::backend::BackendStorage::dtype(other)),
+                    other => bail!(
+                        "expected {} storage, got {:?}",
+                        stringify!($t),
+                        candle_core::backend::BackendStorage::dtype(other)
+                    ),
                 }
             }
         }
@@ -42,7 +46,10 @@ float!(f64, F64);
 /// The contiguous elements of `s` under `l`; the wrappers make inputs contiguous first.
 pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
     let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("{op}: expected a contiguous input, got strides {:?}", l.stride())
+        bail!(
+            "{op}: expected a contiguous input, got strides {:?}",
+            l.stride()
+        )
     };
     Ok(&T::cpu_storage_as_slice(s)?[start..end])
 }

@@ -40,7 +40,8 @@ pub fn fused_linear_cross_entropy(
     let hd = hidden.dim(D::Minus1)?;
     let (vocab, hw) = head.dims2()?;
     let n = hidden.elem_count() / hd.max(1);
-    if hw != hd || labels.elem_count() != n || labels.dims() != &hidden.dims()[..hidden.rank() - 1] {
+    if hw != hd || labels.elem_count() != n || labels.dims() != &hidden.dims()[..hidden.rank() - 1]
+    {
         bail!(
             "cross_entropy: hidden {:?}, head {:?}, labels {:?} do not fit",
             hidden.dims(),
@@ -49,11 +50,19 @@ pub fn fused_linear_cross_entropy(
         )
     }
     if head.dtype() != hidden.dtype() {
-        bail!("cross_entropy: head is {:?}, hidden is {:?}", head.dtype(), hidden.dtype())
+        bail!(
+            "cross_entropy: head is {:?}, hidden is {:?}",
+            head.dtype(),
+            hidden.dtype()
+        )
     }
     let dev = hidden.device();
     let compute = cpu_dtype(dev, hidden.dtype());
-    let acc = if compute == DType::F64 { DType::F64 } else { DType::F32 };
+    let acc = if compute == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
 
     // The counted tokens, validated on the host.
     let labels_host: Vec<i64> = labels.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
@@ -76,13 +85,22 @@ pub fn fused_linear_cross_entropy(
     let head = head.detach().to_dtype(compute)?.contiguous()?;
     let h2 = hidden.detach().to_dtype(compute)?.reshape((n, hd))?;
     let rows = Tensor::from_vec(rows, count, dev)?;
-    let h_sel = if count == n { h2.contiguous()? } else { h2.index_select(&rows, 0)? };
+    let h_sel = if count == n {
+        h2.contiguous()?
+    } else {
+        h2.index_select(&rows, 0)?
+    };
     let targets = Tensor::from_vec(targets, count, dev)?;
     let want_grad = hidden.track_op();
 
     let mut state = Tensor::zeros((count, 4), acc, dev)?;
-    state = state.slice_assign(&[0..count, 0..1], &Tensor::full(f32::NEG_INFINITY, (count, 1), dev)?.to_dtype(acc)?)?;
-    let mut sum_w = want_grad.then(|| Tensor::zeros((count, hd), acc, dev)).transpose()?;
+    state = state.slice_assign(
+        &[0..count, 0..1],
+        &Tensor::full(f32::NEG_INFINITY, (count, 1), dev)?.to_dtype(acc)?,
+    )?;
+    let mut sum_w = want_grad
+        .then(|| Tensor::zeros((count, hd), acc, dev))
+        .transpose()?;
     let chunk = chunk.max(1);
     for v0 in (0..vocab).step_by(chunk) {
         let c = chunk.min(vocab - v0);
@@ -102,7 +120,9 @@ pub fn fused_linear_cross_entropy(
     let lse = (m + s.log()?)?;
     let loss = ((lse - state.narrow(1, 2, 1)?)?.sum_all()? / count as f64)?;
 
-    let Some(acc_w) = sum_w else { return Ok((loss, count)) };
+    let Some(acc_w) = sum_w else {
+        return Ok((loss, count));
+    };
     let target_rows = head.index_select(&targets, 0)?.to_dtype(acc)?;
     let dh_sel = ((acc_w.broadcast_div(&s)? - target_rows)? / count as f64)?;
     let dh = if count == n {
@@ -112,7 +132,9 @@ pub fn fused_linear_cross_entropy(
     };
     let (shape, dtype) = (hidden.shape().clone(), hidden.dtype());
     let loss = crate::frozen::reattach(hidden, loss, move |g| {
-        dh.broadcast_mul(&g.to_dtype(dh.dtype())?)?.reshape(&shape)?.to_dtype(dtype)
+        dh.broadcast_mul(&g.to_dtype(dh.dtype())?)?
+            .reshape(&shape)?
+            .to_dtype(dtype)
     })?;
     Ok((loss, count))
 }
@@ -153,7 +175,11 @@ impl CustomOp3 for ChunkStats {
                         sum += (v - m).exp();
                     }
                     let t = t as usize;
-                    let tgt = if (v0..v0 + c).contains(&t) { row[t - v0] } else { T::zero() };
+                    let tgt = if (v0..v0 + c).contains(&t) {
+                        row[t - v0]
+                    } else {
+                        T::zero()
+                    };
                     o[0] = m;
                     o[1] = s[1] * alpha + sum;
                     o[2] = s[2] + tgt;
@@ -164,7 +190,11 @@ impl CustomOp3 for ChunkStats {
         let op = self.name();
         let c = ll.dims()[1];
         let t = slice::<u32>(t, tl, op)?;
-        let s = dispatch_float!(op, l.dtype(), run(slice(l, ll, op)?, t, slice(st, sl, op)?, c, self.v0));
+        let s = dispatch_float!(
+            op,
+            l.dtype(),
+            run(slice(l, ll, op)?, t, slice(st, sl, op)?, c, self.v0)
+        );
         Ok((s, sl.shape().clone()))
     }
 
@@ -193,14 +223,18 @@ impl InplaceOp2 for ExpShifted {
 
     fn cpu_fwd(&self, l: &mut CpuStorage, ll: &Layout, st: &CpuStorage, sl: &Layout) -> Result<()> {
         fn run<T: Float>(l: &mut CpuStorage, ll: &Layout, st: &[T]) -> Result<()> {
-            let Some((a, b)) = ll.contiguous_offsets() else { bail!("ce: logits not contiguous") };
+            let Some((a, b)) = ll.contiguous_offsets() else {
+                bail!("ce: logits not contiguous")
+            };
             let c = ll.dims()[1];
             let l = &mut T::storage_mut(l)?[a..b];
-            l.par_chunks_mut(c).zip(st.par_chunks(4)).for_each(|(row, s)| {
-                for v in row {
-                    *v = (*v - s[0]).exp();
-                }
-            });
+            l.par_chunks_mut(c)
+                .zip(st.par_chunks(4))
+                .for_each(|(row, s)| {
+                    for v in row {
+                        *v = (*v - s[0]).exp();
+                    }
+                });
             Ok(())
         }
         let op = self.name();
@@ -229,7 +263,10 @@ mod tests {
         let logits = h.broadcast_matmul(&head.t()?)?;
         let v = head.dim(0)?;
         let logits = logits.reshape(((), v))?;
-        let lsm = (logits.broadcast_sub(&logits.max_keepdim(1)?)?).exp()?.sum_keepdim(1)?.log()?;
+        let lsm = (logits.broadcast_sub(&logits.max_keepdim(1)?)?)
+            .exp()?
+            .sum_keepdim(1)?
+            .log()?;
         let lsm = logits.broadcast_sub(&(lsm + logits.max_keepdim(1)?)?)?;
         let (mut idx, mut w) = (vec![], vec![]);
         for &y in labels {
@@ -258,7 +295,9 @@ mod tests {
             let one = Tensor::ones((), dtype, &dev)?;
             for chunk in [8, 16, 53, 1000] {
                 let (loss, dh) = grad_of(&h, &one, |h| {
-                    Ok(fused_linear_cross_entropy(h, &head, &lt, chunk)?.0.to_dtype(dtype)?)
+                    Ok(fused_linear_cross_entropy(h, &head, &lt, chunk)?
+                        .0
+                        .to_dtype(dtype)?)
                 })?;
                 let (loss_ref, dh_ref) = grad_of(&h, &one, |h| reference(h, &head, &labels))?;
                 assert_close("ce loss", &loss, &loss_ref, 1e-5)?;

@@ -46,7 +46,10 @@ fn kname(name: &str, dtype: DType) -> Result<String> {
 /// The contiguous elements of `s` under `l`.
 fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("peft-kernels CUDA: expected a contiguous input, got strides {:?}", l.stride())
+        bail!(
+            "peft-kernels CUDA: expected a contiguous input, got strides {:?}",
+            l.stride()
+        )
     };
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
@@ -54,13 +57,21 @@ fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result
 fn grid_for(n: usize, threads: u32) -> LaunchConfig {
     // Grid-stride loops: cap the grid, the kernels loop over the rest.
     let blocks = n.div_ceil(threads as usize).clamp(1, 65535 * 8) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// One block per row, a multiple of 32 threads (the block reductions need whole warps).
 fn rows_config(rows: usize, d: usize) -> LaunchConfig {
     let threads = (d.div_ceil(32) * 32).clamp(32, 1024) as u32;
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
@@ -89,7 +100,11 @@ pub(crate) fn rms_norm_fwd(
         let dev = x.device().clone();
         let (xv, wv) = (view::<T>(x, xl)?, view::<T>(w, wl)?);
         let y = alloc::<T>(&dev, rows * d)?;
-        let f = dev.get_or_load_custom_func(&kname("rms_norm_fwd", x.dtype())?, "peft_rmsnorm", ptx::RMSNORM)?;
+        let f = dev.get_or_load_custom_func(
+            &kname("rms_norm_fwd", x.dtype())?,
+            "peft_rmsnorm",
+            ptx::RMSNORM,
+        )?;
         let mut b = f.builder();
         b.arg(&xv).arg(&wv).arg(&y);
         candle_core::builder_arg!(b, d as u32, eps);
@@ -126,7 +141,11 @@ pub(crate) fn rms_norm_bwd(
         let dev = x.device().clone();
         let (xv, wv, gv) = (view::<T>(x, xl)?, view::<T>(w, wl)?, view::<T>(dy, dyl)?);
         let dx = alloc::<T>(&dev, rows * d)?;
-        let f = dev.get_or_load_custom_func(&kname("rms_norm_bwd", x.dtype())?, "peft_rmsnorm", ptx::RMSNORM)?;
+        let f = dev.get_or_load_custom_func(
+            &kname("rms_norm_bwd", x.dtype())?,
+            "peft_rmsnorm",
+            ptx::RMSNORM,
+        )?;
         let mut b = f.builder();
         b.arg(&xv).arg(&wv).arg(&gv).arg(&dx);
         candle_core::builder_arg!(b, d as u32, eps);
@@ -196,7 +215,11 @@ pub(crate) fn swiglu_fwd(
         let n = gl.shape().elem_count();
         let (gv, uv) = (view::<T>(g, gl)?, view::<T>(u, ul)?);
         let h = alloc::<T>(&dev, n)?;
-        let f = dev.get_or_load_custom_func(&kname("swiglu_fwd", g.dtype())?, "peft_swiglu", ptx::SWIGLU)?;
+        let f = dev.get_or_load_custom_func(
+            &kname("swiglu_fwd", g.dtype())?,
+            "peft_swiglu",
+            ptx::SWIGLU,
+        )?;
         let mut b = f.builder();
         b.arg(&gv).arg(&uv).arg(&h);
         candle_core::builder_arg!(b, n as u64);
@@ -226,7 +249,11 @@ pub(crate) fn swiglu_bwd(
         let n = gl.shape().elem_count();
         let (gv, uv, dv) = (view::<T>(g, gl)?, view::<T>(u, ul)?, view::<T>(dh, dhl)?);
         let out = alloc::<T>(&dev, 2 * n)?;
-        let f = dev.get_or_load_custom_func(&kname("swiglu_bwd", g.dtype())?, "peft_swiglu", ptx::SWIGLU)?;
+        let f = dev.get_or_load_custom_func(
+            &kname("swiglu_bwd", g.dtype())?,
+            "peft_swiglu",
+            ptx::SWIGLU,
+        )?;
         let mut b = f.builder();
         b.arg(&gv).arg(&uv).arg(&dv).arg(&out);
         candle_core::builder_arg!(b, n as u64);
@@ -236,12 +263,12 @@ pub(crate) fn swiglu_bwd(
     by_dtype!(g.dtype(), run(g, gl, u, ul, dh, dhl))
 }
 
-/// In place: `y[i, o] += scale·Σ_k xa[i, k]·b[k·sk + o·so]` for contiguous `y: [m, n]`,
-/// `xa: [m, r]`.
+/// In place: `y[i, o] += scale·Σ_k xa[i, k]·b[k·sk + o·so]` for `y: [m, n]` (contiguous from
+/// offset 0, as a fresh matmul result is) and contiguous `xa: [m, r]`, `b`.
 pub(crate) fn add_low_rank(
     y: &mut CudaStorage,
-    xa: &CudaStorage,
-    b: &CudaStorage,
+    (xa, xal): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
     (m, n, r): (usize, usize, usize),
     (sk, so): (usize, usize),
     scale: f32,
@@ -249,22 +276,18 @@ pub(crate) fn add_low_rank(
     #[allow(clippy::too_many_arguments)]
     fn run<T: CudaDType + DeviceRepr>(
         y: &mut CudaStorage,
-        xa: &CudaStorage,
-        b: &CudaStorage,
-        m: usize,
-        n: usize,
-        r: usize,
-        sk: usize,
-        so: usize,
+        (xa, xal): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
+        (m, n, r): (usize, usize, usize),
+        (sk, so): (usize, usize),
         scale: f32,
     ) -> Result<()> {
         let dev = xa.device().clone();
-        let dtype = xa.dtype();
-        let f = dev.get_or_load_custom_func(&kname("add_low_rank", dtype)?, "peft_lora", ptx::LORA)?;
-        let (xv, bv) = (xa.as_cuda_slice::<T>()?, b.as_cuda_slice::<T>()?);
+        let f = dev.get_or_load_custom_func(&kname("add_low_rank", xa.dtype())?, "peft_lora", ptx::LORA)?;
+        let (xv, bv) = (view::<T>(xa, xal)?, view::<T>(b, bl)?);
         let yv = y.as_cuda_slice_mut::<T>()?;
         let mut bl = f.builder();
-        bl.arg(yv).arg(xv).arg(bv);
+        bl.arg(yv).arg(&xv).arg(&bv);
         candle_core::builder_arg!(bl, m as u32, n as u32, r as u32, sk as u64, so as u64, scale);
         unsafe { bl.launch(grid_for(m * n, 256)) }.w()?;
         Ok(())
@@ -272,7 +295,7 @@ pub(crate) fn add_low_rank(
     if y.dtype() != xa.dtype() || b.dtype() != xa.dtype() {
         bail!("add_low_rank: mixed dtypes")
     }
-    by_dtype!(xa.dtype(), run(y, xa, b, m, n, r, sk, so, scale))
+    by_dtype!(xa.dtype(), run(y, (xa, xal), (b, bl), (m, n, r), (sk, so), scale))
 }
 
 pub(crate) fn ce_chunk_stats(
@@ -299,7 +322,11 @@ pub(crate) fn ce_chunk_stats(
         let tv = view::<u32>(t, tl)?;
         let sv = view::<f32>(st, sl)?;
         let out = alloc::<f32>(&dev, n * 4)?;
-        let f = dev.get_or_load_custom_func(&kname("ce_chunk_stats", l.dtype())?, "peft_ce", ptx::CROSS_ENTROPY)?;
+        let f = dev.get_or_load_custom_func(
+            &kname("ce_chunk_stats", l.dtype())?,
+            "peft_ce",
+            ptx::CROSS_ENTROPY,
+        )?;
         let mut b = f.builder();
         b.arg(&lv).arg(&tv).arg(&sv).arg(&out);
         candle_core::builder_arg!(b, c as u32, v0 as u32);
@@ -326,10 +353,16 @@ pub(crate) fn ce_exp_shifted(
     ) -> Result<()> {
         let dev = st.device().clone();
         let (n, c) = ll.shape().dims2()?;
-        let Some((a, e)) = ll.contiguous_offsets() else { bail!("ce: logits not contiguous") };
+        let Some((a, e)) = ll.contiguous_offsets() else {
+            bail!("ce: logits not contiguous")
+        };
         let sv = view::<f32>(st, sl)?;
         let dtype = l.dtype();
-        let f = dev.get_or_load_custom_func(&kname("ce_exp_shifted", dtype)?, "peft_ce", ptx::CROSS_ENTROPY)?;
+        let f = dev.get_or_load_custom_func(
+            &kname("ce_exp_shifted", dtype)?,
+            "peft_ce",
+            ptx::CROSS_ENTROPY,
+        )?;
         let mut lv = l.as_cuda_slice_mut::<T>()?.slice_mut(a..e);
         let mut b = f.builder();
         b.arg(&mut lv).arg(&sv);

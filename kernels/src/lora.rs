@@ -100,7 +100,9 @@ impl CustomOp3 for LoraLinear {
         let (m, k) = xl.shape().dims2()?;
         let (r, n) = (al.dims()[0], bl.dims()[0]);
         let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(ws) = &*ws else { bail!("lora_linear: w is not on the CPU") };
+        let Storage::Cpu(ws) = &*ws else {
+            bail!("lora_linear: w is not on the CPU")
+        };
         let y = x.matmul(ws, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
         let xa = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
         let op = self.name();
@@ -126,11 +128,14 @@ impl CustomOp3 for LoraLinear {
         let (m, k) = xl.shape().dims2()?;
         let (r, n) = (al.dims()[0], bl.dims()[0]);
         let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cuda(ws) = &*ws else { bail!("lora_linear: w is not on the GPU") };
+        let Storage::Cuda(ws) = &*ws else {
+            bail!("lora_linear: w is not on the GPU")
+        };
         let mut y = x.matmul(ws, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
         let xa = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
         // y += s·xa·Bᵀ, reading B[o, k] at o·r + k.
-        crate::cuda::add_low_rank(&mut y, &xa, b, (m, n, r), (1, r), self.scale as f32)?;
+        let xal = Layout::contiguous((m, r));
+        crate::cuda::add_low_rank(&mut y, (&xa, &xal), (b, bl), (m, n, r), (1, r), self.scale as f32)?;
         let xa = Tensor::from_storage(
             Storage::Cuda(xa),
             (m, r),
@@ -215,7 +220,13 @@ impl InplaceOp3 for AddLowRank {
         bt: &CpuStorage,
         bl: &Layout,
     ) -> Result<()> {
-        fn run<T: Float>(y: &mut CpuStorage, yl: &Layout, xa: &[T], bt: &[T], r: usize) -> Result<()> {
+        fn run<T: Float>(
+            y: &mut CpuStorage,
+            yl: &Layout,
+            xa: &[T],
+            bt: &[T],
+            r: usize,
+        ) -> Result<()> {
             let Some((start, end)) = yl.contiguous_offsets() else {
                 bail!("add_low_rank: y must be contiguous")
             };
@@ -226,7 +237,11 @@ impl InplaceOp3 for AddLowRank {
         }
         let op = self.name();
         let r = xl.dims()[1];
-        dispatch_float!(op, xa.dtype(), run(y, yl, slice(xa, xl, op)?, slice(bt, bl, op)?, r))
+        dispatch_float!(
+            op,
+            xa.dtype(),
+            run(y, yl, slice(xa, xl, op)?, slice(bt, bl, op)?, r)
+        )
     }
 
     #[cfg(feature = "cuda")]
@@ -239,13 +254,17 @@ impl InplaceOp3 for AddLowRank {
         bt: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<()> {
-        if !yl.is_contiguous() || yl.start_offset() != 0 || !xl.is_contiguous() || !bl.is_contiguous() {
+        if !yl.is_contiguous()
+            || yl.start_offset() != 0
+            || !xl.is_contiguous()
+            || !bl.is_contiguous()
+        {
             bail!("add_low_rank: expected contiguous operands")
         }
         let (m, n) = yl.shape().dims2()?;
         let r = xl.dims()[1];
         // bt[k, o] at k·n + o.
-        crate::cuda::add_low_rank(y, xa, bt, (m, n, r), (n, 1), 1.0)
+        crate::cuda::add_low_rank(y, (xa, xl), (bt, bl), (m, n, r), (n, 1), 1.0)
     }
 }
 

@@ -15,7 +15,11 @@ use crate::common::{cpu_dtype, dispatch_float, rows_per_task, slice, Float};
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     if weight.dims() != [d] {
-        candle_core::bail!("rms_norm: weight {:?} does not match x {:?}", weight.dims(), x.dims())
+        candle_core::bail!(
+            "rms_norm: weight {:?} does not match x {:?}",
+            weight.dims(),
+            x.dims()
+        )
     }
     let dtype = x.dtype();
     let compute = cpu_dtype(x.device(), dtype);
@@ -144,7 +148,12 @@ impl CustomOp3 for RmsNormBwd {
         let s = dispatch_float!(
             op,
             x.dtype(),
-            run(slice(x, xl, op)?, slice(w, wl, op)?, slice(dy, dyl, op)?, self.eps)
+            run(
+                slice(x, xl, op)?,
+                slice(w, wl, op)?,
+                slice(dy, dyl, op)?,
+                self.eps
+            )
         );
         Ok((s, xl.shape().clone()))
     }
@@ -190,7 +199,9 @@ mod tests {
     fn matches_the_composition_forward_and_backward() -> Result<()> {
         for dtype in [DType::F32, DType::F64] {
             let dev = Device::Cpu;
-            let x = Var::randn(0f32, 1., (3, 5, 67), &dev)?.as_tensor().to_dtype(dtype)?;
+            let x = Var::randn(0f32, 1., (3, 5, 67), &dev)?
+                .as_tensor()
+                .to_dtype(dtype)?;
             let x = Var::from_tensor(&x)?;
             let w = Tensor::randn(1f32, 0.3, 67, &dev)?.to_dtype(dtype)?;
             let c = Tensor::randn(0f32, 1., (3, 5, 67), &dev)?.to_dtype(dtype)?;
@@ -220,6 +231,11 @@ mod tests {
         let w = Tensor::ones(16, DType::F32, &dev)?;
         let y = rms_norm(&x.to_dtype(DType::BF16)?, &w, 1e-6)?;
         assert_eq!(y.dtype(), DType::BF16);
-        assert_close("bf16", &y.to_dtype(DType::F32)?, &reference(&x, &w, 1e-6)?, 1e-2)
+        assert_close(
+            "bf16",
+            &y.to_dtype(DType::F32)?,
+            &reference(&x, &w, 1e-6)?,
+            1e-2,
+        )
     }
 }

@@ -34,7 +34,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         c.detach().to_dtype(compute)?.contiguous()
     };
     let x = x.to_dtype(compute)?;
-    let x = if x.stride()[3] == 1 { x } else { x.contiguous()? };
+    let x = if x.stride()[3] == 1 {
+        x
+    } else {
+        x.contiguous()?
+    };
     let y = x.apply_op3(&tables(cos)?, &tables(sin)?, Rope { transpose: false })?;
     y.to_dtype(dtype)
 }
@@ -59,7 +63,9 @@ pub(crate) struct RopeDims {
 
 impl RopeDims {
     fn new(xl: &Layout, cl: &Layout) -> Result<Self> {
-        let &[b, h, t, d] = xl.dims() else { bail!("rope: x must be rank 4") };
+        let &[b, h, t, d] = xl.dims() else {
+            bail!("rope: x must be rank 4")
+        };
         let s = xl.stride();
         if s[3] != 1 || !cl.is_contiguous() {
             bail!("rope: unsupported layout")
@@ -164,8 +170,18 @@ impl CustomOp3 for Rope {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = if dy.stride()[3] == 1 { dy.clone() } else { dy.contiguous()? };
-        let dx = dy.apply_op3_no_bwd(cos, sin, &Rope { transpose: !self.transpose })?;
+        let dy = if dy.stride()[3] == 1 {
+            dy.clone()
+        } else {
+            dy.contiguous()?
+        };
+        let dx = dy.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                transpose: !self.transpose,
+            },
+        )?;
         Ok((Some(dx), None, None))
     }
 }
@@ -201,7 +217,8 @@ mod tests {
         let dev = Device::Cpu;
         for dtype in [DType::F32, DType::F64] {
             let (b, h, t, d) = (2, 3, 5, 8);
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(dtype)?)?;
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(dtype)?)?;
             let c = Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(dtype)?;
             let (cos, sin) = tables(b, t, d, dtype)?;
             let (y, dx) = grad_of(&x, &c, |x| rope(x, &cos, &sin))?;

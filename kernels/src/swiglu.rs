@@ -12,7 +12,13 @@ use crate::common::{cpu_dtype, dispatch_float, slice, Float};
 /// `silu(gate) ⊙ up` for two tensors of the same shape and dtype; both get gradients.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.shape() != up.shape() || gate.dtype() != up.dtype() {
-        bail!("swiglu: gate {:?} {:?} vs up {:?} {:?}", gate.dims(), gate.dtype(), up.dims(), up.dtype())
+        bail!(
+            "swiglu: gate {:?} {:?} vs up {:?} {:?}",
+            gate.dims(),
+            gate.dtype(),
+            up.dims(),
+            up.dtype()
+        )
     }
     let dtype = gate.dtype();
     let compute = cpu_dtype(gate.device(), dtype);
@@ -102,7 +108,11 @@ impl CustomOp3 for SwiGluBwd {
             let (dg, du) = out.split_at_mut(n);
             dg.par_chunks_mut(BLOCK)
                 .zip(du.par_chunks_mut(BLOCK))
-                .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)).zip(dh.par_chunks(BLOCK)))
+                .zip(
+                    g.par_chunks(BLOCK)
+                        .zip(u.par_chunks(BLOCK))
+                        .zip(dh.par_chunks(BLOCK)),
+                )
                 .for_each(|((dgb, dub), ((gb, ub), dhb))| {
                     for i in 0..gb.len() {
                         let (g, u, dh) = (gb[i], ub[i], dhb[i]);

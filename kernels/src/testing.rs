@@ -10,7 +10,10 @@ pub(crate) fn grad_of(
 ) -> Result<(Tensor, Tensor)> {
     let y = f(x.as_tensor())?;
     let grads = (&y * c)?.sum_all()?.backward()?;
-    let dx = grads.get(x.as_tensor()).expect("gradient reaches x").clone();
+    let dx = grads
+        .get(x.as_tensor())
+        .expect("gradient reaches x")
+        .clone();
     Ok((y, dx))
 }
 
@@ -21,6 +24,9 @@ pub(crate) fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) -> Resu
     let b = b.to_dtype(DType::F64)?;
     let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
     let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-30);
-    assert!(diff / scale <= tol, "{what}: max diff {diff:e} / scale {scale:e} > {tol:e}");
+    assert!(
+        diff / scale <= tol,
+        "{what}: max diff {diff:e} / scale {scale:e} > {tol:e}"
+    );
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! | [`peft`] | LoRA (rsLoRA, DoRA), IA3, prompt/prefix/P-tuning, bottleneck adapters; PEFT-format save/load |
 //! | [`data`] | JSON/JSONL/hub datasets, Alpaca template, tokenization, loss masks, padding, packing |
 //! | [`train`] | losses, AdamW, schedules, SFT and DPO trainers |
+//! | [`quant`] | NF4 (bitsandbytes-exact, double quantization), bnb-4bit checkpoints, GGUF-quantized frozen projections |
 //! | [`generate`] | sampling, KV-cached decoding, streamers |
 //! | [`notebook`] | display handles, progress, live plots, token streaming, interrupt check |
 //! | [`prelude`] | one glob import for notebook cells |
@@ -18,6 +19,7 @@ pub mod model;
 pub mod notebook;
 pub mod peft;
 pub mod prelude;
+pub mod quant;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;

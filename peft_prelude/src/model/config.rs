@@ -149,10 +149,13 @@ impl ModelConfig {
             }
         }
         if let Some(q) = raw.quantization_config.as_ref() {
+            // bitsandbytes 4-bit checkpoints load through `quant::bnb` (which checks the rest).
             let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("?");
-            return Err(ConfigProblem::Unsupported(format!(
-                "quantized checkpoint (quant_method `{method}`) in this loader; use the 4-bit loader"
-            )));
+            if method != "bitsandbytes" {
+                return Err(ConfigProblem::Unsupported(format!(
+                    "quantized checkpoint (quant_method `{method}`); only bitsandbytes 4-bit (nf4) loads"
+                )));
+            }
         }
         let rope_theta = raw
             .rope_theta

@@ -149,8 +149,8 @@ pub struct ModelWeights {
 pub struct LayerWeights {
     pub input_layernorm: Tensor,
     pub post_attention_layernorm: Tensor,
-    /// q, k, v, o, gate, up, down, each `[out, in]`.
-    pub projections: [Tensor; 7],
+    /// q, k, v, o, gate, up, down, each `[out, in]` (dense or quantized).
+    pub projections: [FrozenLinear; 7],
 }
 
 impl Model {
@@ -161,9 +161,8 @@ impl Model {
             .layers
             .into_iter()
             .map(|l| {
-                let [q, k, v, o, gate, up, down] = l.projections.map(|w| -> Box<dyn Linear> {
-                    Box::new(FrozenLinear::new(w, None))
-                });
+                let [q, k, v, o, gate, up, down] =
+                    l.projections.map(|w| -> Box<dyn Linear> { Box::new(w) });
                 DecoderLayer {
                     input_layernorm: RmsNorm::new(l.input_layernorm, eps),
                     self_attn: Attention {
@@ -678,7 +677,8 @@ impl ModelWeights {
                         randn(&[i, h])?,
                         randn(&[i, h])?,
                         randn(&[h, i])?,
-                    ],
+                    ]
+                    .map(|w| FrozenLinear::new(w, None)),
                 })
             })
             .collect::<Result<Vec<_>>>()?;

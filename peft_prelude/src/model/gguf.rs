@@ -11,9 +11,12 @@ use std::sync::Mutex;
 use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 
+use std::sync::Arc;
+
 use super::config::ModelConfig;
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
+use crate::quant::{GgmlWeight, Quantization, QuantizedWeight};
 
 /// GGUF tensor types this loader reads (dequantized at load for now).
 pub const SUPPORTED_TYPES: [GgmlDType; 9] = [
@@ -171,6 +174,34 @@ impl WeightSource for GgufSource<'_> {
             None => w,
         };
         Ok(w.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    fn load_quantized(
+        &self,
+        name: &str,
+        dtype: DType,
+        quantization: Quantization,
+    ) -> Result<Option<Arc<dyn QuantizedWeight>>> {
+        if quantization != Quantization::KeepGguf {
+            return Ok(None);
+        }
+        let Some((g, heads)) = self.gguf_name(name) else {
+            return Ok(None);
+        };
+        let Some(info) = self.file.content.tensor_infos.get(g) else {
+            return Ok(None);
+        };
+        // Float tensors gain nothing from the quantized path.
+        if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(None);
+        }
+        let q = self.file.qtensor(g, &Device::Cpu)?;
+        let q = match heads {
+            Some(n) => GgmlWeight::unpermute_rows(&q, *n)
+                .map_err(|e| Error::corrupt(&self.file.path, format!("tensor `{g}`: {e}")))?,
+            None => q,
+        };
+        Ok(Some(Arc::new(GgmlWeight::new(q, dtype)?)))
     }
 }
 

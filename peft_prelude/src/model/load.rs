@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use super::config::ModelConfig;
-use super::decoder::Model;
+use super::decoder::{Model, ModelWeights};
 use super::gguf::{GgufFile, GgufSource};
-use super::weights::{load_model_weights, SafetensorsSource};
+use super::weights::{load_model_weights_quantized, SafetensorsSource};
 use crate::error::{Error, Result};
+use crate::quant::bnb::BnbConfig;
+use crate::quant::Quantization;
 use crate::generate::GenerationConfig;
 use crate::tokenizer::Tokenizer;
 
@@ -17,7 +19,10 @@ use crate::tokenizer::Tokenizer;
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: Device,
+    /// Embeddings, norms, lm_head, dense projections, and the outputs of quantized ones.
     pub dtype: DType,
+    /// How the decoder projections are stored (default: dense).
+    pub quantization: Quantization,
 }
 
 impl Default for LoadOptions {
@@ -25,7 +30,23 @@ impl Default for LoadOptions {
         LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
+            quantization: Quantization::None,
         }
+    }
+}
+
+impl LoadOptions {
+    /// bitsandbytes-style `load_in_4bit`: NF4 with double quantization (the QLoRA setting).
+    pub fn load_in_4bit() -> Self {
+        LoadOptions {
+            quantization: Quantization::QLORA,
+            ..Default::default()
+        }
+    }
+
+    pub fn with_quantization(mut self, quantization: Quantization) -> Self {
+        self.quantization = quantization;
+        self
     }
 }
 
@@ -72,9 +93,7 @@ impl Pretrained {
     pub fn from_dir(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_json_file(dir.join("config.json"))?;
-        let files = SafetensorsSource::files_in_dir(dir)?;
-        let source = SafetensorsSource::open(files)?;
-        let weights = load_model_weights(&config, &source, options.dtype, &options.device)?;
+        let weights = load_dir_weights(dir, &config, options)?;
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
         let generation_config = GenerationConfig::for_model(
             &config,
@@ -89,11 +108,18 @@ impl Pretrained {
         })
     }
 
-    /// A GGUF file of the `llama` architecture; quantized weights are dequantized at load.
+    /// A GGUF file of the `llama` architecture; quantized weights are dequantized at load
+    /// unless `options.quantization` is [`Quantization::KeepGguf`].
     pub fn from_gguf(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let file = GgufFile::open(path)?;
         let config = file.config()?;
-        let weights = load_model_weights(&config, &GgufSource::new(&file, &config), options.dtype, &options.device)?;
+        let weights = load_model_weights_quantized(
+            &config,
+            &GgufSource::new(&file, &config),
+            options.dtype,
+            &options.device,
+            options.quantization,
+        )?;
         let tokenizer = Tokenizer::from_gguf(file.content(), file.path())?;
         let generation_config = GenerationConfig::for_model(&config, &tokenizer, None)?;
         Ok(Pretrained {
@@ -143,6 +169,22 @@ impl Pretrained {
         }
         Self::from_dir(dir, options)
     }
+}
+
+/// The model (no tokenizer) of a Hugging Face directory, e.g. a bitsandbytes 4-bit checkpoint.
+pub fn load_model_from_dir(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Model> {
+    let dir = dir.as_ref();
+    let config = ModelConfig::from_json_file(dir.join("config.json"))?;
+    let weights = load_dir_weights(dir, &config, options)?;
+    Model::new(config, weights)
+}
+
+/// The weights of a model directory; a bitsandbytes `quantization_config` in config.json is
+/// checked first (only 4-bit NF4 loads).
+fn load_dir_weights(dir: &Path, config: &ModelConfig, options: &LoadOptions) -> Result<ModelWeights> {
+    BnbConfig::from_config_json(&dir.join("config.json"))?;
+    let source = SafetensorsSource::open(SafetensorsSource::files_in_dir(dir)?)?;
+    load_model_weights_quantized(config, &source, options.dtype, &options.device, options.quantization)
 }
 
 fn split_gguf(repo: &str) -> Option<(&str, &str)> {

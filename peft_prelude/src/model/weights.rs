@@ -6,9 +6,13 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use std::sync::Arc;
+
 use super::config::ModelConfig;
 use super::decoder::{LayerWeights, ModelWeights, ATTENTION_PROJECTIONS, MLP_PROJECTIONS};
+use super::linear::FrozenLinear;
 use crate::error::{Error, Result};
+use crate::quant::{bnb, Nf4Weight, Quantization, QuantizedWeight};
 
 /// A checkpoint that can produce tensors by Hugging Face name.
 pub trait WeightSource {
@@ -19,6 +23,20 @@ pub trait WeightSource {
     fn shape(&self, name: &str) -> Result<Vec<usize>>;
     /// Loads the tensor (dequantized, converted to `dtype`) onto `device`.
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor>;
+    /// The dtype the tensor is stored in, when the format says so.
+    fn dtype(&self, _name: &str) -> Option<DType> {
+        None
+    }
+    /// The tensor kept in the file's own quantized format (GGUF), when it has one and
+    /// `quantization` asks for it; `None` means load it dense.
+    fn load_quantized(
+        &self,
+        _name: &str,
+        _dtype: DType,
+        _quantization: Quantization,
+    ) -> Result<Option<Arc<dyn QuantizedWeight>>> {
+        Ok(None)
+    }
 }
 
 /// Loads every tensor the decoder needs, checking names and shapes first so that a checkpoint
@@ -28,6 +46,19 @@ pub fn load_model_weights(
     source: &dyn WeightSource,
     dtype: DType,
     device: &Device,
+) -> Result<ModelWeights> {
+    load_model_weights_quantized(config, source, dtype, device, Quantization::None)
+}
+
+/// [`load_model_weights`] with the decoder projections stored as `quantization` says. Each
+/// projection is quantized right after it is read, so at most one layer is ever dense.
+/// bitsandbytes 4-bit projections stay in NF4 whatever `quantization` says.
+pub fn load_model_weights_quantized(
+    config: &ModelConfig,
+    source: &dyn WeightSource,
+    dtype: DType,
+    device: &Device,
+    quantization: Quantization,
 ) -> Result<ModelWeights> {
     let c = config;
     let q_out = c.num_attention_heads * c.head_dim;
@@ -70,7 +101,7 @@ pub fn load_model_weights(
             .collect();
         let mut projections = Vec::with_capacity(7);
         for (name, shape) in names.iter().zip(proj_shapes.iter()) {
-            projections.push(get(name, shape)?);
+            projections.push(load_projection(source, name, shape, dtype, device, quantization, &get)?);
         }
         layers.push(LayerWeights {
             input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
@@ -92,6 +123,52 @@ pub fn load_model_weights(
         norm: get("model.norm.weight", &[h])?,
         lm_head,
     })
+}
+
+/// One decoder projection, dense or quantized.
+fn load_projection(
+    source: &dyn WeightSource,
+    name: &str,
+    expected: &[usize],
+    dtype: DType,
+    device: &Device,
+    quantization: Quantization,
+    get: &dyn Fn(&str, &[usize]) -> Result<Tensor>,
+) -> Result<FrozenLinear> {
+    if bnb::is_bnb_4bit(source, name) {
+        require_cpu(device, name)?;
+        return Ok(FrozenLinear::quantized(Arc::new(bnb::load_nf4(source, name, expected, dtype)?), None));
+    }
+    if let Some(q) = source.load_quantized(name, dtype, quantization)? {
+        if q.shape() != (expected[0], expected[1]) {
+            return Err(Error::ShapeMismatch {
+                path: source.file_of(name),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                got: vec![q.shape().0, q.shape().1],
+            });
+        }
+        return Ok(FrozenLinear::quantized(q, None));
+    }
+    match quantization {
+        Quantization::Nf4 { double_quant } => {
+            require_cpu(device, name)?;
+            let dense = get(name, expected)?;
+            let q = Nf4Weight::quantize(&dense, double_quant)?;
+            Ok(FrozenLinear::quantized(Arc::new(q), None))
+        }
+        Quantization::None | Quantization::KeepGguf => Ok(FrozenLinear::new(get(name, expected)?, None)),
+    }
+}
+
+fn require_cpu(device: &Device, name: &str) -> Result<()> {
+    if device.is_cpu() {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "`{name}`: NF4 layers run on the CPU only so far; load with device Cpu"
+        )))
+    }
 }
 
 /// `model.safetensors`, or the shards listed in `model.safetensors.index.json`, memory-mapped.
@@ -188,6 +265,20 @@ impl WeightSource for SafetensorsSource {
             .get(name)
             .map_err(|e| Error::corrupt(self.file_of(name), e.to_string()))?;
         Ok(view.shape().to_vec())
+    }
+
+    fn dtype(&self, name: &str) -> Option<DType> {
+        use safetensors::Dtype as S;
+        Some(match self.tensors.get(name).ok()?.dtype() {
+            S::U8 => DType::U8,
+            S::U32 => DType::U32,
+            S::I64 => DType::I64,
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::F32 => DType::F32,
+            S::F64 => DType::F64,
+            _ => return None,
+        })
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {

@@ -46,8 +46,8 @@ impl Ia3Linear {
 
     /// Adds an adapter initialised to ones (a no-op).
     pub fn add_adapter(&mut self, name: &str) -> Result<()> {
-        let device = self.base.base().weight().device().clone();
-        let dtype = super::param_dtype(self.base.base().weight().dtype());
+        let device = self.base.base().device();
+        let dtype = super::param_dtype(self.base.base().dtype());
         let l = Var::ones(self.vector_shape(), dtype, &device)?;
         self.adapters.insert(name.to_string(), l);
         Ok(())
@@ -74,7 +74,7 @@ impl Ia3Linear {
             .ok_or_else(|| Error::InvalidArgument(format!("no IA3 adapter named `{name}`")))?
             .as_tensor()
             .detach();
-        let w = self.base.base().weight().clone();
+        let w = self.base.base().dense_weight()?;
         let l = l.to_dtype(DType::F32)?;
         let w32 = w.to_dtype(DType::F32)?;
         let new_w = if invert {

@@ -84,7 +84,7 @@ impl LoraLinear {
             return Err(Error::Config("LoRA rank r must be positive".into()));
         }
         let (out_f, in_f) = (self.base.out_features(), self.base.in_features());
-        let device = self.base.base().weight().device().clone();
+        let device = self.base.base().device();
         let bound_a = 1.0 / (in_f as f64).sqrt();
         let a = match init {
             LoraInitKind::Gaussian => rng.normal(r * in_f, 0.0, 1.0 / r as f64),
@@ -97,7 +97,7 @@ impl LoraLinear {
             }
             _ => vec![0.0; out_f * r],
         };
-        let dtype = super::param_dtype(self.base.base().weight().dtype());
+        let dtype = super::param_dtype(self.base.base().dtype());
         let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_f), &device)?.to_dtype(dtype)?)?;
         let b = Var::from_tensor(&Tensor::from_vec(b, (out_f, r), &device)?.to_dtype(dtype)?)?;
         let mut adapter = LoraAdapter {
@@ -135,7 +135,7 @@ impl LoraLinear {
     /// `‖W + s·B A‖` per output row (detached: PEFT's DoRA treats the norm as a constant).
     fn row_norms(&self, adapter: &LoraAdapter) -> Result<Tensor> {
         let dtype = adapter.a.dtype();
-        let w = self.base.base().weight().to_dtype(dtype)?;
+        let w = self.base.base().dense_weight()?.to_dtype(dtype)?;
         let merged = (w + adapter.delta_weight(dtype)?)?;
         Ok(merged.sqr()?.sum(D::Minus1)?.sqrt()?.detach())
     }
@@ -151,7 +151,11 @@ impl LoraLinear {
             .get(name)
             .ok_or_else(|| Error::InvalidArgument(format!("no LoRA adapter named `{name}`")))?
             .clone();
-        let w = self.base.base().weight().clone();
+        if self.base.base().is_quantized() {
+            // PEFT's warning for bitsandbytes layers: the sum is re-quantized.
+            eprintln!("UserWarning: Merge lora module to 4-bit linear may get different generations due to rounding errors.");
+        }
+        let w = self.base.base().dense_weight()?;
         let dtype = w.dtype();
         let merged_w = (w.to_dtype(DType::F32)? + adapter.delta_weight(DType::F32)?)?;
         let (new_w, norms) = match &adapter.magnitude {
@@ -173,7 +177,7 @@ impl LoraLinear {
             return Ok(());
         };
         let adapter = self.adapters[&name].clone();
-        let w = self.base.base().weight().clone();
+        let w = self.base.base().dense_weight()?;
         let dtype = w.dtype();
         let mut w32 = w.to_dtype(DType::F32)?;
         if let (Some(m), Some(norms)) = (&adapter.magnitude, norms) {
@@ -190,7 +194,7 @@ impl LoraLinear {
     }
 
     pub fn device(&self) -> Device {
-        self.base.base().weight().device().clone()
+        self.base.base().device()
     }
 }
 

@@ -4,6 +4,8 @@
 //! table, plus the mean as offset).
 
 use peft_kernels::nf4::{Absmax, NF4_CODE};
+
+use super::dynamic_map::dynamic_map_signed;
 use rayon::prelude::*;
 
 /// bitsandbytes' default NF4 block size.
@@ -79,48 +81,104 @@ pub fn double_quantize(absmax: &[f32], nested_blocksize: usize) -> Absmax {
     }
 }
 
-/// `torch.mean` of an f32 vector as bitsandbytes gets it: the sum rounded to f32, divided in f32.
+/// `torch.mean` of an f32 vector as bitsandbytes gets it: torch's CPU sum (a cascade of f32
+/// partial sums over 8-lane vectors, AVX2), then one f32 division. Bit-exact for vectors that
+/// torch reduces on one thread (up to 32768 values, i.e. layers up to 2M parameters); larger
+/// ones may differ from a multi-threaded torch in the last bit of the offset.
 fn mean_f32(v: &[f32]) -> f32 {
     if v.is_empty() {
         return 0.0;
     }
-    let sum: f64 = v.iter().map(|&x| x as f64).sum();
-    sum as f32 / v.len() as f32
+    torch_sum_f32(v) / v.len() as f32
 }
 
-/// bitsandbytes' `create_dynamic_map(signed=True)`: 7 decades of linearly spaced fractions,
-/// both signs, plus 0 and 1, sorted (256 f32 values), computed in f32 as torch does.
-pub fn dynamic_map_signed() -> Vec<f32> {
-    let mut data = Vec::with_capacity(256);
-    for i in 0..7 {
-        let steps = (1usize << i) + 1;
-        let bounds = linspace_f32(0.1, 1.0, steps);
-        let scale = 10f64.powi(i - 6) as f32;
-        for w in bounds.windows(2) {
-            let mean = (w[0] + w[1]) / 2.0;
-            data.push(scale * mean);
-            data.push(-scale * mean);
+const SUM_LANES: usize = 8;
+
+fn torch_sum_f32(x: &[f32]) -> f32 {
+    let n = x.len();
+    if n < SUM_LANES {
+        return row_sum(x, 1, n)[0];
+    }
+    let vectors = n / SUM_LANES;
+    let lanes = row_sum(&x[..vectors * SUM_LANES], SUM_LANES, vectors);
+    let mut total = 0f32;
+    for &t in &x[vectors * SUM_LANES..] {
+        total += t;
+    }
+    for l in lanes {
+        total += l;
+    }
+    total
+}
+
+/// torch's `row_sum`: `size` elements of `width` lanes, four interleaved accumulators.
+fn row_sum(x: &[f32], width: usize, size: usize) -> Vec<f32> {
+    let rows = size / 4;
+    let mut acc = multi_row_sum(x, width, rows);
+    for i in rows * 4..size {
+        add_lanes(&mut acc[0], &x[i * width..(i + 1) * width]);
+    }
+    for k in 1..4 {
+        let other = std::mem::take(&mut acc[k]);
+        add_lanes(&mut acc[0], &other);
+    }
+    acc.swap_remove(0)
+}
+
+/// torch's `multi_row_sum`: rows of 4 elements summed into 4 levels of accumulators that are
+/// folded upwards every `2^level_power` rows.
+fn multi_row_sum(x: &[f32], width: usize, rows: usize) -> Vec<Vec<f32>> {
+    const LEVELS: usize = 4;
+    let ceil_log2 = |n: usize| {
+        if n <= 1 {
+            0
+        } else {
+            (usize::BITS - (n - 1).leading_zeros()) as usize
+        }
+    };
+    let power = 4.max(ceil_log2(rows) / LEVELS);
+    let step = 1usize << power;
+    let mask = step - 1;
+    let mut acc = vec![vec![vec![0f32; width]; 4]; LEVELS];
+    let mut i = 0;
+    while i + step <= rows {
+        for _ in 0..step {
+            for (k, a) in acc[0].iter_mut().enumerate() {
+                let e = (i * 4 + k) * width;
+                add_lanes(a, &x[e..e + width]);
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            for k in 0..4 {
+                let lower = std::mem::replace(&mut acc[j - 1][k], vec![0f32; width]);
+                add_lanes(&mut acc[j][k], &lower);
+            }
+            if i & (mask << (j * power)) != 0 {
+                break;
+            }
         }
     }
-    data.push(0.0);
-    data.push(1.0);
-    data.sort_by(f32::total_cmp);
-    data
+    while i < rows {
+        for (k, a) in acc[0].iter_mut().enumerate() {
+            let e = (i * 4 + k) * width;
+            add_lanes(a, &x[e..e + width]);
+        }
+        i += 1;
+    }
+    for j in 1..LEVELS {
+        for k in 0..4 {
+            let upper = std::mem::take(&mut acc[j][k]);
+            add_lanes(&mut acc[0][k], &upper);
+        }
+    }
+    acc.swap_remove(0)
 }
 
-/// `torch.linspace` in f32: the first half counted up from `start`, the rest down from `end`.
-fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
-    let step = (end - start) / (steps - 1) as f32;
-    let half = steps / 2;
-    (0..steps)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (steps - i - 1) as f32
-            }
-        })
-        .collect()
+fn add_lanes(a: &mut [f32], b: &[f32]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
 }
 
 fn midpoints(code: &[f32]) -> Vec<f32> {
@@ -149,6 +207,16 @@ mod tests {
         assert_eq!(absmax, vec![1.0, 0.25]);
         // -1 → 0, 1 → 15, 0 → 7, 0.5 → 12 (nearest to 0.5626 vs 0.4407); 0.25/0.25 = 1 → 15.
         assert_eq!(packed, vec![0x0F, 0x7C, 0xF0]);
+    }
+
+    #[test]
+    fn torch_sum_matches_plain_sums_on_exact_values() {
+        // Small integers add exactly in any order.
+        for n in [0, 3, 8, 100, 1000, 70_000] {
+            let v: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+            let expected: f32 = v.iter().map(|&x| x as f64).sum::<f64>() as f32;
+            assert_eq!(torch_sum_f32(&v), expected, "n = {n}");
+        }
     }
 
     #[test]
