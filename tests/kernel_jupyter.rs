@@ -43,6 +43,10 @@ fn kernel_binary() -> PathBuf {
 }
 
 fn run_script(name: &str) {
+    run_script_with(name, &[]);
+}
+
+fn run_script_with(name: &str, args: &[&str]) {
     let _one = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
     let python = python();
     let check = Command::new(&python)
@@ -60,6 +64,7 @@ fn run_script(name: &str) {
         .join(name);
     let status = Command::new(&python)
         .arg(&script)
+        .args(args)
         .env("PEFT_KERNEL_BIN", kernel_binary())
         .env("PYTHONUNBUFFERED", "1")
         .status()
@@ -76,4 +81,16 @@ fn kernel_protocol() {
 fn kernel_runs_the_notebook() {
     peft_tests::smollm2_gguf(); // fails with the fetch command when the model is missing
     run_script("notebook.py");
+}
+
+#[test]
+fn kernel_runs_the_peft_methods_notebook() {
+    peft_tests::smollm2_gguf();
+    run_script_with("run_notebook.py", &["peft_methods.ipynb"]);
+}
+
+#[test]
+fn kernel_runs_the_dpo_notebook() {
+    peft_tests::smollm2_gguf();
+    run_script_with("run_notebook.py", &["dpo.ipynb"]);
 }

@@ -11,15 +11,21 @@ use peft_tests::{assert_logits_match, fixture, tensors};
 
 fn keep(file: &str) -> Model {
     let options = LoadOptions::default().with_quantization(Quantization::KeepGguf);
-    Pretrained::from_gguf(fixture(&format!("gguf/{file}")), &options).unwrap().model
+    Pretrained::from_gguf(fixture(&format!("gguf/{file}")), &options)
+        .unwrap()
+        .model
 }
 
 fn dense(file: &str) -> Model {
-    Pretrained::from_gguf(fixture(&format!("gguf/{file}")), &LoadOptions::default()).unwrap().model
+    Pretrained::from_gguf(fixture(&format!("gguf/{file}")), &LoadOptions::default())
+        .unwrap()
+        .model
 }
 
 fn ids() -> Tensor {
-    tensors("gguf/reference.safetensors")["input_ids"].to_dtype(DType::U32).unwrap()
+    tensors("gguf/reference.safetensors")["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
 }
 
 #[test]
@@ -31,14 +37,31 @@ fn quantized_projections_keep_their_type_and_give_the_reference_logits() {
         ("tiny-mistral-q4_0.gguf", "q4_0", "Q4_0", 0.1),
     ] {
         let model = keep(file);
-        let q = model.linear("model.layers.0.self_attn.q_proj").unwrap().base();
-        assert_eq!(q.quantized_weight().map(|w| w.format()), Some(format.to_string()), "{file}");
+        let q = model
+            .linear("model.layers.0.self_attn.q_proj")
+            .unwrap()
+            .base();
+        assert_eq!(
+            q.quantized_weight().map(|w| w.format()),
+            Some(format.to_string()),
+            "{file}"
+        );
         // Un-permuting the quantized rows gives the same weight as un-permuting the dense one.
         let reference = dense(file);
-        for p in ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj"] {
+        for p in [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.self_attn.k_proj",
+        ] {
             let a = model.linear(p).unwrap().base().dense_weight().unwrap();
             let b = reference.linear(p).unwrap().base().dense_weight().unwrap();
-            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert_eq!(d, 0.0, "{file} {p}");
         }
         // The dense path reproduces the file's reference; the quantized one stays close to it
@@ -46,7 +69,14 @@ fn quantized_projections_keep_their_type_and_give_the_reference_logits() {
         let expected = reference.forward(&ids()).unwrap();
         assert_logits_match(&expected, &r, &format!("{key}.full_causal"), None, 1e-4);
         let logits = model.forward(&ids()).unwrap();
-        let worst = (&logits - &expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let worst = (&logits - &expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         println!("{file}: kept quantized vs dequantized dense, max logit diff {worst:e}");
         assert!(worst < tol, "{file}: {worst}");
     }
@@ -61,7 +91,8 @@ fn lora_gradients_on_a_gguf_base_match_the_dense_base() {
     let mut base = keep(file);
     for p in base.linear_paths() {
         let w = base.linear(&p).unwrap().base().dense_weight().unwrap();
-        base.replace_linear(&p, |_| Ok(Box::new(FrozenLinear::new(w, None)))).unwrap();
+        base.replace_linear(&p, |_| Ok(Box::new(FrozenLinear::new(w, None))))
+            .unwrap();
     }
     let dense = get_peft_model(base, config).unwrap();
     let labels = ids().to_dtype(DType::I64).unwrap();
@@ -70,11 +101,33 @@ fn lora_gradients_on_a_gguf_base_match_the_dense_base() {
     let (gq, gd) = (lq.backward().unwrap(), ld.backward().unwrap());
     let mut worst = 0f32;
     let mut scale = 0f32;
-    for ((n, q), (_, d)) in quantized.trainable_vars().iter().zip(&dense.trainable_vars()) {
-        let a = gq.get(q.as_tensor()).unwrap_or_else(|| panic!("no gradient for {n}"));
+    for ((n, q), (_, d)) in quantized
+        .trainable_vars()
+        .iter()
+        .zip(&dense.trainable_vars())
+    {
+        let a = gq
+            .get(q.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {n}"));
         let b = gd.get(d.as_tensor()).unwrap();
-        worst = worst.max((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap());
-        scale = scale.max(b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap());
+        worst = worst.max(
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        );
+        scale = scale.max(
+            b.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        );
     }
     println!("LoRA gradients, Q8_0 base vs dense: max diff {worst:e} (largest gradient {scale:e})");
     // Only the forward's Q8 activation rounding separates them.

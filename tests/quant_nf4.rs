@@ -21,7 +21,13 @@ use peft_tests::{assert_logits_match, fixture, tensors};
 const TOL: f32 = 1e-4;
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
 }
 
 fn u8s(t: &Tensor) -> Vec<u8> {
@@ -39,29 +45,71 @@ fn quantizer_is_bit_exact_with_bitsandbytes() {
     let (packed, absmax) = quantize_blocks(&input, 64);
     // Plain: packed bytes, f32 absmax (including the all-zero block), dequantized values.
     assert_eq!(packed, u8s(&t["plain.weight"]), "plain packed codes");
-    assert_eq!(f32_bits(&absmax), bits(&t["plain.weight.absmax"]), "plain absmax");
+    assert_eq!(
+        f32_bits(&absmax),
+        bits(&t["plain.weight.absmax"]),
+        "plain absmax"
+    );
     let plain = Nf4Weight::quantize(&t["input"], false).unwrap();
-    assert_eq!(bits(&plain.dequantize().unwrap()), bits(&t["plain.dequantized"]), "plain dequantized");
+    assert_eq!(
+        bits(&plain.dequantize().unwrap()),
+        bits(&t["plain.dequantized"]),
+        "plain dequantized"
+    );
 
     // Nested: u8 absmax codes, nested absmax, code map, offset, the absmax actually used.
-    let Absmax::Nested { codes, code_map, nested_absmax, nested_blocksize, offset } = double_quantize(&absmax, 256)
+    let Absmax::Nested {
+        codes,
+        code_map,
+        nested_absmax,
+        nested_blocksize,
+        offset,
+    } = double_quantize(&absmax, 256)
     else {
         panic!("double quantization gives nested statistics")
     };
     assert_eq!(nested_blocksize, 256);
-    assert_eq!(codes, u8s(&t["nested.weight.absmax"]), "nested absmax codes");
-    assert_eq!(f32_bits(&nested_absmax), bits(&t["nested.weight.nested_absmax"]), "nested absmax");
-    assert_eq!(f32_bits(&code_map), bits(&t["nested.weight.nested_quant_map"]), "nested quant map");
-    assert_eq!(offset.to_bits(), t["nested.offset"].to_scalar::<f32>().unwrap().to_bits(), "offset");
+    assert_eq!(
+        codes,
+        u8s(&t["nested.weight.absmax"]),
+        "nested absmax codes"
+    );
+    assert_eq!(
+        f32_bits(&nested_absmax),
+        bits(&t["nested.weight.nested_absmax"]),
+        "nested absmax"
+    );
+    assert_eq!(
+        f32_bits(&code_map),
+        bits(&t["nested.weight.nested_quant_map"]),
+        "nested quant map"
+    );
+    assert_eq!(
+        offset.to_bits(),
+        t["nested.offset"].to_scalar::<f32>().unwrap().to_bits(),
+        "offset"
+    );
     let nested = Nf4Weight::quantize(&t["input"], true).unwrap();
-    assert_eq!(u8s(nested.matrix().packed()), u8s(&t["nested.weight"]), "nested packed codes");
+    assert_eq!(
+        u8s(nested.matrix().packed()),
+        u8s(&t["nested.weight"]),
+        "nested packed codes"
+    );
     assert_eq!(
         f32_bits(&nested.matrix().absmax().decode()),
         bits(&t["nested.absmax_dequantized"]),
         "absmax used"
     );
-    assert_eq!(bits(&nested.dequantize().unwrap()), bits(&t["nested.dequantized"]), "nested dequantized");
-    assert_eq!(f32_bits(nested.matrix().code()), bits(&t["plain.weight.quant_map"]), "NF4 code book");
+    assert_eq!(
+        bits(&nested.dequantize().unwrap()),
+        bits(&t["nested.dequantized"]),
+        "nested dequantized"
+    );
+    assert_eq!(
+        f32_bits(nested.matrix().code()),
+        bits(&t["plain.weight.quant_map"]),
+        "NF4 code book"
+    );
 }
 
 #[test]
@@ -71,7 +119,11 @@ fn serialized_bnb_tensors_dequantize_bit_exactly() {
     for (name, double) in [("plain", false), ("nested", true)] {
         let w = bnb::load_nf4(&source, &format!("{name}.weight"), &[128, 256], DType::F32).unwrap();
         assert_eq!(w.is_double_quant(), double);
-        assert_eq!(bits(&w.dequantize().unwrap()), bits(&t[&format!("{name}.dequantized")]), "{name}");
+        assert_eq!(
+            bits(&w.dequantize().unwrap()),
+            bits(&t[&format!("{name}.dequantized")]),
+            "{name}"
+        );
     }
 }
 
@@ -84,7 +136,11 @@ fn input_ids() -> Tensor {
 }
 
 fn bnb_model() -> Model {
-    load_model_from_dir(fixture("nf4/tiny-mistral-bnb-4bit"), &LoadOptions::default()).unwrap()
+    load_model_from_dir(
+        fixture("nf4/tiny-mistral-bnb-4bit"),
+        &LoadOptions::default(),
+    )
+    .unwrap()
 }
 
 /// The same model with every quantized projection replaced by its dequantized dense weight.
@@ -92,7 +148,9 @@ fn dequantized_copy(model: &Model) -> Model {
     let mut dense = bnb_model();
     for path in model.linear_paths() {
         let w = model.linear(&path).unwrap().base().dense_weight().unwrap();
-        dense.replace_linear(&path, |_| Ok(Box::new(FrozenLinear::new(w, None)))).unwrap();
+        dense
+            .replace_linear(&path, |_| Ok(Box::new(FrozenLinear::new(w, None))))
+            .unwrap();
     }
     dense
 }
@@ -100,8 +158,15 @@ fn dequantized_copy(model: &Model) -> Model {
 #[test]
 fn bnb_checkpoint_gives_the_reference_logits() {
     let model = bnb_model();
-    let quantized = model.linear_paths().iter().filter(|p| model.linear(p).unwrap().base().is_quantized()).count();
-    assert_eq!(quantized, 14, "the 14 decoder projections stay 4-bit; lm_head is dense");
+    let quantized = model
+        .linear_paths()
+        .iter()
+        .filter(|p| model.linear(p).unwrap().base().is_quantized())
+        .count();
+    assert_eq!(
+        quantized, 14,
+        "the 14 decoder projections stay 4-bit; lm_head is dense"
+    );
     let logits = model.forward(&input_ids()).unwrap();
     let worst = assert_logits_match(&logits, &reference(), "bnb_forward", None, TOL);
     println!("bnb-4bit forward vs bitsandbytes: max diff {worst:e}");
@@ -113,32 +178,74 @@ fn bnb_checkpoint_gives_the_reference_logits() {
 #[test]
 fn load_in_4bit_reproduces_the_bnb_checkpoint_byte_for_byte() {
     let ours = load_model_from_dir(fixture("tiny-mistral"), &LoadOptions::load_in_4bit()).unwrap();
-    let source = SafetensorsSource::open(vec![fixture("nf4/tiny-mistral-bnb-4bit/model.safetensors")]).unwrap();
+    let source =
+        SafetensorsSource::open(vec![fixture("nf4/tiny-mistral-bnb-4bit/model.safetensors")])
+            .unwrap();
     for path in ours.linear_paths().iter().filter(|p| *p != "lm_head") {
-        let q = ours.linear(path).unwrap().base().quantized_weight().cloned().expect("quantized");
-        let nf4 = q.as_any().downcast_ref::<Nf4Weight>().expect("an NF4 layer");
+        let q = ours
+            .linear(path)
+            .unwrap()
+            .base()
+            .quantized_weight()
+            .cloned()
+            .expect("quantized");
+        let nf4 = q
+            .as_any()
+            .downcast_ref::<Nf4Weight>()
+            .expect("an NF4 layer");
         let name = format!("{path}.weight");
         let packed = source.load(&name, DType::U8, &Device::Cpu).unwrap();
         assert_eq!(u8s(nf4.matrix().packed()), u8s(&packed), "{name}");
-        let Absmax::Nested { codes, nested_absmax, offset, .. } = nf4.matrix().absmax() else {
+        let Absmax::Nested {
+            codes,
+            nested_absmax,
+            offset,
+            ..
+        } = nf4.matrix().absmax()
+        else {
             panic!("double quantized")
         };
-        assert_eq!(*codes, u8s(&source.load(&format!("{name}.absmax"), DType::U8, &Device::Cpu).unwrap()));
-        let na = source.load(&format!("{name}.nested_absmax"), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            *codes,
+            u8s(&source
+                .load(&format!("{name}.absmax"), DType::U8, &Device::Cpu)
+                .unwrap())
+        );
+        let na = source
+            .load(&format!("{name}.nested_absmax"), DType::F32, &Device::Cpu)
+            .unwrap();
         assert_eq!(f32_bits(nested_absmax), bits(&na), "{name}.nested_absmax");
-        let state = source.load(&format!("{name}.quant_state.bitsandbytes__nf4"), DType::U8, &Device::Cpu).unwrap();
+        let state = source
+            .load(
+                &format!("{name}.quant_state.bitsandbytes__nf4"),
+                DType::U8,
+                &Device::Cpu,
+            )
+            .unwrap();
         let state: serde_json::Value = serde_json::from_slice(&u8s(&state)).unwrap();
-        assert_eq!(*offset, state["nested_offset"].as_f64().unwrap() as f32, "{name} offset");
+        assert_eq!(
+            *offset,
+            state["nested_offset"].as_f64().unwrap() as f32,
+            "{name} offset"
+        );
     }
     let logits = ours.forward(&input_ids()).unwrap();
     assert_logits_match(&logits, &reference(), "bnb_forward", None, TOL);
     // Plain NF4 (no double quantization) also loads and runs.
     let plain = load_model_from_dir(
         fixture("tiny-mistral"),
-        &LoadOptions::default().with_quantization(Quantization::Nf4 { double_quant: false }),
+        &LoadOptions::default().with_quantization(Quantization::Nf4 {
+            double_quant: false,
+        }),
     )
     .unwrap();
-    let l = plain.linear("model.layers.0.mlp.down_proj").unwrap().base().quantized_weight().cloned().unwrap();
+    let l = plain
+        .linear("model.layers.0.mlp.down_proj")
+        .unwrap()
+        .base()
+        .quantized_weight()
+        .cloned()
+        .unwrap();
     assert_eq!(l.format(), "nf4");
     assert!(plain.forward(&input_ids()).is_ok());
 }
@@ -155,8 +262,18 @@ fn qlora_forward_and_gradients_match_the_dense_model() {
     let dense = lora_on(dequantized_copy(&bnb_model()));
     let ids = input_ids();
     let labels = ids.to_dtype(DType::I64).unwrap();
-    let (lq, ld) = (quantized.forward(&ids).unwrap(), dense.forward(&ids).unwrap());
-    let fwd = (&lq - &ld).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let (lq, ld) = (
+        quantized.forward(&ids).unwrap(),
+        dense.forward(&ids).unwrap(),
+    );
+    let fwd = (&lq - &ld)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     println!("QLoRA forward vs dense LoRA: max diff {fwd:e}");
     assert!(fwd < TOL, "{fwd}");
     let (loss_q, _) = causal_lm_loss(&lq, &labels).unwrap();
@@ -167,9 +284,20 @@ fn qlora_forward_and_gradients_match_the_dense_model() {
     let mut worst = 0f32;
     for ((nq, q), (nd, d)) in vq.iter().zip(&vd) {
         assert_eq!(nq, nd);
-        let a = gq.get(q.as_tensor()).unwrap_or_else(|| panic!("no gradient for {nq}"));
+        let a = gq
+            .get(q.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {nq}"));
         let b = gd.get(d.as_tensor()).unwrap();
-        worst = worst.max((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap());
+        worst = worst.max(
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        );
     }
     println!("LoRA gradients, 4-bit vs dense base: max diff {worst:e}");
     assert!(worst < TOL, "{worst}");
@@ -186,10 +314,16 @@ fn merging_into_the_4bit_base_requantizes() {
     let path = "model.layers.1.self_attn.q_proj";
     let peft = lora_on(bnb_model());
     let layer = peft.model().linear(path).unwrap();
-    let lora = layer.as_any().downcast_ref::<LoraLinear>().expect("a LoRA layer");
+    let lora = layer
+        .as_any()
+        .downcast_ref::<LoraLinear>()
+        .expect("a LoRA layer");
     let delta = lora.adapters()["default"].delta_weight(DType::F32).unwrap();
     let expected = (layer.base().dense_weight().unwrap() + delta).unwrap();
-    let expected = Nf4Weight::quantize(&expected, true).unwrap().dequantize().unwrap();
+    let expected = Nf4Weight::quantize(&expected, true)
+        .unwrap()
+        .dequantize()
+        .unwrap();
     let merged = peft.merge_and_unload().unwrap();
     let q = merged.linear(path).unwrap().base();
     assert!(q.is_quantized(), "the merged base stays 4-bit");
@@ -205,7 +339,8 @@ fn corrupted_checkpoint(tag: &str, edit: impl FnOnce(&mut HashMap<String, Tensor
     let dir = std::env::temp_dir().join(format!("peft-quant-nf4-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    let mut t = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut t =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     edit(&mut t);
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
     dir
@@ -239,7 +374,10 @@ fn bad_bnb_checkpoints_name_the_tensor() {
         t.insert(name.into(), a);
     });
     let msg = load_error(&dir);
-    assert!(msg.contains("model.layers.0.mlp.gate_proj.weight.absmax") && msg.contains("U8"), "{msg}");
+    assert!(
+        msg.contains("model.layers.0.mlp.gate_proj.weight.absmax") && msg.contains("U8"),
+        "{msg}"
+    );
 
     let dir = corrupted_checkpoint("bad-json", |t| {
         let bytes = Tensor::new(b"{not json".as_slice(), &Device::Cpu).unwrap();
@@ -251,7 +389,11 @@ fn bad_bnb_checkpoints_name_the_tensor() {
     // An 8-bit or fp4 quantization_config is refused with the file named.
     let dir = corrupted_checkpoint("fp4", |_| {});
     let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    std::fs::write(dir.join("config.json"), config.replace("\"nf4\"", "\"fp4\"")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        config.replace("\"nf4\"", "\"fp4\""),
+    )
+    .unwrap();
     let msg = load_error(&dir);
     assert!(msg.contains("config.json") && msg.contains("fp4"), "{msg}");
 }

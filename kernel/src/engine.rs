@@ -32,8 +32,27 @@ pub fn configure_process(slot: &Slot) {
     std::env::set_var("EVCXR_TMPDIR", slot.build_dir());
 }
 
-/// The code that makes the prelude available to every cell.
-pub fn preload_code(prelude: &Path) -> String {
+/// The code that makes the prelude available to every cell: the prelude through its dylib
+/// wrapper (see [`write_dylib_wrapper`]), renamed back to `peft_prelude`.
+pub fn preload_code(wrapper: &Path) -> String {
+    format!(
+        ":dep peft_prelude_dylib = {{ path = {:?} }}\nuse peft_prelude_dylib as peft_prelude;\nuse peft_prelude::prelude::*;",
+        wrapper.display().to_string()
+    )
+}
+
+/// Writes `<slot>/prelude-dylib`, a crate of type `dylib` that re-exports the prelude.
+///
+/// evcxr links every cell statically, so each cell's library would carry its own copy of the
+/// prelude and of candle, statics included. candle numbers tensors with a static counter: two
+/// cells' copies hand out the same ids, and autograd (keyed by id) then mixes up tensors made
+/// in different cells — a model loaded in one cell and trained in another fails in backward.
+/// Linked as one shared library, the prelude and candle exist once in the process.
+/// (evcxr's own dynamic mode, `allow_static_linking = false`, fails on this toolchain:
+/// "only metadata stub found for `dylib` dependency `core`" for `no_std` dependencies.)
+pub fn write_dylib_wrapper(slot: &Slot, prelude: &Path) -> Result<PathBuf> {
+    let dir = slot.dir.join("prelude-dylib");
+    std::fs::create_dir_all(dir.join("src"))?;
     let features = match std::env::var("PEFT_KERNEL_FEATURES") {
         Ok(f) if !f.trim().is_empty() => {
             let list: Vec<String> = f.split(',').map(|s| format!("{:?}", s.trim())).collect();
@@ -41,10 +60,23 @@ pub fn preload_code(prelude: &Path) -> String {
         }
         _ => String::new(),
     };
-    format!(
-        ":dep peft_prelude = {{ path = {:?}{features} }}\nuse peft_prelude::prelude::*;",
+    let manifest = format!(
+        "[package]\nname = \"peft_prelude_dylib\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+         [lib]\ncrate-type = [\"dylib\"]\n\n[dependencies]\npeft_prelude = {{ path = {:?}{features} }}\n\n\
+         [workspace]\n",
         prelude.display().to_string()
-    )
+    );
+    write_if_changed(&dir.join("Cargo.toml"), &manifest)?;
+    write_if_changed(&dir.join("src/lib.rs"), "pub use peft_prelude::*;\n")?;
+    Ok(dir)
+}
+
+/// Leaves the file (and so cargo's fingerprint) alone when the content is the same.
+fn write_if_changed(path: &Path, content: &str) -> Result<()> {
+    if std::fs::read_to_string(path).ok().as_deref() != Some(content) {
+        std::fs::write(path, content)?;
+    }
+    Ok(())
 }
 
 /// A running evcxr context.
@@ -66,12 +98,13 @@ impl Engine {
         child
             .env(ENV_KERNEL, "1")
             .env(ENV_INTERRUPT_FILE, slot.interrupt_file())
-            .env("LD_LIBRARY_PATH", library_path()?);
+            .env("LD_LIBRARY_PATH", library_path(slot)?);
         let (eval, outputs) = EvalContext::with_subprocess_command(child)
             .map_err(|e| anyhow!("starting evcxr: {e}"))?;
         on_outputs(outputs);
         let mut ctx = CommandContext::with_eval_context(eval);
-        ctx.execute(&preload_code(prelude)).map_err(|e| {
+        let wrapper = write_dylib_wrapper(slot, prelude)?;
+        ctx.execute(&preload_code(&wrapper)).map_err(|e| {
             anyhow!(
                 "loading peft_prelude from {}:\n{}",
                 prelude.display(),
@@ -90,8 +123,9 @@ impl Engine {
 
 /// evcxr links cells with an rpath relative to `target/<triple>/debug/deps` but loads them from
 /// one directory up, so libstd's shared library is not found in a persistent build directory:
-/// put the toolchain's library directory on the loader path.
-fn library_path() -> Result<String> {
+/// put the toolchain's library directory on the loader path, and the slot's `deps` folders
+/// (where the prelude's shared library is).
+fn library_path(slot: &Slot) -> Result<String> {
     let sysroot = Command::new("rustc")
         .args(["--print", "sysroot"])
         .output()
@@ -102,7 +136,12 @@ fn library_path() -> Result<String> {
         .lines()
         .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
         .context("rustc -vV printed no host")?;
-    let dir = format!("{sysroot}/lib/rustlib/{host}/lib");
+    let target = slot.build_dir().join("target");
+    let dir = format!(
+        "{sysroot}/lib/rustlib/{host}/lib:{}:{}",
+        target.join(&host).join("debug/deps").display(),
+        target.join("debug/deps").display()
+    );
     Ok(match std::env::var("LD_LIBRARY_PATH") {
         Ok(old) if !old.is_empty() => format!("{dir}:{old}"),
         _ => dir,

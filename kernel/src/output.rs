@@ -46,6 +46,21 @@ enum Record {
     Clear { wait: bool },
 }
 
+/// Turns one line of cell stdout into outputs. A record may follow text printed without a
+/// newline (`print!("label: ")` then streamed tokens): that text comes first, as a stream.
+pub fn parse_stdout_lines(line: &str) -> Vec<Out> {
+    if let Some(at) = line.find(MARKER).filter(|&at| at > 0) {
+        let (before, record) = line.split_at(at);
+        let mut outs = vec![Out::Stream {
+            name: "stdout".into(),
+            text: before.to_string(),
+        }];
+        outs.extend(parse_stdout_lines(record));
+        return outs;
+    }
+    vec![parse_stdout_line(line)]
+}
+
 /// Turns one line of cell stdout into an output.
 pub fn parse_stdout_line(line: &str) -> Out {
     let record = line
@@ -246,7 +261,11 @@ fn forward(
     loop {
         select! {
             recv(stdout) -> line => match line {
-                Ok(line) => emit(coalescer.push(parse_stdout_line(&line), Instant::now()), &mut sink),
+                Ok(line) => {
+                    for out in parse_stdout_lines(&line) {
+                        emit(coalescer.push(out, Instant::now()), &mut sink);
+                    }
+                }
                 Err(_) => return,
             },
             recv(stderr) -> line => match line {
@@ -262,7 +281,9 @@ fn forward(
                 // before the cell ended a moment to arrive.
                 std::thread::sleep(Duration::from_millis(20));
                 while let Ok(line) = stdout.try_recv() {
-                    emit(coalescer.push(parse_stdout_line(&line), Instant::now()), &mut sink);
+                    for out in parse_stdout_lines(&line) {
+                        emit(coalescer.push(out, Instant::now()), &mut sink);
+                    }
                 }
                 while let Ok(line) = stderr.try_recv() {
                     let out = on_stderr(line, &mut panic);
@@ -282,6 +303,18 @@ mod tests {
 
     fn data(s: &str) -> MimeData {
         MimeData::from([("text/plain".to_string(), s.to_string())])
+    }
+
+    #[test]
+    fn a_record_after_unterminated_text_is_still_a_record() {
+        let line = "label -> \u{1e}peft-kernel {\"op\":\"stream\",\"name\":\"stdout\",\"text\":\"gl\"}";
+        assert_eq!(
+            parse_stdout_lines(line),
+            vec![
+                Out::Stream { name: "stdout".into(), text: "label -> ".into() },
+                Out::Stream { name: "stdout".into(), text: "gl".into() },
+            ]
+        );
     }
 
     #[test]

@@ -111,9 +111,15 @@ fn seed_from(warm: &Path, slot: &Slot) {
     }
 }
 
+/// Recorded in each slot, so that a slot built with another linking mode is rebuilt.
+const LINKING_MODE: &str = "static+prelude-dylib";
+
 /// Writes the configuration evcxr reads at start. Settings that change how dependencies are
 /// compiled live here (not in `:` commands), because evcxr runs `cargo clean` when
 /// `allow_static_linking` differs from the previous compile.
+///
+/// Cells are linked statically (evcxr's default); the prelude itself is one shared library,
+/// see `engine::write_dylib_wrapper`.
 fn prepare(slot: &Slot, workspace_lock: Option<&Path>) -> Result<()> {
     let build = slot.build_dir();
     fs::create_dir_all(&build)?;
@@ -123,6 +129,13 @@ fn prepare(slot: &Slot, workspace_lock: Option<&Path>) -> Result<()> {
         build.display().to_string()
     );
     fs::write(slot.config_dir().join("evcxr.toml"), toml)?;
+    // evcxr only cleans the build when the linking mode changes within one process; a slot
+    // built with the other mode by an earlier kernel version must be rebuilt from scratch.
+    let mode_file = slot.dir.join("linking-mode");
+    if fs::read_to_string(&mode_file).ok().as_deref() != Some(LINKING_MODE) {
+        let _ = fs::remove_dir_all(build.join("target"));
+        fs::write(&mode_file, LINKING_MODE)?;
+    }
     // Cargo merges config files from the build directory's ancestors; evcxr owns the one in
     // the build directory itself. Dependencies are compiled fully optimised and without the
     // debug assertions and overflow checks evcxr's profile turns on (a 135M-parameter forward

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{Device, Result, Tensor, Var, D};
 use peft_kernels::frozen::{frozen_linear, mul_const};
 
 const B: usize = 4;
@@ -39,12 +39,12 @@ fn main() -> Result<()> {
         "[4,256,576]",
         iters,
         threads,
-        || backward(&peft_kernels::rms_norm(&x, &w, 1e-5)?),
+        || peft_kernels::rms_norm(&x, &w, 1e-5),
         || {
             let r = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?
                 .sqrt()?
                 .recip()?;
-            backward(&mul_const(&x.broadcast_mul(&r)?, &w)?)
+            mul_const(&x.broadcast_mul(&r)?, &w)
         },
     )?;
 
@@ -57,7 +57,7 @@ fn main() -> Result<()> {
         "q [4,9,256,64]",
         iters,
         threads,
-        || backward(&peft_kernels::rope(&q.transpose(1, 2)?, &cos, &sin)?),
+        || peft_kernels::rope(&q.transpose(1, 2)?, &cos, &sin),
         || {
             let x = q.transpose(1, 2)?.contiguous()?;
             let half = HEAD_DIM / 2;
@@ -68,7 +68,7 @@ fn main() -> Result<()> {
                 ],
                 D::Minus1,
             )?;
-            backward(&(mul_const(&x, &cos)? + mul_const(&rot, &sin)?)?)
+            mul_const(&x, &cos)? + mul_const(&rot, &sin)?
         },
     )?;
 
@@ -80,8 +80,8 @@ fn main() -> Result<()> {
         "[4,256,1536]",
         iters,
         threads,
-        || backward(&peft_kernels::swiglu(&g, &u)?),
-        || backward(&(g.silu()? * u.as_tensor())?),
+        || peft_kernels::swiglu(&g, &u),
+        || g.silu()? * u.as_tensor(),
     )?;
 
     // LoRA linear, the MLP's gate projection: x [1024, 576] → [1024, 1536], r = 16.
@@ -94,11 +94,11 @@ fn main() -> Result<()> {
         "x [1024,576] W [1536,576] r 16",
         iters,
         threads,
-        || backward(&peft_kernels::lora_linear(&xl, &wl, &a, &bm, 2.0)?),
+        || peft_kernels::lora_linear(&xl, &wl, &a, &bm, 2.0),
         || {
             let base = frozen_linear(&xl, &wl)?;
             let lora = xl.matmul(&a.t()?)?.matmul(&bm.t()?)?;
-            backward(&(base + (lora * 2.0)?)?)
+            base + (lora * 2.0)?
         },
     )?;
 
@@ -128,7 +128,7 @@ fn main() -> Result<()> {
                 &lt,
                 peft_kernels::cross_entropy::DEFAULT_CHUNK,
             )?;
-            loss.backward().map(|_| ())
+            Ok(loss)
         },
         || {
             // What peft_prelude's causal_lm_loss does with full logits.
@@ -142,8 +142,7 @@ fn main() -> Result<()> {
             let idx = Tensor::from_vec(idx, (B * T, 1), &dev)?;
             let wt = Tensor::from_vec(wt, B * T, &dev)?;
             let picked = lsm.gather(&idx, 1)?.squeeze(1)?;
-            let loss = (mul_const(&picked, &wt)?.sum_all()? / -count)?;
-            loss.backward().map(|_| ())
+            mul_const(&picked, &wt)?.sum_all()? / -count
         },
     )?;
     Ok(())
@@ -157,12 +156,19 @@ fn log_softmax(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
-fn backward(y: &Tensor) -> Result<()> {
-    y.to_dtype(DType::F32)?.sum_all()?.backward().map(|_| ())
+/// Backpropagates a fixed dense incoming gradient `c` into `y`, as a model's next layer would
+/// (`sum(y ⊙ c)` would time candle's slow broadcast path of `sum_all`'s backward instead).
+fn backward(y: &Tensor, c: &Tensor) -> Result<()> {
+    let c = c.clone();
+    let probe = Tensor::zeros((), y.dtype(), y.device())?;
+    peft_kernels::frozen::reattach(y, probe, move |_| Ok(c.clone()))?
+        .backward()
+        .map(|_| ())
 }
 
+/// Median wall time of `f` in ms, after one warm-up call.
 fn time(iters: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up: page faults, rayon start-up
+    f()?;
     let mut ms = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t0 = Instant::now();
@@ -178,13 +184,16 @@ fn report(
     shape: &str,
     iters: usize,
     threads: usize,
-    fused: impl Fn() -> Result<()>,
-    unfused: impl Fn() -> Result<()>,
+    fused: impl Fn() -> Result<Tensor>,
+    unfused: impl Fn() -> Result<Tensor>,
 ) -> Result<()> {
-    let f = time(iters, &fused)?;
-    let u = time(iters, &unfused)?;
+    let ff = time(iters, &|| fused().map(|_| ()))?;
+    let uf = time(iters, &|| unfused().map(|_| ()))?;
+    let c = Tensor::randn(0f32, 1., fused()?.shape(), &Device::Cpu)?;
+    let f = time(iters, &|| backward(&fused()?, &c))?;
+    let u = time(iters, &|| backward(&unfused()?, &c))?;
     println!(
-        "{{\"op\":\"{op}\",\"shape\":\"{shape}\",\"dtype\":\"f32\",\"threads\":{threads},\"iters\":{iters},\"fused_fwd_bwd_ms\":{f:.2},\"unfused_fwd_bwd_ms\":{u:.2},\"speedup\":{:.2}}}",
+        "{{\"op\":\"{op}\",\"shape\":\"{shape}\",\"dtype\":\"f32\",\"threads\":{threads},\"iters\":{iters},\"fused_fwd_ms\":{ff:.2},\"unfused_fwd_ms\":{uf:.2},\"fused_fwd_bwd_ms\":{f:.2},\"unfused_fwd_bwd_ms\":{u:.2},\"speedup_fwd_bwd\":{:.2}}}",
         u / f
     );
     Ok(())

@@ -32,7 +32,10 @@ struct Case {
 
 fn main() -> Result<()> {
     let cpu_only = std::env::args().any(|a| a == "--cpu");
-    let dev = if cpu_only {
+    // `--dry-gpu`: the GPU comparison (f32 and bf16 against CPU f32) with the CPU standing in
+    // for the GPU, to test this harness and the mixed-precision paths without a GPU.
+    let dry_gpu = std::env::args().any(|a| a == "--dry-gpu");
+    let dev = if cpu_only || dry_gpu {
         Device::Cpu
     } else {
         Device::new_cuda(0)?
@@ -51,7 +54,7 @@ fn main() -> Result<()> {
             println!(
                 "{{\"op\":\"{}\",\"device\":\"{}\",\"dtype\":\"{dtype:?}\",\"max_rel_err\":{err:.3e},\"tol\":{tol:e},\"ok\":{ok}}}",
                 case.name,
-                if cpu_only { "cpu" } else { "cuda" },
+                if cpu_only || dry_gpu { "cpu" } else { "cuda" },
             );
         }
     }

@@ -283,7 +283,11 @@ pub(crate) fn add_low_rank(
         scale: f32,
     ) -> Result<()> {
         let dev = xa.device().clone();
-        let f = dev.get_or_load_custom_func(&kname("add_low_rank", xa.dtype())?, "peft_lora", ptx::LORA)?;
+        let f = dev.get_or_load_custom_func(
+            &kname("add_low_rank", xa.dtype())?,
+            "peft_lora",
+            ptx::LORA,
+        )?;
         let (xv, bv) = (view::<T>(xa, xal)?, view::<T>(b, bl)?);
         let yv = y.as_cuda_slice_mut::<T>()?;
         let mut bl = f.builder();
@@ -295,7 +299,10 @@ pub(crate) fn add_low_rank(
     if y.dtype() != xa.dtype() || b.dtype() != xa.dtype() {
         bail!("add_low_rank: mixed dtypes")
     }
-    by_dtype!(xa.dtype(), run(y, (xa, xal), (b, bl), (m, n, r), (sk, so), scale))
+    by_dtype!(
+        xa.dtype(),
+        run(y, (xa, xal), (b, bl), (m, n, r), (sk, so), scale)
+    )
 }
 
 pub(crate) fn ce_chunk_stats(

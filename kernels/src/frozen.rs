@@ -11,10 +11,22 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 
+static PROTECTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the frozen-weight protection off (`false`: `frozen_linear` becomes a plain matmul
+/// whose backward also computes and stores a weight gradient, as candle does by default).
+/// For measuring what the protection saves; never needed otherwise.
+pub fn set_weight_gradient_protection(enabled: bool) {
+    PROTECTION.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// `y = x · Wᵀ` for `x: [.., in]`, `w: [out, in]`, with a gradient for `x` only.
 ///
 /// `w` must not be a `Var` (it is treated as a constant; no gradient is ever computed for it).
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !PROTECTION.load(std::sync::atomic::Ordering::Relaxed) {
+        return matmul_t(x, w);
+    }
     let y = matmul_t(&x.detach(), w)?;
     let w = w.clone();
     reattach(x, y, move |g| {
@@ -109,7 +121,7 @@ impl CustomOp2 for Reattach {
         y: &candle_core::CudaStorage,
         y_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
+        use candle_core::backend::{BackendDevice, BackendStorage};
         let dev = y.device().clone();
         let mut dst = unsafe { dev.alloc_uninit(y_layout.shape(), y.dtype())? };
         y.copy_strided_src(&mut dst, 0, y_layout)?;

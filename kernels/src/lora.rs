@@ -135,7 +135,14 @@ impl CustomOp3 for LoraLinear {
         let xa = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
         // y += s·xa·Bᵀ, reading B[o, k] at o·r + k.
         let xal = Layout::contiguous((m, r));
-        crate::cuda::add_low_rank(&mut y, (&xa, &xal), (b, bl), (m, n, r), (1, r), self.scale as f32)?;
+        crate::cuda::add_low_rank(
+            &mut y,
+            (&xa, &xal),
+            (b, bl),
+            (m, n, r),
+            (1, r),
+            self.scale as f32,
+        )?;
         let xa = Tensor::from_storage(
             Storage::Cuda(xa),
             (m, r),
@@ -300,6 +307,31 @@ mod tests {
                 assert_close(name, got, gr.get(t).expect("reference gradient"), 1e-5)?;
             }
             assert!(g.get(&w).is_none(), "no gradient for the frozen weight");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_activations_with_f32_adapters_give_f32_adapter_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (6, 8), &dev)?;
+        let w = Tensor::randn(0f32, 0.3, (5, 8), &dev)?;
+        let a = Var::randn(0f32, 0.3, (2, 8), &dev)?;
+        let b = Var::randn(0f32, 0.3, (5, 2), &dev)?;
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16);
+        let y = lora_linear(&bf(&x)?, &bf(&w)?, &a, &b, 0.5)?;
+        assert_eq!(y.dtype(), DType::BF16);
+        let g = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+        let gr = reference(&x, &w, &a, &b, 0.5)?.sum_all()?.backward()?;
+        for t in [&a, &b] {
+            let got = g.get(t).expect("adapter gradient");
+            assert_eq!(got.dtype(), DType::F32);
+            assert_close(
+                "bf16 adapter grad",
+                got,
+                gr.get(t).expect("reference"),
+                3e-2,
+            )?;
         }
         Ok(())
     }

@@ -108,9 +108,14 @@ impl Absmax {
         } = self
         {
             if code_map.len() != 256 {
-                candle_core::bail!("nf4: the nested code map has {} entries, expected 256", code_map.len())
+                candle_core::bail!(
+                    "nf4: the nested code map has {} entries, expected 256",
+                    code_map.len()
+                )
             }
-            if *nested_blocksize == 0 || nested_absmax.len() != codes.len().div_ceil(*nested_blocksize) {
+            if *nested_blocksize == 0
+                || nested_absmax.len() != codes.len().div_ceil(*nested_blocksize)
+            {
                 candle_core::bail!(
                     "nf4: {} nested absmax values for {} codes in blocks of {nested_blocksize}",
                     nested_absmax.len(),
@@ -146,7 +151,10 @@ impl Nf4Matrix {
     ) -> Result<Self> {
         let n = rows * cols;
         if packed.dtype() != DType::U8 || !packed.device().is_cpu() {
-            candle_core::bail!("nf4: packed data must be a CPU u8 tensor, got {:?}", packed.dtype())
+            candle_core::bail!(
+                "nf4: packed data must be a CPU u8 tensor, got {:?}",
+                packed.dtype()
+            )
         }
         if packed.elem_count() != n.div_ceil(2) {
             candle_core::bail!(
@@ -281,6 +289,9 @@ impl Nf4Matrix {
     /// `y [m, rows] = x [m, cols] · Wᵀ`.
     fn forward_cpu(&self, packed: &[u8], x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
+        if m == 0 || n == 0 || k == 0 {
+            return vec![0f32; m * n];
+        }
         if m <= GEMV_MAX_ROWS {
             return self.forward_gemv(packed, x, m);
         }
@@ -351,6 +362,9 @@ impl Nf4Matrix {
     fn input_grad_cpu(&self, packed: &[u8], dy: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
         let mut dx = vec![0f32; m * k];
+        if m == 0 || n == 0 || k == 0 {
+            return dx;
+        }
         let tn = self.tile_rows();
         let mut tile = vec![0f32; tn * k];
         for r0 in (0..n).step_by(tn) {
@@ -416,7 +430,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn nf4_linear(x: &Tensor, w: &Arc<Nf4Matrix>) -> Result<Tensor> {
     let k = x.dim(D::Minus1)?;
     if k != w.cols {
-        candle_core::bail!("nf4 linear: input has {k} features, the weight expects {}", w.cols)
+        candle_core::bail!(
+            "nf4 linear: input has {k} features, the weight expects {}",
+            w.cols
+        )
     }
     if !x.device().is_cpu() {
         candle_core::bail!("nf4 linear: only the CPU is supported so far")
@@ -448,7 +465,9 @@ mod tests {
         let n = rows * cols;
         let mut s = seed;
         let mut next = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 33) as u32
         };
         let packed: Vec<u8> = (0..n.div_ceil(2)).map(|_| next() as u8).collect();
@@ -457,7 +476,9 @@ mod tests {
             Absmax::Nested {
                 codes: (0..blocks).map(|_| next() as u8).collect(),
                 code_map: (0..256).map(|i| (i as f32 - 128.0) / 128.0).collect(),
-                nested_absmax: (0..blocks.div_ceil(256)).map(|i| 0.01 + i as f32 * 0.001).collect(),
+                nested_absmax: (0..blocks.div_ceil(256))
+                    .map(|i| 0.01 + i as f32 * 0.001)
+                    .collect(),
                 nested_blocksize: 256,
                 offset: 0.05,
             }
@@ -469,7 +490,16 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -483,7 +513,10 @@ mod tests {
                 let x = Var::randn(0f32, 1., shape, &Device::Cpu)?;
                 let y = nf4_linear(x.as_tensor(), &w)?;
                 let reference = x.as_tensor().broadcast_matmul(&dense.t()?)?;
-                assert!(max_diff(&y, &reference) < 1e-4, "forward {rows}x{cols} {shape:?}");
+                assert!(
+                    max_diff(&y, &reference) < 1e-4,
+                    "forward {rows}x{cols} {shape:?}"
+                );
                 let c = Tensor::randn(0f32, 1., y.shape(), &Device::Cpu)?;
                 let grads = (&y * &c)?.sum_all()?.backward()?;
                 let dx = grads.get(x.as_tensor()).expect("gradient reaches x");
@@ -491,6 +524,16 @@ mod tests {
                 assert!(max_diff(dx, &expected) < 1e-4, "dx {rows}x{cols} {shape:?}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn empty_inputs_give_empty_outputs() -> Result<()> {
+        let w = Arc::new(random_matrix(8, 64, true, 3));
+        let x = Var::zeros((0, 64), DType::F32, &Device::Cpu)?;
+        let y = nf4_linear(x.as_tensor(), &w)?;
+        assert_eq!(y.dims(), &[0, 8]);
+        assert!(nf4_linear(&Tensor::zeros((2, 63), DType::F32, &Device::Cpu)?, &w).is_err());
         Ok(())
     }
 

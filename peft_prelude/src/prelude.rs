@@ -1,5 +1,6 @@
 //! `use peft_prelude::prelude::*;` — everything a notebook cell needs, in one import.
 
+pub use crate::data::{alpaca_prompt, format_alpaca, Dataset, Row, TokenizeOptions};
 pub use crate::error::{Error, Result};
 pub use crate::generate::{
     chat, generate, generate_batch, generate_ids, FinishReason, Generation, GenerationConfig,
@@ -12,5 +13,13 @@ pub use crate::notebook::{
     clear_output, interrupted, print_stream, show, show_text, Display, Html, LinePlot, Png,
     ProgressBar, Rich, Svg, Table, TokenStreamer,
 };
+pub use crate::peft::{
+    get_peft_model, BottleneckConfig, Ia3Config, LoraConfig, LoraInit, PeftConfig, PeftModel,
+    PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TargetModules,
+};
 pub use crate::tokenizer::{ChatMessage, Tokenizer};
+pub use crate::train::{
+    plot_runs, DpoConfig, DpoLossType, DpoTrainer, RunHistory, SchedulerType, SftTrainer,
+    TrainOutput, TrainingArgs,
+};
 pub use candle_core::{DType, Device, Tensor, Var, D};

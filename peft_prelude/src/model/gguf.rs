@@ -19,13 +19,15 @@ use crate::error::{Error, Result};
 use crate::quant::{GgmlWeight, Quantization, QuantizedWeight};
 
 /// GGUF tensor types this loader reads (dequantized at load for now).
-pub const SUPPORTED_TYPES: [GgmlDType; 9] = [
+pub const SUPPORTED_TYPES: [GgmlDType; 11] = [
     GgmlDType::F32,
     GgmlDType::F16,
     GgmlDType::BF16,
     GgmlDType::Q8_0,
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
     GgmlDType::Q4K,
     GgmlDType::Q5K,
     GgmlDType::Q6K,
@@ -85,15 +87,23 @@ impl GgufFile {
     }
 
     /// Reads one tensor as a quantized `QTensor`.
-    pub fn qtensor(&self, gguf_name: &str, device: &Device) -> Result<candle_core::quantized::QTensor> {
-        let info = self.content.tensor_infos.get(gguf_name).ok_or_else(|| Error::MissingTensor {
-            path: self.path.clone(),
-            name: gguf_name.to_string(),
-        })?;
+    pub fn qtensor(
+        &self,
+        gguf_name: &str,
+        device: &Device,
+    ) -> Result<candle_core::quantized::QTensor> {
+        let info =
+            self.content
+                .tensor_infos
+                .get(gguf_name)
+                .ok_or_else(|| Error::MissingTensor {
+                    path: self.path.clone(),
+                    name: gguf_name.to_string(),
+                })?;
         if !SUPPORTED_TYPES.contains(&info.ggml_dtype) {
             return Err(Error::unsupported(
                 &self.path,
-                format!("tensor type {:?} of `{gguf_name}` (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)", info.ggml_dtype),
+                format!("tensor type {:?} of `{gguf_name}` (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)", info.ggml_dtype),
             ));
         }
         let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
@@ -116,14 +126,30 @@ impl<'a> GgufSource<'a> {
         let mut add = |hf: String, gguf: String, heads: Option<usize>| {
             names.insert(hf, (gguf, heads));
         };
-        add("model.embed_tokens.weight".into(), "token_embd.weight".into(), None);
-        add("model.norm.weight".into(), "output_norm.weight".into(), None);
+        add(
+            "model.embed_tokens.weight".into(),
+            "token_embd.weight".into(),
+            None,
+        );
+        add(
+            "model.norm.weight".into(),
+            "output_norm.weight".into(),
+            None,
+        );
         add("lm_head.weight".into(), "output.weight".into(), None);
         for l in 0..config.num_hidden_layers {
             let hf = |s: &str| format!("model.layers.{l}.{s}.weight");
             let gg = |s: &str| format!("blk.{l}.{s}.weight");
-            add(hf("self_attn.q_proj"), gg("attn_q"), Some(config.num_attention_heads));
-            add(hf("self_attn.k_proj"), gg("attn_k"), Some(config.num_key_value_heads));
+            add(
+                hf("self_attn.q_proj"),
+                gg("attn_q"),
+                Some(config.num_attention_heads),
+            );
+            add(
+                hf("self_attn.k_proj"),
+                gg("attn_k"),
+                Some(config.num_key_value_heads),
+            );
             add(hf("self_attn.v_proj"), gg("attn_v"), None);
             add(hf("self_attn.o_proj"), gg("attn_output"), None);
             add(hf("mlp.gate_proj"), gg("ffn_gate"), None);
@@ -155,10 +181,15 @@ impl WeightSource for GgufSource<'_> {
             path: self.file.path.clone(),
             name: name.to_string(),
         })?;
-        let info = self.file.content.tensor_infos.get(g).ok_or_else(|| Error::MissingTensor {
-            path: self.file.path.clone(),
-            name: g.clone(),
-        })?;
+        let info = self
+            .file
+            .content
+            .tensor_infos
+            .get(g)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.file.path.clone(),
+                name: g.clone(),
+            })?;
         Ok(info.shape.dims().to_vec())
     }
 
@@ -168,7 +199,10 @@ impl WeightSource for GgufSource<'_> {
             name: name.to_string(),
         })?;
         // Dequantize on the CPU (every GGML type has a CPU kernel), then move.
-        let w = self.file.qtensor(g, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        let w = self
+            .file
+            .qtensor(g, &Device::Cpu)?
+            .dequantize(&Device::Cpu)?;
         let w = match heads {
             Some(n) => unpermute_rows(&w, *n)?,
             None => w,
@@ -192,7 +226,10 @@ impl WeightSource for GgufSource<'_> {
             return Ok(None);
         };
         // Float tensors gain nothing from the quantized path.
-        if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+        if matches!(
+            info.ggml_dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        ) {
             return Ok(None);
         }
         let q = self.file.qtensor(g, &Device::Cpu)?;
@@ -209,8 +246,7 @@ impl WeightSource for GgufSource<'_> {
 /// `w.reshape(n, rows/n/2, 2, cols).swapaxes(1, 2).reshape(rows, cols)`.
 pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
-    Ok(w
-        .reshape((heads, rows / heads / 2, 2, cols))?
+    Ok(w.reshape((heads, rows / heads / 2, 2, cols))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))?)
@@ -220,8 +256,7 @@ pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
 /// matching adapters to a GGUF base).
 pub fn permute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
-    Ok(w
-        .reshape((heads, 2, rows / heads / 2, cols))?
+    Ok(w.reshape((heads, 2, rows / heads / 2, cols))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))?)

@@ -10,9 +10,9 @@ use super::decoder::{Model, ModelWeights};
 use super::gguf::{GgufFile, GgufSource};
 use super::weights::{load_model_weights_quantized, SafetensorsSource};
 use crate::error::{Error, Result};
+use crate::generate::GenerationConfig;
 use crate::quant::bnb::BnbConfig;
 use crate::quant::Quantization;
-use crate::generate::GenerationConfig;
 use crate::tokenizer::Tokenizer;
 
 /// Where and in which precision to put the weights.
@@ -98,7 +98,9 @@ impl Pretrained {
         let generation_config = GenerationConfig::for_model(
             &config,
             &tokenizer,
-            Some(dir.join("generation_config.json")).filter(|p| p.is_file()).as_deref(),
+            Some(dir.join("generation_config.json"))
+                .filter(|p| p.is_file())
+                .as_deref(),
         )?;
         Ok(Pretrained {
             model: Model::new(config, weights)?,
@@ -147,7 +149,11 @@ impl Pretrained {
         let config = hub.get(repo, "config.json")?;
         let dir = config
             .parent()
-            .ok_or_else(|| Error::Hub(format!("{repo}: cached config.json has no parent directory")))?
+            .ok_or_else(|| {
+                Error::Hub(format!(
+                    "{repo}: cached config.json has no parent directory"
+                ))
+            })?
             .to_path_buf();
         if hub.get(repo, "model.safetensors").is_err() {
             let index = hub.get(repo, "model.safetensors.index.json")?;
@@ -181,10 +187,20 @@ pub fn load_model_from_dir(dir: impl AsRef<Path>, options: &LoadOptions) -> Resu
 
 /// The weights of a model directory; a bitsandbytes `quantization_config` in config.json is
 /// checked first (only 4-bit NF4 loads).
-fn load_dir_weights(dir: &Path, config: &ModelConfig, options: &LoadOptions) -> Result<ModelWeights> {
+fn load_dir_weights(
+    dir: &Path,
+    config: &ModelConfig,
+    options: &LoadOptions,
+) -> Result<ModelWeights> {
     BnbConfig::from_config_json(&dir.join("config.json"))?;
     let source = SafetensorsSource::open(SafetensorsSource::files_in_dir(dir)?)?;
-    load_model_weights_quantized(config, &source, options.dtype, &options.device, options.quantization)
+    load_model_weights_quantized(
+        config,
+        &source,
+        options.dtype,
+        &options.device,
+        options.quantization,
+    )
 }
 
 fn split_gguf(repo: &str) -> Option<(&str, &str)> {
@@ -223,7 +239,9 @@ pub fn hub_cache_dir() -> PathBuf {
     if let Some(home) = std::env::var_os("HF_HOME") {
         return PathBuf::from(home).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache").join("huggingface").join("hub")
 }
 

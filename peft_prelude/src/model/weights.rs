@@ -97,11 +97,23 @@ pub fn load_model_weights_quantized(
         let names: Vec<String> = ATTENTION_PROJECTIONS
             .iter()
             .map(|n| format!("{p}.self_attn.{n}.weight"))
-            .chain(MLP_PROJECTIONS.iter().map(|n| format!("{p}.mlp.{n}.weight")))
+            .chain(
+                MLP_PROJECTIONS
+                    .iter()
+                    .map(|n| format!("{p}.mlp.{n}.weight")),
+            )
             .collect();
         let mut projections = Vec::with_capacity(7);
         for (name, shape) in names.iter().zip(proj_shapes.iter()) {
-            projections.push(load_projection(source, name, shape, dtype, device, quantization, &get)?);
+            projections.push(load_projection(
+                source,
+                name,
+                shape,
+                dtype,
+                device,
+                quantization,
+                &get,
+            )?);
         }
         layers.push(LayerWeights {
             input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
@@ -137,7 +149,10 @@ fn load_projection(
 ) -> Result<FrozenLinear> {
     if bnb::is_bnb_4bit(source, name) {
         require_cpu(device, name)?;
-        return Ok(FrozenLinear::quantized(Arc::new(bnb::load_nf4(source, name, expected, dtype)?), None));
+        return Ok(FrozenLinear::quantized(
+            Arc::new(bnb::load_nf4(source, name, expected, dtype)?),
+            None,
+        ));
     }
     if let Some(q) = source.load_quantized(name, dtype, quantization)? {
         if q.shape() != (expected[0], expected[1]) {
@@ -157,7 +172,9 @@ fn load_projection(
             let q = Nf4Weight::quantize(&dense, double_quant)?;
             Ok(FrozenLinear::quantized(Arc::new(q), None))
         }
-        Quantization::None | Quantization::KeepGguf => Ok(FrozenLinear::new(get(name, expected)?, None)),
+        Quantization::None | Quantization::KeepGguf => {
+            Ok(FrozenLinear::new(get(name, expected)?, None))
+        }
     }
 }
 

@@ -58,12 +58,8 @@ impl LinePlot {
 
     /// Adds a point to the named series (created on first use) and redraws when due.
     pub fn push(&mut self, series: &str, x: f64, y: f64) {
-        if !(x.is_finite() && y.is_finite()) {
+        if !self.add_point(series, x, y) {
             return;
-        }
-        match self.series.iter_mut().find(|(name, _)| name == series) {
-            Some((_, points)) => points.push((x, y)),
-            None => self.series.push((series.into(), vec![(x, y)])),
         }
         if in_kernel()
             && self
@@ -72,6 +68,19 @@ impl LinePlot {
         {
             self.draw();
         }
+    }
+
+    /// Adds a point without drawing (for building a plot shown later). Non-finite points are
+    /// skipped; returns whether the point was added.
+    pub fn add_point(&mut self, series: &str, x: f64, y: f64) -> bool {
+        if !(x.is_finite() && y.is_finite()) {
+            return false;
+        }
+        match self.series.iter_mut().find(|(name, _)| name == series) {
+            Some((_, points)) => points.push((x, y)),
+            None => self.series.push((series.into(), vec![(x, y)])),
+        }
+        true
     }
 
     /// Draws the final state (in the notebook) or prints a summary (elsewhere).

@@ -29,15 +29,25 @@ struct QuantState {
 
 /// Whether the tensor `name` (`P.weight`) is stored in bitsandbytes' 4-bit layout.
 pub fn is_bnb_4bit(source: &dyn WeightSource, name: &str) -> bool {
-    [".absmax", ".quant_map", &format!(".{NF4_STATE}"), &format!(".{FP4_STATE}")]
-        .iter()
-        .any(|s| source.contains(&format!("{name}{s}")))
+    [
+        ".absmax",
+        ".quant_map",
+        &format!(".{NF4_STATE}"),
+        &format!(".{FP4_STATE}"),
+    ]
+    .iter()
+    .any(|s| source.contains(&format!("{name}{s}")))
         || source.dtype(name) == Some(DType::U8)
 }
 
 /// Reads a bitsandbytes NF4 projection whose config shape is `expected = [out, in]`; its
 /// outputs will be in `dtype`.
-pub fn load_nf4(source: &dyn WeightSource, name: &str, expected: &[usize], dtype: DType) -> Result<Nf4Weight> {
+pub fn load_nf4(
+    source: &dyn WeightSource,
+    name: &str,
+    expected: &[usize],
+    dtype: DType,
+) -> Result<Nf4Weight> {
     let state_name = format!("{name}.{NF4_STATE}");
     if source.contains(&format!("{name}.{FP4_STATE}")) {
         return Err(Error::unsupported(
@@ -49,7 +59,10 @@ pub fn load_nf4(source: &dyn WeightSource, name: &str, expected: &[usize], dtype
     if state.quant_type != "nf4" {
         return Err(Error::unsupported(
             source.file_of(&state_name),
-            format!("quant_type `{}` in `{state_name}` (only nf4 is supported)", state.quant_type),
+            format!(
+                "quant_type `{}` in `{state_name}` (only nf4 is supported)",
+                state.quant_type
+            ),
         ));
     }
     if state.shape != expected {
@@ -64,10 +77,14 @@ pub fn load_nf4(source: &dyn WeightSource, name: &str, expected: &[usize], dtype
     let (rows, cols) = (expected[0], expected[1]);
     let packed = tensor(source, name, DType::U8, n.div_ceil(2))?;
     if state.blocksize == 0 {
-        return Err(Error::corrupt(source.file_of(&state_name), format!("`{state_name}`: blocksize 0")));
+        return Err(Error::corrupt(
+            source.file_of(&state_name),
+            format!("`{state_name}`: blocksize 0"),
+        ));
     }
     let blocks = n.div_ceil(state.blocksize);
-    let quant_map = tensor(source, &format!("{name}.quant_map"), DType::F32, 16)?.to_vec1::<f32>()?;
+    let quant_map =
+        tensor(source, &format!("{name}.quant_map"), DType::F32, 16)?.to_vec1::<f32>()?;
     let absmax_name = format!("{name}.absmax");
     let absmax = match (state.nested_offset, state.nested_blocksize) {
         (Some(offset), Some(nested_blocksize)) if nested_blocksize > 0 => Absmax::Nested {
@@ -104,9 +121,15 @@ fn read_state(source: &dyn WeightSource, state_name: &str) -> Result<QuantState>
             name: state_name.to_string(),
         });
     }
-    let bytes = source.load(state_name, DType::U8, &Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
+    let bytes = source
+        .load(state_name, DType::U8, &Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
     serde_json::from_slice(&bytes).map_err(|e| {
-        Error::corrupt(source.file_of(state_name), format!("`{state_name}` is not a bitsandbytes quant state: {e}"))
+        Error::corrupt(
+            source.file_of(state_name),
+            format!("`{state_name}` is not a bitsandbytes quant state: {e}"),
+        )
     })
 }
 
@@ -130,7 +153,11 @@ fn tensor(source: &dyn WeightSource, name: &str, dtype: DType, len: usize) -> Re
     let shape = source.shape(name)?;
     let count: usize = shape.iter().product();
     if count != len {
-        let expected = if shape.len() == 2 { vec![len, 1] } else { vec![len] };
+        let expected = if shape.len() == 2 {
+            vec![len, 1]
+        } else {
+            vec![len]
+        };
         return Err(Error::ShapeMismatch {
             path: source.file_of(name),
             name: name.to_string(),
@@ -171,12 +198,18 @@ impl BnbConfig {
             double_quant: flag("bnb_4bit_use_double_quant"),
         };
         if flag("load_in_8bit") || flag("_load_in_8bit") {
-            return Err(Error::unsupported(path, "bitsandbytes 8-bit checkpoints (load_in_8bit)"));
+            return Err(Error::unsupported(
+                path,
+                "bitsandbytes 8-bit checkpoints (load_in_8bit)",
+            ));
         }
         if config.load_in_4bit && config.quant_type != "nf4" {
             return Err(Error::unsupported(
                 path,
-                format!("bitsandbytes 4-bit quant type `{}` (only nf4 is supported)", config.quant_type),
+                format!(
+                    "bitsandbytes 4-bit quant type `{}` (only nf4 is supported)",
+                    config.quant_type
+                ),
             ));
         }
         Ok(Some(config))

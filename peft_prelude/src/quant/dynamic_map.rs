@@ -43,5 +43,8 @@ pub const DYNAMIC_MAP_SIGNED_BITS: [u32; 256] = [
 
 /// The map as f32 values (sorted ascending, from about -0.99297 to 1.0).
 pub fn dynamic_map_signed() -> Vec<f32> {
-    DYNAMIC_MAP_SIGNED_BITS.iter().map(|&b| f32::from_bits(b)).collect()
+    DYNAMIC_MAP_SIGNED_BITS
+        .iter()
+        .map(|&b| f32::from_bits(b))
+        .collect()
 }

@@ -99,7 +99,10 @@ impl QuantizedWeight for GgmlWeight {
             )));
         }
         let x32 = x.to_dtype(DType::F32)?;
-        let y = x32.detach().contiguous()?.apply_op1_no_bwd(self.qtensor.as_ref())?;
+        let y = x32
+            .detach()
+            .contiguous()?
+            .apply_op1_no_bwd(self.qtensor.as_ref())?;
         let q = Arc::clone(&self.qtensor);
         let y = peft_kernels::frozen::reattach(&x32, y, move |g| {
             // One layer dense at a time, only during its backward.
@@ -112,7 +115,10 @@ impl QuantizedWeight for GgmlWeight {
     }
 
     fn dequantize(&self) -> Result<Tensor> {
-        Ok(self.qtensor.dequantize(&self.qtensor.device())?.to_dtype(self.dtype)?)
+        Ok(self
+            .qtensor
+            .dequantize(&self.qtensor.device())?
+            .to_dtype(self.dtype)?)
     }
 
     fn requantize(&self, dense: &Tensor) -> Result<Arc<dyn QuantizedWeight>> {

@@ -6,6 +6,7 @@
 //! | [`nf4_weight`] | an NF4 projection: forward/backward on the packed data, requantize |
 //! | [`bnb`] | the serialized bitsandbytes 4-bit layout (`weight`, `weight.absmax`, `weight.quant_state…`) |
 //! | [`ggml`] | a GGUF tensor (Q4_0, Q4_K, Q8_0 …) kept quantized as a projection |
+//! | [`export`] | merged models out: 16-bit HF safetensors, GGUF F16 / Q8_0 / Q4_K |
 //!
 //! Every quantized projection implements [`QuantizedWeight`] and sits inside a
 //! [`FrozenLinear`](crate::model::FrozenLinear), so PEFT methods wrap it exactly as they wrap a
@@ -13,6 +14,7 @@
 
 pub mod bnb;
 pub mod dynamic_map;
+pub mod export;
 pub mod ggml;
 pub mod nf4;
 pub mod nf4_weight;
@@ -26,8 +28,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::Result;
 
 pub use ggml::GgmlWeight;
-pub use peft_kernels::nf4::{Absmax, Nf4Matrix, NF4_CODE};
 pub use nf4_weight::Nf4Weight;
+pub use peft_kernels::nf4::{Absmax, Nf4Matrix, NF4_CODE};
 
 /// How the frozen projections of a model are stored when it is loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -27,7 +27,11 @@ pub fn quantize_blocks(data: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
         .collect();
     // Blocks of an even length pack independently; chunks of whole blocks run in parallel.
     let per_task = blocksize * (16_384 / blocksize).max(1);
-    let per_task = if blocksize % 2 == 0 { per_task } else { data.len().max(1) };
+    let per_task = if blocksize.is_multiple_of(2) {
+        per_task
+    } else {
+        data.len().max(1)
+    };
     let mut packed = vec![0u8; data.len().div_ceil(2)];
     packed
         .par_chunks_mut(per_task / 2 + per_task % 2)
@@ -150,9 +154,10 @@ fn multi_row_sum(x: &[f32], width: usize, rows: usize) -> Vec<Vec<f32>> {
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..4 {
-                let lower = std::mem::replace(&mut acc[j - 1][k], vec![0f32; width]);
-                add_lanes(&mut acc[j][k], &lower);
+            let (below, above) = acc.split_at_mut(j);
+            for (lower, upper) in below[j - 1].iter_mut().zip(above[0].iter_mut()) {
+                add_lanes(upper, lower);
+                lower.fill(0.0);
             }
             if i & (mask << (j * power)) != 0 {
                 break;
@@ -166,10 +171,10 @@ fn multi_row_sum(x: &[f32], width: usize, rows: usize) -> Vec<Vec<f32>> {
         }
         i += 1;
     }
-    for j in 1..LEVELS {
-        for k in 0..4 {
-            let upper = std::mem::take(&mut acc[j][k]);
-            add_lanes(&mut acc[0][k], &upper);
+    let (first, rest) = acc.split_at_mut(1);
+    for level in rest.iter() {
+        for (a, upper) in first[0].iter_mut().zip(level) {
+            add_lanes(a, upper);
         }
     }
     acc.swap_remove(0)

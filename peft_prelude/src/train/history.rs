@@ -60,15 +60,14 @@ impl RunHistory {
     }
 }
 
-/// One plot with every run's loss curve.
+/// One plot with every run's loss curve (a cell's last expression shows it).
 pub fn plot_runs(runs: &[RunHistory]) -> LinePlot {
     let mut plot = LinePlot::new("training loss").y_label("loss");
     for run in runs {
         for e in &run.entries {
-            plot.push(&run.name, e.step as f64, e.loss);
+            plot.add_point(&run.name, e.step as f64, e.loss);
         }
     }
-    plot.finish();
     plot
 }
 

@@ -1,0 +1,100 @@
+//! One LoRA training configuration timed: forward + loss + backward + AdamW step, as one JSON
+//! line (tokens/s, median step time, peak RSS, parameter counts).
+//!
+//! ```text
+//! cargo run --release -p peft_prelude --example bench_lora_step -- [--batch 4] [--seq 256]
+//!     [--steps 8] [--warmup 2] [--rank 16] [--unprotected] [--model PATH]
+//! ```
+//! Default: SmolLM2-135M-Instruct (the GGUF fetched by `scripts/fetch-smollm2.sh`, weights
+//! dequantized to f32), LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, AdamW lr 2e-4.
+//! `--unprotected` lets candle compute and keep gradients for the frozen weights (its default
+//! matmul backward), to measure what the frozen-weight protection saves.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use peft_prelude::model::{LoadOptions, Pretrained};
+use peft_prelude::peft::{get_peft_model, LoraConfig};
+use peft_prelude::train::{causal_lm_loss, AdamW, AdamWConfig};
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut batch, mut seq, mut steps, mut warmup, mut rank) = (4usize, 256usize, 8usize, 2usize, 16usize);
+    let mut protected = true;
+    let mut model_path = format!(
+        "{}/SmolLM2-135M-Instruct.Q4_1.gguf",
+        std::env::var("PEFT_MODELS_DIR")
+            .unwrap_or_else(|_| format!("{}/.cache/peft-models", std::env::var("HOME").unwrap_or_default()))
+    );
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
+        match a.as_str() {
+            "--batch" => batch = value()?.parse()?,
+            "--seq" => seq = value()?.parse()?,
+            "--steps" => steps = value()?.parse()?,
+            "--warmup" => warmup = value()?.parse()?,
+            "--rank" => rank = value()?.parse()?,
+            "--model" => model_path = value()?,
+            "--unprotected" => protected = false,
+            other => anyhow::bail!("unknown argument {other}"),
+        }
+    }
+    peft_kernels::frozen::set_weight_gradient_protection(protected);
+    let p = Pretrained::load(&model_path, &LoadOptions::default())?;
+    let vocab = p.model.config().vocab_size as u32;
+    let peft = get_peft_model(p.model, LoraConfig::all_projections(rank, rank as f64))?;
+    let params = peft.trainable_vars();
+    let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let total = peft.num_parameters() + trainable;
+    let mut opt = AdamW::new(params.clone(), AdamWConfig { lr: 2e-4, ..Default::default() })?;
+    // Deterministic pseudo-text: every position is a label.
+    let ids: Vec<u32> = (0..batch * seq).map(|i| ((i as u64 * 2_654_435_761) % vocab as u64) as u32).collect();
+    let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
+    let labels = ids.to_dtype(candle_core::DType::I64)?;
+    let mut times = vec![];
+    for step in 0..warmup + steps {
+        let t = Instant::now();
+        let logits = peft.forward(&ids)?;
+        let (loss, _) = causal_lm_loss(&logits, &labels)?;
+        let grads = loss.backward()?;
+        let g: Vec<Option<Tensor>> = params.iter().map(|(_, v)| grads.get(v.as_tensor()).cloned()).collect();
+        opt.step(&g)?;
+        if step >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "lora_train_step",
+            "model": model_path,
+            "dtype": "f32",
+            "frozen_weight_protection": protected,
+            "batch": batch,
+            "seq": seq,
+            "rank": rank,
+            "threads": rayon::current_num_threads(),
+            "timed_steps": steps,
+            "step_s_median": median,
+            "tokens_per_s": (batch * seq) as f64 / median,
+            "peak_rss_mb": peak_rss_mb(),
+            "trainable_params": trainable,
+            "total_params": total,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,40 @@
+"""Executes one notebook (argument: its name under notebooks/) with nbclient on the rust-peft
+kernel, from the notebooks folder, and checks that every code cell succeeded, that no cell
+wrote an error to stderr, and that at least one plot arrived as SVG."""
+
+import os
+import sys
+import time
+
+import nbformat
+from nbclient import NotebookClient
+
+from kernel_env import KERNEL_NAME, ROOT, check, install_kernelspec
+
+
+def main():
+    name = sys.argv[1]
+    install_kernelspec()
+    path = os.path.join(ROOT, "notebooks", name)
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb,
+        kernel_name=KERNEL_NAME,
+        timeout=1800,
+        startup_timeout=120,
+        resources={"metadata": {"path": os.path.dirname(path)}},
+    )
+    started = time.monotonic()
+    client.execute()  # raises CellExecutionError on an error reply
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    errors = [o for o in outputs if o.get("output_type") == "error"]
+    check(not errors, f"error outputs: {errors}")
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    # A `?` that returns early prints the error on stderr (evcxr reports the cell as done).
+    check("Error" not in stderr and "error" not in stderr, f"a cell wrote an error: {stderr[:2000]}")
+    check(any("image/svg+xml" in o.get("data", {}) for o in outputs), "no SVG plot among the outputs")
+    print(f"{name}: {sum(c.cell_type == 'code' for c in nb.cells)} cells ok in {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
