@@ -142,12 +142,12 @@ fn gguf_of_another_architecture_is_refused() {
 fn gguf_with_an_unsupported_tensor_type_is_refused() {
     let dir = scratch("gguf-type");
     let path = dir.join("q2k.gguf");
-    // Q5_0 (32-element blocks fit the 64-wide rows) is a real GGML type this loader does not read.
-    rewrite_gguf(&path, &[], Some(("blk.0.ffn_up.weight", GgmlDType::Q5_0)));
+    // Q8_1 (32-element blocks fit the 64-wide rows) is a real GGML type this loader does not read.
+    rewrite_gguf(&path, &[], Some(("blk.0.ffn_up.weight", GgmlDType::Q8_1)));
     let err = Pretrained::from_gguf(&path, &LoadOptions::default()).unwrap_err();
     assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("blk.0.ffn_up.weight") && msg.contains("Q5_0"), "{msg}");
+    assert!(msg.contains("blk.0.ffn_up.weight") && msg.contains("Q8_1"), "{msg}");
     fs::remove_dir_all(dir).unwrap();
 }
 

@@ -31,11 +31,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// `down(silu(gate(x)) * up(x))`
+    /// `down(silu(gate(x)) * up(x))`, the middle as one fused op.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
+        let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&peft_kernels::swiglu(&gate, &up)?)
     }
 }
 
@@ -502,8 +502,9 @@ impl Model {
         let q = attn.q_proj.forward(x)?.reshape((b, t, heads, d))?.transpose(1, 2)?;
         let k = attn.k_proj.forward(x)?.reshape((b, t, kv_heads, d))?.transpose(1, 2)?;
         let v = attn.v_proj.forward(x)?.reshape((b, t, kv_heads, d))?.transpose(1, 2)?;
-        let q = Rope::apply(&q.contiguous()?, cos, sin)?;
-        let k = Rope::apply(&k.contiguous()?, cos, sin)?;
+        // The fused RoPE reads the transposed views directly and returns contiguous tensors.
+        let q = Rope::apply(&q, cos, sin)?;
+        let k = Rope::apply(&k, cos, sin)?;
         let v = v.contiguous()?;
         let (k, v) = match cache {
             Some(cache) => cache.append(index, k, v)?,

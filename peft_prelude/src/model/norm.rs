@@ -22,14 +22,19 @@ impl RmsNorm {
         &self.weight
     }
 
-    /// `w * (x / sqrt(mean(x², -1) + eps))`, computed in (at least) f32 like the reference.
+    /// `w * (x / sqrt(mean(x², -1) + eps))`, accumulated in (at least) f32 like the reference,
+    /// as one fused op whose backward gives the input gradient only (the weight is frozen).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(peft_kernels::rms_norm(x, &self.weight, self.eps)?)
+    }
+
+    /// The same as a plain candle composition (the reference the fused op is tested against).
+    pub fn forward_unfused(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(accumulation_dtype(dtype))?;
         let mean_sq = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let inv_rms = (mean_sq + self.eps)?.sqrt()?.recip()?;
         let normed = xf.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
-        // The weight is frozen: no gradient is computed for it.
         Ok(peft_kernels::frozen::mul_const(&normed, &self.weight.to_dtype(dtype)?)?)
     }
 }

@@ -52,8 +52,14 @@ impl Rope {
         Ok((cos, sin))
     }
 
-    /// `x · cos + rotate_half(x) · sin` for `x: [b, heads, t, head_dim]`.
+    /// `x · cos + rotate_half(x) · sin` for `x: [b, heads, t, head_dim]` (may be a strided
+    /// view), as one fused op with an input-only backward.
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(peft_kernels::rope(x, cos, sin)?)
+    }
+
+    /// The same as a plain candle composition (the reference the fused op is tested against).
+    pub fn apply_unfused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         // cos/sin are constants: no gradient is computed for the tables.
