@@ -20,6 +20,11 @@ pub fn set_weight_gradient_protection(enabled: bool) {
     PROTECTION.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether frozen-weight protection is on (see [`set_weight_gradient_protection`]).
+pub fn weight_gradient_protection() -> bool {
+    PROTECTION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// `y = x · Wᵀ` for `x: [.., in]`, `w: [out, in]`, with a gradient for `x` only.
 ///
 /// `w` must not be a `Var` (it is treated as a constant; no gradient is ever computed for it).

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::switch::AdapterSwitch;
 use crate::error::{Error, Result};
+use crate::model::linear::FrozenWeight;
 use crate::model::{FrozenLinear, Linear};
 use crate::rng::Rng;
 
@@ -198,6 +199,34 @@ impl LoraLinear {
     }
 }
 
+impl LoraLinear {
+    /// The common case as one fused op (`x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, backward dx, dA, dB and never
+    /// dW): a dense frozen base directly under the adapter, no bias, no DoRA, no dropout
+    /// acting. `None` when another path must run.
+    fn fused_forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some((active, training)) = self.switch.acting() else {
+            return Ok(None);
+        };
+        let Some(ad) = self.adapters.get(&active) else {
+            return Ok(None);
+        };
+        let base = self.base.base();
+        let plain = self.base.as_any().is::<FrozenLinear>()
+            && base.bias().is_none()
+            && ad.magnitude.is_none()
+            && !(training && ad.dropout > 0.0)
+            && self.merged_adapter() != Some(active.as_str())
+            && peft_kernels::frozen::weight_gradient_protection();
+        match base.frozen_weight() {
+            FrozenWeight::Dense(w) if plain => {
+                let x = if x.dtype() == w.dtype() { x.clone() } else { x.to_dtype(w.dtype())? };
+                Ok(Some(peft_kernels::lora_linear(&x, w, ad.a.as_tensor(), ad.b.as_tensor(), ad.scaling)?))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 /// `x [.., in] · Wᵀ` for a trainable `W [out, in]` (gradients for both).
 fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let in_f = x.dim(D::Minus1)?;
@@ -208,6 +237,9 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.fused_forward(x)? {
+            return Ok(y);
+        }
         let y = self.base.forward(x)?;
         let Some((active, training)) = self.switch.acting() else {
             return Ok(y);
