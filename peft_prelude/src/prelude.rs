@@ -3,7 +3,7 @@
 pub use crate::data::{alpaca_prompt, format_alpaca, Dataset, Row, TokenizeOptions};
 pub use crate::error::{Error, Result};
 pub use crate::generate::{
-    chat, generate, generate_batch, generate_ids, FinishReason, Generation, GenerationConfig,
+    chat, completion_logprob, generate, generate_batch, generate_ids, FinishReason, Generation, GenerationConfig,
     Hooks, StdoutStreamer, Streamer,
 };
 pub use crate::model::{

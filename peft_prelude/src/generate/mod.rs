@@ -316,3 +316,21 @@ pub fn generate_ids(
         seconds: start.elapsed().as_secs_f64(),
     })
 }
+
+/// The log-probability the model gives `completion` after `prompt` (the sum over the
+/// completion's tokens): how much it prefers one answer over another.
+pub fn completion_logprob(model: &Model, tokenizer: &Tokenizer, prompt: &str, completion: &str) -> Result<f64> {
+    let prompt_ids = tokenizer.encode(prompt, true)?;
+    let completion_ids = tokenizer.encode(completion, false)?;
+    if prompt_ids.is_empty() || completion_ids.is_empty() {
+        return Err(Error::InvalidArgument("prompt and completion must both have tokens".into()));
+    }
+    let ids: Vec<u32> = prompt_ids.iter().chain(&completion_ids).copied().collect();
+    let mask: Vec<u8> = std::iter::repeat_n(0u8, prompt_ids.len())
+        .chain(std::iter::repeat_n(1, completion_ids.len()))
+        .collect();
+    let input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
+    let logits = model.forward(&input)?.detach();
+    let lp = crate::train::dpo::sequence_logps(&logits, &[ids], &[mask])?;
+    Ok(lp.to_dtype(DType::F64)?.to_vec1::<f64>()?[0])
+}
