@@ -12,7 +12,13 @@ fn scratch_model_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("peft-bad-input-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         fs::copy(fixture("tiny-mistral").join(f), dir.join(f)).unwrap();
     }
     dir
@@ -24,7 +30,11 @@ fn load_dir(dir: &Path) -> Error {
 
 fn assert_names(err: &Error, path: &Path, what: &str) {
     let msg = err.to_string();
-    assert!(msg.contains(&path.display().to_string()), "error does not name {}: {msg}", path.display());
+    assert!(
+        msg.contains(&path.display().to_string()),
+        "error does not name {}: {msg}",
+        path.display()
+    );
     assert!(msg.contains(what), "error does not say `{what}`: {msg}");
 }
 
@@ -35,7 +45,8 @@ fn missing_model_directory_or_file() {
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
     assert_names(&err, &missing, "no such model directory");
 
-    let err = Pretrained::from_gguf(&missing.join("model.gguf"), &LoadOptions::default()).unwrap_err();
+    let err =
+        Pretrained::from_gguf(missing.join("model.gguf"), &LoadOptions::default()).unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
     assert_names(&err, &missing.join("model.gguf"), "No such file");
 }
@@ -74,12 +85,22 @@ fn garbage_safetensors_header() {
 fn config_whose_shapes_disagree_with_the_weights() {
     let dir = scratch_model_dir("shape");
     let path = dir.join("config.json");
-    let text = fs::read_to_string(&path).unwrap().replace("\"intermediate_size\": 160", "\"intermediate_size\": 128");
-    assert!(text.contains("\"intermediate_size\": 128"), "fixture format changed");
+    let text = fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"intermediate_size\": 160", "\"intermediate_size\": 128");
+    assert!(
+        text.contains("\"intermediate_size\": 128"),
+        "fixture format changed"
+    );
     fs::write(&path, text).unwrap();
     let err = load_dir(&dir);
     match &err {
-        Error::ShapeMismatch { name, expected, got, .. } => {
+        Error::ShapeMismatch {
+            name,
+            expected,
+            got,
+            ..
+        } => {
             assert_eq!(name, "model.layers.0.mlp.gate_proj.weight");
             assert_eq!(expected, &[128, 64]);
             assert_eq!(got, &[160, 64]);
@@ -93,7 +114,9 @@ fn config_whose_shapes_disagree_with_the_weights() {
 fn unsupported_architecture() {
     let dir = scratch_model_dir("arch");
     let path = dir.join("config.json");
-    let text = fs::read_to_string(&path).unwrap().replace("\"model_type\": \"mistral\"", "\"model_type\": \"gpt2\"");
+    let text = fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"model_type\": \"mistral\"", "\"model_type\": \"gpt2\"");
     fs::write(&path, text).unwrap();
     let err = load_dir(&dir);
     assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
@@ -152,8 +175,18 @@ fn out_of_vocabulary_prompt_and_empty_prompt() {
     use peft_prelude::generate::{generate_ids, GenerationConfig, Hooks};
     let p = Pretrained::from_dir(fixture("tiny-mistral"), &LoadOptions::default()).unwrap();
     let cfg = GenerationConfig::default().greedy(2);
-    let err = generate_ids(&p.model, &p.tokenizer, &[vec![1, 99_999]], &cfg, Hooks::default()).unwrap_err();
-    assert!(err.to_string().contains("outside the model's vocabulary"), "{err}");
+    let err = generate_ids(
+        &p.model,
+        &p.tokenizer,
+        &[vec![1, 99_999]],
+        &cfg,
+        Hooks::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("outside the model's vocabulary"),
+        "{err}"
+    );
     let err = generate_ids(&p.model, &p.tokenizer, &[vec![]], &cfg, Hooks::default()).unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
 }

@@ -11,16 +11,27 @@ use peft_prelude::train::{SftTrainer, TrainingArgs};
 use peft_tests::smollm2_gguf;
 
 fn data(name: &str) -> Dataset {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../notebooks/data").join(name);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../notebooks/data")
+        .join(name);
     Dataset::from_json_file(path).unwrap()
 }
 
 /// Fraction of rows whose greedy answer starts with the expected label.
-fn accuracy(model: &Model, tokenizer: &Tokenizer, rows: &Dataset, config: &GenerationConfig) -> (f64, Vec<String>) {
+fn accuracy(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    rows: &Dataset,
+    config: &GenerationConfig,
+) -> (f64, Vec<String>) {
     let mut answers = vec![];
     let mut correct = 0;
     for i in 0..rows.len() {
-        let prompt = alpaca_prompt(rows.text(i, "instruction").unwrap(), rows.text(i, "input").unwrap(), "");
+        let prompt = alpaca_prompt(
+            rows.text(i, "instruction").unwrap(),
+            rows.text(i, "input").unwrap(),
+            "",
+        );
         let out = generate(model, tokenizer, &prompt, config, None).unwrap();
         let answer = out.text().trim().to_lowercase();
         if answer.starts_with(rows.text(i, "output").unwrap()) {
@@ -53,7 +64,13 @@ fn lora_learns_the_example_task() {
         seed: 3407,
         ..Default::default()
     };
-    let mut trainer = SftTrainer::new(peft, p.tokenizer.clone(), &format_alpaca(&train, &eos).unwrap(), args).unwrap();
+    let mut trainer = SftTrainer::new(
+        peft,
+        p.tokenizer.clone(),
+        &format_alpaca(&train, &eos).unwrap(),
+        args,
+    )
+    .unwrap();
     let result = trainer.train().unwrap();
     let losses: Vec<f64> = trainer.history().entries.iter().map(|e| e.loss).collect();
     let first = losses[..3].iter().sum::<f64>() / 3.0;
@@ -70,8 +87,17 @@ fn lora_learns_the_example_task() {
         result.train_runtime,
         result.train_tokens_per_second
     );
-    assert!(last <= first / 2.0, "loss fell from {first} to {last}: not by half");
-    assert!(before <= 0.5, "the base model already knows the task ({before})");
-    assert!(after >= 0.9, "after training only {after} of held-out prompts are right: {after_answers:?}");
+    assert!(
+        last <= first / 2.0,
+        "loss fell from {first} to {last}: not by half"
+    );
+    assert!(
+        before <= 0.5,
+        "the base model already knows the task ({before})"
+    );
+    assert!(
+        after >= 0.9,
+        "after training only {after} of held-out prompts are right: {after_answers:?}"
+    );
     let _ = std::fs::remove_dir_all(out_dir);
 }

@@ -25,7 +25,14 @@ fn reference_logits() -> Tensor {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Lays out tiny-mistral the way huggingface_hub caches a repo:
@@ -38,7 +45,13 @@ fn fake_hub_cache(repo: &str) -> PathBuf {
     fs::create_dir_all(&snapshot).unwrap();
     fs::create_dir_all(repo_dir.join("refs")).unwrap();
     fs::write(repo_dir.join("refs/main"), rev).unwrap();
-    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         fs::copy(fixture("tiny-mistral").join(f), snapshot.join(f)).unwrap();
     }
     cache
@@ -51,15 +64,23 @@ fn hub_repo_from_the_cache_offline() {
         cache_dir: cache.clone(),
         offline: true,
     };
-    let p = Pretrained::from_hub_with("test-org/tiny-mistral", &hub, &LoadOptions::default()).unwrap();
+    let p =
+        Pretrained::from_hub_with("test-org/tiny-mistral", &hub, &LoadOptions::default()).unwrap();
     let ids = Tensor::new(&[[1u32, 415, 2936, 9060, 285, 1142]], &Device::Cpu).unwrap();
-    assert_eq!(max_diff(&p.model.forward(&ids).unwrap(), &reference_logits()), 0.0);
+    assert_eq!(
+        max_diff(&p.model.forward(&ids).unwrap(), &reference_logits()),
+        0.0
+    );
     assert_eq!(p.generation_config.eos_token_ids, vec![2]);
 
-    let err = Pretrained::from_hub_with("test-org/not-cached", &hub, &LoadOptions::default()).unwrap_err();
+    let err = Pretrained::from_hub_with("test-org/not-cached", &hub, &LoadOptions::default())
+        .unwrap_err();
     assert!(matches!(err, Error::Hub(_)), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("test-org/not-cached") && msg.contains("offline"), "{msg}");
+    assert!(
+        msg.contains("test-org/not-cached") && msg.contains("offline"),
+        "{msg}"
+    );
     fs::remove_dir_all(cache).unwrap();
 }
 
@@ -69,7 +90,9 @@ fn sharded_checkpoint_with_index() {
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         fs::copy(fixture("tiny-mistral").join(f), dir.join(f)).unwrap();
     }
-    let all = candle_core::safetensors::load(fixture("tiny-mistral/model.safetensors"), &Device::Cpu).unwrap();
+    let all =
+        candle_core::safetensors::load(fixture("tiny-mistral/model.safetensors"), &Device::Cpu)
+            .unwrap();
     let (mut a, mut b) = (HashMap::new(), HashMap::new());
     let mut weight_map = serde_json::Map::new();
     for (name, t) in all {
@@ -89,22 +112,33 @@ fn sharded_checkpoint_with_index() {
 
     let p = Pretrained::from_dir(&dir, &LoadOptions::default()).unwrap();
     let ids = Tensor::new(&[[1u32, 415, 2936, 9060, 285, 1142]], &Device::Cpu).unwrap();
-    assert_eq!(max_diff(&p.model.forward(&ids).unwrap(), &reference_logits()), 0.0);
+    assert_eq!(
+        max_diff(&p.model.forward(&ids).unwrap(), &reference_logits()),
+        0.0
+    );
 
     // A shard that the index lists but that is missing is named in the error.
     fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
     let err = Pretrained::from_dir(&dir, &LoadOptions::default()).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("model-00002-of-00002.safetensors") && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("model-00002-of-00002.safetensors") && msg.contains("missing"),
+        "{msg}"
+    );
     fs::remove_dir_all(dir).unwrap();
 }
 
 /// Copies a fixture GGUF with changed metadata and/or one tensor re-typed.
-fn rewrite_gguf(path: &PathBuf, set: &[(&str, gguf_file::Value)], retype: Option<(&str, GgmlDType)>) {
+fn rewrite_gguf(
+    path: &PathBuf,
+    set: &[(&str, gguf_file::Value)],
+    retype: Option<(&str, GgmlDType)>,
+) {
     let src = fixture("gguf/tiny-mistral-f32.gguf");
     let mut file = fs::File::open(&src).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
-    let mut metadata: Vec<(String, gguf_file::Value)> = content.metadata.clone().into_iter().collect();
+    let mut metadata: Vec<(String, gguf_file::Value)> =
+        content.metadata.clone().into_iter().collect();
     for (k, v) in set {
         metadata.retain(|(key, _)| key != k);
         metadata.push((k.to_string(), v.clone()));
@@ -121,7 +155,8 @@ fn rewrite_gguf(path: &PathBuf, set: &[(&str, gguf_file::Value)], retype: Option
         tensors.push((name.clone(), t));
     }
     let mut out = fs::File::create(path).unwrap();
-    let md: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let md: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut out, &md, &ts).unwrap();
 }
@@ -130,11 +165,21 @@ fn rewrite_gguf(path: &PathBuf, set: &[(&str, gguf_file::Value)], retype: Option
 fn gguf_of_another_architecture_is_refused() {
     let dir = scratch("gguf-arch");
     let path = dir.join("qwen.gguf");
-    rewrite_gguf(&path, &[("general.architecture", gguf_file::Value::String("qwen2".into()))], None);
+    rewrite_gguf(
+        &path,
+        &[(
+            "general.architecture",
+            gguf_file::Value::String("qwen2".into()),
+        )],
+        None,
+    );
     let err = Pretrained::from_gguf(&path, &LoadOptions::default()).unwrap_err();
     assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains(&path.display().to_string()) && msg.contains("qwen2"), "{msg}");
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains("qwen2"),
+        "{msg}"
+    );
     fs::remove_dir_all(dir).unwrap();
 }
 
@@ -147,7 +192,10 @@ fn gguf_with_an_unsupported_tensor_type_is_refused() {
     let err = Pretrained::from_gguf(&path, &LoadOptions::default()).unwrap_err();
     assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("blk.0.ffn_up.weight") && msg.contains("Q8_1"), "{msg}");
+    assert!(
+        msg.contains("blk.0.ffn_up.weight") && msg.contains("Q8_1"),
+        "{msg}"
+    );
     fs::remove_dir_all(dir).unwrap();
 }
 
@@ -157,9 +205,20 @@ fn gguf_and_safetensors_agree_on_the_same_weights() {
     // the q/k un-permutation and the name mapping are exact.
     let mut st = Pretrained::from_dir(fixture("tiny-mistral"), &LoadOptions::default()).unwrap();
     st.model.set_sliding_window(None);
-    let gguf = Pretrained::from_gguf(fixture("gguf/tiny-mistral-f32.gguf"), &LoadOptions::default()).unwrap();
-    let ids = Tensor::new(&[[1u32, 415, 2936, 9060, 285, 1142, 461, 10575, 754, 272]], &Device::Cpu).unwrap();
-    let d = max_diff(&st.model.forward(&ids).unwrap(), &gguf.model.forward(&ids).unwrap());
+    let gguf = Pretrained::from_gguf(
+        fixture("gguf/tiny-mistral-f32.gguf"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let ids = Tensor::new(
+        &[[1u32, 415, 2936, 9060, 285, 1142, 461, 10575, 754, 272]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let d = max_diff(
+        &st.model.forward(&ids).unwrap(),
+        &gguf.model.forward(&ids).unwrap(),
+    );
     assert!(d < 1e-5, "{d}");
     assert_eq!(st.model.config().vocab_size, gguf.model.config().vocab_size);
 }

@@ -41,7 +41,11 @@ fn model_in(dtype: DType) -> Model {
 }
 
 fn ids() -> Tensor {
-    Tensor::new(&[[3u32, 9, 1, 22, 7, 30], [5, 5, 18, 2, 39, 11]], &Device::Cpu).unwrap()
+    Tensor::new(
+        &[[3u32, 9, 1, 22, 7, 30], [5, 5, 18, 2, 39, 11]],
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// `sum(logits ⊙ c)`: every logit matters, so every parameter's gradient is exercised.
@@ -70,12 +74,19 @@ fn check_method_except(label: &str, config: impl Into<PeftConfig>, skip: &[&str]
     let mut checked = 0;
     for (name, var) in &vars {
         assert_eq!(var.dtype(), DType::F64, "{label}: {name}");
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{label}: no gradient for {name}"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{label}: no gradient for {name}"));
         if skip.iter().any(|s| name.ends_with(s)) {
             continue;
         }
         let v = seeded_normal(var.dims(), 2 + checked as u64);
-        let analytic = (g * &v).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let analytic = (g * &v)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         let original = var.as_tensor().copy().unwrap();
         let eps = 1e-5;
         let at = |s: f64| -> f64 {
@@ -90,15 +101,25 @@ fn check_method_except(label: &str, config: impl Into<PeftConfig>, skip: &[&str]
             "{label}: {name}: autograd {analytic} vs finite differences {numeric}"
         );
         checked += 1;
-        assert!(analytic.abs() > 1e-6, "{label}: {name}: the gradient is zero, the check proves nothing");
+        assert!(
+            analytic.abs() > 1e-6,
+            "{label}: {name}: the gradient is zero, the check proves nothing"
+        );
     }
     assert!(checked > 0, "{label}: nothing checked");
-    eprintln!("{label}: {checked} of {} parameter tensors checked", vars.len());
+    eprintln!(
+        "{label}: {checked} of {} parameter tensors checked",
+        vars.len()
+    );
 }
 
 fn seeded_normal(shape: &[usize], seed: u64) -> Tensor {
     let n = shape.iter().product();
-    let values: Vec<f64> = peft_prelude::rng::Rng::new(seed).normal(n, 0.0, 1.0).into_iter().map(f64::from).collect();
+    let values: Vec<f64> = peft_prelude::rng::Rng::new(seed)
+        .normal(n, 0.0, 1.0)
+        .into_iter()
+        .map(f64::from)
+        .collect();
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
 }
 
@@ -119,13 +140,22 @@ fn lora_gradients() {
 
 #[test]
 fn rslora_dora_gradients() {
-    check_method("rslora", LoraConfig { use_rslora: true, ..random_lora() });
+    check_method(
+        "rslora",
+        LoraConfig {
+            use_rslora: true,
+            ..random_lora()
+        },
+    );
     // DoRA treats the weight norm as a constant in backward (PEFT and the DoRA paper do: it
     // saves the norm's gradient graph), so A and B do not get the exact derivative of the
     // forward; the magnitude does.
     check_method_except(
         "dora",
-        LoraConfig { use_dora: true, ..random_lora() },
+        LoraConfig {
+            use_dora: true,
+            ..random_lora()
+        },
         &["lora_A.weight", "lora_B.weight"],
     );
 }
@@ -166,10 +196,20 @@ fn prefix_tuning_gradients() {
 fn bottleneck_gradients() {
     // Finite differences cannot be trusted across ReLU's kink (a step of 1e-5 that crosses it
     // changes the slope), so the checks use the smooth swish; ReLU's own derivative is candle's.
-    let smooth = |c: BottleneckConfig| BottleneckConfig { reduction_factor: 4, non_linearity: "swish".into(), ..c };
+    let smooth = |c: BottleneckConfig| BottleneckConfig {
+        reduction_factor: 4,
+        non_linearity: "swish".into(),
+        ..c
+    };
     check_method("houlsby", smooth(BottleneckConfig::houlsby()));
     check_method("pfeiffer", smooth(BottleneckConfig::pfeiffer()));
-    check_method("parallel", smooth(BottleneckConfig { init_weights: "bert".into(), ..BottleneckConfig::parallel() }));
+    check_method(
+        "parallel",
+        smooth(BottleneckConfig {
+            init_weights: "bert".into(),
+            ..BottleneckConfig::parallel()
+        }),
+    );
 }
 
 #[test]
@@ -178,7 +218,17 @@ fn default_lora_starts_as_a_no_op_and_counts_parameters_like_peft() {
     let before = model.forward(&ids()).unwrap();
     let peft = get_peft_model(model, LoraConfig::all_projections(4, 8.0)).unwrap();
     let after = peft.forward(&ids()).unwrap();
-    assert_eq!((before - after).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(
+        (before - after)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
     // per layer: q 4·(16+16), k 4·(16+8), v 4·(16+8), o 4·(16+16), gate/up 4·(16+24) each, down 4·(24+16)
     let per_layer = 4 * (32 + 24 + 24 + 32 + 40 + 40 + 40);
     assert_eq!(peft.num_trainable_parameters(), 2 * per_layer);
@@ -197,7 +247,7 @@ fn format_thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -209,42 +259,93 @@ fn format_thousands(n: usize) -> String {
 fn several_adapters_switch_and_merge_unmerge() {
     let mut peft = PeftModel::new(small_model()).with_seed(1);
     peft.add_adapter("a", random_lora()).unwrap();
-    peft.add_adapter("b", LoraConfig { r: 2, ..random_lora() }).unwrap();
+    peft.add_adapter(
+        "b",
+        LoraConfig {
+            r: 2,
+            ..random_lora()
+        },
+    )
+    .unwrap();
     let out_a = peft.forward(&ids()).unwrap();
     peft.set_adapter("b").unwrap();
     let out_b = peft.forward(&ids()).unwrap();
-    let d = (&out_a - &out_b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (&out_a - &out_b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d > 1e-3, "different adapters give different outputs");
     assert_eq!(peft.trainable_vars().len(), 2 * 7 * 2);
     peft.merge_adapter().unwrap();
     let merged = peft.forward(&ids()).unwrap();
-    let d = (&merged - &out_b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (&merged - &out_b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d < 1e-4, "merged = active ({d})");
     peft.unmerge_adapter().unwrap();
     let back = peft.forward(&ids()).unwrap();
-    let d = (&back - &out_b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (&back - &out_b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d < 1e-4, "unmerged = active ({d})");
     assert!(peft.set_adapter("c").is_err());
 }
 
 #[test]
 fn bad_configs_give_clear_errors() {
-    let err = get_peft_model(small_model(), LoraConfig { r: 0, ..LoraConfig::default() }).unwrap_err();
+    let err = get_peft_model(
+        small_model(),
+        LoraConfig {
+            r: 0,
+            ..LoraConfig::default()
+        },
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("r must be positive"), "{err}");
 
-    let cfg = LoraConfig { target_modules: Some(TargetModules::names(&["q_prj"])), ..Default::default() };
+    let cfg = LoraConfig {
+        target_modules: Some(TargetModules::names(&["q_prj"])),
+        ..Default::default()
+    };
     let err = get_peft_model(small_model(), cfg).unwrap_err();
     assert!(matches!(err, Error::UnknownModule { .. }), "{err:?}");
-    assert!(err.to_string().contains("q_proj"), "lists close matches: {err}");
+    assert!(
+        err.to_string().contains("q_proj"),
+        "lists close matches: {err}"
+    );
 
     let cfg = LoraConfig {
         target_modules: Some(TargetModules::names(&["model.layers.7.self_attn.q_proj"])),
         ..Default::default()
     };
     let err = get_peft_model(small_model(), cfg).unwrap_err();
-    assert!(err.to_string().contains("model.layers.1.self_attn.q_proj"), "{err}");
+    assert!(
+        err.to_string().contains("model.layers.1.self_attn.q_proj"),
+        "{err}"
+    );
 
-    let err = get_peft_model(small_model(), BottleneckConfig { reduction_factor: 0, ..Default::default() }).unwrap_err();
+    let err = get_peft_model(
+        small_model(),
+        BottleneckConfig {
+            reduction_factor: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("reduction_factor"), "{err}");
 }
 
@@ -254,20 +355,41 @@ fn adapters_that_do_not_fit_the_model_or_have_unknown_types() {
     let dir = peft_tests::fixture("adapters/lora");
     let err = PeftModel::from_pretrained(small_model(), &dir).unwrap_err();
     match &err {
-        Error::ShapeMismatch { name, expected, got, .. } => {
+        Error::ShapeMismatch {
+            name,
+            expected,
+            got,
+            ..
+        } => {
             assert!(name.ends_with("lora_A.weight"), "{name}");
-            assert_eq!(name, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
-            assert_eq!((expected.as_slice(), got.as_slice()), (&[4usize, 16][..], &[4usize, 64][..]));
+            assert_eq!(
+                name,
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+            );
+            assert_eq!(
+                (expected.as_slice(), got.as_slice()),
+                (&[4usize, 16][..], &[4usize, 64][..])
+            );
         }
         other => panic!("expected ShapeMismatch, got {other:?}"),
     }
-    assert!(err.to_string().contains("adapter_model.safetensors"), "{err}");
+    assert!(
+        err.to_string().contains("adapter_model.safetensors"),
+        "{err}"
+    );
 
     let tmp = std::env::temp_dir().join(format!("peft-unknown-type-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    std::fs::write(tmp.join("adapter_config.json"), r#"{"peft_type": "LOHA", "r": 4}"#).unwrap();
+    std::fs::write(
+        tmp.join("adapter_config.json"),
+        r#"{"peft_type": "LOHA", "r": 4}"#,
+    )
+    .unwrap();
     let err = PeftModel::from_pretrained(small_model(), &tmp).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("LOHA") && msg.contains("adapter_config.json") && msg.contains("LORA"), "{msg}");
+    assert!(
+        msg.contains("LOHA") && msg.contains("adapter_config.json") && msg.contains("LORA"),
+        "{msg}"
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -50,7 +50,11 @@ fn lora_active_and_merged() {
 #[test]
 fn rslora_dora_active_and_merged() {
     let peft = check_active("lora-rslora-dora");
-    assert_eq!(peft.trainable_vars().len(), 12, "A, B and magnitude for q and v in 2 layers");
+    assert_eq!(
+        peft.trainable_vars().len(),
+        12,
+        "A, B and magnitude for q and v in 2 layers"
+    );
     check_merged(peft, "lora-rslora-dora");
 }
 
@@ -63,7 +67,11 @@ fn ia3_active_and_merged() {
 #[test]
 fn prompt_tuning_active() {
     let peft = check_active("prompt-tuning");
-    assert_eq!(peft.forward(&input_ids()).unwrap().dim(1).unwrap(), 32, "virtual positions included");
+    assert_eq!(
+        peft.forward(&input_ids()).unwrap().dim(1).unwrap(),
+        32,
+        "virtual positions included"
+    );
 }
 
 #[test]
@@ -82,13 +90,23 @@ fn p_tuning_active_and_our_encoder_reproduces_pefts() {
     config.encoder_hidden_size = Some(32);
     let peft = peft_prelude::peft::get_peft_model(base(), config).unwrap();
     let enc = tensors("adapters/p-tuning-encoder.safetensors");
-    let values: BTreeMap<String, Tensor> = enc.into_iter().filter(|(k, _)| k != "encoder_output").collect();
+    let values: BTreeMap<String, Tensor> = enc
+        .into_iter()
+        .filter(|(k, _)| k != "encoder_output")
+        .collect();
     assert_eq!(peft.set_adapter_vars("default", &values).unwrap(), 7);
     let state = peft.adapter_state_dict("default").unwrap();
     assert_eq!(state.len(), 1);
     assert_eq!(state[0].0, "prompt_embeddings");
     let expected = &tensors("adapters/p-tuning-encoder.safetensors")["encoder_output"];
-    let diff = (&state[0].1 - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (&state[0].1 - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-6, "{diff}");
 }
 
@@ -108,9 +126,20 @@ fn lora_gradients_match_torch() {
     assert_eq!(vars.len(), 28);
     let mut worst = 0f32;
     for (name, var) in &vars {
-        let ours = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-        let theirs = g.get(name).unwrap_or_else(|| panic!("fixture has no {name}"));
-        let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let ours = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let theirs = g
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture has no {name}"));
+        let d = (ours - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         worst = worst.max(d);
     }
     assert!(worst < 1e-4, "gradients differ by {worst}");
@@ -127,7 +156,11 @@ fn lora_gradients_match_torch() {
     }
     assert_eq!(frozen.len(), 2 + 15 + 4);
     for t in &frozen {
-        assert!(grads.get(t).is_none(), "a frozen weight of shape {:?} has a gradient", t.dims());
+        assert!(
+            grads.get(t).is_none(),
+            "a frozen weight of shape {:?} has a gradient",
+            t.dims()
+        );
     }
     // candle stores a gradient under whatever view of a weight took part in an op (`w.t()`),
     // so also check that no gradient at all has the shape of a frozen weight or its transpose.
@@ -144,7 +177,10 @@ fn lora_gradients_match_torch() {
     let mut extra = 0;
     for id in grads.get_ids().filter(|id| !var_ids.contains(id)) {
         let shape = grads.get_id(*id).unwrap().dims().to_vec();
-        assert!(!weight_shapes.contains(&shape), "a gradient of weight shape {shape:?} was computed");
+        assert!(
+            !weight_shapes.contains(&shape),
+            "a gradient of weight shape {shape:?} was computed"
+        );
         extra += 1;
     }
     // What remains are the first layer's input activations (not trainable, tiny).
@@ -154,27 +190,49 @@ fn lora_gradients_match_torch() {
 
 #[test]
 fn saved_adapters_round_trip_with_pefts_names_shapes_and_dtypes() {
-    for name in ["lora", "lora-rslora-dora", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning"] {
+    for name in [
+        "lora",
+        "lora-rslora-dora",
+        "ia3",
+        "prompt-tuning",
+        "prefix-tuning",
+        "p-tuning",
+    ] {
         let src = fixture(&format!("adapters/{name}"));
         let peft = PeftModel::from_pretrained(base(), &src).unwrap();
-        let dir = std::env::temp_dir().join(format!("peft-roundtrip-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("peft-roundtrip-{name}-{}", std::process::id()));
         peft.save_pretrained(&dir).unwrap();
 
         // Same tensor names, shapes and dtypes as the file Python PEFT wrote.
         let theirs = read_safetensors(&src.join("adapter_model.safetensors")).unwrap();
         let ours = read_safetensors(&dir.join("adapter_model.safetensors")).unwrap();
         let layout = |m: &BTreeMap<String, Tensor>| -> Vec<(String, Vec<usize>, DType)> {
-            m.iter().map(|(k, t)| (k.clone(), t.dims().to_vec(), t.dtype())).collect()
+            m.iter()
+                .map(|(k, t)| (k.clone(), t.dims().to_vec(), t.dtype()))
+                .collect()
         };
         assert_eq!(layout(&ours), layout(&theirs), "{name}");
 
         // The config says the same thing (its keys are sorted and PEFT's type is kept).
-        let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
-        let their_cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let their_cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(src.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(cfg["peft_type"], their_cfg["peft_type"], "{name}");
-        for key in ["r", "lora_alpha", "use_rslora", "use_dora", "num_virtual_tokens", "token_dim", "prefix_projection"] {
+        for key in [
+            "r",
+            "lora_alpha",
+            "use_rslora",
+            "use_dora",
+            "num_virtual_tokens",
+            "token_dim",
+            "prefix_projection",
+        ] {
             if their_cfg.get(key).is_some() {
                 assert_eq!(cfg[key], their_cfg[key], "{name}: {key}");
             }
@@ -184,10 +242,21 @@ fn saved_adapters_round_trip_with_pefts_names_shapes_and_dtypes() {
         let again = PeftModel::from_pretrained(base(), &dir).unwrap();
         let a = peft.forward(&input_ids()).unwrap();
         let b = again.forward(&input_ids()).unwrap();
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "{name}");
         assert!(
-            std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")),
+            std::fs::read_dir(&dir).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp")),
             "no temporary files left behind"
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -198,11 +267,26 @@ fn saved_adapters_round_trip_with_pefts_names_shapes_and_dtypes() {
 fn disabling_adapters_gives_the_base_model() {
     let plain = base().forward(&input_ids()).unwrap();
     for name in ["lora", "ia3", "prefix-tuning"] {
-        let peft = PeftModel::from_pretrained(base(), fixture(&format!("adapters/{name}"))).unwrap();
+        let peft =
+            PeftModel::from_pretrained(base(), fixture(&format!("adapters/{name}"))).unwrap();
         let with = peft.forward(&input_ids()).unwrap();
         let without = peft.with_adapters_disabled(|m| m.forward(&input_ids()).unwrap());
-        let d_base = (&without - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let d_adapter = (&with - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d_base = (&without - &plain)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d_adapter = (&with - &plain)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d_base, 0.0, "{name}: disabled = base");
         assert!(d_adapter > 0.1, "{name}: the adapter matters ({d_adapter})");
         assert!(peft.adapters_enabled(), "state restored");

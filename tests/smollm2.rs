@@ -18,8 +18,23 @@ fn answers_the_capital_of_france_with_paris() {
     let config = p.generation_config.clone().greedy(24);
     let mut streamed = String::new();
     let mut on_text = |t: &str| streamed.push_str(t);
-    let out = chat(&p.model, &p.tokenizer, &messages, &config, Some(&mut on_text)).unwrap();
-    eprintln!("SmolLM2: {:?} ({:.1} tokens/s)", out.text(), out.tokens_per_second());
+    let out = chat(
+        &p.model,
+        &p.tokenizer,
+        &messages,
+        &config,
+        Some(&mut on_text),
+    )
+    .unwrap();
+    eprintln!(
+        "SmolLM2: {:?} ({:.1} tokens/s)",
+        out.text(),
+        out.tokens_per_second()
+    );
     assert!(out.text().contains("Paris"), "answer: {:?}", out.text());
-    assert_eq!(streamed, out.text(), "the streamer saw exactly the returned text");
+    assert_eq!(
+        streamed,
+        out.text(),
+        "the streamer saw exactly the returned text"
+    );
 }

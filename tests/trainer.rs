@@ -20,7 +20,12 @@ fn dataset(n: usize) -> Dataset {
     Dataset::from_records(&rows).unwrap()
 }
 
-fn trainer(out: &std::path::Path, max_steps: i64, lr: f64, data: &Dataset) -> peft_prelude::Result<SftTrainer> {
+fn trainer(
+    out: &std::path::Path,
+    max_steps: i64,
+    lr: f64,
+    data: &Dataset,
+) -> peft_prelude::Result<SftTrainer> {
     let p = Pretrained::from_dir(fixture("tiny-mistral"), &LoadOptions::default()).unwrap();
     let peft = get_peft_model(p.model, LoraConfig::all_projections(4, 8.0)).unwrap();
     let args = TrainingArgs {
@@ -52,7 +57,10 @@ fn resuming_from_a_checkpoint_reproduces_the_straight_run() {
     let full = straight.train().unwrap();
     assert_eq!(full.global_step, 6);
     let straight_losses: Vec<f64> = straight.history().entries.iter().map(|e| e.loss).collect();
-    assert!(straight_losses.last().unwrap() < straight_losses.first().unwrap(), "{straight_losses:?}");
+    assert!(
+        straight_losses.last().unwrap() < straight_losses.first().unwrap(),
+        "{straight_losses:?}"
+    );
 
     let out2 = scratch("halves");
     let mut first = trainer(&out2, 6, 1e-2, &data).unwrap();
@@ -66,8 +74,20 @@ fn resuming_from_a_checkpoint_reproduces_the_straight_run() {
     second.train().unwrap();
     let resumed: Vec<f64> = second.history().entries.iter().map(|e| e.loss).collect();
     assert_eq!(resumed, straight_losses, "same loss trajectory");
-    for ((n, a), (_, b)) in straight.model().trainable_vars().iter().zip(second.model().trainable_vars()) {
-        let d = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    for ((n, a), (_, b)) in straight
+        .model()
+        .trainable_vars()
+        .iter()
+        .zip(second.model().trainable_vars())
+    {
+        let d = (a.as_tensor() - b.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "{n}");
     }
     std::fs::remove_dir_all(out).unwrap();
@@ -86,7 +106,10 @@ fn nan_loss_stops_with_the_step() {
 #[test]
 fn bad_inputs() {
     let out = scratch("bad");
-    let err = trainer(&out, 2, 1e-3, &Dataset::default()).err().unwrap().to_string();
+    let err = trainer(&out, 2, 1e-3, &Dataset::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("empty"), "{err}");
 
     let missing = Dataset::from_records(&[serde_json::json!({"prompt": "only a prompt"})]).unwrap();

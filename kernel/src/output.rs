@@ -307,12 +307,19 @@ mod tests {
 
     #[test]
     fn a_record_after_unterminated_text_is_still_a_record() {
-        let line = "label -> \u{1e}peft-kernel {\"op\":\"stream\",\"name\":\"stdout\",\"text\":\"gl\"}";
+        let line =
+            "label -> \u{1e}peft-kernel {\"op\":\"stream\",\"name\":\"stdout\",\"text\":\"gl\"}";
         assert_eq!(
             parse_stdout_lines(line),
             vec![
-                Out::Stream { name: "stdout".into(), text: "label -> ".into() },
-                Out::Stream { name: "stdout".into(), text: "gl".into() },
+                Out::Stream {
+                    name: "stdout".into(),
+                    text: "label -> ".into()
+                },
+                Out::Stream {
+                    name: "stdout".into(),
+                    text: "gl".into()
+                },
             ]
         );
     }

@@ -195,11 +195,17 @@ mod tests {
         let m = Tensor::randn(0f32, 1., (3, 4), &dev)?;
         let y = add_const(&mul_const(x.as_tensor(), &w)?, &m)?;
         let reference = x.as_tensor().broadcast_mul(&w)?.broadcast_add(&m)?;
-        assert_eq!((&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        assert_eq!(
+            (&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?,
+            0.0
+        );
         let c = Tensor::randn(0f32, 1., (2, 3, 4), &dev)?;
         let grads = mul_const(&y, &c)?.sum_all()?.backward()?;
         let dx = grads.get(x.as_tensor()).expect("gradient reaches x");
-        let diff = (dx - c.broadcast_mul(&w)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (dx - c.broadcast_mul(&w)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
         assert_eq!(grads.get_ids().count(), 1, "only x has a gradient");
         Ok(())

@@ -15,8 +15,12 @@ use peft_prelude::model::{Forward, LoadOptions, Pretrained};
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let model_path = args.next().unwrap_or_else(|| {
-        let dir = std::env::var("PEFT_MODELS_DIR")
-            .unwrap_or_else(|_| format!("{}/.cache/peft-models", std::env::var("HOME").unwrap_or_default()));
+        let dir = std::env::var("PEFT_MODELS_DIR").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/peft-models",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
         format!("{dir}/SmolLM2-135M-Instruct.Q4_1.gguf")
     });
     let new_tokens: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(64);
@@ -25,7 +29,9 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let p = Pretrained::load(&model_path, &LoadOptions::default())?;
     let load_s = t0.elapsed().as_secs_f64();
-    let prompt = p.tokenizer.encode("The history of the Roman Empire began when", true)?;
+    let prompt = p
+        .tokenizer
+        .encode("The history of the Roman Empire began when", true)?;
 
     let mut decode_rates = vec![];
     let mut prefill_s = vec![];
@@ -33,20 +39,30 @@ fn main() -> anyhow::Result<()> {
         let mut cache = p.model.new_cache();
         let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
         let t = Instant::now();
-        let logits = p.model.forward_last(Forward::ids(&ids).with_cache(&mut cache))?;
+        let logits = p
+            .model
+            .forward_last(Forward::ids(&ids).with_cache(&mut cache))?;
         let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
         prefill_s.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
         for _ in 1..new_tokens {
             let ids = Tensor::new(&[[next]], &Device::Cpu)?;
-            let logits = p.model.forward_last(Forward::ids(&ids).with_cache(&mut cache))?;
+            let logits = p
+                .model
+                .forward_last(Forward::ids(&ids).with_cache(&mut cache))?;
             next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
         }
         decode_rates.push((new_tokens - 1) as f64 / t.elapsed().as_secs_f64());
     }
     decode_rates.sort_by(f64::total_cmp);
     prefill_s.sort_by(f64::total_cmp);
-    let weights_bytes: usize = p.model.linear_paths().iter().filter_map(|path| p.model.linear(path).ok()).map(|l| l.base().num_params() * 4).sum();
+    let weights_bytes: usize = p
+        .model
+        .linear_paths()
+        .iter()
+        .filter_map(|path| p.model.linear(path).ok())
+        .map(|l| l.base().num_params() * 4)
+        .sum();
     println!(
         "{}",
         serde_json::json!({

@@ -31,15 +31,21 @@ fn peak_rss_mb() -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let (mut batch, mut seq, mut steps, mut warmup, mut rank) = (4usize, 256usize, 8usize, 2usize, 16usize);
+    let (mut batch, mut seq, mut steps, mut warmup, mut rank) =
+        (4usize, 256usize, 8usize, 2usize, 16usize);
     let mut protected = true;
     let mut model_path = format!(
         "{}/SmolLM2-135M-Instruct.Q4_1.gguf",
-        std::env::var("PEFT_MODELS_DIR")
-            .unwrap_or_else(|_| format!("{}/.cache/peft-models", std::env::var("HOME").unwrap_or_default()))
+        std::env::var("PEFT_MODELS_DIR").unwrap_or_else(|_| format!(
+            "{}/.cache/peft-models",
+            std::env::var("HOME").unwrap_or_default()
+        ))
     );
     while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a value"))
+        };
         match a.as_str() {
             "--batch" => batch = value()?.parse()?,
             "--seq" => seq = value()?.parse()?,
@@ -58,9 +64,17 @@ fn main() -> anyhow::Result<()> {
     let params = peft.trainable_vars();
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     let total = peft.num_parameters() + trainable;
-    let mut opt = AdamW::new(params.clone(), AdamWConfig { lr: 2e-4, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        params.clone(),
+        AdamWConfig {
+            lr: 2e-4,
+            ..Default::default()
+        },
+    )?;
     // Deterministic pseudo-text: every position is a label.
-    let ids: Vec<u32> = (0..batch * seq).map(|i| ((i as u64 * 2_654_435_761) % vocab as u64) as u32).collect();
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| ((i as u64 * 2_654_435_761) % vocab as u64) as u32)
+        .collect();
     let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
     let labels = ids.to_dtype(candle_core::DType::I64)?;
     let mut times = vec![];
@@ -69,7 +83,10 @@ fn main() -> anyhow::Result<()> {
         let logits = peft.forward(&ids)?;
         let (loss, _) = causal_lm_loss(&logits, &labels)?;
         let grads = loss.backward()?;
-        let g: Vec<Option<Tensor>> = params.iter().map(|(_, v)| grads.get(v.as_tensor()).cloned()).collect();
+        let g: Vec<Option<Tensor>> = params
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+            .collect();
         opt.step(&g)?;
         if step >= warmup {
             times.push(t.elapsed().as_secs_f64());

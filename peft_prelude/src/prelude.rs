@@ -3,8 +3,8 @@
 pub use crate::data::{alpaca_prompt, format_alpaca, Dataset, Row, TokenizeOptions};
 pub use crate::error::{Error, Result};
 pub use crate::generate::{
-    chat, completion_logprob, generate, generate_batch, generate_ids, FinishReason, Generation, GenerationConfig,
-    Hooks, StdoutStreamer, Streamer,
+    chat, completion_logprob, generate, generate_batch, generate_ids, FinishReason, Generation,
+    GenerationConfig, Hooks, StdoutStreamer, Streamer,
 };
 pub use crate::model::{
     Forward, FrozenLinear, KvCache, Linear, LoadOptions, Model, ModelConfig, Pretrained,
@@ -17,6 +17,7 @@ pub use crate::peft::{
     get_peft_model, BottleneckConfig, Ia3Config, LoraConfig, LoraInit, PeftConfig, PeftModel,
     PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TargetModules,
 };
+pub use crate::quant::Quantization;
 pub use crate::tokenizer::{ChatMessage, Tokenizer};
 pub use crate::train::{
     plot_runs, DpoConfig, DpoLossType, DpoTrainer, RunHistory, SchedulerType, SftTrainer,

@@ -65,7 +65,13 @@ mod tests {
 
     #[test]
     fn same_seed_same_stream() {
-        assert_eq!(Rng::new(9).uniform(5, 0., 1.), Rng::new(9).uniform(5, 0., 1.));
-        assert_ne!(Rng::new(9).uniform(5, 0., 1.), Rng::new(10).uniform(5, 0., 1.));
+        assert_eq!(
+            Rng::new(9).uniform(5, 0., 1.),
+            Rng::new(9).uniform(5, 0., 1.)
+        );
+        assert_ne!(
+            Rng::new(9).uniform(5, 0., 1.),
+            Rng::new(10).uniform(5, 0., 1.)
+        );
     }
 }

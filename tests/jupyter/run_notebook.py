@@ -12,6 +12,14 @@ from nbclient import NotebookClient
 from kernel_env import KERNEL_NAME, ROOT, check, install_kernelspec
 
 
+def save_if_asked(nb, path):
+    """With PEFT_SAVE_EXECUTED=1 the executed notebook (outputs and plots) replaces the source,
+    which is how the committed notebooks get their outputs."""
+    if os.environ.get("PEFT_SAVE_EXECUTED") == "1":
+        nbformat.write(nb, path)
+        print(f"saved the executed notebook to {path}")
+
+
 def main():
     name = sys.argv[1]
     install_kernelspec()
@@ -34,6 +42,7 @@ def main():
     check("Error" not in stderr and "error" not in stderr, f"a cell wrote an error: {stderr[:2000]}")
     check(any("image/svg+xml" in o.get("data", {}) for o in outputs), "no SVG plot among the outputs")
     print(f"{name}: {sum(c.cell_type == 'code' for c in nb.cells)} cells ok in {time.monotonic() - started:.0f} s")
+    save_if_asked(nb, path)
 
 
 if __name__ == "__main__":

@@ -66,16 +66,47 @@ pub fn assert_logits_match(
     };
     let logits = logits.to_dtype(DType::F32).unwrap();
     let (b, t, _) = logits.dims3().unwrap();
-    let first512 = logits.narrow(D::Minus1, 0, 512).unwrap().to_vec3::<f32>().unwrap();
+    let first512 = logits
+        .narrow(D::Minus1, 0, 512)
+        .unwrap()
+        .to_vec3::<f32>()
+        .unwrap();
     let argmax = logits.argmax(D::Minus1).unwrap().to_vec2::<u32>().unwrap();
     let max = logits.max(D::Minus1).unwrap();
-    let lse = (logits.broadcast_sub(&max.unsqueeze(2).unwrap()).unwrap().exp().unwrap()
-        .sum(D::Minus1).unwrap().log().unwrap() + &max).unwrap();
+    let lse = (logits
+        .broadcast_sub(&max.unsqueeze(2).unwrap())
+        .unwrap()
+        .exp()
+        .unwrap()
+        .sum(D::Minus1)
+        .unwrap()
+        .log()
+        .unwrap()
+        + &max)
+        .unwrap();
     let (max, lse) = (max.to_vec2::<f32>().unwrap(), lse.to_vec2::<f32>().unwrap());
-    let r_first = get("logits_first512").reshape((b, t, 512)).unwrap().to_vec3::<f32>().unwrap();
-    let r_arg = get("argmax").reshape((b, t)).unwrap().to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
-    let r_max = get("max").reshape((b, t)).unwrap().to_vec2::<f32>().unwrap();
-    let r_lse = get("logsumexp").reshape((b, t)).unwrap().to_vec2::<f32>().unwrap();
+    let r_first = get("logits_first512")
+        .reshape((b, t, 512))
+        .unwrap()
+        .to_vec3::<f32>()
+        .unwrap();
+    let r_arg = get("argmax")
+        .reshape((b, t))
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap();
+    let r_max = get("max")
+        .reshape((b, t))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let r_lse = get("logsumexp")
+        .reshape((b, t))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let mut worst = 0f32;
     let mut compared = 0;
     for bi in 0..b {
@@ -84,7 +115,10 @@ pub fn assert_logits_match(
                 continue;
             }
             compared += 1;
-            assert_eq!(argmax[bi][ti] as i64, r_arg[bi][ti], "{prefix}: argmax at [{bi}, {ti}]");
+            assert_eq!(
+                argmax[bi][ti] as i64, r_arg[bi][ti],
+                "{prefix}: argmax at [{bi}, {ti}]"
+            );
             for (x, y) in first512[bi][ti].iter().zip(&r_first[bi][ti]) {
                 worst = worst.max((x - y).abs());
             }
@@ -93,6 +127,9 @@ pub fn assert_logits_match(
         }
     }
     assert!(compared > 0, "{prefix}: no position compared");
-    assert!(worst <= tolerance, "{prefix}: logits differ by {worst} (> {tolerance})");
+    assert!(
+        worst <= tolerance,
+        "{prefix}: logits differ by {worst} (> {tolerance})"
+    );
     worst
 }

@@ -19,7 +19,9 @@ pub const ALPACA_TEMPLATE: &str = "Below is an instruction that describes a task
 /// `alpaca_prompt.format(instruction, input, response)`.
 pub fn alpaca_prompt(instruction: &str, input: &str, response: &str) -> String {
     let mut parts = ALPACA_TEMPLATE.split("{}");
-    let mut out = String::with_capacity(ALPACA_TEMPLATE.len() + instruction.len() + input.len() + response.len());
+    let mut out = String::with_capacity(
+        ALPACA_TEMPLATE.len() + instruction.len() + input.len() + response.len(),
+    );
     for (part, value) in parts.by_ref().zip([instruction, input, response]) {
         out.push_str(part);
         out.push_str(value);
@@ -37,7 +39,10 @@ pub fn alpaca_pair(row: &Row, eos: &str) -> std::result::Result<(String, String)
         Some(_) => field_str(row, "input")?,
     };
     let output = field_str(row, "output")?;
-    Ok((alpaca_prompt(instruction, input, ""), format!("{output}{eos}")))
+    Ok((
+        alpaca_prompt(instruction, input, ""),
+        format!("{output}{eos}"),
+    ))
 }
 
 /// The notebook's `formatting_prompts_func`: adds a `text` field (prompt + response + EOS)
@@ -48,7 +53,8 @@ pub fn format_alpaca(dataset: &Dataset, eos: &str) -> Result<Dataset> {
     }
     let mut rows = Vec::with_capacity(dataset.len());
     for (i, row) in dataset.rows().iter().enumerate() {
-        let (prompt, completion) = alpaca_pair(row, eos).map_err(|e| Error::InvalidArgument(format!("row {i}: {e}")))?;
+        let (prompt, completion) =
+            alpaca_pair(row, eos).map_err(|e| Error::InvalidArgument(format!("row {i}: {e}")))?;
         let mut out = row.clone();
         out.insert("text".into(), format!("{prompt}{completion}").into());
         out.insert("prompt".into(), prompt.into());
@@ -73,15 +79,23 @@ mod tests {
 
     #[test]
     fn rows_get_text_with_eos_and_missing_fields_are_named() {
-        let ds = Dataset::from_rows(vec![serde_json::json!({"instruction": "Say hi", "output": "hi"})
-            .as_object()
-            .unwrap()
-            .clone()]);
+        let ds = Dataset::from_rows(vec![
+            serde_json::json!({"instruction": "Say hi", "output": "hi"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        ]);
         let f = format_alpaca(&ds, "</s>").unwrap();
         let text = f.text(0, "text").unwrap();
         assert!(text.ends_with("### Response:\nhi</s>"), "{text}");
-        assert!(text.contains("### Input:\n\n"), "empty input keeps its section");
-        let bad = Dataset::from_rows(vec![serde_json::json!({"instruction": "x"}).as_object().unwrap().clone()]);
+        assert!(
+            text.contains("### Input:\n\n"),
+            "empty input keeps its section"
+        );
+        let bad = Dataset::from_rows(vec![serde_json::json!({"instruction": "x"})
+            .as_object()
+            .unwrap()
+            .clone()]);
         let err = format_alpaca(&bad, "</s>").unwrap_err().to_string();
         assert!(err.contains("row 0") && err.contains("output"), "{err}");
     }

@@ -32,20 +32,40 @@ pub fn pad_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result<
         return Err(Error::InvalidArgument("empty batch".into()));
     }
     let b = examples.len();
-    let t = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+    let t = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0);
     let mut ids = Vec::with_capacity(b * t);
     let mut mask = Vec::with_capacity(b * t);
     let mut labels = Vec::with_capacity(b * t);
     for e in examples {
         let pad = t - e.input_ids.len();
-        ids.extend(e.input_ids.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
-        mask.extend(std::iter::repeat_n(1u32, e.input_ids.len()).chain(std::iter::repeat_n(0, pad)));
-        labels.extend(e.labels.iter().copied().chain(std::iter::repeat_n(IGNORE_INDEX, pad)));
+        ids.extend(
+            e.input_ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad_id, pad)),
+        );
+        mask.extend(
+            std::iter::repeat_n(1u32, e.input_ids.len()).chain(std::iter::repeat_n(0, pad)),
+        );
+        labels.extend(
+            e.labels
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(IGNORE_INDEX, pad)),
+        );
     }
     let padded = examples.iter().any(|e| e.input_ids.len() != t);
     Ok(Batch {
         input_ids: Tensor::from_vec(ids, (b, t), device)?,
-        attention_mask: if padded { Some(Tensor::from_vec(mask, (b, t), device)?) } else { None },
+        attention_mask: if padded {
+            Some(Tensor::from_vec(mask, (b, t), device)?)
+        } else {
+            None
+        },
         labels: Tensor::from_vec(labels, (b, t), device)?,
         position_ids: None,
         segment_ids: None,
@@ -92,16 +112,32 @@ pub struct PackedRow {
 pub fn packed_batch(rows: &[&PackedRow], pad_id: u32, device: &Device) -> Result<Batch> {
     let examples: Vec<Example> = rows
         .iter()
-        .map(|r| Example { input_ids: r.input_ids.clone(), labels: r.labels.clone() })
+        .map(|r| Example {
+            input_ids: r.input_ids.clone(),
+            labels: r.labels.clone(),
+        })
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();
     let mut batch = pad_batch(&refs, pad_id, device)?;
     let t = batch.input_ids.dim(1)?;
-    let (mut pos, mut seg) = (Vec::with_capacity(rows.len() * t), Vec::with_capacity(rows.len() * t));
+    let (mut pos, mut seg) = (
+        Vec::with_capacity(rows.len() * t),
+        Vec::with_capacity(rows.len() * t),
+    );
     for r in rows {
         let pad = t - r.input_ids.len();
-        pos.extend(r.position_ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
-        seg.extend(r.segment_ids.iter().copied().chain(std::iter::repeat_n(u32::MAX, pad)));
+        pos.extend(
+            r.position_ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, pad)),
+        );
+        seg.extend(
+            r.segment_ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(u32::MAX, pad)),
+        );
     }
     batch.position_ids = Some(Tensor::from_vec(pos, (rows.len(), t), device)?);
     batch.segment_ids = Some(Tensor::from_vec(seg, (rows.len(), t), device)?);
@@ -113,15 +149,24 @@ mod tests {
     use super::*;
 
     fn ex(ids: &[u32]) -> Example {
-        Example { input_ids: ids.to_vec(), labels: ids.iter().map(|&i| i as i64).collect() }
+        Example {
+            input_ids: ids.to_vec(),
+            labels: ids.iter().map(|&i| i as i64).collect(),
+        }
     }
 
     #[test]
     fn padding_masks_labels_and_attention() {
         let (a, b) = (ex(&[1, 5, 6]), ex(&[1, 7]));
         let batch = pad_batch(&[&a, &b], 0, &Device::Cpu).unwrap();
-        assert_eq!(batch.labels.to_vec2::<i64>().unwrap(), vec![vec![1, 5, 6], vec![1, 7, -100]]);
-        assert_eq!(batch.attention_mask.unwrap().to_vec2::<u32>().unwrap(), vec![vec![1, 1, 1], vec![1, 1, 0]]);
+        assert_eq!(
+            batch.labels.to_vec2::<i64>().unwrap(),
+            vec![vec![1, 5, 6], vec![1, 7, -100]]
+        );
+        assert_eq!(
+            batch.attention_mask.unwrap().to_vec2::<u32>().unwrap(),
+            vec![vec![1, 1, 1], vec![1, 1, 0]]
+        );
         assert_eq!(batch.num_label_tokens, 3);
     }
 

@@ -29,7 +29,9 @@ impl Dataset {
             .enumerate()
             .map(|(i, r)| match serde_json::to_value(r) {
                 Ok(Value::Object(m)) => Ok(m),
-                Ok(other) => Err(Error::InvalidArgument(format!("record {i} is not an object: {other}"))),
+                Ok(other) => Err(Error::InvalidArgument(format!(
+                    "record {i} is not an object: {other}"
+                ))),
                 Err(e) => Err(Error::InvalidArgument(format!("record {i}: {e}"))),
             })
             .collect::<Result<_>>()?;
@@ -41,17 +43,27 @@ impl Dataset {
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = read_file(path)?;
-        let text = std::str::from_utf8(&bytes).map_err(|e| Error::corrupt(path, format!("not UTF-8: {e}")))?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| Error::corrupt(path, format!("not UTF-8: {e}")))?;
         let trimmed = text.trim_start();
-        if trimmed.starts_with('[') || (trimmed.starts_with('{') && serde_json::from_str::<Value>(text).is_ok()) {
-            let value: Value =
-                serde_json::from_str(text).map_err(|e| Error::corrupt(path, format!("invalid JSON: {e}")))?;
+        if trimmed.starts_with('[')
+            || (trimmed.starts_with('{') && serde_json::from_str::<Value>(text).is_ok())
+        {
+            let value: Value = serde_json::from_str(text)
+                .map_err(|e| Error::corrupt(path, format!("invalid JSON: {e}")))?;
             let array = match value {
                 Value::Array(a) => a,
-                Value::Object(mut o) => match ["data", "train", "rows"].iter().find_map(|k| o.remove(*k)) {
-                    Some(Value::Array(a)) => a,
-                    _ => return Err(Error::corrupt(path, "expected a JSON array of objects (or {\"data\": [...]})")),
-                },
+                Value::Object(mut o) => {
+                    match ["data", "train", "rows"].iter().find_map(|k| o.remove(*k)) {
+                        Some(Value::Array(a)) => a,
+                        _ => {
+                            return Err(Error::corrupt(
+                                path,
+                                "expected a JSON array of objects (or {\"data\": [...]})",
+                            ))
+                        }
+                    }
+                }
                 _ => return Err(Error::corrupt(path, "expected a JSON array of objects")),
             };
             let rows = array
@@ -59,7 +71,10 @@ impl Dataset {
                 .enumerate()
                 .map(|(i, v)| match v {
                     Value::Object(m) => Ok(m),
-                    other => Err(Error::corrupt(path, format!("element {i} is not an object: {other}"))),
+                    other => Err(Error::corrupt(
+                        path,
+                        format!("element {i} is not an object: {other}"),
+                    )),
                 })
                 .collect::<Result<_>>()?;
             return Ok(Dataset { rows });
@@ -71,8 +86,18 @@ impl Dataset {
             }
             match serde_json::from_str::<Value>(line) {
                 Ok(Value::Object(m)) => rows.push(m),
-                Ok(_) => return Err(Error::corrupt(path, format!("line {}: not a JSON object", i + 1))),
-                Err(e) => return Err(Error::corrupt(path, format!("line {}: invalid JSON: {e}", i + 1))),
+                Ok(_) => {
+                    return Err(Error::corrupt(
+                        path,
+                        format!("line {}: not a JSON object", i + 1),
+                    ))
+                }
+                Err(e) => {
+                    return Err(Error::corrupt(
+                        path,
+                        format!("line {}: invalid JSON: {e}", i + 1),
+                    ))
+                }
             }
         }
         Ok(Dataset { rows })
@@ -122,7 +147,10 @@ impl Dataset {
 
     /// Names of the fields of the first row.
     pub fn column_names(&self) -> Vec<String> {
-        self.rows.first().map(|r| r.keys().cloned().collect()).unwrap_or_default()
+        self.rows
+            .first()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// A new dataset with `f` applied to every row (`f` may add, change or drop fields).
@@ -157,7 +185,11 @@ impl Dataset {
     /// Shuffled split: `test_size` a fraction in (0, 1) or, if ≥ 1, a row count.
     pub fn train_test_split(&self, test_size: f64, seed: u64) -> Result<(Self, Self)> {
         let n = self.rows.len();
-        let n_test = if test_size >= 1.0 { test_size as usize } else { (test_size * n as f64).ceil() as usize };
+        let n_test = if test_size >= 1.0 {
+            test_size as usize
+        } else {
+            (test_size * n as f64).ceil() as usize
+        };
         if test_size <= 0.0 || n_test == 0 || n_test >= n {
             return Err(Error::InvalidArgument(format!(
                 "test_size {test_size} leaves no rows for training or testing ({n} rows)"

@@ -20,7 +20,11 @@ pub struct Example {
 impl Example {
     /// Tokens that count in the loss (labels shifted by one, as the loss uses them).
     pub fn num_label_tokens(&self) -> usize {
-        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
     }
 }
 
@@ -46,12 +50,20 @@ impl Default for TokenizeOptions {
 /// Tokenizes every row. Row kinds, in order of preference: `prompt` + `completion`,
 /// `messages` (chat template; loss on the last assistant turn when completion-only), the
 /// text field. A row that has none of them is an error naming the row and its fields.
-pub fn tokenize_dataset(dataset: &Dataset, tokenizer: &Tokenizer, options: &TokenizeOptions) -> Result<Vec<Example>> {
+pub fn tokenize_dataset(
+    dataset: &Dataset,
+    tokenizer: &Tokenizer,
+    options: &TokenizeOptions,
+) -> Result<Vec<Example>> {
     if dataset.is_empty() {
-        return Err(Error::InvalidArgument("the dataset is empty: nothing to train on".into()));
+        return Err(Error::InvalidArgument(
+            "the dataset is empty: nothing to train on".into(),
+        ));
     }
     if options.max_seq_length < 2 {
-        return Err(Error::InvalidArgument("max_seq_length must be at least 2".into()));
+        return Err(Error::InvalidArgument(
+            "max_seq_length must be at least 2".into(),
+        ));
     }
     dataset
         .rows()
@@ -71,10 +83,17 @@ fn tokenize_row(row: &Row, tokenizer: &Tokenizer, options: &TokenizeOptions) -> 
     let (prompt, full, special) = if row.contains_key("prompt") && row.contains_key("completion") {
         let prompt = field_str(row, "prompt").map_err(invalid)?;
         let completion = field_str(row, "completion").map_err(invalid)?;
-        (Some(prompt.to_string()), format!("{prompt}{completion}"), true)
+        (
+            Some(prompt.to_string()),
+            format!("{prompt}{completion}"),
+            true,
+        )
     } else if let Some(messages) = row.get("messages") {
-        let messages: Vec<ChatMessage> = serde_json::from_value(messages.clone())
-            .map_err(|e| invalid(format!("`messages` is not a list of {{role, content}}: {e}")))?;
+        let messages: Vec<ChatMessage> = serde_json::from_value(messages.clone()).map_err(|e| {
+            invalid(format!(
+                "`messages` is not a list of {{role, content}}: {e}"
+            ))
+        })?;
         let Some(last) = messages.last() else {
             return Err(invalid("`messages` is empty".into()));
         };
@@ -112,5 +131,8 @@ fn tokenize_row(row: &Row, tokenizer: &Tokenizer, options: &TokenizeOptions) -> 
         .enumerate()
         .map(|(t, &id)| if t < masked { IGNORE_INDEX } else { id as i64 })
         .collect();
-    Ok(Example { input_ids: ids, labels })
+    Ok(Example {
+        input_ids: ids,
+        labels,
+    })
 }

@@ -319,11 +319,18 @@ pub fn generate_ids(
 
 /// The log-probability the model gives `completion` after `prompt` (the sum over the
 /// completion's tokens): how much it prefers one answer over another.
-pub fn completion_logprob(model: &Model, tokenizer: &Tokenizer, prompt: &str, completion: &str) -> Result<f64> {
+pub fn completion_logprob(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    completion: &str,
+) -> Result<f64> {
     let prompt_ids = tokenizer.encode(prompt, true)?;
     let completion_ids = tokenizer.encode(completion, false)?;
     if prompt_ids.is_empty() || completion_ids.is_empty() {
-        return Err(Error::InvalidArgument("prompt and completion must both have tokens".into()));
+        return Err(Error::InvalidArgument(
+            "prompt and completion must both have tokens".into(),
+        ));
     }
     let ids: Vec<u32> = prompt_ids.iter().chain(&completion_ids).copied().collect();
     let mask: Vec<u8> = std::iter::repeat_n(0u8, prompt_ids.len())

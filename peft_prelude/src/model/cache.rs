@@ -108,17 +108,27 @@ impl KvCache {
 
     /// Called once per forward after every layer appended `new` tokens: records their padding
     /// mask and drops keys that no future query can see.
-    pub(crate) fn commit(&mut self, new: usize, new_mask: Option<Vec<Vec<f32>>>, batch: usize) -> Result<()> {
+    pub(crate) fn commit(
+        &mut self,
+        new: usize,
+        new_mask: Option<Vec<Vec<f32>>>,
+        batch: usize,
+    ) -> Result<()> {
         let kept_before = self.kept();
         self.key_mask = match (self.key_mask.take(), new_mask) {
             (None, None) => None,
             (old, new_rows) => {
                 let old = old.unwrap_or_else(|| vec![vec![1.0; kept_before]; batch]);
                 let new_rows = new_rows.unwrap_or_else(|| vec![vec![1.0; new]; batch]);
-                Some(old.into_iter().zip(new_rows).map(|(mut a, b)| {
-                    a.extend(b);
-                    a
-                }).collect())
+                Some(
+                    old.into_iter()
+                        .zip(new_rows)
+                        .map(|(mut a, b)| {
+                            a.extend(b);
+                            a
+                        })
+                        .collect(),
+                )
             }
         };
         self.seen += new;

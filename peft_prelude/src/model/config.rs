@@ -133,7 +133,11 @@ impl ModelConfig {
                     raw.architectures.unwrap_or_default()
                 )))
             }
-            None => return Err(ConfigProblem::Invalid("config.json has no `model_type`".into())),
+            None => {
+                return Err(ConfigProblem::Invalid(
+                    "config.json has no `model_type`".into(),
+                ))
+            }
         };
         if let Some(act) = raw.hidden_act.as_deref() {
             if act != "silu" {
@@ -145,12 +149,17 @@ impl ModelConfig {
         if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
             let kind = scaling.get("rope_type").or_else(|| scaling.get("type"));
             if kind.and_then(|k| k.as_str()) != Some("default") {
-                return Err(ConfigProblem::Unsupported(format!("rope_scaling {scaling}")));
+                return Err(ConfigProblem::Unsupported(format!(
+                    "rope_scaling {scaling}"
+                )));
             }
         }
         if let Some(q) = raw.quantization_config.as_ref() {
             // bitsandbytes 4-bit checkpoints load through `quant::bnb` (which checks the rest).
-            let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("?");
+            let method = q
+                .get("quant_method")
+                .and_then(|m| m.as_str())
+                .unwrap_or("?");
             if method != "bitsandbytes" {
                 return Err(ConfigProblem::Unsupported(format!(
                     "quantized checkpoint (quant_method `{method}`); only bitsandbytes 4-bit (nf4) loads"
@@ -167,9 +176,7 @@ impl ModelConfig {
             })
             .unwrap_or(10_000.0);
         let heads = raw.num_attention_heads;
-        let head_dim = raw
-            .head_dim
-            .unwrap_or(raw.hidden_size / heads.max(1));
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads.max(1));
         Ok(ModelConfig {
             architecture,
             vocab_size: raw.vocab_size,
@@ -264,7 +271,9 @@ impl ModelConfig {
             sliding_window: None,
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-            eos_token_id: token_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            eos_token_id: token_id("tokenizer.ggml.eos_token_id")
+                .into_iter()
+                .collect(),
         }
         .validated()
         .map_err(|e| match e {
@@ -290,13 +299,13 @@ impl ModelConfig {
                 return fail(format!("{name} must be positive"));
             }
         }
-        if c.num_attention_heads % c.num_key_value_heads != 0 {
+        if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
             return fail(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 c.num_attention_heads, c.num_key_value_heads
             ));
         }
-        if c.head_dim % 2 != 0 {
+        if !c.head_dim.is_multiple_of(2) {
             return fail(format!("head_dim ({}) must be even for RoPE", c.head_dim));
         }
         if c.sliding_window == Some(0) {

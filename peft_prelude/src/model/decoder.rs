@@ -269,8 +269,16 @@ impl Model {
     pub fn linear_paths(&self) -> Vec<String> {
         let mut paths = Vec::with_capacity(self.layers.len() * 7 + 1);
         for i in 0..self.layers.len() {
-            paths.extend(ATTENTION_PROJECTIONS.iter().map(|n| format!("model.layers.{i}.self_attn.{n}")));
-            paths.extend(MLP_PROJECTIONS.iter().map(|n| format!("model.layers.{i}.mlp.{n}")));
+            paths.extend(
+                ATTENTION_PROJECTIONS
+                    .iter()
+                    .map(|n| format!("model.layers.{i}.self_attn.{n}")),
+            );
+            paths.extend(
+                MLP_PROJECTIONS
+                    .iter()
+                    .map(|n| format!("model.layers.{i}.mlp.{n}")),
+            );
         }
         paths.push("lm_head".to_string());
         paths
@@ -278,21 +286,23 @@ impl Model {
 
     /// The linear layer at a Hugging Face module path.
     pub fn linear(&self, path: &str) -> Result<&dyn Linear> {
-        match self.slot(path) {
-            Some(slot) => Ok(slot.as_ref()),
-            None => Err(self.unknown_module(path)),
-        }
+        self.slot(path).ok_or_else(|| self.unknown_module(path))
     }
 
     /// Replaces the linear layer at `path` by `f(old)`; on error the old layer stays.
     pub fn replace_linear(
         &mut self,
         path: &str,
-        f: impl FnOnce(Box<dyn Linear>) -> std::result::Result<Box<dyn Linear>, (Box<dyn Linear>, Error)>,
+        f: impl FnOnce(
+            Box<dyn Linear>,
+        ) -> std::result::Result<Box<dyn Linear>, (Box<dyn Linear>, Error)>,
     ) -> Result<()> {
         let err = self.unknown_module(path);
         let slot = self.slot_mut(path).ok_or(err)?;
-        let placeholder: Box<dyn Linear> = Box::new(FrozenLinear::new(Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?, None));
+        let placeholder: Box<dyn Linear> = Box::new(FrozenLinear::new(
+            Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
+            None,
+        ));
         let old = std::mem::replace(slot, placeholder);
         match f(old) {
             Ok(new) => {
@@ -306,19 +316,19 @@ impl Model {
         }
     }
 
-    fn slot(&self, path: &str) -> Option<&Box<dyn Linear>> {
+    fn slot(&self, path: &str) -> Option<&dyn Linear> {
         let (layer, name) = match parse_linear_path(path)? {
-            LinearPath::Head => return Some(&self.lm_head),
+            LinearPath::Head => return Some(self.lm_head.as_ref()),
             LinearPath::Layer(i, name) => (self.layers.get(i)?, name),
         };
         Some(match name {
-            "q_proj" => &layer.self_attn.q_proj,
-            "k_proj" => &layer.self_attn.k_proj,
-            "v_proj" => &layer.self_attn.v_proj,
-            "o_proj" => &layer.self_attn.o_proj,
-            "gate_proj" => &layer.mlp.gate_proj,
-            "up_proj" => &layer.mlp.up_proj,
-            "down_proj" => &layer.mlp.down_proj,
+            "q_proj" => layer.self_attn.q_proj.as_ref(),
+            "k_proj" => layer.self_attn.k_proj.as_ref(),
+            "v_proj" => layer.self_attn.v_proj.as_ref(),
+            "o_proj" => layer.self_attn.o_proj.as_ref(),
+            "gate_proj" => layer.mlp.gate_proj.as_ref(),
+            "up_proj" => layer.mlp.up_proj.as_ref(),
+            "down_proj" => layer.mlp.down_proj.as_ref(),
             _ => return None,
         })
     }
@@ -423,13 +433,17 @@ impl Model {
             return Err(Error::InvalidArgument("empty input sequence".into()));
         }
         let past = cache.as_deref().map_or(0, |c| c.seen());
-        let new_mask = attention_mask.map(|m| mask_rows(m, batch, seq)).transpose()?;
+        let new_mask = attention_mask
+            .map(|m| mask_rows(m, batch, seq))
+            .transpose()?;
         if segment_ids.is_some() && cache.as_deref().is_some_and(|c| c.seen() > 0) {
             return Err(Error::InvalidArgument(
                 "segment ids (packed sequences) cannot be combined with a filled cache".into(),
             ));
         }
-        let segments = segment_ids.map(|s| segment_rows(s, batch, seq)).transpose()?;
+        let segments = segment_ids
+            .map(|s| segment_rows(s, batch, seq))
+            .transpose()?;
         let positions = match position_ids {
             Some(p) => p.to_dtype(DType::U32)?,
             None => {
@@ -452,7 +466,15 @@ impl Model {
             &self.device,
         )?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, &cos, &sin, mask.as_ref(), cache.as_deref_mut())?;
+            x = self.layer_forward(
+                i,
+                layer,
+                &x,
+                &cos,
+                &sin,
+                mask.as_ref(),
+                cache.as_deref_mut(),
+            )?;
         }
         if let Some(c) = cache {
             c.commit(seq, new_mask, batch)?;
@@ -499,9 +521,21 @@ impl Model {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let q = attn.q_proj.forward(x)?.reshape((b, t, heads, d))?.transpose(1, 2)?;
-        let k = attn.k_proj.forward(x)?.reshape((b, t, kv_heads, d))?.transpose(1, 2)?;
-        let v = attn.v_proj.forward(x)?.reshape((b, t, kv_heads, d))?.transpose(1, 2)?;
+        let q = attn
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, heads, d))?
+            .transpose(1, 2)?;
+        let k = attn
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kv_heads, d))?
+            .transpose(1, 2)?;
+        let v = attn
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kv_heads, d))?
+            .transpose(1, 2)?;
         // The fused RoPE reads the transposed views directly and returns contiguous tensors.
         let q = Rope::apply(&q, cos, sin)?;
         let k = Rope::apply(&k, cos, sin)?;
@@ -550,7 +584,10 @@ fn parse_linear_path(path: &str) -> Option<LinearPath<'_>> {
     let name = rest
         .strip_prefix("self_attn.")
         .filter(|n| ATTENTION_PROJECTIONS.contains(n))
-        .or_else(|| rest.strip_prefix("mlp.").filter(|n| MLP_PROJECTIONS.contains(n)))?;
+        .or_else(|| {
+            rest.strip_prefix("mlp.")
+                .filter(|n| MLP_PROJECTIONS.contains(n))
+        })?;
     Some(LinearPath::Layer(index, name))
 }
 
@@ -561,7 +598,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -626,7 +665,11 @@ fn attention_bias(l: &AttentionLayout<'_>, device: &Device) -> Result<Option<Ten
             }
         }
     }
-    Ok(Some(Tensor::from_vec(bias, (rows, 1, l.seq, keys), device)?))
+    Ok(Some(Tensor::from_vec(
+        bias,
+        (rows, 1, l.seq, keys),
+        device,
+    )?))
 }
 
 /// Segment ids `[batch, seq]` as host rows.
@@ -765,14 +808,18 @@ mod tests {
             let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * eps);
             worst = worst.max((numeric - g[i]).abs() / (1.0 + numeric.abs()));
         }
-        assert!(worst < 1e-6, "{name}: autograd and finite differences differ by {worst}");
+        assert!(
+            worst < 1e-6,
+            "{name}: autograd and finite differences differ by {worst}"
+        );
     }
 
     #[test]
     fn gradient_reaches_the_input_of_every_layer_exactly() {
         let model = tiny_model();
         let (b, t, h) = (2, 6, model.config.hidden_size);
-        let positions = Tensor::from_vec((0..t as u32).collect::<Vec<_>>(), (1, t), &Device::Cpu).unwrap();
+        let positions =
+            Tensor::from_vec((0..t as u32).collect::<Vec<_>>(), (1, t), &Device::Cpu).unwrap();
         let (cos, sin) = model.rope.tables(&positions).unwrap();
         let layout = AttentionLayout {
             batch: b,
@@ -800,7 +847,12 @@ mod tests {
         let x = Tensor::randn(0f64, 1., (1, 3, h), &Device::Cpu).unwrap();
         check_against_finite_differences(
             "final norm + lm_head",
-            &|x: &Tensor| model.lm_head.forward(&model.norm.forward(x).unwrap()).unwrap(),
+            &|x: &Tensor| {
+                model
+                    .lm_head
+                    .forward(&model.norm.forward(x).unwrap())
+                    .unwrap()
+            },
             &x,
         );
         check_against_finite_differences(
@@ -818,7 +870,14 @@ mod tests {
         let b = model
             .forward_with(Forward::embeds(&model.embed(&ids).unwrap()))
             .unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert_eq!(diff, 0.0);
     }
 
@@ -841,7 +900,14 @@ mod tests {
         let rest = model
             .forward_with(Forward::ids(&all.narrow(1, 3, 4).unwrap()).with_cache(&mut prefixed))
             .unwrap();
-        let diff = (full - rest).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let diff = (full - rest)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(diff < 1e-10, "{diff}");
     }
 
@@ -856,10 +922,25 @@ mod tests {
         let pos = Tensor::new(&[[0u32, 1, 2, 0, 1, 2, 3, 4]], &Device::Cpu).unwrap();
         let seg = Tensor::new(&[[0u32, 0, 0, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
         let out = model
-            .forward_with(Forward::ids(&packed).with_position_ids(&pos).with_segment_ids(&seg))
+            .forward_with(
+                Forward::ids(&packed)
+                    .with_position_ids(&pos)
+                    .with_segment_ids(&seg),
+            )
             .unwrap();
-        let want = Tensor::cat(&[&model.forward(&a).unwrap(), &model.forward(&b).unwrap()], 1).unwrap();
-        let diff = (out - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let want = Tensor::cat(
+            &[&model.forward(&a).unwrap(), &model.forward(&b).unwrap()],
+            1,
+        )
+        .unwrap();
+        let diff = (out - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(diff < 1e-10, "{diff}");
     }
 
@@ -874,6 +955,9 @@ mod tests {
             assert!(model.linear(p).is_ok(), "{p}");
         }
         let err = model.linear("model.layers.1.self_attn.q_prj").unwrap_err();
-        assert!(err.to_string().contains("model.layers.1.self_attn.q_proj"), "{err}");
+        assert!(
+            err.to_string().contains("model.layers.1.self_attn.q_proj"),
+            "{err}"
+        );
     }
 }

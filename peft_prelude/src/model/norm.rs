@@ -35,7 +35,10 @@ impl RmsNorm {
         let mean_sq = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let inv_rms = (mean_sq + self.eps)?.sqrt()?.recip()?;
         let normed = xf.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
-        Ok(peft_kernels::frozen::mul_const(&normed, &self.weight.to_dtype(dtype)?)?)
+        Ok(peft_kernels::frozen::mul_const(
+            &normed,
+            &self.weight.to_dtype(dtype)?,
+        )?)
     }
 }
 

@@ -105,7 +105,10 @@ impl BottleneckBlock {
                 )))
             }
         }
-        self.adapters.insert(name.to_string(), (Bottleneck { down, up }, act, scaling, parallel));
+        self.adapters.insert(
+            name.to_string(),
+            (Bottleneck { down, up }, act, scaling, parallel),
+        );
         Ok(())
     }
 

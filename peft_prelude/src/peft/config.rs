@@ -128,7 +128,13 @@ impl LoraConfig {
             r,
             lora_alpha,
             target_modules: Some(TargetModules::names(&[
-                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
             ])),
             ..Default::default()
         }
@@ -375,7 +381,14 @@ impl From<BottleneckConfig> for PeftConfig {
 }
 
 /// PEFT's `peft_type` strings.
-pub const PEFT_TYPES: [&str; 6] = ["LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "BOTTLENECK"];
+pub const PEFT_TYPES: [&str; 6] = [
+    "LORA",
+    "IA3",
+    "PROMPT_TUNING",
+    "P_TUNING",
+    "PREFIX_TUNING",
+    "BOTTLENECK",
+];
 
 impl PeftConfig {
     pub fn peft_type(&self) -> &'static str {
@@ -423,8 +436,11 @@ impl PeftConfig {
                 ] {
                     v.entry(k).or_insert(d);
                 }
-                let alphas: Map<String, Value> =
-                    c.alpha_pattern.iter().map(|(k, a)| (k.clone(), number(*a))).collect();
+                let alphas: Map<String, Value> = c
+                    .alpha_pattern
+                    .iter()
+                    .map(|(k, a)| (k.clone(), number(*a)))
+                    .collect();
                 v.insert("alpha_pattern".into(), Value::Object(alphas));
                 v
             }
@@ -453,10 +469,12 @@ impl PeftConfig {
         let parse = |what: &str| -> String { format!("invalid {what} config") };
         let cfg = match ty {
             "LORA" => PeftConfig::Lora(
-                serde_json::from_value(value.clone()).map_err(|e| format!("{}: {e}", parse("LoRA")))?,
+                serde_json::from_value(value.clone())
+                    .map_err(|e| format!("{}: {e}", parse("LoRA")))?,
             ),
             "IA3" => PeftConfig::Ia3(
-                serde_json::from_value(value.clone()).map_err(|e| format!("{}: {e}", parse("IA3")))?,
+                serde_json::from_value(value.clone())
+                    .map_err(|e| format!("{}: {e}", parse("IA3")))?,
             ),
             "PROMPT_TUNING" => PeftConfig::PromptTuning(
                 serde_json::from_value(value.clone())

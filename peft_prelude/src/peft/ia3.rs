@@ -87,7 +87,9 @@ impl Ia3Linear {
 
     pub fn merge(&mut self, name: &str) -> Result<()> {
         if self.merged.is_some() {
-            return Err(Error::InvalidArgument("an adapter is already merged; unmerge it first".into()));
+            return Err(Error::InvalidArgument(
+                "an adapter is already merged; unmerge it first".into(),
+            ));
         }
         self.scale_weight(name, false)?;
         self.merged = Some(name.to_string());

@@ -145,7 +145,9 @@ impl LoraLinear {
     /// separately until [`unmerge`](Self::unmerge).
     pub fn merge(&mut self, name: &str) -> Result<()> {
         if self.merged.is_some() {
-            return Err(Error::InvalidArgument("an adapter is already merged; unmerge it first".into()));
+            return Err(Error::InvalidArgument(
+                "an adapter is already merged; unmerge it first".into(),
+            ));
         }
         let adapter = self
             .adapters
@@ -219,8 +221,18 @@ impl LoraLinear {
             && peft_kernels::frozen::weight_gradient_protection();
         match base.frozen_weight() {
             FrozenWeight::Dense(w) if plain => {
-                let x = if x.dtype() == w.dtype() { x.clone() } else { x.to_dtype(w.dtype())? };
-                Ok(Some(peft_kernels::lora_linear(&x, w, ad.a.as_tensor(), ad.b.as_tensor(), ad.scaling)?))
+                let x = if x.dtype() == w.dtype() {
+                    x.clone()
+                } else {
+                    x.to_dtype(w.dtype())?
+                };
+                Ok(Some(peft_kernels::lora_linear(
+                    &x,
+                    w,
+                    ad.a.as_tensor(),
+                    ad.b.as_tensor(),
+                    ad.scaling,
+                )?))
             }
             _ => Ok(None),
         }

@@ -217,7 +217,9 @@ impl PeftModel {
     pub fn add_adapter(&mut self, name: &str, config: impl Into<PeftConfig>) -> Result<()> {
         let mut config = config.into();
         if self.configs.contains_key(name) {
-            return Err(Error::InvalidArgument(format!("an adapter named `{name}` exists already")));
+            return Err(Error::InvalidArgument(format!(
+                "an adapter named `{name}` exists already"
+            )));
         }
         if let Some(existing) = self.configs.values().next() {
             let mixes_prompt = existing.is_prompt_learning() || config.is_prompt_learning();
@@ -262,10 +264,15 @@ impl PeftModel {
             return Err(Error::Config("LoRA rank r must be positive (got 0)".into()));
         }
         if !(0.0..1.0).contains(&c.lora_dropout) {
-            return Err(Error::Config(format!("lora_dropout must be in [0, 1), got {}", c.lora_dropout)));
+            return Err(Error::Config(format!(
+                "lora_dropout must be in [0, 1), got {}",
+                c.lora_dropout
+            )));
         }
         if c.fan_in_fan_out {
-            return Err(Error::Config("fan_in_fan_out is for GPT-2's Conv1D; Mistral/Llama use Linear".into()));
+            return Err(Error::Config(
+                "fan_in_fan_out is for GPT-2's Conv1D; Mistral/Llama use Linear".into(),
+            ));
         }
         if let Some(m) = c.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
             return Err(Error::Config(format!(
@@ -278,26 +285,38 @@ impl PeftModel {
             LoraInit::Named(n) if n == "gaussian" => LoraInitKind::Gaussian,
             LoraInit::Named(n) => {
                 return Err(Error::Config(format!(
-                    "init_lora_weights `{n}` is not supported (supported: true, false, \"gaussian\")"
-                )))
+                "init_lora_weights `{n}` is not supported (supported: true, false, \"gaussian\")"
+            )))
             }
         };
         let targets = c
             .target_modules
             .clone()
             .unwrap_or_else(|| TargetModules::names(&["q_proj", "v_proj"]));
-        let paths = self.select(&targets, c.exclude_modules.as_ref(), c.layers_to_transform.as_ref())?;
+        let paths = self.select(
+            &targets,
+            c.exclude_modules.as_ref(),
+            c.layers_to_transform.as_ref(),
+        )?;
         for path in paths {
             let r = pattern_value(&c.rank_pattern, &path)?.unwrap_or(c.r);
             if r == 0 {
-                return Err(Error::Config(format!("rank_pattern gives r = 0 for {path}")));
+                return Err(Error::Config(format!(
+                    "rank_pattern gives r = 0 for {path}"
+                )));
             }
             let alpha = pattern_value(&c.alpha_pattern, &path)?.unwrap_or(c.lora_alpha);
-            let scaling = if c.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+            let scaling = if c.use_rslora {
+                alpha / (r as f64).sqrt()
+            } else {
+                alpha / r as f64
+            };
             let switch = self.switch.clone();
-            self.wrap::<LoraLinear>(&path, |base| LoraLinear::new(base, switch), |l| {
-                l.add_adapter(name, r, scaling, c.lora_dropout, c.use_dora, init, rng)
-            })?;
+            self.wrap::<LoraLinear>(
+                &path,
+                |base| LoraLinear::new(base, switch),
+                |l| l.add_adapter(name, r, scaling, c.lora_dropout, c.use_dora, init, rng),
+            )?;
         }
         Ok(())
     }
@@ -316,19 +335,28 @@ impl PeftModel {
         for path in paths {
             let is_ff = ff.matches(&path);
             let switch = self.switch.clone();
-            self.wrap::<Ia3Linear>(&path, |base| Ia3Linear::new(base, is_ff, switch), |l| {
-                if l.is_feedforward() != is_ff {
-                    return Err(Error::Config(format!(
-                        "{path} is a feed-forward module in one IA3 adapter and not in another"
-                    )));
-                }
-                l.add_adapter(name)
-            })?;
+            self.wrap::<Ia3Linear>(
+                &path,
+                |base| Ia3Linear::new(base, is_ff, switch),
+                |l| {
+                    if l.is_feedforward() != is_ff {
+                        return Err(Error::Config(format!(
+                            "{path} is a feed-forward module in one IA3 adapter and not in another"
+                        )));
+                    }
+                    l.add_adapter(name)
+                },
+            )?;
         }
         Ok(())
     }
 
-    fn add_bottleneck(&mut self, name: &str, c: &super::config::BottleneckConfig, rng: &mut Rng) -> Result<()> {
+    fn add_bottleneck(
+        &mut self,
+        name: &str,
+        c: &super::config::BottleneckConfig,
+        rng: &mut Rng,
+    ) -> Result<()> {
         if c.reduction_factor == 0 || c.reduction_factor > self.model.config().hidden_size {
             return Err(Error::Config(format!(
                 "reduction_factor must be in 1..={} (hidden_size), got {}",
@@ -337,7 +365,9 @@ impl PeftModel {
             )));
         }
         if !c.mh_adapter && !c.output_adapter {
-            return Err(Error::Config("a bottleneck adapter needs mh_adapter or output_adapter".into()));
+            return Err(Error::Config(
+                "a bottleneck adapter needs mh_adapter or output_adapter".into(),
+            ));
         }
         let act = NonLinearity::parse(&c.non_linearity)?;
         let hidden = self.model.config().hidden_size;
@@ -349,16 +379,22 @@ impl PeftModel {
             if c.leave_out.contains(&i) {
                 continue;
             }
-            let slots = [(c.mh_adapter, &mut layer.attn_adapter), (c.output_adapter, &mut layer.mlp_adapter)];
+            let slots = [
+                (c.mh_adapter, &mut layer.attn_adapter),
+                (c.output_adapter, &mut layer.mlp_adapter),
+            ];
             for (wanted, slot) in slots {
                 if !wanted {
                     continue;
                 }
-                let block = slot.get_or_insert_with(|| Box::new(BottleneckBlock::new(switch.clone())));
+                let block =
+                    slot.get_or_insert_with(|| Box::new(BottleneckBlock::new(switch.clone())));
                 let block = block
                     .as_any_mut()
                     .downcast_mut::<BottleneckBlock>()
-                    .ok_or_else(|| Error::InvalidArgument("layer has another kind of block adapter".into()))?;
+                    .ok_or_else(|| {
+                        Error::InvalidArgument("layer has another kind of block adapter".into())
+                    })?;
                 block.add_adapter(
                     name,
                     hidden,
@@ -376,9 +412,16 @@ impl PeftModel {
         Ok(())
     }
 
-    fn init_prompt_tuning(&self, c: &super::config::PromptTuningConfig, rng: &mut Rng) -> Result<PromptLearning> {
+    fn init_prompt_tuning(
+        &self,
+        c: &super::config::PromptTuningConfig,
+        rng: &mut Rng,
+    ) -> Result<PromptLearning> {
         let n = c.prompt.num_virtual_tokens;
-        let dim = c.prompt.token_dim.unwrap_or(self.model.config().hidden_size);
+        let dim = c
+            .prompt
+            .token_dim
+            .unwrap_or(self.model.config().hidden_size);
         let device = self.model.device();
         let dtype = super::param_dtype(self.model.dtype());
         let table = match c.prompt_tuning_init.as_str() {
@@ -409,7 +452,9 @@ impl PeftModel {
     /// `ids` (the tokenized init text), repeated or truncated to the number of virtual tokens.
     pub fn init_prompt_from_ids(&mut self, adapter: &str, ids: &[u32]) -> Result<()> {
         let Some(PromptLearning::Prompt { embeddings }) = self.prompts.get(adapter) else {
-            return Err(Error::InvalidArgument(format!("`{adapter}` is not a prompt-tuning adapter")));
+            return Err(Error::InvalidArgument(format!(
+                "`{adapter}` is not a prompt-tuning adapter"
+            )));
         };
         if ids.is_empty() {
             return Err(Error::InvalidArgument("the init text has no tokens".into()));
@@ -417,7 +462,11 @@ impl PeftModel {
         let n = embeddings.dim(0)?;
         let ids: Vec<u32> = ids.iter().cycle().take(n).copied().collect();
         let ids = Tensor::new(ids.as_slice(), self.model.device())?;
-        let table = self.model.embed_tokens().index_select(&ids, 0)?.to_dtype(embeddings.dtype())?;
+        let table = self
+            .model
+            .embed_tokens()
+            .index_select(&ids, 0)?
+            .to_dtype(embeddings.dtype())?;
         embeddings.set(&table)?;
         if let Some(PeftConfig::PromptTuning(c)) = self.configs.get_mut(adapter) {
             c.prompt_tuning_init = "TEXT".into();
@@ -425,9 +474,16 @@ impl PeftModel {
         Ok(())
     }
 
-    fn init_p_tuning(&self, c: &super::config::PromptEncoderConfig, rng: &mut Rng) -> Result<PromptLearning> {
+    fn init_p_tuning(
+        &self,
+        c: &super::config::PromptEncoderConfig,
+        rng: &mut Rng,
+    ) -> Result<PromptLearning> {
         let n = c.prompt.num_virtual_tokens;
-        let dim = c.prompt.token_dim.unwrap_or(self.model.config().hidden_size);
+        let dim = c
+            .prompt
+            .token_dim
+            .unwrap_or(self.model.config().hidden_size);
         let hidden = c.encoder_hidden_size.unwrap_or(dim);
         let device = self.model.device();
         let dtype = super::param_dtype(self.model.dtype());
@@ -448,18 +504,31 @@ impl PeftModel {
         })
     }
 
-    fn init_prefix(&self, c: &super::config::PrefixTuningConfig, rng: &mut Rng) -> Result<PromptLearning> {
+    fn init_prefix(
+        &self,
+        c: &super::config::PrefixTuningConfig,
+        rng: &mut Rng,
+    ) -> Result<PromptLearning> {
         let n = c.prompt.num_virtual_tokens;
         let cfg = self.model.config();
-        let dim = c.prompt.token_dim.unwrap_or(cfg.num_key_value_heads * cfg.head_dim);
+        let dim = c
+            .prompt
+            .token_dim
+            .unwrap_or(cfg.num_key_value_heads * cfg.head_dim);
         let layers = c.prompt.num_layers.unwrap_or(cfg.num_hidden_layers);
         let width = layers * 2 * dim;
         let device = self.model.device();
         let dtype = super::param_dtype(self.model.dtype());
         let zero = c.init_weights.as_deref() == Some("zero");
         let mut init = |n_el: usize, shape: (usize, usize)| -> Result<Var> {
-            let v = if zero { vec![0.0; n_el] } else { rng.normal(n_el, 0.0, 1.0) };
-            Ok(Var::from_tensor(&Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)?)
+            let v = if zero {
+                vec![0.0; n_el]
+            } else {
+                rng.normal(n_el, 0.0, 1.0)
+            };
+            Ok(Var::from_tensor(
+                &Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?,
+            )?)
         };
         if c.prefix_projection {
             let hidden = c.encoder_hidden_size.unwrap_or(dim);
@@ -499,7 +568,8 @@ impl PeftModel {
             if name.contains('.') {
                 self.model.unknown_module(name)
             } else {
-                let mut close: Vec<String> = short.iter().filter(|s| similar(name, s)).cloned().collect();
+                let mut close: Vec<String> =
+                    short.iter().filter(|s| similar(name, s)).cloned().collect();
                 if close.is_empty() {
                     close = short;
                 }
@@ -542,7 +612,10 @@ impl PeftModel {
             .collect()
     }
 
-    fn each_linear_mut<T: 'static>(&mut self, mut f: impl FnMut(&str, &mut T) -> Result<()>) -> Result<()> {
+    fn each_linear_mut<T: 'static>(
+        &mut self,
+        mut f: impl FnMut(&str, &mut T) -> Result<()>,
+    ) -> Result<()> {
         for p in self.model.linear_paths() {
             let mut result = Ok(());
             self.model.replace_linear(&p, |mut l| {
@@ -563,10 +636,19 @@ impl PeftModel {
         let mut vars = vec![];
         for (path, l) in self.each_linear::<LoraLinear>() {
             if let Some(a) = l.adapters().get(adapter) {
-                vars.push((format!("base_model.model.{path}.lora_A.weight"), a.a.clone()));
-                vars.push((format!("base_model.model.{path}.lora_B.weight"), a.b.clone()));
+                vars.push((
+                    format!("base_model.model.{path}.lora_A.weight"),
+                    a.a.clone(),
+                ));
+                vars.push((
+                    format!("base_model.model.{path}.lora_B.weight"),
+                    a.b.clone(),
+                ));
                 if let Some(m) = &a.magnitude {
-                    vars.push((format!("base_model.model.{path}.lora_magnitude_vector"), m.clone()));
+                    vars.push((
+                        format!("base_model.model.{path}.lora_magnitude_vector"),
+                        m.clone(),
+                    ));
                 }
             }
         }
@@ -576,8 +658,14 @@ impl PeftModel {
             }
         }
         for (i, layer) in self.model.layers().iter().enumerate() {
-            for (slot, name) in [(&layer.attn_adapter, "attention_adapter"), (&layer.mlp_adapter, "output_adapter")] {
-                let Some(block) = slot.as_ref().and_then(|b| b.as_any().downcast_ref::<BottleneckBlock>()) else {
+            for (slot, name) in [
+                (&layer.attn_adapter, "attention_adapter"),
+                (&layer.mlp_adapter, "output_adapter"),
+            ] {
+                let Some(block) = slot
+                    .as_ref()
+                    .and_then(|b| b.as_any().downcast_ref::<BottleneckBlock>())
+                else {
                     continue;
                 };
                 if let Some(b) = block.adapter(adapter) {
@@ -598,12 +686,16 @@ impl PeftModel {
     /// Sets the adapter's parameters from tensors keyed by [`adapter_vars`](Self::adapter_vars)
     /// names (checkpoints, or a P-tuning encoder trained elsewhere). Every parameter must be
     /// present with its shape. Returns how many were set.
-    pub fn set_adapter_vars(&self, adapter: &str, tensors: &BTreeMap<String, Tensor>) -> Result<usize> {
+    pub fn set_adapter_vars(
+        &self,
+        adapter: &str,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<usize> {
         let vars = self.adapter_vars(adapter);
         for (name, var) in &vars {
-            let t = tensors
-                .get(name)
-                .ok_or_else(|| Error::InvalidArgument(format!("no value for parameter `{name}`")))?;
+            let t = tensors.get(name).ok_or_else(|| {
+                Error::InvalidArgument(format!("no value for parameter `{name}`"))
+            })?;
             if t.dims() != var.dims() {
                 return Err(Error::InvalidArgument(format!(
                     "parameter `{name}` has shape {:?}, the value {:?}",
@@ -622,7 +714,10 @@ impl PeftModel {
     }
 
     pub fn num_trainable_parameters(&self) -> usize {
-        self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
+        self.trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
     }
 
     /// PEFT's line: `trainable params: X || all params: Y || trainable%: Z`.
@@ -680,9 +775,15 @@ impl PeftModel {
         for p in model.linear_paths() {
             model.replace_linear(&p, |l| {
                 if l.as_any().is::<LoraLinear>() {
-                    Ok(l.into_any().downcast::<LoraLinear>().expect("checked").into_base())
+                    Ok(l.into_any()
+                        .downcast::<LoraLinear>()
+                        .expect("checked")
+                        .into_base())
                 } else if l.as_any().is::<Ia3Linear>() {
-                    Ok(l.into_any().downcast::<Ia3Linear>().expect("checked").into_base())
+                    Ok(l.into_any()
+                        .downcast::<Ia3Linear>()
+                        .expect("checked")
+                        .into_base())
                 } else {
                     Ok(l)
                 }
@@ -697,9 +798,15 @@ impl PeftModel {
         for p in model.linear_paths() {
             let _ = model.replace_linear(&p, |l| {
                 if l.as_any().is::<LoraLinear>() {
-                    Ok(l.into_any().downcast::<LoraLinear>().expect("checked").into_base())
+                    Ok(l.into_any()
+                        .downcast::<LoraLinear>()
+                        .expect("checked")
+                        .into_base())
                 } else if l.as_any().is::<Ia3Linear>() {
-                    Ok(l.into_any().downcast::<Ia3Linear>().expect("checked").into_base())
+                    Ok(l.into_any()
+                        .downcast::<Ia3Linear>()
+                        .expect("checked")
+                        .into_base())
                 } else {
                     Ok(l)
                 }
@@ -715,7 +822,10 @@ impl PeftModel {
     /// The tensors PEFT would save for `adapter`, by saved name.
     pub fn adapter_state_dict(&self, adapter: &str) -> Result<Vec<(String, Tensor)>> {
         if let Some(p) = self.prompts.get(adapter) {
-            return Ok(vec![("prompt_embeddings".to_string(), p.prompt_embeddings()?.detach())]);
+            return Ok(vec![(
+                "prompt_embeddings".to_string(),
+                p.prompt_embeddings()?.detach(),
+            )]);
         }
         Ok(self
             .adapter_vars(adapter)
@@ -778,7 +888,12 @@ impl PeftModel {
         result
     }
 
-    fn load_state_dict(&mut self, name: &str, tensors: &BTreeMap<String, Tensor>, path: &PathBuf) -> Result<()> {
+    fn load_state_dict(
+        &mut self,
+        name: &str,
+        tensors: &BTreeMap<String, Tensor>,
+        path: &PathBuf,
+    ) -> Result<()> {
         let shape_error = |key: &str, expected: &[usize], got: &[usize]| Error::ShapeMismatch {
             path: path.clone(),
             name: key.to_string(),
@@ -786,10 +901,12 @@ impl PeftModel {
             got: got.to_vec(),
         };
         if let Some(prompt) = self.prompts.get_mut(name) {
-            let t = tensors.get("prompt_embeddings").ok_or_else(|| Error::MissingTensor {
-                path: path.clone(),
-                name: "prompt_embeddings".into(),
-            })?;
+            let t = tensors
+                .get("prompt_embeddings")
+                .ok_or_else(|| Error::MissingTensor {
+                    path: path.clone(),
+                    name: "prompt_embeddings".into(),
+                })?;
             let expected = prompt.prompt_embeddings()?.dims().to_vec();
             if t.dims() != expected.as_slice() {
                 return Err(shape_error("prompt_embeddings", &expected, t.dims()));
@@ -831,7 +948,10 @@ impl PeftModel {
         });
         for layer in self.model.layers_mut() {
             for slot in [&mut layer.attn_adapter, &mut layer.mlp_adapter] {
-                if let Some(b) = slot.as_mut().and_then(|b| b.as_any_mut().downcast_mut::<BottleneckBlock>()) {
+                if let Some(b) = slot
+                    .as_mut()
+                    .and_then(|b| b.as_any_mut().downcast_mut::<BottleneckBlock>())
+                {
                     b.remove_adapter(name);
                 }
             }
@@ -854,7 +974,8 @@ fn fill_prompt_defaults(p: &mut PromptLearningCommon, model: &Model, prefix: boo
     p.num_layers.get_or_insert(c.num_hidden_layers);
     p.num_transformer_submodules.get_or_insert(1);
     if prefix {
-        p.token_dim.get_or_insert(c.num_key_value_heads * c.head_dim);
+        p.token_dim
+            .get_or_insert(c.num_key_value_heads * c.head_dim);
         p.num_attention_heads.get_or_insert(c.num_key_value_heads);
     } else {
         p.token_dim.get_or_insert(c.hidden_size);
@@ -873,7 +994,10 @@ fn check_prompt_config_fits(config: &PeftConfig, model: &Model, path: &Path) -> 
         _ => return Ok(()),
     };
     if let Some(d) = p.token_dim.filter(|d| *d != want_dim) {
-        return Err(Error::corrupt(path, format!("token_dim is {d}, this model needs {want_dim}")));
+        return Err(Error::corrupt(
+            path,
+            format!("token_dim is {d}, this model needs {want_dim}"),
+        ));
     }
     if let Some(l) = p.num_layers.filter(|l| *l != c.num_hidden_layers) {
         return Err(Error::corrupt(
@@ -885,7 +1009,9 @@ fn check_prompt_config_fits(config: &PeftConfig, model: &Model, path: &Path) -> 
 }
 
 fn hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn similar(a: &str, b: &str) -> bool {
@@ -898,7 +1024,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

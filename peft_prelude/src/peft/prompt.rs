@@ -15,9 +15,19 @@ pub struct TrainableLinear {
 }
 
 impl TrainableLinear {
-    pub fn new(in_f: usize, out_f: usize, dtype: DType, rng: &mut Rng, device: &Device) -> Result<Self> {
+    pub fn new(
+        in_f: usize,
+        out_f: usize,
+        dtype: DType,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
         let bound = 1.0 / (in_f as f64).sqrt();
-        let w = Tensor::from_vec(rng.uniform(out_f * in_f, -bound, bound), (out_f, in_f), device)?;
+        let w = Tensor::from_vec(
+            rng.uniform(out_f * in_f, -bound, bound),
+            (out_f, in_f),
+            device,
+        )?;
         let b = Tensor::from_vec(rng.uniform(out_f, -bound, bound), out_f, device)?;
         Ok(TrainableLinear {
             weight: Var::from_tensor(&w.to_dtype(dtype)?)?,
@@ -54,10 +64,20 @@ pub struct LstmCell {
 }
 
 impl LstmCell {
-    fn new(input: usize, hidden: usize, dtype: DType, rng: &mut Rng, device: &Device) -> Result<Self> {
+    fn new(
+        input: usize,
+        hidden: usize,
+        dtype: DType,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
         let bound = 1.0 / (hidden as f64).sqrt();
         let mut v = |rows: usize, cols: usize| -> Result<Var> {
-            let shape: Vec<usize> = if cols == 0 { vec![rows] } else { vec![rows, cols] };
+            let shape: Vec<usize> = if cols == 0 {
+                vec![rows]
+            } else {
+                vec![rows, cols]
+            };
             let n = rows * cols.max(1);
             let t = Tensor::from_vec(rng.uniform(n, -bound, bound), shape, device)?;
             Ok(Var::from_tensor(&t.to_dtype(dtype)?)?)
@@ -82,7 +102,11 @@ impl LstmCell {
             .broadcast_add(self.b_ih.as_tensor())?
             .broadcast_add(self.b_hh.as_tensor())?;
         let mut outs = vec![None; steps];
-        let order: Vec<usize> = if reverse { (0..steps).rev().collect() } else { (0..steps).collect() };
+        let order: Vec<usize> = if reverse {
+            (0..steps).rev().collect()
+        } else {
+            (0..steps).collect()
+        };
         for t in order {
             let gates = (pre.narrow(0, t, 1)? + h.matmul(&self.w_hh.as_tensor().t()?)?)?;
             let i = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hidden)?)?;
@@ -93,7 +117,10 @@ impl LstmCell {
             h = (o * c.tanh()?)?;
             outs[t] = Some(h.clone());
         }
-        let outs: Vec<Tensor> = outs.into_iter().map(|o| o.expect("every step ran")).collect();
+        let outs: Vec<Tensor> = outs
+            .into_iter()
+            .map(|o| o.expect("every step ran"))
+            .collect();
         Ok(Tensor::cat(&outs, 0)?)
     }
 }
@@ -111,7 +138,13 @@ pub enum PromptEncoder {
 }
 
 impl PromptEncoder {
-    pub fn mlp(dim: usize, hidden: usize, dtype: DType, rng: &mut Rng, device: &Device) -> Result<Self> {
+    pub fn mlp(
+        dim: usize,
+        hidden: usize,
+        dtype: DType,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
         Ok(PromptEncoder::Mlp([
             TrainableLinear::new(dim, hidden, dtype, rng, device)?,
             TrainableLinear::new(hidden, hidden, dtype, rng, device)?,
@@ -175,7 +208,10 @@ impl PromptEncoder {
                             ("bias_ih", &cell.b_ih),
                             ("bias_hh", &cell.b_hh),
                         ] {
-                            v.push((format!("{prefix}.lstm_head.{name}_l{l}{suffix}"), var.clone()));
+                            v.push((
+                                format!("{prefix}.lstm_head.{name}_l{l}{suffix}"),
+                                var.clone(),
+                            ));
                         }
                     }
                 }
@@ -224,7 +260,10 @@ impl PromptLearning {
                 Some(enc) => enc.forward(embedding.as_tensor()),
                 None => Ok(embedding.as_tensor().clone()),
             },
-            PromptLearning::Prefix { embedding, projection } => match projection {
+            PromptLearning::Prefix {
+                embedding,
+                projection,
+            } => match projection {
                 Some([a, b]) => b.forward(&a.forward(embedding.as_tensor())?.tanh()?),
                 None => Ok(embedding.as_tensor().clone()),
             },
@@ -235,7 +274,9 @@ impl PromptLearning {
     pub fn named_vars(&self, adapter: &str) -> Vec<(String, Var)> {
         let p = format!("prompt_encoder.{adapter}");
         match self {
-            PromptLearning::Prompt { embeddings } => vec![(format!("{p}.embedding.weight"), embeddings.clone())],
+            PromptLearning::Prompt { embeddings } => {
+                vec![(format!("{p}.embedding.weight"), embeddings.clone())]
+            }
             PromptLearning::Encoded { embedding, encoder } => {
                 let mut v = vec![(format!("{p}.embedding.weight"), embedding.clone())];
                 if let Some(enc) = encoder {
@@ -243,7 +284,10 @@ impl PromptLearning {
                 }
                 v
             }
-            PromptLearning::Prefix { embedding, projection } => {
+            PromptLearning::Prefix {
+                embedding,
+                projection,
+            } => {
                 let mut v = vec![(format!("{p}.embedding.weight"), embedding.clone())];
                 if let Some([a, b]) = projection {
                     v.extend(a.named(&format!("{p}.transform.0")));
@@ -260,8 +304,14 @@ impl PromptLearning {
         let var = Var::from_tensor(&t.to_dtype(super::param_dtype(t.dtype()))?)?;
         *self = match self {
             PromptLearning::Prompt { .. } => PromptLearning::Prompt { embeddings: var },
-            PromptLearning::Encoded { .. } => PromptLearning::Encoded { embedding: var, encoder: None },
-            PromptLearning::Prefix { .. } => PromptLearning::Prefix { embedding: var, projection: None },
+            PromptLearning::Encoded { .. } => PromptLearning::Encoded {
+                embedding: var,
+                encoder: None,
+            },
+            PromptLearning::Prefix { .. } => PromptLearning::Prefix {
+                embedding: var,
+                projection: None,
+            },
         };
         Ok(())
     }
@@ -285,7 +335,11 @@ impl PromptLearning {
         let mut prefix = Vec::with_capacity(layers);
         for l in 0..layers {
             let pick = |i: usize| -> Result<Tensor> {
-                let t = table.narrow(1, i, 1)?.squeeze(1)?.transpose(0, 1)?.unsqueeze(0)?;
+                let t = table
+                    .narrow(1, i, 1)?
+                    .squeeze(1)?
+                    .transpose(0, 1)?
+                    .unsqueeze(0)?;
                 Ok(t.broadcast_as((batch, kvh, n, d))?.contiguous()?)
             };
             prefix.push((pick(2 * l)?, pick(2 * l + 1)?));

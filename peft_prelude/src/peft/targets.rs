@@ -77,7 +77,12 @@ pub fn select(
     if selected.is_empty() {
         return Err(Error::Config(format!(
             "target_modules {targets:?} matches none of the model's modules (e.g. {})",
-            candidates.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+            candidates
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     Ok(selected)
@@ -85,7 +90,10 @@ pub fn select(
 
 /// PEFT's rank_pattern / alpha_pattern lookup: the first pattern (in key order) that matches
 /// the end of the path at a module boundary.
-pub fn pattern_value<T: Copy>(patterns: &std::collections::BTreeMap<String, T>, path: &str) -> Result<Option<T>> {
+pub fn pattern_value<T: Copy>(
+    patterns: &std::collections::BTreeMap<String, T>,
+    path: &str,
+) -> Result<Option<T>> {
     for (pattern, value) in patterns {
         let re = Regex::new(&format!("^(?:.*\\.)?(?:{pattern})$"))
             .map_err(|e| Error::Config(format!("pattern `{pattern}`: {e}")))?;
@@ -121,7 +129,14 @@ mod tests {
     #[test]
     fn names_regex_all_linear_exclude_and_layers() {
         let p = paths();
-        let s = select(&p, &TargetModules::names(&["q_proj", "v_proj"]), None, None, &no_suggest).unwrap();
+        let s = select(
+            &p,
+            &TargetModules::names(&["q_proj", "v_proj"]),
+            None,
+            None,
+            &no_suggest,
+        )
+        .unwrap();
         assert_eq!(s.len(), 6);
         let s = select(&p, &TargetModules::all_linear(), None, None, &no_suggest).unwrap();
         assert_eq!(s.len(), 21);
@@ -141,7 +156,14 @@ mod tests {
                 "model.layers.2.self_attn.k_proj"
             ]
         );
-        let err = select(&p, &TargetModules::names(&["qkv_proj"]), None, None, &no_suggest).unwrap_err();
+        let err = select(
+            &p,
+            &TargetModules::names(&["qkv_proj"]),
+            None,
+            None,
+            &no_suggest,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("qkv_proj"));
     }
 
@@ -150,9 +172,21 @@ mod tests {
         let mut m = std::collections::BTreeMap::new();
         m.insert("q_proj".to_string(), 16usize);
         m.insert(r"layers\.2\.mlp\.down_proj".to_string(), 2);
-        assert_eq!(pattern_value(&m, "model.layers.0.self_attn.q_proj").unwrap(), Some(16));
-        assert_eq!(pattern_value(&m, "model.layers.2.mlp.down_proj").unwrap(), Some(2));
-        assert_eq!(pattern_value(&m, "model.layers.1.mlp.down_proj").unwrap(), None);
-        assert_eq!(pattern_value(&m, "model.layers.0.self_attn.xq_proj").unwrap(), None);
+        assert_eq!(
+            pattern_value(&m, "model.layers.0.self_attn.q_proj").unwrap(),
+            Some(16)
+        );
+        assert_eq!(
+            pattern_value(&m, "model.layers.2.mlp.down_proj").unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            pattern_value(&m, "model.layers.1.mlp.down_proj").unwrap(),
+            None
+        );
+        assert_eq!(
+            pattern_value(&m, "model.layers.0.self_attn.xq_proj").unwrap(),
+            None
+        );
     }
 }

@@ -105,22 +105,34 @@ impl TrainingArgs {
     pub fn validated(self) -> Result<Self> {
         let bad = |m: String| Err(Error::Config(format!("training: {m}")));
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return bad("per_device_train_batch_size and gradient_accumulation_steps must be positive".into());
+            return bad(
+                "per_device_train_batch_size and gradient_accumulation_steps must be positive"
+                    .into(),
+            );
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return bad(format!("learning_rate must be positive, got {}", self.learning_rate));
+            return bad(format!(
+                "learning_rate must be positive, got {}",
+                self.learning_rate
+            ));
         }
         if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
             return bad("set max_steps or num_train_epochs".into());
         }
         if !matches!(self.optim.as_str(), "adamw" | "adamw_torch" | "adamw_8bit") {
-            return bad(format!("optim `{}` (supported: adamw_torch, adamw_8bit)", self.optim));
+            return bad(format!(
+                "optim `{}` (supported: adamw_torch, adamw_8bit)",
+                self.optim
+            ));
         }
         if self.max_seq_length < 2 {
             return bad("max_seq_length must be at least 2".into());
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
-            return bad(format!("warmup_ratio must be in [0, 1), got {}", self.warmup_ratio));
+            return bad(format!(
+                "warmup_ratio must be in [0, 1), got {}",
+                self.warmup_ratio
+            ));
         }
         Ok(self)
     }
@@ -129,7 +141,9 @@ impl TrainingArgs {
         self.run_name.clone().unwrap_or_else(|| {
             format!(
                 "lr={:e} bs={}x{}",
-                self.learning_rate, self.per_device_train_batch_size, self.gradient_accumulation_steps
+                self.learning_rate,
+                self.per_device_train_batch_size,
+                self.gradient_accumulation_steps
             )
         })
     }

@@ -98,12 +98,15 @@ pub fn dpo_loss(l: &PairLogps<'_>, config: &DpoConfig) -> Result<(Tensor, DpoMet
                 let v: Vec<f32> = c.iter().map(|&n| n.max(1) as f32).collect();
                 Ok(Tensor::from_vec(v, c.len(), dev)?.to_dtype(delta.dtype())?)
             };
-            let avg = ((&chosen_ratio / counts(l.chosen_tokens)?)? - (&rejected_ratio / counts(l.rejected_tokens)?)?)?;
+            let avg = ((&chosen_ratio / counts(l.chosen_tokens)?)?
+                - (&rejected_ratio / counts(l.rejected_tokens)?)?)?;
             (avg - 1.0 / (2.0 * beta))?.sqr()?
         }
         DpoLossType::Robust => {
             if !(0.0..0.5).contains(&eps) {
-                return Err(Error::Config(format!("robust DPO needs label_smoothing in [0, 0.5), got {eps}")));
+                return Err(Error::Config(format!(
+                    "robust DPO needs label_smoothing in [0, 0.5), got {eps}"
+                )));
             }
             let bd = (&delta * beta)?;
             let a = (log_sigmoid(&bd)? * -(1.0 - eps))?;
@@ -112,7 +115,8 @@ pub fn dpo_loss(l: &PairLogps<'_>, config: &DpoConfig) -> Result<(Tensor, DpoMet
         }
     };
     let loss = losses.mean_all()?;
-    let host = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+    let host =
+        |t: &Tensor| -> Result<Vec<f64>> { Ok(t.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?) };
     let rc: Vec<f64> = host(&chosen_ratio)?.iter().map(|x| beta * x).collect();
     let rr: Vec<f64> = host(&rejected_ratio)?.iter().map(|x| beta * x).collect();
     let n = rc.len().max(1) as f64;
@@ -142,11 +146,35 @@ pub fn sequence_logps(logits: &Tensor, ids: &[Vec<u32>], completion: &[Vec<u8>])
             weight.push(completion[r][j + 1] as f32);
         }
     }
-    let lp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?.reshape((b * (t - 1), v))?, D::Minus1)?;
-    let picked = lp.gather(&Tensor::from_vec(index, (b * (t - 1), 1), dev)?, 1)?.squeeze(1)?;
+    let lp = candle_nn::ops::log_softmax(
+        &logits
+            .narrow(1, 0, t - 1)?
+            .to_dtype(DType::F32)?
+            .reshape((b * (t - 1), v))?,
+        D::Minus1,
+    )?;
+    let picked = lp
+        .gather(&Tensor::from_vec(index, (b * (t - 1), 1), dev)?, 1)?
+        .squeeze(1)?;
     let w = Tensor::from_vec(weight, b * (t - 1), dev)?;
-    Ok(peft_kernels::frozen::mul_const(&picked, &w)?.reshape((b, t - 1))?.sum(1)?)
+    Ok(peft_kernels::frozen::mul_const(&picked, &w)?
+        .reshape((b, t - 1))?
+        .sum(1)?)
 }
+
+/// `[chosen; rejected]` ids and attention mask as tensors, the same ids and completion masks
+/// on the host, and the completion token count of each row.
+type ConcatBatch = (Tensor, Tensor, Vec<Vec<u32>>, Vec<Vec<u8>>, Vec<usize>);
+
+/// Summed policy log-probs per row, with the batch they came from.
+type BatchLogps = (
+    Tensor,
+    Vec<usize>,
+    Tensor,
+    Tensor,
+    Vec<Vec<u32>>,
+    Vec<Vec<u8>>,
+);
 
 /// One tokenized preference pair.
 #[derive(Debug, Clone)]
@@ -174,18 +202,31 @@ pub struct DpoTrainer {
 impl DpoTrainer {
     /// `dataset` rows: `prompt`, `chosen`, `rejected` (strings). EOS is appended to both
     /// completions, as TRL does.
-    pub fn new(model: PeftModel, tokenizer: Tokenizer, dataset: &Dataset, args: TrainingArgs, config: DpoConfig) -> Result<Self> {
+    pub fn new(
+        model: PeftModel,
+        tokenizer: Tokenizer,
+        dataset: &Dataset,
+        args: TrainingArgs,
+        config: DpoConfig,
+    ) -> Result<Self> {
         let args = args.validated()?;
         if dataset.is_empty() {
-            return Err(Error::InvalidArgument("the preference dataset is empty".into()));
+            return Err(Error::InvalidArgument(
+                "the preference dataset is empty".into(),
+            ));
         }
-        if !(config.beta > 0.0) {
-            return Err(Error::Config(format!("beta must be positive, got {}", config.beta)));
+        if config.beta.is_nan() || config.beta <= 0.0 {
+            return Err(Error::Config(format!(
+                "beta must be positive, got {}",
+                config.beta
+            )));
         }
         let eos = tokenizer.eos_token_id();
         let mut pairs = vec![];
         for (i, row) in dataset.rows().iter().enumerate() {
-            let field = |k: &str| field_str(row, k).map_err(|e| Error::InvalidArgument(format!("row {i}: {e}")));
+            let field = |k: &str| {
+                field_str(row, k).map_err(|e| Error::InvalidArgument(format!("row {i}: {e}")))
+            };
             let prompt = tokenizer.encode(field("prompt")?, true)?;
             let completion = |k: &str| -> Result<Vec<u32>> {
                 let mut ids = tokenizer.encode(field(k)?, false)?;
@@ -193,13 +234,23 @@ impl DpoTrainer {
                 Ok(ids)
             };
             let (chosen, rejected) = (completion("chosen")?, completion("rejected")?);
-            let keep = config.max_length.saturating_sub(chosen.len().max(rejected.len())).max(1);
+            let keep = config
+                .max_length
+                .saturating_sub(chosen.len().max(rejected.len()))
+                .max(1);
             let prompt = prompt[prompt.len().saturating_sub(keep)..].to_vec();
-            pairs.push(Pair { prompt, chosen, rejected, reference: None });
+            pairs.push(Pair {
+                prompt,
+                chosen,
+                rejected,
+                reference: None,
+            });
         }
         let params = model.trainable_vars();
         if params.is_empty() {
-            return Err(Error::InvalidArgument("the model has no trainable parameters: add an adapter first".into()));
+            return Err(Error::InvalidArgument(
+                "the model has no trainable parameters: add an adapter first".into(),
+            ));
         }
         let optimizer = Optimizer::new(
             &args.optim,
@@ -212,12 +263,39 @@ impl DpoTrainer {
                 weight_decay: args.weight_decay,
             },
         )?;
-        let per_epoch = pairs.len().div_ceil(args.per_device_train_batch_size).div_ceil(args.gradient_accumulation_steps);
-        let total = if args.max_steps > 0 { args.max_steps as usize } else { (per_epoch as f64 * args.num_train_epochs).ceil() as usize };
-        let warmup = if args.warmup_steps > 0 { args.warmup_steps } else { (args.warmup_ratio * total as f64).ceil() as usize };
-        let schedule = Schedule { kind: args.lr_scheduler_type, base_lr: args.learning_rate, warmup_steps: warmup, total_steps: total };
+        let per_epoch = pairs
+            .len()
+            .div_ceil(args.per_device_train_batch_size)
+            .div_ceil(args.gradient_accumulation_steps);
+        let total = if args.max_steps > 0 {
+            args.max_steps as usize
+        } else {
+            (per_epoch as f64 * args.num_train_epochs).ceil() as usize
+        };
+        let warmup = if args.warmup_steps > 0 {
+            args.warmup_steps
+        } else {
+            (args.warmup_ratio * total as f64).ceil() as usize
+        };
+        let schedule = Schedule {
+            kind: args.lr_scheduler_type,
+            base_lr: args.learning_rate,
+            warmup_steps: warmup,
+            total_steps: total,
+        };
         let pad_id = tokenizer.eos_token_id().unwrap_or(0);
-        let mut trainer = DpoTrainer { model, tokenizer, args, config, pairs, optimizer, schedule, global_step: 0, log: vec![], pad_id };
+        let mut trainer = DpoTrainer {
+            model,
+            tokenizer,
+            args,
+            config,
+            pairs,
+            optimizer,
+            schedule,
+            global_step: 0,
+            log: vec![],
+            pad_id,
+        };
         if trainer.config.precompute_ref_log_probs {
             trainer.precompute_reference()?;
         }
@@ -242,30 +320,46 @@ impl DpoTrainer {
     }
 
     pub fn history(&self) -> RunHistory {
-        RunHistory { name: self.args.run_name(), entries: self.log.iter().map(|(e, _)| e.clone()).collect() }
+        RunHistory {
+            name: self.args.run_name(),
+            entries: self.log.iter().map(|(e, _)| e.clone()).collect(),
+        }
     }
 
     /// `[chosen rows; rejected rows]` padded, with completion masks (TRL's concatenated batch).
-    fn batch(&self, pairs: &[&Pair], device: &Device) -> Result<(Tensor, Tensor, Vec<Vec<u32>>, Vec<Vec<u8>>, Vec<usize>)> {
+    fn batch(&self, pairs: &[&Pair], device: &Device) -> Result<ConcatBatch> {
         let mut rows: Vec<(Vec<u32>, Vec<u8>)> = vec![];
         for which in 0..2 {
             for p in pairs {
                 let completion = if which == 0 { &p.chosen } else { &p.rejected };
                 let ids: Vec<u32> = p.prompt.iter().chain(completion).copied().collect();
-                let mask = std::iter::repeat_n(0u8, p.prompt.len()).chain(std::iter::repeat_n(1, completion.len())).collect();
+                let mask = std::iter::repeat_n(0u8, p.prompt.len())
+                    .chain(std::iter::repeat_n(1, completion.len()))
+                    .collect();
                 rows.push((ids, mask));
             }
         }
         let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
-        let counts = rows.iter().map(|r| r.1.iter().map(|&m| m as usize).sum()).collect();
+        let counts = rows
+            .iter()
+            .map(|r| r.1.iter().map(|&m| m as usize).sum())
+            .collect();
         let mut ids = vec![];
         let mut completion = vec![];
         let mut attn = vec![];
         for (r, m) in rows {
             let pad = t - r.len();
             attn.extend(std::iter::repeat_n(1u32, r.len()).chain(std::iter::repeat_n(0, pad)));
-            ids.push(r.into_iter().chain(std::iter::repeat_n(self.pad_id, pad)).collect::<Vec<_>>());
-            completion.push(m.into_iter().chain(std::iter::repeat_n(0, pad)).collect::<Vec<_>>());
+            ids.push(
+                r.into_iter()
+                    .chain(std::iter::repeat_n(self.pad_id, pad))
+                    .collect::<Vec<_>>(),
+            );
+            completion.push(
+                m.into_iter()
+                    .chain(std::iter::repeat_n(0, pad))
+                    .collect::<Vec<_>>(),
+            );
         }
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let b = ids.len();
@@ -278,10 +372,19 @@ impl DpoTrainer {
         ))
     }
 
-    fn logps(&self, pairs: &[&Pair], device: &Device) -> Result<(Tensor, Vec<usize>, Tensor, Tensor, Vec<Vec<u32>>, Vec<Vec<u8>>)> {
+    fn logps(&self, pairs: &[&Pair], device: &Device) -> Result<BatchLogps> {
         let (ids_t, attn, ids, completion, counts) = self.batch(pairs, device)?;
-        let logits = self.model.forward_for_loss(&ids_t, Some(&attn), None, None)?;
-        Ok((sequence_logps(&logits, &ids, &completion)?, counts, ids_t, attn, ids, completion))
+        let logits = self
+            .model
+            .forward_for_loss(&ids_t, Some(&attn), None, None)?;
+        Ok((
+            sequence_logps(&logits, &ids, &completion)?,
+            counts,
+            ids_t,
+            attn,
+            ids,
+            completion,
+        ))
     }
 
     fn precompute_reference(&mut self) -> Result<()> {
@@ -290,7 +393,11 @@ impl DpoTrainer {
         let mut refs = vec![];
         for chunk in self.pairs.chunks(bs) {
             let pairs: Vec<&Pair> = chunk.iter().collect();
-            let lp = self.model.with_adapters_disabled(|_| self.logps(&pairs, &device))?.0.detach();
+            let lp = self
+                .model
+                .with_adapters_disabled(|_| self.logps(&pairs, &device))?
+                .0
+                .detach();
             let v = lp.to_vec1::<f32>()?;
             let n = chunk.len();
             refs.extend((0..n).map(|i| (v[i], v[n + i])));
@@ -317,28 +424,48 @@ impl DpoTrainer {
                 break;
             }
             let started = Instant::now();
-            let params: Vec<Var> = self.optimizer.params().iter().map(|(_, v)| v.clone()).collect();
+            let params: Vec<Var> = self
+                .optimizer
+                .params()
+                .iter()
+                .map(|(_, v)| v.clone())
+                .collect();
             let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
             let mut sums = DpoMetrics::default();
             let mut tokens = 0;
             for k in 0..accum {
                 let index = self.global_step * accum + k;
                 let mut order: Vec<usize> = (0..n).collect();
-                shuffle_in_place(&mut order, self.args.seed.wrapping_add((index / per_epoch) as u64));
+                shuffle_in_place(
+                    &mut order,
+                    self.args.seed.wrapping_add((index / per_epoch) as u64),
+                );
                 let within = index % per_epoch;
-                let pairs: Vec<&Pair> = order[within * bs..((within + 1) * bs).min(n)].iter().map(|&i| &self.pairs[i]).collect();
+                let pairs: Vec<&Pair> = order[within * bs..((within + 1) * bs).min(n)]
+                    .iter()
+                    .map(|&i| &self.pairs[i])
+                    .collect();
                 let m = pairs.len();
                 let (policy, counts, ids_t, attn, ids, completion) = self.logps(&pairs, &device)?;
                 tokens += ids.iter().map(Vec::len).sum::<usize>();
-                let reference = match pairs.iter().map(|p| p.reference).collect::<Option<Vec<_>>>() {
+                let reference = match pairs
+                    .iter()
+                    .map(|p| p.reference)
+                    .collect::<Option<Vec<_>>>()
+                {
                     Some(r) => {
-                        let v: Vec<f32> = r.iter().map(|x| x.0).chain(r.iter().map(|x| x.1)).collect();
+                        let v: Vec<f32> =
+                            r.iter().map(|x| x.0).chain(r.iter().map(|x| x.1)).collect();
                         Tensor::from_vec(v, 2 * m, &device)?
                     }
-                    None => self.model.with_adapters_disabled(|model| -> Result<Tensor> {
-                        let logits = model.forward_for_loss(&ids_t, Some(&attn), None, None)?.detach();
-                        sequence_logps(&logits, &ids, &completion)
-                    })?,
+                    None => self
+                        .model
+                        .with_adapters_disabled(|model| -> Result<Tensor> {
+                            let logits = model
+                                .forward_for_loss(&ids_t, Some(&attn), None, None)?
+                                .detach();
+                            sequence_logps(&logits, &ids, &completion)
+                        })?,
                 };
                 let logps = PairLogps {
                     policy_chosen: &policy.narrow(0, 0, m)?,
@@ -362,7 +489,11 @@ impl DpoTrainer {
             }
             if !sums.loss.is_finite() {
                 self.model.eval();
-                return Err(Error::InvalidArgument(format!("the DPO loss is {} at step {}", sums.loss, self.global_step + 1)));
+                return Err(Error::InvalidArgument(format!(
+                    "the DPO loss is {} at step {}",
+                    sums.loss,
+                    self.global_step + 1
+                )));
             }
             let grad_norm = clip_grad_norm(&mut grads, self.args.max_grad_norm)?;
             let lr = self.schedule.lr(self.global_step);
@@ -380,8 +511,18 @@ impl DpoTrainer {
             };
             plot.push("loss", entry.step as f64, sums.loss);
             plot.push("rewards/margins", entry.step as f64, sums.rewards_margins);
-            progress.set_position(entry.step as u64, &[("loss", sums.loss), ("acc", sums.rewards_accuracies), ("margin", sums.rewards_margins)]);
-            if !notebook::in_kernel() && self.args.logging_steps > 0 && entry.step % self.args.logging_steps == 0 {
+            progress.set_position(
+                entry.step as u64,
+                &[
+                    ("loss", sums.loss),
+                    ("acc", sums.rewards_accuracies),
+                    ("margin", sums.rewards_margins),
+                ],
+            );
+            if !notebook::in_kernel()
+                && self.args.logging_steps > 0
+                && entry.step.is_multiple_of(self.args.logging_steps)
+            {
                 println!(
                     "{{'loss': {:.4}, 'rewards/chosen': {:.4}, 'rewards/rejected': {:.4}, 'rewards/accuracies': {:.2}, 'rewards/margins': {:.4}, 'logps/chosen': {:.3}, 'logps/rejected': {:.3}}}",
                     sums.loss, sums.rewards_chosen, sums.rewards_rejected, sums.rewards_accuracies, sums.rewards_margins, sums.logps_chosen, sums.logps_rejected

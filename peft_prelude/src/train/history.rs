@@ -40,7 +40,8 @@ impl RunHistory {
         let dir = output_dir.join("runs");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let file = dir.join(format!("{}.json", sanitize(&self.name)));
-        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         crate::peft::io::write_atomic(&file, &json)
     }
 
@@ -56,7 +57,10 @@ impl RunHistory {
             .map(|e| (e.metadata().and_then(|m| m.modified()).ok(), e.path()))
             .collect();
         files.sort();
-        files.into_iter().map(|(_, p)| crate::error::read_json(&p)).collect()
+        files
+            .into_iter()
+            .map(|(_, p)| crate::error::read_json(&p))
+            .collect()
     }
 }
 
@@ -73,6 +77,12 @@ pub fn plot_runs(runs: &[RunHistory]) -> LinePlot {
 
 fn sanitize(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.=".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.=".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }

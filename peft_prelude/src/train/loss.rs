@@ -22,11 +22,24 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize
         )));
     }
     if t < 2 {
-        return Err(Error::InvalidArgument("a causal-LM loss needs at least 2 positions".into()));
+        return Err(Error::InvalidArgument(
+            "a causal-LM loss needs at least 2 positions".into(),
+        ));
     }
-    let dtype = if logits.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-    let shifted = logits.narrow(1, 0, t - 1)?.to_dtype(dtype)?.reshape((b * (t - 1), v))?;
-    let targets: Vec<i64> = labels.narrow(1, 1, t - 1)?.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+    let dtype = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let shifted = logits
+        .narrow(1, 0, t - 1)?
+        .to_dtype(dtype)?
+        .reshape((b * (t - 1), v))?;
+    let targets: Vec<i64> = labels
+        .narrow(1, 1, t - 1)?
+        .to_dtype(DType::I64)?
+        .flatten_all()?
+        .to_vec1()?;
     let mut index = Vec::with_capacity(targets.len());
     let mut weight = Vec::with_capacity(targets.len());
     let mut count = 0usize;
@@ -35,7 +48,9 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize
             index.push(0u32);
             weight.push(0f64);
         } else if y < 0 || y as usize >= v {
-            return Err(Error::InvalidArgument(format!("label {y} is outside the vocabulary ({v})")));
+            return Err(Error::InvalidArgument(format!(
+                "label {y} is outside the vocabulary ({v})"
+            )));
         } else {
             index.push(y as u32);
             weight.push(1.0);
@@ -43,7 +58,9 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize
         }
     }
     if count == 0 {
-        return Err(Error::InvalidArgument("every label is ignored (-100): nothing to learn from".into()));
+        return Err(Error::InvalidArgument(
+            "every label is ignored (-100): nothing to learn from".into(),
+        ));
     }
     let device = logits.device();
     let index = Tensor::from_vec(index, (b * (t - 1), 1), device)?;

@@ -48,7 +48,9 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
         if params.is_empty() {
-            return Err(Error::InvalidArgument("AdamW needs at least one trainable parameter".into()));
+            return Err(Error::InvalidArgument(
+                "AdamW needs at least one trainable parameter".into(),
+            ));
         }
         let state = params
             .iter()
@@ -59,7 +61,12 @@ impl AdamW {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(AdamW { config, params, state, step: 0 })
+        Ok(AdamW {
+            config,
+            params,
+            state,
+            step: 0,
+        })
     }
 
     pub fn params(&self) -> &[(String, Var)] {
@@ -97,13 +104,25 @@ impl AdamW {
     pub fn step(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         self.step += 1;
         let c = self.config;
-        let s = AdamWStep::new(c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, self.step as i32);
-        for ((_, var), (moments, grad)) in self.params.iter().zip(self.state.iter_mut().zip(grads)) {
+        let s = AdamWStep::new(
+            c.lr,
+            c.beta1,
+            c.beta2,
+            c.eps,
+            c.weight_decay,
+            self.step as i32,
+        );
+        for ((_, var), (moments, grad)) in self.params.iter().zip(self.state.iter_mut().zip(grads))
+        {
             let Some(grad) = grad else { continue };
             if var.device().is_cpu() {
                 // One fused pass, bit-exact with torch.
                 let shape = var.shape().clone();
-                let mut p = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut p = var
+                    .as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut m = moments.exp_avg.flatten_all()?.to_vec1::<f32>()?;
                 let mut v = moments.exp_avg_sq.flatten_all()?.to_vec1::<f32>()?;
@@ -116,8 +135,10 @@ impl AdamW {
                 // The same formula as tensor ops (without fused multiply-adds).
                 let g = grad.to_dtype(DType::F32)?;
                 let p = (var.as_tensor().to_dtype(DType::F32)? * s.decay as f64)?;
-                let m = (&moments.exp_avg + ((&g - &moments.exp_avg)? * s.one_minus_beta1 as f64)?)?;
-                let v = ((&moments.exp_avg_sq * s.beta2 as f64)? + ((&g * s.one_minus_beta2 as f64)? * &g)?)?;
+                let m =
+                    (&moments.exp_avg + ((&g - &moments.exp_avg)? * s.one_minus_beta1 as f64)?)?;
+                let v = ((&moments.exp_avg_sq * s.beta2 as f64)?
+                    + ((&g * s.one_minus_beta2 as f64)? * &g)?)?;
                 let bc2 = Tensor::new(s.bias_correction2_sqrt, v.device())?;
                 let denom = (v.sqrt()?.broadcast_div(&bc2)? + s.eps as f64)?;
                 let p = (p + ((&m * -(s.step_size as f64))? / &denom)?)?;
@@ -135,7 +156,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter().flatten() {
-        total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        total += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     let norm = total.sqrt();
     if max_norm > 0.0 && norm.is_finite() {
@@ -196,15 +221,27 @@ impl Quantized8 {
                 let absmax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                 scales.push(absmax);
                 let inv = if absmax > 0.0 { 127.0 / absmax } else { 0.0 };
-                codes.extend(block.iter().map(|v| ((v * inv).round() + 128.0).clamp(1.0, 255.0) as u8));
+                codes.extend(
+                    block
+                        .iter()
+                        .map(|v| ((v * inv).round() + 128.0).clamp(1.0, 255.0) as u8),
+                );
             } else {
                 let max = block.iter().fold(0f32, |m, v| m.max(v.max(0.0).sqrt()));
                 scales.push(max);
                 let inv = if max > 0.0 { 255.0 / max } else { 0.0 };
-                codes.extend(block.iter().map(|v| (v.max(0.0).sqrt() * inv).round().clamp(0.0, 255.0) as u8));
+                codes.extend(
+                    block
+                        .iter()
+                        .map(|v| (v.max(0.0).sqrt() * inv).round().clamp(0.0, 255.0) as u8),
+                );
             }
         }
-        Quantized8 { codes, scales, signed }
+        Quantized8 {
+            codes,
+            scales,
+            signed,
+        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -225,23 +262,47 @@ pub struct AdamW8bit {
 impl AdamW8bit {
     pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
         if params.is_empty() {
-            return Err(Error::InvalidArgument("AdamW needs at least one trainable parameter".into()));
+            return Err(Error::InvalidArgument(
+                "AdamW needs at least one trainable parameter".into(),
+            ));
         }
         let state = params
             .iter()
-            .map(|(_, v)| (Quantized8::zeros(v.elem_count(), true), Quantized8::zeros(v.elem_count(), false)))
+            .map(|(_, v)| {
+                (
+                    Quantized8::zeros(v.elem_count(), true),
+                    Quantized8::zeros(v.elem_count(), false),
+                )
+            })
             .collect();
-        Ok(AdamW8bit { config, params, state, step: 0 })
+        Ok(AdamW8bit {
+            config,
+            params,
+            state,
+            step: 0,
+        })
     }
 
     pub fn step(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         self.step += 1;
         let c = self.config;
-        let s = AdamWStep::new(c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, self.step as i32);
-        for ((_, var), ((mq, vq), grad)) in self.params.iter().zip(self.state.iter_mut().zip(grads)) {
+        let s = AdamWStep::new(
+            c.lr,
+            c.beta1,
+            c.beta2,
+            c.eps,
+            c.weight_decay,
+            self.step as i32,
+        );
+        for ((_, var), ((mq, vq), grad)) in self.params.iter().zip(self.state.iter_mut().zip(grads))
+        {
             let Some(grad) = grad else { continue };
             let shape = var.shape().clone();
-            let mut p = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut p = var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let mut m = mq.decode();
             let mut v = vq.decode();
@@ -274,7 +335,9 @@ impl AdamW8bit {
 
     pub fn restore(&mut self, state: Vec<Moments>, step: usize) -> Result<()> {
         if state.len() != self.params.len() {
-            return Err(Error::InvalidArgument("optimizer state does not match the parameters".into()));
+            return Err(Error::InvalidArgument(
+                "optimizer state does not match the parameters".into(),
+            ));
         }
         self.state = state
             .iter()
@@ -359,7 +422,11 @@ mod tests {
         let init = Tensor::randn(0f32, 1., 1000, &dev).unwrap();
         let a = Var::from_tensor(&init).unwrap();
         let b = Var::from_tensor(&init).unwrap();
-        let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() };
+        let cfg = AdamWConfig {
+            lr: 1e-2,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
         let mut full = AdamW::new(vec![("p".into(), a.clone())], cfg).unwrap();
         let mut q = AdamW8bit::new(vec![("p".into(), b.clone())], cfg).unwrap();
         for _ in 0..20 {
@@ -367,9 +434,26 @@ mod tests {
             full.step(&[Some(g.clone())]).unwrap();
             q.step(&[Some(g)]).unwrap();
         }
-        let moved = (a.as_tensor() - &init).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
-        let diff = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 0.05 * moved, "8-bit drifts by {diff} vs movement {moved}");
+        let moved = (a.as_tensor() - &init)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (a.as_tensor() - b.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 0.05 * moved,
+            "8-bit drifts by {diff} vs movement {moved}"
+        );
         assert!(q.state_bytes() < 1000 * 3, "{} bytes", q.state_bytes());
     }
 }

@@ -46,7 +46,11 @@ impl Schedule {
     }
 
     fn factor(&self, step: usize) -> f64 {
-        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (s, w, t) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         let warming = step < self.warmup_steps;
         match self.kind {
             SchedulerType::Constant => 1.0,

@@ -77,7 +77,12 @@ pub struct SftTrainer {
 impl SftTrainer {
     /// Tokenizes `dataset` (rows with `prompt`/`completion`, `messages`, or
     /// `args.dataset_text_field`) and prepares the optimizer for the model's active adapter.
-    pub fn new(model: PeftModel, tokenizer: Tokenizer, dataset: &Dataset, args: TrainingArgs) -> Result<Self> {
+    pub fn new(
+        model: PeftModel,
+        tokenizer: Tokenizer,
+        dataset: &Dataset,
+        args: TrainingArgs,
+    ) -> Result<Self> {
         let args = args.validated()?;
         check_writable(&args.output_dir)?;
         let options = TokenizeOptions {
@@ -98,7 +103,9 @@ impl SftTrainer {
         };
         let params = model.trainable_vars();
         if params.is_empty() {
-            return Err(Error::InvalidArgument("the model has no trainable parameters: add an adapter first".into()));
+            return Err(Error::InvalidArgument(
+                "the model has no trainable parameters: add an adapter first".into(),
+            ));
         }
         let optimizer = Optimizer::new(
             &args.optim,
@@ -212,7 +219,9 @@ impl SftTrainer {
     }
 
     fn micro_batches_per_epoch(&self) -> usize {
-        self.train.len().div_ceil(self.args.per_device_train_batch_size)
+        self.train
+            .len()
+            .div_ceil(self.args.per_device_train_batch_size)
     }
 
     /// Trains until `max_steps` / `num_train_epochs` are done, or until the notebook's
@@ -230,7 +239,8 @@ impl SftTrainer {
         let first_step = self.state.global_step;
         let total = self.schedule.total_steps;
         let stop_at = total.min(first_step.saturating_add(steps));
-        let mut progress = ProgressBar::new(total as u64, &format!("training {}", self.args.run_name()));
+        let mut progress =
+            ProgressBar::new(total as u64, &format!("training {}", self.args.run_name()));
         progress.set_position(first_step as u64, &[]);
         let run = self.args.run_name();
         let mut plot = self
@@ -253,7 +263,12 @@ impl SftTrainer {
                 .map(|k| self.micro_batch(base + k, &device))
                 .collect::<Result<Vec<_>>>()?;
             let label_tokens: usize = batches.iter().map(|b| b.num_label_tokens).sum();
-            let params: Vec<Var> = self.optimizer.params().iter().map(|(_, v)| v.clone()).collect();
+            let params: Vec<Var> = self
+                .optimizer
+                .params()
+                .iter()
+                .map(|(_, v)| v.clone())
+                .collect();
             let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
             let mut loss_sum = 0f64;
             for batch in &batches {
@@ -298,7 +313,8 @@ impl SftTrainer {
             self.optimizer.set_lr(lr);
             self.optimizer.step(&grads)?;
             self.state.global_step += 1;
-            self.state.epoch = (self.state.global_step * accum) as f64 / self.micro_batches_per_epoch() as f64;
+            self.state.epoch =
+                (self.state.global_step * accum) as f64 / self.micro_batches_per_epoch() as f64;
             let seconds = step_start.elapsed().as_secs_f64();
             let mut entry = LogEntry {
                 step: self.state.global_step,
@@ -310,7 +326,7 @@ impl SftTrainer {
                 eval_loss: None,
             };
             if let (Some(every), Some(_)) = (self.args.eval_steps, self.eval.as_ref()) {
-                if every > 0 && self.state.global_step % every == 0 {
+                if every > 0 && self.state.global_step.is_multiple_of(every) {
                     entry.eval_loss = Some(self.evaluate()?);
                     self.model.train();
                 }
@@ -318,7 +334,8 @@ impl SftTrainer {
             losses.push(loss);
             plot.push(&run, entry.step as f64, loss);
             progress.set_position(entry.step as u64, &[("loss", loss), ("lr", lr)]);
-            let log_now = self.args.logging_steps > 0 && entry.step % self.args.logging_steps == 0;
+            let log_now =
+                self.args.logging_steps > 0 && entry.step.is_multiple_of(self.args.logging_steps);
             if log_now && !notebook::in_kernel() {
                 println!(
                     "{{'loss': {:.4}, 'grad_norm': {:.4}, 'learning_rate': {:e}, 'epoch': {:.2}, 'tokens_per_second': {:.1}{}}}",
@@ -332,7 +349,7 @@ impl SftTrainer {
             }
             self.state.log_history.push(entry);
             if let Some(every) = self.args.save_steps.filter(|s| *s > 0) {
-                if self.state.global_step % every == 0 {
+                if self.state.global_step.is_multiple_of(every) {
                     self.save_checkpoint()?;
                 }
             }
@@ -346,7 +363,11 @@ impl SftTrainer {
         let steps = self.state.global_step - first_step;
         Ok(TrainOutput {
             global_step: self.state.global_step,
-            training_loss: if losses.is_empty() { f64::NAN } else { losses.iter().sum::<f64>() / losses.len() as f64 },
+            training_loss: if losses.is_empty() {
+                f64::NAN
+            } else {
+                losses.iter().sum::<f64>() / losses.len() as f64
+            },
             train_runtime: runtime,
             train_samples_per_second: samples as f64 / runtime.max(1e-9),
             train_steps_per_second: steps as f64 / runtime.max(1e-9),
@@ -358,7 +379,9 @@ impl SftTrainer {
     /// Mean loss over the evaluation set (token-weighted).
     pub fn evaluate(&mut self) -> Result<f64> {
         let Some(eval) = self.eval.as_ref() else {
-            return Err(Error::InvalidArgument("no evaluation dataset (use with_eval_dataset)".into()));
+            return Err(Error::InvalidArgument(
+                "no evaluation dataset (use with_eval_dataset)".into(),
+            ));
         };
         self.model.eval();
         let device = self.model.device().clone();
@@ -369,7 +392,12 @@ impl SftTrainer {
             if batch.num_label_tokens == 0 {
                 continue;
             }
-            let logits = self.model.forward_for_loss(&batch.input_ids, batch.attention_mask.as_ref(), None, None)?;
+            let logits = self.model.forward_for_loss(
+                &batch.input_ids,
+                batch.attention_mask.as_ref(),
+                None,
+                None,
+            )?;
             let (loss, n) = causal_lm_loss(&logits.detach(), &batch.labels)?;
             sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
             count += n;
@@ -383,7 +411,10 @@ impl SftTrainer {
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let step = self.state.global_step;
         let final_dir = self.args.output_dir.join(format!("checkpoint-{step}"));
-        let tmp = self.args.output_dir.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
+        let tmp = self
+            .args
+            .output_dir
+            .join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let adapter = self.model.active_adapter();
@@ -396,7 +427,12 @@ impl SftTrainer {
             .collect();
         crate::peft::io::write_safetensors_atomic(&tmp.join("trainable.safetensors"), &params)?;
         let mut moments = vec![];
-        for ((name, _), m) in self.optimizer.params().iter().zip(self.optimizer.moments()?) {
+        for ((name, _), m) in self
+            .optimizer
+            .params()
+            .iter()
+            .zip(self.optimizer.moments()?)
+        {
             moments.push((format!("{name}.exp_avg"), m.exp_avg));
             moments.push((format!("{name}.exp_avg_sq"), m.exp_avg_sq));
         }
@@ -408,7 +444,8 @@ impl SftTrainer {
             "log_history": self.state.log_history,
             "args": self.args,
         });
-        let json = serde_json::to_vec_pretty(&state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         crate::peft::io::write_atomic(&tmp.join("trainer_state.json"), &json)?;
         let _ = std::fs::remove_dir_all(&final_dir);
         std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
@@ -461,20 +498,29 @@ impl SftTrainer {
             }
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
             let get = |k: String| -> Result<Tensor> {
-                moments
-                    .get(&k)
-                    .cloned()
-                    .ok_or(Error::MissingTensor { path: moments_file.clone(), name: k })
+                moments.get(&k).cloned().ok_or(Error::MissingTensor {
+                    path: moments_file.clone(),
+                    name: k,
+                })
             };
             restored.push(Moments {
                 exp_avg: get(format!("{name}.exp_avg"))?.to_device(var.device())?,
                 exp_avg_sq: get(format!("{name}.exp_avg_sq"))?.to_device(var.device())?,
             });
         }
-        let bad = |k: &str| Error::corrupt(dir.join("trainer_state.json"), format!("missing or invalid `{k}`"));
-        let optimizer_steps = state["optimizer_steps"].as_u64().ok_or_else(|| bad("optimizer_steps"))? as usize;
+        let bad = |k: &str| {
+            Error::corrupt(
+                dir.join("trainer_state.json"),
+                format!("missing or invalid `{k}`"),
+            )
+        };
+        let optimizer_steps = state["optimizer_steps"]
+            .as_u64()
+            .ok_or_else(|| bad("optimizer_steps"))? as usize;
         self.optimizer.restore(restored, optimizer_steps)?;
-        self.state.global_step = state["global_step"].as_u64().ok_or_else(|| bad("global_step"))? as usize;
+        self.state.global_step = state["global_step"]
+            .as_u64()
+            .ok_or_else(|| bad("global_step"))? as usize;
         self.state.epoch = state["epoch"].as_f64().unwrap_or(0.0);
         self.state.log_history =
             serde_json::from_value(state["log_history"].clone()).map_err(|_| bad("log_history"))?;
@@ -488,7 +534,9 @@ fn total_steps(args: &TrainingArgs, units: usize) -> usize {
         return args.max_steps as usize;
     }
     let micro_per_epoch = units.div_ceil(args.per_device_train_batch_size);
-    let steps_per_epoch = micro_per_epoch.div_ceil(args.gradient_accumulation_steps).max(1);
+    let steps_per_epoch = micro_per_epoch
+        .div_ceil(args.gradient_accumulation_steps)
+        .max(1);
     (steps_per_epoch as f64 * args.num_train_epochs).ceil() as usize
 }
 
@@ -496,7 +544,12 @@ fn total_steps(args: &TrainingArgs, units: usize) -> usize {
 fn check_writable(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let probe = dir.join(format!(".write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"ok").map_err(|e| Error::io(dir, std::io::Error::new(e.kind(), format!("output_dir is not writable: {e}"))))?;
+    std::fs::write(&probe, b"ok").map_err(|e| {
+        Error::io(
+            dir,
+            std::io::Error::new(e.kind(), format!("output_dir is not writable: {e}")),
+        )
+    })?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
