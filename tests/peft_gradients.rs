@@ -393,3 +393,99 @@ fn adapters_that_do_not_fit_the_model_or_have_unknown_types() {
     );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn modules_to_save_train_copies_of_the_head_and_embeddings() {
+    let lora = LoraConfig {
+        modules_to_save: Some(vec!["lm_head".into(), "embed_tokens".into()]),
+        ..random_lora()
+    };
+    // Gradients of the copies (and of A, B) are exact.
+    check_method("lora + modules_to_save", lora.clone());
+
+    let base = small_model();
+    let plain = base.forward(&ids()).unwrap();
+    let peft = get_peft_model(
+        base,
+        LoraConfig {
+            init_lora_weights: LoraInit::Bool(true),
+            ..lora
+        },
+    )
+    .unwrap();
+    let names: Vec<String> = peft.trainable_vars().into_iter().map(|(n, _)| n).collect();
+    assert!(
+        names.contains(&"base_model.model.lm_head.weight".to_string()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"base_model.model.model.embed_tokens.weight".to_string()));
+    // Untrained copies change nothing; training them changes the model only while active.
+    let d = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(d(&peft.forward(&ids()).unwrap(), &plain), 0.0);
+    let (_, head) = peft
+        .trainable_vars()
+        .into_iter()
+        .find(|(n, _)| n.ends_with("lm_head.weight"))
+        .unwrap();
+    head.set(&(head.as_tensor() * 1.5).unwrap()).unwrap();
+    let changed = peft.forward(&ids()).unwrap();
+    assert!(d(&changed, &plain) > 1e-3);
+    assert_eq!(
+        d(
+            &peft.with_adapters_disabled(|m| m.forward(&ids()).unwrap()),
+            &plain
+        ),
+        0.0
+    );
+
+    // Saved under PEFT's names, reloaded identically, merged into the weights.
+    let dir = std::env::temp_dir().join(format!("peft-mts-{}", std::process::id()));
+    peft.save_pretrained(&dir).unwrap();
+    let again = PeftModel::from_pretrained(small_model_like(&peft), &dir).unwrap();
+    assert_eq!(d(&again.forward(&ids()).unwrap(), &changed), 0.0);
+    let merged = again.merge_and_unload().unwrap();
+    assert!(d(&merged.forward(&ids()).unwrap(), &changed) < 1e-5);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A base model with the same frozen weights as `peft`'s (adapters disabled).
+fn small_model_like(peft: &PeftModel) -> Model {
+    let m = peft.model();
+    let c = m.config().clone();
+    let layers = m
+        .layers()
+        .iter()
+        .map(|l| {
+            let p = |lin: &dyn peft_prelude::model::Linear| lin.base().clone();
+            peft_prelude::model::decoder::LayerWeights {
+                input_layernorm: l.input_layernorm.weight().clone(),
+                post_attention_layernorm: l.post_attention_layernorm.weight().clone(),
+                projections: [
+                    p(l.self_attn.q_proj.as_ref()),
+                    p(l.self_attn.k_proj.as_ref()),
+                    p(l.self_attn.v_proj.as_ref()),
+                    p(l.self_attn.o_proj.as_ref()),
+                    p(l.mlp.gate_proj.as_ref()),
+                    p(l.mlp.up_proj.as_ref()),
+                    p(l.mlp.down_proj.as_ref()),
+                ],
+            }
+        })
+        .collect();
+    let weights = ModelWeights {
+        embed_tokens: m.embed_tokens().clone(),
+        layers,
+        norm: m.final_norm().weight().clone(),
+        lm_head: Some(m.linear("lm_head").unwrap().base().weight().clone()),
+    };
+    Model::new(c, weights).unwrap()
+}

@@ -125,11 +125,21 @@ impl<'a> Forward<'a> {
     }
 }
 
+/// A replacement for the token-embedding lookup (PEFT's `modules_to_save` trains a copy of
+/// the table per adapter).
+pub trait TokenEmbedding: Send + Sync + std::fmt::Debug {
+    /// Rows for `ids` (flat u32), `[n, hidden]`; `None` to use the model's own table.
+    fn lookup(&self, ids: &Tensor) -> Result<Option<Tensor>>;
+    fn as_any(&self) -> &dyn std::any::Any;
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
 /// The decoder.
 #[derive(Debug)]
 pub struct Model {
     config: ModelConfig,
     embed_tokens: Tensor,
+    embed_override: Option<Box<dyn TokenEmbedding>>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Box<dyn Linear>,
@@ -193,6 +203,7 @@ impl Model {
         )?;
         Ok(Model {
             embed_tokens: weights.embed_tokens.detach(),
+            embed_override: None,
             layers,
             norm: RmsNorm::new(weights.norm, eps),
             lm_head: Box::new(FrozenLinear::new(lm_head, None)),
@@ -244,6 +255,19 @@ impl Model {
         }
         self.embed_tokens = table;
         Ok(())
+    }
+
+    /// Installs (or removes) a replacement of the token-embedding lookup.
+    pub fn set_embed_override(&mut self, o: Option<Box<dyn TokenEmbedding>>) {
+        self.embed_override = o;
+    }
+
+    pub fn embed_override(&self) -> Option<&dyn TokenEmbedding> {
+        self.embed_override.as_deref()
+    }
+
+    pub fn embed_override_mut(&mut self) -> Option<&mut Box<dyn TokenEmbedding>> {
+        self.embed_override.as_mut()
     }
 
     /// Number of parameters of the base model (embeddings, norms, projections, head).
@@ -380,6 +404,15 @@ impl Model {
         let (b, t) = ids.dims2()?;
         let ids = ids.to_dtype(DType::U32)?.flatten_all()?;
         let hidden = self.config.hidden_size;
+        if let Some(rows) = self
+            .embed_override
+            .as_ref()
+            .map(|o| o.lookup(&ids))
+            .transpose()?
+            .flatten()
+        {
+            return Ok(rows.to_dtype(self.dtype())?.reshape((b, t, hidden))?);
+        }
         Ok(self
             .embed_tokens
             .index_select(&ids, 0)?

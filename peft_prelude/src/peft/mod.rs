@@ -11,6 +11,7 @@ pub mod io;
 pub mod lora;
 pub mod model;
 pub mod prompt;
+pub mod saved;
 pub mod switch;
 pub mod targets;
 

@@ -10,10 +10,11 @@ use super::config::{LoraInit, PeftConfig, PromptLearningCommon, TargetModules};
 use super::ia3::Ia3Linear;
 use super::lora::{LoraInitKind, LoraLinear};
 use super::prompt::{PromptEncoder, PromptLearning};
+use super::saved::{SavedEmbedding, SavedLinear};
 use super::switch::AdapterSwitch;
 use super::targets::{pattern_value, select};
 use crate::error::{Error, Result};
-use crate::model::{Forward, Linear, Model};
+use crate::model::{Forward, FrozenLinear, Linear, Model};
 use crate::rng::Rng;
 
 /// PEFT's name for the adapter `get_peft_model` creates.
@@ -274,11 +275,6 @@ impl PeftModel {
                 "fan_in_fan_out is for GPT-2's Conv1D; Mistral/Llama use Linear".into(),
             ));
         }
-        if let Some(m) = c.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
-            return Err(Error::Config(format!(
-                "modules_to_save ({m:?}) is not supported yet; train LoRA on the projections instead"
-            )));
-        }
         let init = match &c.init_lora_weights {
             LoraInit::Bool(true) => LoraInitKind::Default,
             LoraInit::Bool(false) => LoraInitKind::Random,
@@ -318,6 +314,41 @@ impl PeftModel {
                 |l| l.add_adapter(name, r, scaling, c.lora_dropout, c.use_dora, init, rng),
             )?;
         }
+        self.add_saved_modules(name, c.modules_to_save.as_deref().unwrap_or_default())
+    }
+
+    /// `modules_to_save`: trainable full copies of the output head and/or the token
+    /// embeddings for this adapter.
+    fn add_saved_modules(&mut self, name: &str, modules: &[String]) -> Result<()> {
+        for m in modules {
+            if m == "lm_head" || m.ends_with(".lm_head") {
+                let switch = self.switch.clone();
+                self.wrap::<SavedLinear>(
+                    "lm_head",
+                    |base| SavedLinear::new(base, switch),
+                    |l| l.add_copy(name),
+                )?;
+            } else if m == "embed_tokens" || m.ends_with(".embed_tokens") {
+                if self.model.embed_override().is_none() {
+                    let saved = SavedEmbedding::new(self.switch.clone());
+                    self.model.set_embed_override(Some(Box::new(saved)));
+                }
+                let table = self.model.embed_tokens().clone();
+                let saved = self
+                    .model
+                    .embed_override_mut()
+                    .and_then(|o| o.as_any_mut().downcast_mut::<SavedEmbedding>())
+                    .ok_or_else(|| {
+                        Error::InvalidArgument("the embedding is replaced by something else".into())
+                    })?;
+                saved.add_copy(name, &table)?;
+            } else {
+                return Err(Error::UnknownModule {
+                    name: m.clone(),
+                    close_matches: vec!["lm_head".into(), "embed_tokens".into()],
+                });
+            }
+        }
         Ok(())
     }
 
@@ -348,7 +379,7 @@ impl PeftModel {
                 },
             )?;
         }
-        Ok(())
+        self.add_saved_modules(name, c.modules_to_save.as_deref().unwrap_or_default())
     }
 
     fn add_bottleneck(
@@ -680,6 +711,19 @@ impl PeftModel {
         if let Some(p) = self.prompts.get(adapter) {
             vars.extend(p.named_vars(adapter));
         }
+        for (_, l) in self.each_linear::<SavedLinear>() {
+            if let Some(w) = l.copy(adapter) {
+                vars.push(("base_model.model.lm_head.weight".to_string(), w.clone()));
+            }
+        }
+        let saved_embedding = self
+            .model
+            .embed_override()
+            .and_then(|o| o.as_any().downcast_ref::<SavedEmbedding>());
+        if let Some(t) = saved_embedding.and_then(|e| e.copies.get(adapter)) {
+            let name = "base_model.model.model.embed_tokens.weight".to_string();
+            vars.push((name, t.clone()));
+        }
         vars
     }
 
@@ -771,9 +815,28 @@ impl PeftModel {
     /// Merges the active adapter and returns the plain base model (PEFT's `merge_and_unload`).
     pub fn merge_and_unload(mut self) -> Result<Model> {
         self.merge_adapter()?;
+        let active = self.active_adapter();
         let mut model = self.model;
+        // modules_to_save: the trained copies become the weights.
+        let embedding = model
+            .embed_override()
+            .and_then(|o| o.as_any().downcast_ref::<SavedEmbedding>())
+            .and_then(|e| e.copies.get(&active))
+            .map(|v| v.as_tensor().detach());
+        if let Some(table) = embedding {
+            let dtype = model.dtype();
+            model.set_embed_tokens(table.to_dtype(dtype)?)?;
+        }
+        model.set_embed_override(None);
         for p in model.linear_paths() {
             model.replace_linear(&p, |l| {
+                if l.as_any().is::<SavedLinear>() {
+                    let saved = l.into_any().downcast::<SavedLinear>().expect("checked");
+                    return Ok(match saved.copy(&active).map(|v| v.as_tensor().detach()) {
+                        Some(w) => Box::new(FrozenLinear::new(w, None)),
+                        None => saved.into_base(),
+                    });
+                }
                 if l.as_any().is::<LoraLinear>() {
                     Ok(l.into_any()
                         .downcast::<LoraLinear>()
@@ -795,8 +858,13 @@ impl PeftModel {
     /// Drops every adapter without merging (PEFT's `unload`).
     pub fn unload(self) -> Model {
         let mut model = self.model;
+        model.set_embed_override(None);
         for p in model.linear_paths() {
             let _ = model.replace_linear(&p, |l| {
+                if l.as_any().is::<SavedLinear>() {
+                    let saved = l.into_any().downcast::<SavedLinear>().expect("checked");
+                    return Ok(saved.into_base());
+                }
                 if l.as_any().is::<LoraLinear>() {
                     Ok(l.into_any()
                         .downcast::<LoraLinear>()
@@ -946,6 +1014,17 @@ impl PeftModel {
             l.remove_adapter(name);
             Ok(())
         });
+        let _ = self.each_linear_mut::<SavedLinear>(|_, l| {
+            l.copies.remove(name);
+            Ok(())
+        });
+        if let Some(e) = self
+            .model
+            .embed_override_mut()
+            .and_then(|o| o.as_any_mut().downcast_mut::<SavedEmbedding>())
+        {
+            e.copies.remove(name);
+        }
         for layer in self.model.layers_mut() {
             for slot in [&mut layer.attn_adapter, &mut layer.mlp_adapter] {
                 if let Some(b) = slot
