@@ -38,8 +38,10 @@ def main():
     errors = [o for o in outputs if o.get("output_type") == "error"]
     check(not errors, f"error outputs: {errors}")
     stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
-    # A `?` that returns early prints the error on stderr (evcxr reports the cell as done).
-    check("Error" not in stderr and "error" not in stderr, f"a cell wrote an error: {stderr[:2000]}")
+    # A `?` that returns early prints the error on stderr (evcxr reports the cell as done);
+    # warnings (e.g. PEFT's merge warning) are fine.
+    errors = [l for l in stderr.splitlines() if "error" in l.lower() and "Warning" not in l]
+    check(not errors, f"a cell wrote an error: {errors[:20]}")
     check(any("image/svg+xml" in o.get("data", {}) for o in outputs), "no SVG plot among the outputs")
     print(f"{name}: {sum(c.cell_type == 'code' for c in nb.cells)} cells ok in {time.monotonic() - started:.0f} s")
     save_if_asked(nb, path)

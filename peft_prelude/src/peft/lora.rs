@@ -154,10 +154,6 @@ impl LoraLinear {
             .get(name)
             .ok_or_else(|| Error::InvalidArgument(format!("no LoRA adapter named `{name}`")))?
             .clone();
-        if self.base.base().is_quantized() {
-            // PEFT's warning for bitsandbytes layers: the sum is re-quantized.
-            eprintln!("UserWarning: Merge lora module to 4-bit linear may get different generations due to rounding errors.");
-        }
         let w = self.base.base().dense_weight()?;
         let dtype = w.dtype();
         let merged_w = (w.to_dtype(DType::F32)? + adapter.delta_weight(DType::F32)?)?;

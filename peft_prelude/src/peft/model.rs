@@ -786,12 +786,25 @@ impl PeftModel {
     pub fn merge_adapter(&mut self) -> Result<()> {
         let name = self.active_adapter();
         match self.configs.get(&name) {
-            Some(PeftConfig::Lora(_)) => self.each_linear_mut::<LoraLinear>(|_, l| {
-                if l.adapters().contains_key(&name) {
-                    l.merge(&name)?;
+            Some(PeftConfig::Lora(_)) => {
+                let quantized = self
+                    .each_linear::<LoraLinear>()
+                    .iter()
+                    .any(|(_, l)| l.adapters().contains_key(&name) && l.base().is_quantized());
+                if quantized {
+                    // PEFT's warning for bitsandbytes layers (once, not per layer): the sum
+                    // is re-quantized.
+                    eprintln!(
+                        "UserWarning: Merge lora module to 4-bit linear may get different generations due to rounding errors."
+                    );
                 }
-                Ok(())
-            }),
+                self.each_linear_mut::<LoraLinear>(|_, l| {
+                    if l.adapters().contains_key(&name) {
+                        l.merge(&name)?;
+                    }
+                    Ok(())
+                })
+            }
             Some(PeftConfig::Ia3(_)) => self.each_linear_mut::<Ia3Linear>(|_, l| {
                 if l.adapters().contains_key(&name) {
                     l.merge(&name)?;
