@@ -24,9 +24,9 @@ from kernel_env import KERNEL_NAME, ROOT, execute, install_kernelspec  # noqa: E
 from jupyter_client.manager import start_new_kernel  # noqa: E402
 
 
-def timed(kc, code):
+def timed(kc, code, timeout=600):
     t = time.monotonic()
-    reply, _, _ = execute(kc, code)
+    reply, _, _ = execute(kc, code, timeout=timeout)
     assert reply["content"]["status"] == "ok", reply["content"]
     return time.monotonic() - t
 
@@ -44,7 +44,9 @@ def main():
     try:
         if args.kernel is not None:
             prelude = os.path.join(ROOT, "peft_prelude")
-            timed(kc, f':dep peft_prelude = {{ path = "{prelude}" }}\nuse peft_prelude::prelude::*;')
+            # A stock kernel compiles candle and the prelude here (minutes on a fresh build dir).
+            dep = timed(kc, f':dep peft_prelude = {{ path = "{prelude}" }}\nuse peft_prelude::prelude::*;', 3600)
+            print(f"  :dep peft_prelude cell              {dep:6.2f} s")
         timed(kc, "1 + 1")
         first = time.monotonic() - t0
         trivial = [timed(kc, "1 + 1") for _ in range(5)]
