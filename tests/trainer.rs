@@ -129,3 +129,54 @@ fn bad_inputs() {
     assert!(err.to_string().contains("not-a-dir"), "{err}");
     std::fs::remove_dir_all(out).unwrap();
 }
+
+#[test]
+fn the_fused_loss_equals_the_logits_path() {
+    use peft_prelude::data::{pad_batch, Example};
+    use peft_prelude::train::{causal_lm_loss, sft::batch_loss};
+    let p = Pretrained::from_dir(fixture("tiny-mistral"), &LoadOptions::default()).unwrap();
+    let peft = get_peft_model(
+        p.model,
+        LoraConfig {
+            init_lora_weights: peft_prelude::peft::LoraInit::Bool(false),
+            ..LoraConfig::all_projections(4, 8.0)
+        },
+    )
+    .unwrap();
+    let ex = |ids: &[u32], masked: usize| Example {
+        input_ids: ids.to_vec(),
+        labels: ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| if i < masked { -100 } else { id as i64 })
+            .collect(),
+    };
+    let (a, b) = (
+        ex(&[1, 415, 2936, 9060, 285, 1142, 461], 2),
+        ex(&[1, 5713, 3714, 264, 727], 3),
+    );
+    let batch = pad_batch(&[&a, &b], 2, &candle_core::Device::Cpu).unwrap();
+    let (fused, n_fused) = batch_loss(&peft, &batch).unwrap();
+    let logits = peft
+        .forward_for_loss(&batch.input_ids, batch.attention_mask.as_ref(), None, None)
+        .unwrap();
+    let (plain, n_plain) = causal_lm_loss(&logits, &batch.labels).unwrap();
+    assert_eq!(n_fused, n_plain);
+    let (lf, lp) = (
+        fused.to_scalar::<f32>().unwrap(),
+        plain.to_scalar::<f32>().unwrap(),
+    );
+    assert!((lf - lp).abs() < 1e-5 * lp.abs().max(1.0), "{lf} vs {lp}");
+    let (gf, gp) = (fused.backward().unwrap(), plain.backward().unwrap());
+    for (name, var) in peft.trainable_vars() {
+        let d = (gf.get(var.as_tensor()).unwrap() - gp.get(var.as_tensor()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{name}: {d}");
+    }
+}

@@ -13,9 +13,11 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use peft_prelude::data::{pad_batch, Example};
 use peft_prelude::model::{LoadOptions, Pretrained};
 use peft_prelude::peft::{get_peft_model, LoraConfig};
-use peft_prelude::train::{causal_lm_loss, AdamW, AdamWConfig};
+use peft_prelude::train::sft::batch_loss;
+use peft_prelude::train::{AdamW, AdamWConfig};
 
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -75,13 +77,20 @@ fn main() -> anyhow::Result<()> {
     let ids: Vec<u32> = (0..batch * seq)
         .map(|i| ((i as u64 * 2_654_435_761) % vocab as u64) as u32)
         .collect();
-    let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
-    let labels = ids.to_dtype(candle_core::DType::I64)?;
+    let examples: Vec<Example> = ids
+        .chunks(seq)
+        .map(|row| Example {
+            input_ids: row.to_vec(),
+            labels: row.iter().map(|&i| i as i64).collect(),
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let batch_data = pad_batch(&refs, 0, &Device::Cpu)?;
     let mut times = vec![];
     for step in 0..warmup + steps {
         let t = Instant::now();
-        let logits = peft.forward(&ids)?;
-        let (loss, _) = causal_lm_loss(&logits, &labels)?;
+        // What the SFT trainer computes: the head fused into a chunked cross-entropy.
+        let (loss, _) = batch_loss(&peft, &batch_data)?;
         let grads = loss.backward()?;
         let g: Vec<Option<Tensor>> = params
             .iter()

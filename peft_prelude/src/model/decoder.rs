@@ -439,6 +439,16 @@ impl Model {
         self.lm_head.forward(&last)
     }
 
+    /// The output head's dense weight `[vocab, hidden]` when the head is a plain frozen
+    /// projection (no adapter on it): losses can then fuse the head into the cross-entropy.
+    pub fn frozen_head_weight(&self) -> Option<&Tensor> {
+        let head = self.lm_head.as_any().downcast_ref::<FrozenLinear>()?;
+        match head.frozen_weight() {
+            super::linear::FrozenWeight::Dense(w) if head.bias().is_none() => Some(w),
+            _ => None,
+        }
+    }
+
     /// Final-norm hidden states `[batch, seq, hidden]` (what the head is applied to).
     pub fn hidden_states(&self, args: Forward<'_>) -> Result<Tensor> {
         let Forward {

@@ -156,6 +156,41 @@ impl PeftModel {
         self.forward_inputs(ids, mask, positions, segments, true)
     }
 
+    /// Final-norm hidden states aligned with `ids` (virtual prompt positions dropped) and the
+    /// frozen head weight, when the head carries no adapter: a loss can then be computed
+    /// without materialising the logits. `None` when the head must run as a module.
+    pub fn hidden_for_loss(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+        segments: Option<&Tensor>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(head) = self.model.frozen_head_weight() else {
+            return Ok(None);
+        };
+        let (batch, seq) = ids.dims2()?;
+        let hidden = match self.acting_prompt() {
+            None => {
+                let mut args = Forward::ids(ids);
+                if let Some(m) = mask {
+                    args = args.with_attention_mask(m);
+                }
+                if let Some(p) = positions {
+                    args = args.with_position_ids(p);
+                }
+                if let Some(s) = segments {
+                    args = args.with_segment_ids(s);
+                }
+                self.model.hidden_states(args)?
+            }
+            // Prompt-learning methods keep the logits path (they are small and rare).
+            Some(_) => return Ok(None),
+        };
+        debug_assert_eq!(hidden.dims()[..2], [batch, seq]);
+        Ok(Some((hidden, head.clone())))
+    }
+
     fn forward_inputs(
         &self,
         ids: &Tensor,
