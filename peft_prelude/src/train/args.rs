@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::schedule::SchedulerType;
+use super::optim::{AdamWConfig, Optimizer};
+use super::schedule::{Schedule, SchedulerType};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +136,50 @@ impl TrainingArgs {
             ));
         }
         Ok(self)
+    }
+
+    /// Optimizer steps of the run for `units` training examples (sequences or pairs).
+    pub fn total_steps(&self, units: usize) -> usize {
+        if self.max_steps > 0 {
+            return self.max_steps as usize;
+        }
+        let micro_per_epoch = units.div_ceil(self.per_device_train_batch_size);
+        let steps_per_epoch = micro_per_epoch
+            .div_ceil(self.gradient_accumulation_steps)
+            .max(1);
+        (steps_per_epoch as f64 * self.num_train_epochs).ceil() as usize
+    }
+
+    /// The learning-rate schedule of a run over `units` examples (`warmup_steps`, else
+    /// `warmup_ratio` of the steps).
+    pub fn schedule(&self, units: usize) -> Schedule {
+        let total = self.total_steps(units);
+        let warmup = if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * total as f64).ceil() as usize
+        };
+        Schedule {
+            kind: self.lr_scheduler_type,
+            base_lr: self.learning_rate,
+            warmup_steps: warmup,
+            total_steps: total,
+        }
+    }
+
+    /// The optimizer `optim` names, over `params`.
+    pub fn optimizer(&self, params: Vec<(String, candle_core::Var)>) -> Result<Optimizer> {
+        Optimizer::new(
+            &self.optim,
+            params,
+            AdamWConfig {
+                lr: self.learning_rate,
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                eps: self.adam_epsilon,
+                weight_decay: self.weight_decay,
+            },
+        )
     }
 
     pub fn run_name(&self) -> String {

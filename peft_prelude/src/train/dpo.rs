@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::args::TrainingArgs;
 use super::history::{LogEntry, RunHistory};
-use super::optim::{clip_grad_norm, AdamWConfig, Optimizer};
+use super::optim::{clip_grad_norm, Optimizer};
 use super::schedule::Schedule;
 use crate::data::dataset::{field_str, shuffle_in_place};
 use crate::data::Dataset;
@@ -252,37 +252,8 @@ impl DpoTrainer {
                 "the model has no trainable parameters: add an adapter first".into(),
             ));
         }
-        let optimizer = Optimizer::new(
-            &args.optim,
-            params,
-            AdamWConfig {
-                lr: args.learning_rate,
-                beta1: args.adam_beta1,
-                beta2: args.adam_beta2,
-                eps: args.adam_epsilon,
-                weight_decay: args.weight_decay,
-            },
-        )?;
-        let per_epoch = pairs
-            .len()
-            .div_ceil(args.per_device_train_batch_size)
-            .div_ceil(args.gradient_accumulation_steps);
-        let total = if args.max_steps > 0 {
-            args.max_steps as usize
-        } else {
-            (per_epoch as f64 * args.num_train_epochs).ceil() as usize
-        };
-        let warmup = if args.warmup_steps > 0 {
-            args.warmup_steps
-        } else {
-            (args.warmup_ratio * total as f64).ceil() as usize
-        };
-        let schedule = Schedule {
-            kind: args.lr_scheduler_type,
-            base_lr: args.learning_rate,
-            warmup_steps: warmup,
-            total_steps: total,
-        };
+        let optimizer = args.optimizer(params)?;
+        let schedule = args.schedule(pairs.len());
         let pad_id = tokenizer.eos_token_id().unwrap_or(0);
         let mut trainer = DpoTrainer {
             model,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::args::TrainingArgs;
 use super::history::{LogEntry, RunHistory};
 use super::loss::causal_lm_loss;
-use super::optim::{clip_grad_norm, AdamWConfig, Moments, Optimizer};
+use super::optim::{clip_grad_norm, Moments, Optimizer};
 use super::schedule::Schedule;
 use crate::data::collate::{pack_examples, packed_batch, pad_batch, Batch, PackedRow};
 use crate::data::dataset::shuffle_in_place;
@@ -107,29 +107,8 @@ impl SftTrainer {
                 "the model has no trainable parameters: add an adapter first".into(),
             ));
         }
-        let optimizer = Optimizer::new(
-            &args.optim,
-            params,
-            AdamWConfig {
-                lr: args.learning_rate,
-                beta1: args.adam_beta1,
-                beta2: args.adam_beta2,
-                eps: args.adam_epsilon,
-                weight_decay: args.weight_decay,
-            },
-        )?;
-        let total = total_steps(&args, train.len());
-        let warmup = if args.warmup_steps > 0 {
-            args.warmup_steps
-        } else {
-            (args.warmup_ratio * total as f64).ceil() as usize
-        };
-        let schedule = Schedule {
-            kind: args.lr_scheduler_type,
-            base_lr: args.learning_rate,
-            warmup_steps: warmup,
-            total_steps: total,
-        };
+        let optimizer = args.optimizer(params)?;
+        let schedule = args.schedule(train.len());
         let pad_id = tokenizer
             .token_to_id("<pad>")
             .or(tokenizer.eos_token_id())
@@ -561,18 +540,6 @@ pub fn batch_loss(model: &PeftModel, batch: &Batch) -> Result<(Tensor, usize)> {
         batch.segment_ids.as_ref(),
     )?;
     causal_lm_loss(&logits, &batch.labels)
-}
-
-/// Optimizer steps of the whole run.
-fn total_steps(args: &TrainingArgs, units: usize) -> usize {
-    if args.max_steps > 0 {
-        return args.max_steps as usize;
-    }
-    let micro_per_epoch = units.div_ceil(args.per_device_train_batch_size);
-    let steps_per_epoch = micro_per_epoch
-        .div_ceil(args.gradient_accumulation_steps)
-        .max(1);
-    (steps_per_epoch as f64 * args.num_train_epochs).ceil() as usize
 }
 
 /// Creates the output directory and proves it writable before any work is done.
