@@ -171,19 +171,9 @@ impl PeftModel {
         };
         let (batch, seq) = ids.dims2()?;
         let hidden = match self.acting_prompt() {
-            None => {
-                let mut args = Forward::ids(ids);
-                if let Some(m) = mask {
-                    args = args.with_attention_mask(m);
-                }
-                if let Some(p) = positions {
-                    args = args.with_position_ids(p);
-                }
-                if let Some(s) = segments {
-                    args = args.with_segment_ids(s);
-                }
-                self.model.hidden_states(args)?
-            }
+            None => self
+                .model
+                .hidden_states(token_inputs(ids, mask, positions, segments))?,
             // Prompt-learning methods keep the logits path (they are small and rare).
             Some(_) => return Ok(None),
         };
@@ -202,17 +192,7 @@ impl PeftModel {
         let (batch, seq) = ids.dims2()?;
         match self.acting_prompt() {
             None => {
-                let mut args = Forward::ids(ids);
-                if let Some(m) = mask {
-                    args = args.with_attention_mask(m);
-                }
-                if let Some(p) = positions {
-                    args = args.with_position_ids(p);
-                }
-                if let Some(s) = segments {
-                    args = args.with_segment_ids(s);
-                }
-                self.model.forward_with(args)
+                self.model.forward_with(token_inputs(ids, mask, positions, segments))
             }
             Some(_) if positions.is_some() || segments.is_some() => Err(Error::InvalidArgument(
                 "packed sequences are not supported with prompt-learning adapters; set packing = false".into(),
@@ -1089,6 +1069,26 @@ impl PeftModel {
             }
         }
     }
+}
+
+/// A forward pass over token ids with the optional padding mask, positions and segments.
+fn token_inputs<'a>(
+    ids: &'a Tensor,
+    mask: Option<&'a Tensor>,
+    positions: Option<&'a Tensor>,
+    segments: Option<&'a Tensor>,
+) -> Forward<'a> {
+    let mut args = Forward::ids(ids);
+    if let Some(m) = mask {
+        args = args.with_attention_mask(m);
+    }
+    if let Some(p) = positions {
+        args = args.with_position_ids(p);
+    }
+    if let Some(s) = segments {
+        args = args.with_segment_ids(s);
+    }
+    args
 }
 
 /// Fills the model-dependent prompt-learning fields as PEFT's `_prepare_prompt_learning_config`
