@@ -955,6 +955,36 @@ mod tests {
     }
 
     #[test]
+    fn fused_norm_and_rope_equal_their_compositions() {
+        // The decoder runs the fused ops; the plain candle compositions are the reference.
+        let model = tiny_model();
+        let x = Tensor::randn(0f64, 1., (2, 5, 16), &Device::Cpu).unwrap();
+        let norm = &model.layers[0].input_layernorm;
+        let d = (norm.forward(&x).unwrap() - norm.forward_unfused(&x).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-12, "rms_norm: {d}");
+        let q = Tensor::randn(0f64, 1., (2, 4, 5, 4), &Device::Cpu).unwrap();
+        let positions = Tensor::new(&[[0u32, 1, 2, 3, 4]], &Device::Cpu).unwrap();
+        let (cos, sin) = model.rope.tables(&positions).unwrap();
+        let d = (Rope::apply(&q, &cos, &sin).unwrap()
+            - Rope::apply_unfused(&q, &cos, &sin).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+        assert!(d < 1e-6, "rope: {d}");
+    }
+
+    #[test]
     fn packed_segments_equal_separate_runs() {
         // Two examples packed in one row with restarted positions give the logits each
         // gives alone.

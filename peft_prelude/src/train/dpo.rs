@@ -11,7 +11,7 @@ use super::args::TrainingArgs;
 use super::history::{LogEntry, RunHistory};
 use super::optim::{clip_grad_norm, Optimizer};
 use super::schedule::Schedule;
-use crate::data::dataset::{field_str, shuffle_in_place};
+use crate::data::dataset::{field_str, BatchOrder};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::notebook::{self, LinePlot, ProgressBar};
@@ -197,6 +197,8 @@ pub struct DpoTrainer {
     global_step: usize,
     log: Vec<(LogEntry, DpoMetrics)>,
     pad_id: u32,
+    /// Which pairs each micro-batch holds.
+    order: BatchOrder,
 }
 
 impl DpoTrainer {
@@ -255,7 +257,9 @@ impl DpoTrainer {
         let optimizer = args.optimizer(params)?;
         let schedule = args.schedule(pairs.len());
         let pad_id = tokenizer.eos_token_id().unwrap_or(0);
+        let order = BatchOrder::new(pairs.len(), args.per_device_train_batch_size, args.seed);
         let mut trainer = DpoTrainer {
+            order,
             model,
             tokenizer,
             args,
@@ -383,12 +387,10 @@ impl DpoTrainer {
     pub fn train(&mut self) -> Result<RunHistory> {
         let device = self.model.device().clone();
         let total = self.schedule.total_steps;
-        let bs = self.args.per_device_train_batch_size;
         let accum = self.args.gradient_accumulation_steps;
         let mut progress = ProgressBar::new(total as u64, "DPO");
         let mut plot = LinePlot::new("DPO").y_label("loss / reward margin");
-        let n = self.pairs.len();
-        let per_epoch = n.div_ceil(bs);
+        let per_epoch = self.order.per_epoch();
         self.model.train();
         while self.global_step < total {
             if notebook::interrupted() {
@@ -406,16 +408,8 @@ impl DpoTrainer {
             let mut tokens = 0;
             for k in 0..accum {
                 let index = self.global_step * accum + k;
-                let mut order: Vec<usize> = (0..n).collect();
-                shuffle_in_place(
-                    &mut order,
-                    self.args.seed.wrapping_add((index / per_epoch) as u64),
-                );
-                let within = index % per_epoch;
-                let pairs: Vec<&Pair> = order[within * bs..((within + 1) * bs).min(n)]
-                    .iter()
-                    .map(|&i| &self.pairs[i])
-                    .collect();
+                let picked = self.order.indices(index).to_vec();
+                let pairs: Vec<&Pair> = picked.iter().map(|&i| &self.pairs[i]).collect();
                 let m = pairs.len();
                 let (policy, counts, ids_t, attn, ids, completion) = self.logps(&pairs, &device)?;
                 tokens += ids.iter().map(Vec::len).sum::<usize>();

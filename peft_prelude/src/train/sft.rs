@@ -14,7 +14,7 @@ use super::loss::causal_lm_loss;
 use super::optim::{clip_grad_norm, Moments, Optimizer};
 use super::schedule::Schedule;
 use crate::data::collate::{pack_examples, packed_batch, pad_batch, Batch, PackedRow};
-use crate::data::dataset::shuffle_in_place;
+use crate::data::dataset::BatchOrder;
 use crate::data::tokenize::{tokenize_dataset, Example, TokenizeOptions};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -70,6 +70,8 @@ pub struct SftTrainer {
     schedule: Schedule,
     state: TrainerState,
     pad_id: u32,
+    /// Which examples each micro-batch holds.
+    order: BatchOrder,
     /// Shows the loss curve of every `train()` call of this trainer.
     plot: Option<LinePlot>,
 }
@@ -113,7 +115,9 @@ impl SftTrainer {
             .token_to_id("<pad>")
             .or(tokenizer.eos_token_id())
             .unwrap_or(0);
+        let order = BatchOrder::new(train.len(), args.per_device_train_batch_size, args.seed);
         Ok(SftTrainer {
+            order,
             model,
             tokenizer,
             args,
@@ -176,15 +180,9 @@ impl SftTrainer {
 
     /// Micro-batch `index` of the whole run: epoch `index / per_epoch` in an order shuffled
     /// with `seed + epoch`, so the sequence depends only on the index (resuming replays it).
-    fn micro_batch(&self, index: usize, device: &Device) -> Result<Batch> {
-        let bs = self.args.per_device_train_batch_size;
-        let n = self.train.len();
-        let per_epoch = n.div_ceil(bs);
-        let epoch = index / per_epoch;
-        let within = index % per_epoch;
-        let mut order: Vec<usize> = (0..n).collect();
-        shuffle_in_place(&mut order, self.args.seed.wrapping_add(epoch as u64));
-        let picked = &order[within * bs..((within + 1) * bs).min(n)];
+    /// Micro-batch `index` of the whole run (see [`BatchOrder`]).
+    fn micro_batch(&mut self, index: usize, device: &Device) -> Result<Batch> {
+        let picked = self.order.indices(index).to_vec();
         match &self.train {
             Units::Examples(e) => {
                 let refs: Vec<&Example> = picked.iter().map(|&i| &e[i]).collect();
@@ -195,12 +193,6 @@ impl SftTrainer {
                 packed_batch(&refs, self.pad_id, device)
             }
         }
-    }
-
-    fn micro_batches_per_epoch(&self) -> usize {
-        self.train
-            .len()
-            .div_ceil(self.args.per_device_train_batch_size)
     }
 
     /// Trains until `max_steps` / `num_train_epochs` are done, or until the notebook's
@@ -287,7 +279,7 @@ impl SftTrainer {
             self.optimizer.step(&grads)?;
             self.state.global_step += 1;
             self.state.epoch =
-                (self.state.global_step * accum) as f64 / self.micro_batches_per_epoch() as f64;
+                (self.state.global_step * accum) as f64 / self.order.per_epoch() as f64;
             let seconds = step_start.elapsed().as_secs_f64();
             let mut entry = LogEntry {
                 step: self.state.global_step,
