@@ -379,3 +379,80 @@ pub(crate) fn ce_exp_shifted(
     }
     by_dtype!(l.dtype(), run(l, ll, st, sl))
 }
+
+/// The block scales of an NF4 matrix on the device, as the dequantize kernels take them.
+pub(crate) enum Nf4DeviceScales<'a> {
+    Plain(&'a CudaStorage, &'a Layout),
+    Nested {
+        codes: (&'a CudaStorage, &'a Layout),
+        map: (&'a CudaStorage, &'a Layout),
+        nested: (&'a CudaStorage, &'a Layout),
+        nested_blocksize: usize,
+        offset: f32,
+    },
+}
+
+/// The `n` elements of an NF4 matrix dequantized into a new buffer of `dtype`.
+pub(crate) fn nf4_dequantize(
+    packed: (&CudaStorage, &Layout),
+    code: (&CudaStorage, &Layout),
+    scales: &Nf4DeviceScales<'_>,
+    blocksize: usize,
+    n: usize,
+    dtype: DType,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        packed: (&CudaStorage, &Layout),
+        code: (&CudaStorage, &Layout),
+        scales: &Nf4DeviceScales<'_>,
+        blocksize: usize,
+        n: usize,
+        dtype: DType,
+    ) -> Result<CudaStorage> {
+        let dev = packed.0.device().clone();
+        let pv = view::<u8>(packed.0, packed.1)?;
+        let cv = view::<f32>(code.0, code.1)?;
+        let out = alloc::<T>(&dev, n)?;
+        let cfg = grid_for(n.div_ceil(2), 256);
+        match scales {
+            Nf4DeviceScales::Plain(s, l) => {
+                let av = view::<f32>(s, l)?;
+                let f = dev.get_or_load_custom_func(
+                    &kname("nf4_dequant_plain", dtype)?,
+                    "peft_nf4",
+                    ptx::NF4,
+                )?;
+                let mut b = f.builder();
+                b.arg(&pv).arg(&cv).arg(&av);
+                candle_core::builder_arg!(b, blocksize as u32);
+                b.arg(&out);
+                candle_core::builder_arg!(b, n as u64);
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Nf4DeviceScales::Nested {
+                codes,
+                map,
+                nested,
+                nested_blocksize,
+                offset,
+            } => {
+                let qv = view::<u8>(codes.0, codes.1)?;
+                let mv = view::<f32>(map.0, map.1)?;
+                let nv = view::<f32>(nested.0, nested.1)?;
+                let f = dev.get_or_load_custom_func(
+                    &kname("nf4_dequant_nested", dtype)?,
+                    "peft_nf4",
+                    ptx::NF4,
+                )?;
+                let mut b = f.builder();
+                b.arg(&pv).arg(&cv).arg(&qv).arg(&mv).arg(&nv);
+                candle_core::builder_arg!(b, *nested_blocksize as u32, *offset, blocksize as u32);
+                b.arg(&out);
+                candle_core::builder_arg!(b, n as u64);
+                unsafe { b.launch(cfg) }.w()?;
+            }
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+    by_dtype!(dtype, run(packed, code, scales, blocksize, n, dtype))
+}

@@ -130,9 +130,12 @@ impl Absmax {
 /// An NF4-quantized `[rows, cols]` matrix.
 #[derive(Debug)]
 pub struct Nf4Matrix {
-    /// U8, `ceil(rows * cols / 2)` bytes, on the CPU.
+    /// U8, `ceil(rows * cols / 2)` bytes, on the matrix's device.
     packed: Tensor,
+    /// The block scales on the host (small: one byte or one f32 per 64 elements).
     absmax: Absmax,
+    /// The code book and scales on the packed data's device when that is not the CPU.
+    device_scales: Option<DeviceScales>,
     code: [f32; 16],
     blocksize: usize,
     rows: usize,
@@ -150,11 +153,14 @@ impl Nf4Matrix {
         cols: usize,
     ) -> Result<Self> {
         let n = rows * cols;
-        if packed.dtype() != DType::U8 || !packed.device().is_cpu() {
+        if packed.dtype() != DType::U8 {
             candle_core::bail!(
-                "nf4: packed data must be a CPU u8 tensor, got {:?}",
+                "nf4: packed data must be a u8 tensor, got {:?}",
                 packed.dtype()
             )
+        }
+        if !blocksize.is_multiple_of(2) {
+            candle_core::bail!("nf4: the block size must be even, got {blocksize}")
         }
         if packed.elem_count() != n.div_ceil(2) {
             candle_core::bail!(
@@ -171,14 +177,54 @@ impl Nf4Matrix {
             )
         }
         absmax.check()?;
+        let device_scales = if packed.device().is_cpu() {
+            None
+        } else {
+            Some(DeviceScales::upload(&absmax, &code, packed.device())?)
+        };
         Ok(Nf4Matrix {
             packed: packed.flatten_all()?.contiguous()?,
             absmax,
+            device_scales,
             code,
             blocksize,
             rows,
             cols,
         })
+    }
+
+    /// The same matrix with its codes and scales on `device` (a copy; the packed bytes move
+    /// as they are, nothing is dequantized).
+    pub fn to_device(&self, device: &Device) -> Result<Nf4Matrix> {
+        Nf4Matrix::new(
+            self.packed.to_device(device)?,
+            self.absmax.clone(),
+            self.code,
+            self.blocksize,
+            self.rows,
+            self.cols,
+        )
+    }
+
+    /// The device the packed codes live on.
+    pub fn device(&self) -> &Device {
+        self.packed.device()
+    }
+
+    /// The whole matrix as a dense `[rows, cols]` tensor of `dtype` on the matrix's device
+    /// (computed in f32 and rounded once, as bitsandbytes' `dequantize_4bit`).
+    pub fn dequantize_to(&self, dtype: DType) -> Result<Tensor> {
+        match &self.device_scales {
+            None => self.dequantize()?.to_dtype(dtype),
+            Some(scales) => self
+                .packed
+                .apply_op1_no_bwd(&DequantizeOnDevice {
+                    matrix: self,
+                    scales,
+                    dtype,
+                })?
+                .reshape((self.rows, self.cols)),
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -435,8 +481,15 @@ pub fn nf4_linear(x: &Tensor, w: &Arc<Nf4Matrix>) -> Result<Tensor> {
             w.cols
         )
     }
+    if !x.device().same_device(w.device()) {
+        candle_core::bail!(
+            "nf4 linear: the input is on {:?}, the weight on {:?}",
+            x.device(),
+            w.device()
+        )
+    }
     if !x.device().is_cpu() {
-        candle_core::bail!("nf4 linear: only the CPU is supported so far")
+        return nf4_linear_dequantized(x, w);
     }
     let x = x.to_dtype(DType::F32)?;
     let mut out_dims = x.dims().to_vec();
@@ -454,6 +507,154 @@ pub fn nf4_linear(x: &Tensor, w: &Arc<Nf4Matrix>) -> Result<Tensor> {
         let dx = w.with_packed(|p| w.input_grad_cpu(p, &gs, m))?;
         Tensor::from_vec(dx, in_dims, &Device::Cpu)?.to_dtype(g.dtype())
     })
+}
+
+/// `nf4_linear` on a GPU: the layer is dequantized into a transient dense weight of `x`'s
+/// dtype and multiplied by cuBLAS; the backward dequantizes it again rather than keeping it,
+/// so only one layer is ever dense (the QLoRA trade: a cheap dequantize against 4x memory).
+fn nf4_linear_dequantized(x: &Tensor, w: &Arc<Nf4Matrix>) -> Result<Tensor> {
+    let dense = w.dequantize_to(x.dtype())?;
+    let y = crate::frozen::matmul_t(&x.detach(), &dense)?;
+    drop(dense);
+    let w = Arc::clone(w);
+    crate::frozen::reattach(x, y, move |g| {
+        let mut in_dims = g.dims().to_vec();
+        *in_dims.last_mut().expect("rank >= 1") = w.cols;
+        let dense = w.dequantize_to(g.dtype())?;
+        g.reshape(((), w.rows))?.matmul(&dense)?.reshape(in_dims)
+    })
+}
+
+/// The code book and block scales of an NF4 matrix on a non-CPU device.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct DeviceScales {
+    code: Tensor,
+    absmax: DeviceAbsmax,
+}
+
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+enum DeviceAbsmax {
+    Plain(Tensor),
+    Nested {
+        codes: Tensor,
+        map: Tensor,
+        nested: Tensor,
+        nested_blocksize: usize,
+        offset: f32,
+    },
+}
+
+impl DeviceScales {
+    fn upload(absmax: &Absmax, code: &[f32; 16], device: &Device) -> Result<Self> {
+        let absmax = match absmax {
+            Absmax::Plain(v) => DeviceAbsmax::Plain(Tensor::new(v.as_slice(), device)?),
+            Absmax::Nested {
+                codes,
+                code_map,
+                nested_absmax,
+                nested_blocksize,
+                offset,
+            } => DeviceAbsmax::Nested {
+                codes: Tensor::new(codes.as_slice(), device)?,
+                map: Tensor::new(code_map.as_slice(), device)?,
+                nested: Tensor::new(nested_absmax.as_slice(), device)?,
+                nested_blocksize: *nested_blocksize,
+                offset: *offset,
+            },
+        };
+        Ok(DeviceScales {
+            code: Tensor::new(code.as_slice(), device)?,
+            absmax,
+        })
+    }
+}
+
+/// Dequantizes the packed codes (the op's input) with the scales it holds.
+struct DequantizeOnDevice<'a> {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    matrix: &'a Nf4Matrix,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    scales: &'a DeviceScales,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    dtype: DType,
+}
+
+impl candle_core::CustomOp1 for DequantizeOnDevice<'_> {
+    fn name(&self) -> &'static str {
+        "nf4-dequantize"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("nf4: the device dequantize ran on the CPU (use Nf4Matrix::dequantize)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        packed: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use crate::cuda::Nf4DeviceScales;
+        fn cuda(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, candle_core::Layout)> {
+            let (s, l) = t.storage_and_layout();
+            if !matches!(&*s, Storage::Cuda(_)) {
+                candle_core::bail!("nf4: the scales are not on the CUDA device")
+            }
+            Ok((s, l.clone()))
+        }
+        fn storage<'a>(s: &'a candle_core::StorageRef<'_>) -> &'a candle_core::CudaStorage {
+            match &**s {
+                Storage::Cuda(c) => c,
+                _ => unreachable!("checked by cuda()"),
+            }
+        }
+        let m = self.matrix;
+        let n = m.rows * m.cols;
+        let code = cuda(&self.scales.code)?;
+        let out = match &self.scales.absmax {
+            DeviceAbsmax::Plain(a) => {
+                let a = cuda(a)?;
+                crate::cuda::nf4_dequantize(
+                    (packed, layout),
+                    (storage(&code.0), &code.1),
+                    &Nf4DeviceScales::Plain(storage(&a.0), &a.1),
+                    m.blocksize,
+                    n,
+                    self.dtype,
+                )?
+            }
+            DeviceAbsmax::Nested {
+                codes,
+                map,
+                nested,
+                nested_blocksize,
+                offset,
+            } => {
+                let (c, mp, ns) = (cuda(codes)?, cuda(map)?, cuda(nested)?);
+                crate::cuda::nf4_dequantize(
+                    (packed, layout),
+                    (storage(&code.0), &code.1),
+                    &Nf4DeviceScales::Nested {
+                        codes: (storage(&c.0), &c.1),
+                        map: (storage(&mp.0), &mp.1),
+                        nested: (storage(&ns.0), &ns.1),
+                        nested_blocksize: *nested_blocksize,
+                        offset: *offset,
+                    },
+                    m.blocksize,
+                    n,
+                    self.dtype,
+                )?
+            }
+        };
+        Ok((out, candle_core::Shape::from(n)))
+    }
 }
 
 #[cfg(test)]

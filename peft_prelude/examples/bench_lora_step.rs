@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p peft_prelude --example bench_lora_step -- [--batch 4] [--seq 256]
-//!     [--steps 8] [--warmup 2] [--rank 16] [--unprotected] [--model PATH]
+//!     [--steps 8] [--warmup 2] [--rank 16] [--unprotected] [--gradient-checkpointing] [--model PATH]
 //! ```
 //! Default: SmolLM2-135M-Instruct (the GGUF fetched by `scripts/fetch-smollm2.sh`, weights
 //! dequantized to f32), LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, AdamW lr 2e-4.
@@ -12,11 +12,11 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use peft_prelude::data::{pad_batch, Example};
 use peft_prelude::model::{LoadOptions, Pretrained};
 use peft_prelude::peft::{get_peft_model, LoraConfig};
-use peft_prelude::train::sft::batch_loss;
+use peft_prelude::train::sft::batch_gradients;
 use peft_prelude::train::{AdamW, AdamWConfig};
 
 fn peak_rss_mb() -> f64 {
@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     let (mut batch, mut seq, mut steps, mut warmup, mut rank) =
         (4usize, 256usize, 8usize, 2usize, 16usize);
     let mut protected = true;
+    let mut checkpointing = false;
     let mut model_path = format!(
         "{}/SmolLM2-135M-Instruct.Q4_1.gguf",
         std::env::var("PEFT_MODELS_DIR").unwrap_or_else(|_| format!(
@@ -56,12 +57,14 @@ fn main() -> anyhow::Result<()> {
             "--rank" => rank = value()?.parse()?,
             "--model" => model_path = value()?,
             "--unprotected" => protected = false,
+            "--gradient-checkpointing" => checkpointing = true,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
     peft_kernels::frozen::set_weight_gradient_protection(protected);
     let p = Pretrained::load(&model_path, &LoadOptions::default())?;
     let vocab = p.model.config().vocab_size as u32;
+    let rss_after_load = peak_rss_mb();
     let peft = get_peft_model(p.model, LoraConfig::all_projections(rank, rank as f64))?;
     let params = peft.trainable_vars();
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
@@ -90,12 +93,14 @@ fn main() -> anyhow::Result<()> {
     for step in 0..warmup + steps {
         let t = Instant::now();
         // What the SFT trainer computes: the head fused into a chunked cross-entropy.
-        let (loss, _) = batch_loss(&peft, &batch_data)?;
-        let grads = loss.backward()?;
-        let g: Vec<Option<Tensor>> = params
-            .iter()
-            .map(|(_, v)| grads.get(v.as_tensor()).cloned())
-            .collect();
+        let vars: Vec<_> = params.iter().map(|(_, v)| v.clone()).collect();
+        let (_, _, g) = batch_gradients(
+            &peft,
+            &batch_data,
+            1.0 / (batch * seq - batch) as f64,
+            &vars,
+            checkpointing,
+        )?;
         opt.step(&g)?;
         if step >= warmup {
             times.push(t.elapsed().as_secs_f64());
@@ -110,6 +115,7 @@ fn main() -> anyhow::Result<()> {
             "model": model_path,
             "dtype": "f32",
             "frozen_weight_protection": protected,
+            "gradient_checkpointing": checkpointing,
             "batch": batch,
             "seq": seq,
             "rank": rank,
@@ -118,6 +124,7 @@ fn main() -> anyhow::Result<()> {
             "step_s_median": median,
             "tokens_per_s": (batch * seq) as f64 / median,
             "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_after_load_mb": rss_after_load,
             "trainable_params": trainable,
             "total_params": total,
         })

@@ -147,6 +147,21 @@ pub struct Model {
     device: Device,
 }
 
+/// A forward pass that kept only each layer's input (see
+/// [`Model::hidden_states_checkpointed`]).
+pub struct Checkpointed {
+    /// Final-norm hidden states `[batch, seq, hidden]`; their graph starts at the last
+    /// layer's output.
+    pub hidden: Tensor,
+    top: candle_core::Var,
+    /// The embedded input, with its graph (prompt or embedding adapters get gradients).
+    embedded: Tensor,
+    inputs: Vec<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+}
+
 /// Everything [`Model::new`] needs, by Hugging Face names.
 pub struct ModelWeights {
     pub embed_tokens: Tensor,
@@ -451,6 +466,81 @@ impl Model {
 
     /// Final-norm hidden states `[batch, seq, hidden]` (what the head is applied to).
     pub fn hidden_states(&self, args: Forward<'_>) -> Result<Tensor> {
+        Ok(self.run_layers(args, false)?.0)
+    }
+
+    /// [`hidden_states`](Self::hidden_states) with gradient checkpointing: each layer runs
+    /// without keeping its activations (only its input, `[batch, seq, hidden]`, is kept), and
+    /// [`backward_checkpointed`](Self::backward_checkpointed) recomputes them one layer at a
+    /// time. Peak memory drops from every layer's activations to one layer's, for one extra
+    /// forward pass. Not with a KV cache.
+    pub fn hidden_states_checkpointed(&self, args: Forward<'_>) -> Result<Checkpointed> {
+        let (_, ck) = self.run_layers(args, true)?;
+        Ok(ck.expect("run_layers keeps the checkpoints when asked"))
+    }
+
+    /// The gradients of `loss` (a scalar computed from `ck.hidden`) for `vars`, recomputing
+    /// every layer's activations from its kept input, last layer first.
+    pub fn backward_checkpointed(
+        &self,
+        ck: Checkpointed,
+        loss: &Tensor,
+        vars: &[candle_core::Var],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        // candle leaves the gradients of leaves attached to the graph that made them (which
+        // references the forward activations): detach, or every recomputed layer stays alive
+        // and the next layer's backward walks through it again.
+        let add = |grads: &mut Vec<Option<Tensor>>, store: &candle_core::backprop::GradStore| {
+            for (slot, var) in grads.iter_mut().zip(vars) {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + g)?.detach(),
+                        None => g.detach(),
+                    });
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        let top = loss.backward()?;
+        add(&mut grads, &top)?;
+        let Some(mut g) = top.get(ck.top.as_tensor()).map(Tensor::detach) else {
+            return Ok(grads);
+        };
+        drop(top);
+        for (i, input) in ck.inputs.iter().enumerate().rev() {
+            let x = candle_core::Var::from_tensor(input)?;
+            let y = self.layer_forward(
+                i,
+                &self.layers[i],
+                x.as_tensor(),
+                &ck.cos,
+                &ck.sin,
+                ck.mask.as_ref(),
+                None,
+            )?;
+            // d/dy of sum(y ⊙ g) is g: the layer's backward with the incoming gradient.
+            let store = (y * &g)?.sum_all()?.backward()?;
+            add(&mut grads, &store)?;
+            g = store
+                .get(x.as_tensor())
+                .map(Tensor::detach)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("layer {i}: no gradient reached its input"))
+                })?;
+        }
+        if ck.embedded.track_op() {
+            let store = (&ck.embedded * &g)?.sum_all()?.backward()?;
+            add(&mut grads, &store)?;
+        }
+        Ok(grads)
+    }
+
+    fn run_layers(
+        &self,
+        args: Forward<'_>,
+        checkpoint: bool,
+    ) -> Result<(Tensor, Option<Checkpointed>)> {
         let Forward {
             input,
             attention_mask,
@@ -508,6 +598,37 @@ impl Model {
             },
             &self.device,
         )?;
+        if checkpoint {
+            if cache.is_some() {
+                return Err(Error::InvalidArgument(
+                    "gradient checkpointing cannot be combined with a KV cache".into(),
+                ));
+            }
+            let embedded = x;
+            let mut inputs = Vec::with_capacity(self.layers.len());
+            let mut x = embedded.detach();
+            for (i, layer) in self.layers.iter().enumerate() {
+                inputs.push(x.clone());
+                // The graph built here is dropped with `detach`: only the output is kept.
+                x = self
+                    .layer_forward(i, layer, &x, &cos, &sin, mask.as_ref(), None)?
+                    .detach();
+            }
+            let top = candle_core::Var::from_tensor(&x)?;
+            let hidden = self.norm.forward(top.as_tensor())?;
+            return Ok((
+                hidden.clone(),
+                Some(Checkpointed {
+                    hidden,
+                    top,
+                    embedded,
+                    inputs,
+                    cos,
+                    sin,
+                    mask,
+                }),
+            ));
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             x = self.layer_forward(
                 i,
@@ -522,7 +643,7 @@ impl Model {
         if let Some(c) = cache {
             c.commit(seq, new_mask, batch)?;
         }
-        self.norm.forward(&x)
+        Ok((self.norm.forward(&x)?, None))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -148,11 +148,8 @@ fn load_projection(
     get: &dyn Fn(&str, &[usize]) -> Result<Tensor>,
 ) -> Result<FrozenLinear> {
     if bnb::is_bnb_4bit(source, name) {
-        require_cpu(device, name)?;
-        return Ok(FrozenLinear::quantized(
-            Arc::new(bnb::load_nf4(source, name, expected, dtype)?),
-            None,
-        ));
+        let q = bnb::load_nf4(source, name, expected, dtype)?.to_device(device)?;
+        return Ok(FrozenLinear::quantized(Arc::new(q), None));
     }
     if let Some(q) = source.load_quantized(name, dtype, quantization)? {
         if q.shape() != (expected[0], expected[1]) {
@@ -167,7 +164,6 @@ fn load_projection(
     }
     match quantization {
         Quantization::Nf4 { double_quant } => {
-            require_cpu(device, name)?;
             let dense = get(name, expected)?;
             let q = Nf4Weight::quantize(&dense, double_quant)?;
             Ok(FrozenLinear::quantized(Arc::new(q), None))
@@ -175,16 +171,6 @@ fn load_projection(
         Quantization::None | Quantization::KeepGguf => {
             Ok(FrozenLinear::new(get(name, expected)?, None))
         }
-    }
-}
-
-fn require_cpu(device: &Device, name: &str) -> Result<()> {
-    if device.is_cpu() {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "`{name}`: NF4 layers run on the CPU only so far; load with device Cpu"
-        )))
     }
 }
 

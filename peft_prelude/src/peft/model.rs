@@ -14,7 +14,7 @@ use super::saved::{SavedEmbedding, SavedLinear};
 use super::switch::AdapterSwitch;
 use super::targets::{pattern_value, select};
 use crate::error::{Error, Result};
-use crate::model::{Forward, FrozenLinear, Linear, Model};
+use crate::model::{Checkpointed, Forward, FrozenLinear, Linear, Model};
 use crate::rng::Rng;
 
 /// PEFT's name for the adapter `get_peft_model` creates.
@@ -179,6 +179,39 @@ impl PeftModel {
         };
         debug_assert_eq!(hidden.dims()[..2], [batch, seq]);
         Ok(Some((hidden, head.clone())))
+    }
+
+    /// [`hidden_for_loss`](Self::hidden_for_loss) with gradient checkpointing (see
+    /// [`Model::hidden_states_checkpointed`]); finish with
+    /// [`backward_checkpointed`](Self::backward_checkpointed). `None` where
+    /// `hidden_for_loss` is `None`.
+    pub fn hidden_for_loss_checkpointed(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+        segments: Option<&Tensor>,
+    ) -> Result<Option<(Checkpointed, Tensor)>> {
+        let Some(head) = self.model.frozen_head_weight() else {
+            return Ok(None);
+        };
+        if self.acting_prompt().is_some() {
+            return Ok(None);
+        }
+        let ck = self
+            .model
+            .hidden_states_checkpointed(token_inputs(ids, mask, positions, segments))?;
+        Ok(Some((ck, head.clone())))
+    }
+
+    /// The gradients of `loss` for `vars` after a checkpointed forward.
+    pub fn backward_checkpointed(
+        &self,
+        ck: Checkpointed,
+        loss: &Tensor,
+        vars: &[Var],
+    ) -> Result<Vec<Option<Tensor>>> {
+        self.model.backward_checkpointed(ck, loss, vars)
     }
 
     fn forward_inputs(

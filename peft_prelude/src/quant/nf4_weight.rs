@@ -20,7 +20,8 @@ pub struct Nf4Weight {
 
 impl Nf4Weight {
     /// Quantizes a dense `[out, in]` weight as bitsandbytes' `quantize_4bit(w, 64, "nf4",
-    /// compress_statistics=double_quant)` does; outputs will be in `w`'s dtype.
+    /// compress_statistics=double_quant)` does; outputs will be in `w`'s dtype, and the
+    /// result lives on `w`'s device (the quantization itself runs on the CPU).
     pub fn quantize(w: &Tensor, double_quant: bool) -> Result<Self> {
         let (rows, cols) = w.dims2()?;
         let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -33,7 +34,10 @@ impl Nf4Weight {
         };
         let n = packed.len();
         let packed = Tensor::from_vec(packed, n, &Device::Cpu)?;
-        let matrix = Nf4Matrix::new(packed, absmax, NF4_CODE, BLOCKSIZE, rows, cols)?;
+        let mut matrix = Nf4Matrix::new(packed, absmax, NF4_CODE, BLOCKSIZE, rows, cols)?;
+        if !w.device().is_cpu() {
+            matrix = matrix.to_device(w.device())?;
+        }
         Ok(Nf4Weight {
             matrix: Arc::new(matrix),
             dtype: w.dtype(),
@@ -51,6 +55,14 @@ impl Nf4Weight {
         &self.matrix
     }
 
+    /// The same weight with its codes and scales on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Nf4Weight {
+            matrix: Arc::new(self.matrix.to_device(device)?),
+            dtype: self.dtype,
+        })
+    }
+
     pub fn is_double_quant(&self) -> bool {
         matches!(self.matrix.absmax(), Absmax::Nested { .. })
     }
@@ -66,7 +78,7 @@ impl QuantizedWeight for Nf4Weight {
     }
 
     fn device(&self) -> Device {
-        Device::Cpu
+        self.matrix.device().clone()
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -74,7 +86,7 @@ impl QuantizedWeight for Nf4Weight {
     }
 
     fn dequantize(&self) -> Result<Tensor> {
-        Ok(self.matrix.dequantize()?.to_dtype(self.dtype)?)
+        Ok(self.matrix.dequantize_to(self.dtype)?)
     }
 
     fn requantize(&self, dense: &Tensor) -> Result<Arc<dyn QuantizedWeight>> {

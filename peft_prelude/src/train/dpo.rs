@@ -442,11 +442,13 @@ impl DpoTrainer {
                 };
                 let (loss, metrics) = dpo_loss(&logps, &self.config)?;
                 let step_grads = (loss / accum as f64)?.backward()?;
+                // Detached: candle keeps leaf gradients attached to the graph (and its
+                // activations) until they are dropped.
                 for (slot, var) in grads.iter_mut().zip(&params) {
                     if let Some(g) = step_grads.get(var.as_tensor()) {
                         *slot = Some(match slot.take() {
-                            Some(acc) => (acc + g)?,
-                            None => g.clone(),
+                            Some(acc) => (acc + g)?.detach(),
+                            None => g.detach(),
                         });
                     }
                 }

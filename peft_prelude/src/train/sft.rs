@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::args::TrainingArgs;
@@ -246,17 +246,20 @@ impl SftTrainer {
                 if batch.num_label_tokens == 0 {
                     continue;
                 }
-                let (loss, count) = batch_loss(&self.model, batch)?;
                 // Hugging Face's accumulation: every token of the step weighs the same.
-                let weight = count as f64 / label_tokens.max(1) as f64;
-                let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                let (loss_value, count, step_grads) = batch_gradients(
+                    &self.model,
+                    batch,
+                    1.0 / label_tokens.max(1) as f64,
+                    &params,
+                    self.args.gradient_checkpointing,
+                )?;
                 loss_sum += loss_value * count as f64;
-                let step_grads = (loss * weight)?.backward()?;
-                for (slot, var) in grads.iter_mut().zip(&params) {
-                    if let Some(g) = step_grads.get(var.as_tensor()) {
+                for (slot, g) in grads.iter_mut().zip(step_grads) {
+                    if let Some(g) = g {
                         *slot = Some(match slot.take() {
                             Some(acc) => (acc + g)?,
-                            None => g.clone(),
+                            None => g,
                         });
                     }
                 }
@@ -505,26 +508,71 @@ pub fn batch_loss(model: &PeftModel, batch: &Batch) -> Result<(Tensor, usize)> {
         batch.segment_ids.as_ref(),
     )?;
     if let Some((hidden, head)) = fused {
-        let t = hidden.dim(1)?;
-        if t < 2 {
-            return Err(Error::InvalidArgument(
-                "a causal-LM loss needs at least 2 positions".into(),
-            ));
-        }
-        let h = hidden.narrow(1, 0, t - 1)?;
-        let labels = batch.labels.narrow(1, 1, t - 1)?.contiguous()?;
-        let head = head.to_dtype(h.dtype())?;
-        return peft_kernels::fused_linear_cross_entropy(
-            &h,
-            &head,
-            &labels,
-            peft_kernels::cross_entropy::DEFAULT_CHUNK,
-        )
-        .map_err(|e| match e.to_string() {
-            m if m.contains("ignored") => Error::InvalidArgument(m),
-            _ => Error::Candle(e),
-        });
+        return fused_head_loss(&hidden, &head, &batch.labels);
     }
+    logits_loss(model, batch)
+}
+
+/// The batch's mean loss (as [`batch_loss`]), the number of tokens it averages, and the
+/// gradients of `loss · count · weight` for `params` (in their order; `None` where none
+/// arrives). With `checkpointing`, each layer's activations are recomputed in backward
+/// instead of kept (models with a prompt-learning method or an adapted head take the
+/// ordinary path).
+pub fn batch_gradients(
+    model: &PeftModel,
+    batch: &Batch,
+    weight: f64,
+    params: &[Var],
+    checkpointing: bool,
+) -> Result<(f64, usize, Vec<Option<Tensor>>)> {
+    let (ids, mask) = (&batch.input_ids, batch.attention_mask.as_ref());
+    let (positions, segments) = (batch.position_ids.as_ref(), batch.segment_ids.as_ref());
+    if checkpointing {
+        if let Some((ck, head)) =
+            model.hidden_for_loss_checkpointed(ids, mask, positions, segments)?
+        {
+            let (loss, count) = fused_head_loss(&ck.hidden, &head, &batch.labels)?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let scaled = (loss * (count as f64 * weight))?;
+            let grads = model.backward_checkpointed(ck, &scaled, params)?;
+            return Ok((value, count, grads));
+        }
+    }
+    let (loss, count) = batch_loss(model, batch)?;
+    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let store = (loss * (count as f64 * weight))?.backward()?;
+    // Detached: candle keeps leaf gradients attached to the graph (and its activations).
+    let grads = params
+        .iter()
+        .map(|v| store.get(v.as_tensor()).map(Tensor::detach))
+        .collect();
+    Ok((value, count, grads))
+}
+
+/// The frozen head fused into a chunked cross-entropy over next-token labels.
+fn fused_head_loss(hidden: &Tensor, head: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+    let t = hidden.dim(1)?;
+    if t < 2 {
+        return Err(Error::InvalidArgument(
+            "a causal-LM loss needs at least 2 positions".into(),
+        ));
+    }
+    let h = hidden.narrow(1, 0, t - 1)?;
+    let labels = labels.narrow(1, 1, t - 1)?.contiguous()?;
+    let head = head.to_dtype(h.dtype())?;
+    peft_kernels::fused_linear_cross_entropy(
+        &h,
+        &head,
+        &labels,
+        peft_kernels::cross_entropy::DEFAULT_CHUNK,
+    )
+    .map_err(|e| match e.to_string() {
+        m if m.contains("ignored") => Error::InvalidArgument(m),
+        _ => Error::Candle(e),
+    })
+}
+
+fn logits_loss(model: &PeftModel, batch: &Batch) -> Result<(Tensor, usize)> {
     let logits = model.forward_for_loss(
         &batch.input_ids,
         batch.attention_mask.as_ref(),
