@@ -1,9 +1,11 @@
 //! Greedy decoding throughput with the KV cache, batch 1, as one JSON line.
 //!
 //! ```text
-//! cargo run --release -p peft_prelude --example bench_decode -- [MODEL] [NEW_TOKENS] [RUNS]
+//! cargo run --release -p peft_prelude --example bench_decode -- [MODEL] [NEW_TOKENS] [RUNS] [BASE]
 //! ```
 //! MODEL defaults to the SmolLM2-135M-Instruct GGUF fetched by `scripts/fetch-smollm2.sh`.
+//! BASE: `dense-f32` (default: every weight dequantized to f32 at load) or `gguf-kept` (the
+//! projections stay in the file's GGML types and run as quantized matmuls on Q8 activations).
 //! Thread count: `RAYON_NUM_THREADS` (default: all cores).
 
 use std::time::Instant;
@@ -11,6 +13,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use peft_prelude::generate::sampling::argmax;
 use peft_prelude::model::{Forward, LoadOptions, Pretrained};
+use peft_prelude::quant::Quantization;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -25,9 +28,18 @@ fn main() -> anyhow::Result<()> {
     });
     let new_tokens: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(64);
     let runs: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let base = args.next().unwrap_or_else(|| "dense-f32".into());
+    let quantization = match base.as_str() {
+        "dense-f32" => Quantization::None,
+        "gguf-kept" => Quantization::KeepGguf,
+        other => anyhow::bail!("BASE is dense-f32 or gguf-kept, got {other}"),
+    };
 
     let t0 = Instant::now();
-    let p = Pretrained::load(&model_path, &LoadOptions::default())?;
+    let p = Pretrained::load(
+        &model_path,
+        &LoadOptions::default().with_quantization(quantization),
+    )?;
     let load_s = t0.elapsed().as_secs_f64();
     let prompt = p
         .tokenizer
@@ -61,14 +73,14 @@ fn main() -> anyhow::Result<()> {
         .linear_paths()
         .iter()
         .filter_map(|path| p.model.linear(path).ok())
-        .map(|l| l.base().num_params() * 4)
+        .map(|l| l.base().weight_bytes())
         .sum();
     println!(
         "{}",
         serde_json::json!({
             "bench": "greedy_decode",
             "model": model_path,
-            "weights": "f32 (dequantized at load)",
+            "base": base,
             "threads": rayon::current_num_threads(),
             "prompt_tokens": prompt.len(),
             "new_tokens": new_tokens,

@@ -1,5 +1,5 @@
-//! Datasets of JSON rows: files (JSON array, JSONL), hub dataset repos, in-memory rows; with
-//! map, filter, shuffle, select and train/test split.
+//! Datasets of JSON rows: files (JSON array, JSONL, Parquet), hub dataset repos, in-memory
+//! rows; with map, filter, shuffle, select and train/test split.
 
 use std::path::Path;
 
@@ -103,14 +103,56 @@ impl Dataset {
         Ok(Dataset { rows })
     }
 
+    /// A data file by its extension: `.parquet` through [`from_parquet_file`](Self::from_parquet_file),
+    /// anything else as JSON / JSONL.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+        {
+            Self::from_parquet_file(path)
+        } else {
+            Self::from_json_file(path)
+        }
+    }
+
+    /// A Parquet file (as the hub's converted dataset splits): one row per record, columns
+    /// as fields (strings, numbers, booleans, lists and structs become JSON values).
+    pub fn from_parquet_file(path: impl AsRef<Path>) -> Result<Self> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let reader = SerializedFileReader::new(file)
+            .map_err(|e| Error::corrupt(path, format!("not a readable Parquet file: {e}")))?;
+        let rows = reader
+            .get_row_iter(None)
+            .map_err(|e| Error::corrupt(path, format!("cannot read the rows: {e}")))?;
+        let mut out = Vec::new();
+        for (i, row) in rows.enumerate() {
+            let row = row.map_err(|e| Error::corrupt(path, format!("row {i}: {e}")))?;
+            match row.to_json_value() {
+                Value::Object(m) => out.push(m),
+                other => {
+                    return Err(Error::corrupt(
+                        path,
+                        format!("row {i} is not a record: {other}"),
+                    ))
+                }
+            }
+        }
+        Ok(Dataset { rows: out })
+    }
+
     /// A dataset repository on the hub (e.g. `yahma/alpaca-cleaned` with
-    /// `alpaca_data_cleaned.json`), through the standard Hugging Face cache.
+    /// `alpaca_data_cleaned.json`, or a `.parquet` split), through the standard Hugging Face
+    /// cache.
     pub fn from_hub(repo: &str, file: &str) -> Result<Self> {
         let options = crate::model::HubOptions::from_env();
         let cache = hf_hub::Cache::new(options.cache_dir.clone());
         let repo_ref = hf_hub::Repo::new(repo.to_string(), hf_hub::RepoType::Dataset);
         if let Some(path) = cache.repo(repo_ref.clone()).get(file) {
-            return Self::from_json_file(path);
+            return Self::from_file(path);
         }
         if options.offline {
             return Err(Error::Hub(format!(
@@ -126,7 +168,7 @@ impl Dataset {
             .repo(repo_ref)
             .get(file)
             .map_err(|e| Error::Hub(format!("dataset {repo}: cannot fetch `{file}`: {e}")))?;
-        Self::from_json_file(path)
+        Self::from_file(path)
     }
 
     pub fn len(&self) -> usize {
