@@ -5,6 +5,7 @@
 //! and return ordinary tensors on any device and pick the implementation from the device.
 
 pub mod adamw;
+pub mod attention;
 mod common;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]

@@ -488,13 +488,13 @@ pub fn nf4_linear(x: &Tensor, w: &Arc<Nf4Matrix>) -> Result<Tensor> {
             w.device()
         )
     }
-    if !x.device().is_cpu() {
+    let m = x.elem_count() / k.max(1);
+    if !x.device().is_cpu() || m >= DENSE_MIN_ROWS {
         return nf4_linear_dequantized(x, w);
     }
     let x = x.to_dtype(DType::F32)?;
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank >= 1 checked by dim") = w.rows;
-    let m = x.elem_count() / k.max(1);
     let xs = x.detach().flatten_all()?.to_vec1::<f32>()?;
     let y = w.with_packed(|p| w.forward_cpu(p, &xs, m))?;
     let y = Tensor::from_vec(y, out_dims, &Device::Cpu)?;
@@ -509,9 +509,16 @@ pub fn nf4_linear(x: &Tensor, w: &Arc<Nf4Matrix>) -> Result<Tensor> {
     })
 }
 
-/// `nf4_linear` on a GPU: the layer is dequantized into a transient dense weight of `x`'s
-/// dtype and multiplied by cuBLAS; the backward dequantizes it again rather than keeping it,
-/// so only one layer is ever dense (the QLoRA trade: a cheap dequantize against 4x memory).
+/// From this many input rows on (training batches, prefill), the CPU dequantizes the layer
+/// and runs one GEMM instead of the tiled kernel: the dequantize costs O(rows·cols) against
+/// the GEMM's O(m·rows·cols), and the GEMM library is far faster than the tiled kernel. Below
+/// it (decoding), the tiled kernel never holds the layer dense.
+pub const DENSE_MIN_ROWS: usize = 16;
+
+/// `nf4_linear` for GPUs and large batches: the layer is dequantized into a transient dense
+/// weight of `x`'s dtype and multiplied by the device's GEMM (cuBLAS, gemm); the backward
+/// dequantizes it again rather than keeping it, so only one layer is ever dense (the QLoRA
+/// trade: a cheap dequantize against 4x memory).
 fn nf4_linear_dequantized(x: &Tensor, w: &Arc<Nf4Matrix>) -> Result<Tensor> {
     let dense = w.dequantize_to(x.dtype())?;
     let y = crate::frozen::matmul_t(&x.detach(), &dense)?;

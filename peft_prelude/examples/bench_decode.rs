@@ -17,7 +17,7 @@ use peft_prelude::quant::Quantization;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let model_path = args.next().unwrap_or_else(|| {
+    let model_path = args.next().filter(|s| !s.is_empty()).unwrap_or_else(|| {
         let dir = std::env::var("PEFT_MODELS_DIR").unwrap_or_else(|_| {
             format!(
                 "{}/.cache/peft-models",

@@ -3,12 +3,17 @@
 //!
 //! ```text
 //! cargo run --release -p peft_prelude --example bench_lora_step -- [--batch 4] [--seq 256]
-//!     [--steps 8] [--warmup 2] [--rank 16] [--unprotected] [--gradient-checkpointing] [--model PATH]
+//!     [--steps 8] [--warmup 2] [--rank 16] [--unprotected] [--gradient-checkpointing]
+//!     [--base dense-f32|nf4|gguf-kept] [--model PATH]
 //! ```
 //! Default: SmolLM2-135M-Instruct (the GGUF fetched by `scripts/fetch-smollm2.sh`, weights
 //! dequantized to f32), LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, AdamW lr 2e-4.
 //! `--unprotected` lets candle compute and keep gradients for the frozen weights (its default
 //! matmul backward), to measure what the frozen-weight protection saves.
+//! `--gradient-checkpointing` keeps only each layer's input and recomputes its activations in
+//! backward. `--base`: the frozen projections dense in f32 (default), NF4 with double
+//! quantization (QLoRA; dequantized tile by tile into f32 matmuls), or kept in the GGUF's own
+//! types (`gguf-kept`: Q4_1 here, multiplied by candle's integer-dot kernels on Q8 activations).
 
 use std::time::Instant;
 
@@ -16,6 +21,7 @@ use candle_core::Device;
 use peft_prelude::data::{pad_batch, Example};
 use peft_prelude::model::{LoadOptions, Pretrained};
 use peft_prelude::peft::{get_peft_model, LoraConfig};
+use peft_prelude::quant::Quantization;
 use peft_prelude::train::sft::batch_gradients;
 use peft_prelude::train::{AdamW, AdamWConfig};
 
@@ -37,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         (4usize, 256usize, 8usize, 2usize, 16usize);
     let mut protected = true;
     let mut checkpointing = false;
+    let mut base = "dense-f32".to_string();
     let mut model_path = format!(
         "{}/SmolLM2-135M-Instruct.Q4_1.gguf",
         std::env::var("PEFT_MODELS_DIR").unwrap_or_else(|_| format!(
@@ -58,11 +65,21 @@ fn main() -> anyhow::Result<()> {
             "--model" => model_path = value()?,
             "--unprotected" => protected = false,
             "--gradient-checkpointing" => checkpointing = true,
+            "--base" => base = value()?,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
     peft_kernels::frozen::set_weight_gradient_protection(protected);
-    let p = Pretrained::load(&model_path, &LoadOptions::default())?;
+    let quantization = match base.as_str() {
+        "dense-f32" => Quantization::None,
+        "nf4" => Quantization::QLORA,
+        "gguf-kept" => Quantization::KeepGguf,
+        other => anyhow::bail!("--base is dense-f32, nf4 or gguf-kept, got {other}"),
+    };
+    let p = Pretrained::load(
+        &model_path,
+        &LoadOptions::default().with_quantization(quantization),
+    )?;
     let vocab = p.model.config().vocab_size as u32;
     let rss_after_load = peak_rss_mb();
     let peft = get_peft_model(p.model, LoraConfig::all_projections(rank, rank as f64))?;
@@ -114,6 +131,7 @@ fn main() -> anyhow::Result<()> {
             "bench": "lora_train_step",
             "model": model_path,
             "dtype": "f32",
+            "base": base,
             "frozen_weight_protection": protected,
             "gradient_checkpointing": checkpointing,
             "batch": batch,

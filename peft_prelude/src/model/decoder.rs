@@ -2,12 +2,12 @@
 //! SwiGLU MLP, final norm, tied or untied head. Logits for every position; every op
 //! differentiable; every projection reachable by its Hugging Face module path.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::linear::{FrozenLinear, Linear};
-use super::norm::{accumulation_dtype, RmsNorm};
+use super::norm::RmsNorm;
 use super::rope::Rope;
 use crate::error::{Error, Result};
 
@@ -455,12 +455,16 @@ impl Model {
     }
 
     /// The output head's dense weight `[vocab, hidden]` when the head is a plain frozen
-    /// projection (no adapter on it): losses can then fuse the head into the cross-entropy.
-    pub fn frozen_head_weight(&self) -> Option<&Tensor> {
+    /// projection (no adapter on it): losses can then fuse the head into the cross-entropy. A
+    /// quantized head is dequantized (transiently: the caller drops it after the loss).
+    pub fn frozen_head_weight(&self) -> Option<Tensor> {
         let head = self.lm_head.as_any().downcast_ref::<FrozenLinear>()?;
+        if head.bias().is_some() {
+            return None;
+        }
         match head.frozen_weight() {
-            super::linear::FrozenWeight::Dense(w) if head.bias().is_none() => Some(w),
-            _ => None,
+            super::linear::FrozenWeight::Dense(w) => Some(w.clone()),
+            super::linear::FrozenWeight::Quantized(q) => q.dequantize().ok(),
         }
     }
 
@@ -708,24 +712,14 @@ impl Model {
             Some(cache) => cache.append(index, k, v)?,
             None => (k, v),
         };
-        let s = k.dim(2)?;
         // Grouped-query attention without copying K/V: query head h uses kv head h / groups
         // (repeat_interleave), so view q as [b, kv_heads, groups * t, d].
         let groups = c.kv_groups();
         let q = q.reshape((b, kv_heads, groups * t, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(accumulation_dtype(q.dtype()))?;
-        let scores = match mask {
-            Some(m) => peft_kernels::frozen::add_const(
-                &scores.reshape((b, kv_heads, groups, t, s))?,
-                &m.to_dtype(scores.dtype())?.unsqueeze(1)?,
-            )?
-            .reshape((b, kv_heads, groups * t, s))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
+        // Keeps q, k, v, the output and one log-sum-exp per query for the backward, not the
+        // [queries, keys] scores and probabilities.
+        let out = peft_kernels::attention::attention(&q, &k, &v, mask, groups, scale)?
             .reshape((b, heads, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, heads * d))?;

@@ -8,7 +8,8 @@ use candle_core::{DType, Device};
 use super::config::ModelConfig;
 use super::decoder::{Model, ModelWeights};
 use super::gguf::{GgufFile, GgufSource};
-use super::weights::{load_model_weights_quantized, SafetensorsSource};
+use super::linear::FrozenLinear;
+use super::weights::{load_model_weights_quantized, SafetensorsSource, WeightSource};
 use crate::error::{Error, Result};
 use crate::generate::GenerationConfig;
 use crate::quant::bnb::BnbConfig;
@@ -124,8 +125,25 @@ impl Pretrained {
         )?;
         let tokenizer = Tokenizer::from_gguf(file.content(), file.path())?;
         let generation_config = GenerationConfig::for_model(&config, &tokenizer, None)?;
+        let mut model = Model::new(config.clone(), weights)?;
+        if options.quantization == Quantization::KeepGguf {
+            // The head is the largest single matrix (a fifth of SmolLM2): keep it in the file's
+            // type too, so decoding reads 4-8 bits per weight instead of 32. The embedding
+            // lookup keeps its dense table.
+            let source = GgufSource::new(&file, &config);
+            let name = if source.contains("lm_head.weight") {
+                "lm_head.weight"
+            } else {
+                "model.embed_tokens.weight"
+            };
+            if let Some(q) = source.load_quantized(name, options.dtype, options.quantization)? {
+                model.replace_linear("lm_head", |_| {
+                    Ok(Box::new(FrozenLinear::quantized(q, None)))
+                })?;
+            }
+        }
         Ok(Pretrained {
-            model: Model::new(config, weights)?,
+            model,
             tokenizer,
             generation_config,
             source: file.path().to_path_buf(),

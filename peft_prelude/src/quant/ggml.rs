@@ -1,8 +1,10 @@
 //! A GGUF tensor (Q4_0, Q4_1, Q4_K, Q8_0 …) kept quantized as a frozen projection.
 //!
-//! The forward is candle's quantized matmul (which quantizes the activations to Q8 inside, so
-//! results differ slightly from a dense matmul of the dequantized weight); the backward
-//! dequantizes the layer transiently for `dx = dy · W` and computes nothing for `W`.
+//! For a few rows (decoding) the forward is candle's quantized matmul (which quantizes the
+//! activations to Q8 inside, so results differ slightly from a dense matmul of the dequantized
+//! weight); for batches (training, prefill) the layer is dequantized transiently and multiplied
+//! by the f32 GEMM. The backward dequantizes the layer transiently for `dx = dy · W` and
+//! computes nothing for `W`.
 
 use std::any::Any;
 use std::borrow::Cow;
@@ -99,10 +101,19 @@ impl QuantizedWeight for GgmlWeight {
             )));
         }
         let x32 = x.to_dtype(DType::F32)?;
-        let y = x32
-            .detach()
-            .contiguous()?
-            .apply_op1_no_bwd(self.qtensor.as_ref())?;
+        let rows = x32.elem_count() / in_f.max(1);
+        let y = if rows >= peft_kernels::nf4::DENSE_MIN_ROWS {
+            // Training batches and prefill: dequantize the layer once and run one f32 GEMM,
+            // which is many times faster than per-row integer dot products at this size (and
+            // does not round the activations to Q8).
+            let w = self.qtensor.dequantize(x32.device())?;
+            peft_kernels::frozen::matmul_t(&x32.detach(), &w)?
+        } else {
+            // Decoding: candle's integer-dot kernels on Q8 activations, never dense.
+            x32.detach()
+                .contiguous()?
+                .apply_op1_no_bwd(self.qtensor.as_ref())?
+        };
         let q = Arc::clone(&self.qtensor);
         let y = peft_kernels::frozen::reattach(&x32, y, move |g| {
             // One layer dense at a time, only during its backward.
