@@ -2,7 +2,8 @@
 # CI's check of the CUDA path on a machine without a GPU or a CUDA toolkit (see
 # /work/shared/notes/cuda.md and kernels/README.md):
 #
-#   1. `cargo clippy -p peft-kernels` and `cargo check -p peft_prelude`, `--features cuda`, with a stub nvcc (recipe A):
+#   1. `cargo clippy -p peft-kernels` and `cargo clippy -p peft_prelude --lib --examples` (the GPU
+#      check included), `--features cuda`, with a stub nvcc (recipe A):
 #      type-checks every CUDA launcher against candle's and cudarc's real APIs. The stub writes
 #      empty PTX, so this build must never run: it has its own target dir.
 #   2. `nvcc --ptx` of every kernels/cuda/*.cu for sm_80 and sm_90 with the real nvcc 13.4 from
@@ -51,8 +52,8 @@ STUB
   t0=$SECONDS
   env -u CUDA_HOME -u NVCC PATH="$stub:$PATH" CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13040 \
     CARGO_TARGET_DIR="$cache/peft-target-cuda-check" \
-    cargo check -p peft_prelude --features cuda
-  echo "cuda-check: cargo check -p peft_prelude --features cuda (stub nvcc) took $((SECONDS - t0)) s"
+    cargo clippy -p peft_prelude --features cuda --lib --examples -- -D warnings
+  echo "cuda-check: cargo clippy -p peft_prelude --features cuda --lib --examples (stub nvcc) took $((SECONDS - t0)) s"
 }
 
 ptx_check() {

@@ -11,6 +11,7 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod frozen;
+pub mod ggml_matvec;
 pub mod lora;
 pub mod rmsnorm;
 pub mod rope;

@@ -1,8 +1,9 @@
 //! A GGUF tensor (Q4_0, Q4_1, Q4_K, Q8_0 …) kept quantized as a frozen projection.
 //!
-//! For a few rows (decoding) the forward is candle's quantized matmul (which quantizes the
-//! activations to Q8 inside, so results differ slightly from a dense matmul of the dequantized
-//! weight); for batches (training, prefill) the layer is dequantized transiently and multiplied
+//! For a few rows (decoding) the forward reads the packed blocks directly: our kernel for
+//! Q4_0/Q4_1/Q8_0 (f32 activations), candle's quantized matmul for the other types (which
+//! quantizes the activations to Q8 inside, so results differ slightly from a dense matmul of
+//! the dequantized weight); for batches (training, prefill) the layer is dequantized transiently and multiplied
 //! by the f32 GEMM. The backward dequantizes the layer transiently for `dx = dy · W` and
 //! computes nothing for `W`.
 
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor, D};
+use peft_kernels::ggml_matvec::BlockFormat;
 
 use super::QuantizedWeight;
 use crate::error::{Error, Result};
@@ -44,6 +46,16 @@ impl GgmlWeight {
 
     pub fn qtensor(&self) -> &QTensor {
         &self.qtensor
+    }
+
+    /// The formats our decoding kernel reads directly.
+    fn block_format(&self) -> Option<BlockFormat> {
+        match self.qtensor.dtype() {
+            GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
+            GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
+            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+            _ => None,
+        }
     }
 
     pub fn ggml_dtype(&self) -> GgmlDType {
@@ -108,8 +120,21 @@ impl QuantizedWeight for GgmlWeight {
             // does not round the activations to Q8).
             let w = self.qtensor.dequantize(x32.device())?;
             peft_kernels::frozen::matmul_t(&x32.detach(), &w)?
+        } else if let (Some(format), true) = (self.block_format(), x32.device().is_cpu()) {
+            // Decoding: our kernel streams the packed rows once (bandwidth-bound).
+            let (out_dims, xs) = {
+                let mut d = x32.dims().to_vec();
+                *d.last_mut().expect("rank >= 1") = out_f;
+                (d, x32.flatten_all()?.to_vec1::<f32>()?)
+            };
+            let data = self.qtensor.data()?;
+            let y = peft_kernels::ggml_matvec::matmul_t(&xs, rows, in_f, &data, out_f, format)
+                .map_err(|e| {
+                    Error::InvalidArgument(format!("{:?} layer: {e}", self.ggml_dtype()))
+                })?;
+            Tensor::from_vec(y, out_dims, x32.device())?
         } else {
-            // Decoding: candle's integer-dot kernels on Q8 activations, never dense.
+            // Other types: candle's integer-dot kernels on Q8 activations, never dense.
             x32.detach()
                 .contiguous()?
                 .apply_op1_no_bwd(self.qtensor.as_ref())?
