@@ -99,6 +99,8 @@ impl TrainingArgs {
             lr_scheduler_type: SchedulerType::Linear,
             seed: 3407,
             max_seq_length: 2048,
+            // The reference notebook's `use_gradient_checkpointing`.
+            gradient_checkpointing: true,
             ..Default::default()
         }
     }
