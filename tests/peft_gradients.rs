@@ -430,7 +430,9 @@ fn modules_to_save_train_copies_of_the_head_and_embeddings() {
             .to_scalar::<f32>()
             .unwrap()
     };
-    assert_eq!(d(&peft.forward(&ids()).unwrap(), &plain), 0.0);
+    // (Up to rounding: the trainable copy multiplies with the GEMM, the frozen head with the
+    // row kernel used for a few rows.)
+    assert!(d(&peft.forward(&ids()).unwrap(), &plain) < 1e-5);
     let (_, head) = peft
         .trainable_vars()
         .into_iter()

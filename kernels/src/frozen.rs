@@ -88,11 +88,30 @@ pub fn reattach(
     )
 }
 
-/// `x · Wᵀ` for any leading batch dims of `x`, as one 2-D matmul.
+/// `x · Wᵀ` for any leading batch dims of `x`, as one 2-D matmul (a streaming row kernel for
+/// a few rows of f32 on the CPU: decoding is bound by reading `W`).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let in_features = x.dim(D::Minus1)?;
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank >= 1 checked by dim") = w.dim(0)?;
+    let rows = x.elem_count() / in_features.max(1);
+    if rows < crate::nf4::DENSE_MIN_ROWS
+        && x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && w.dtype() == candle_core::DType::F32
+        && !x.track_op()
+    {
+        let (storage, layout) = w.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let y =
+                crate::ggml_matvec::matmul_t_f32(&xs, rows, in_features, &data[a..b], w.dim(0)?)
+                    .map_err(candle_core::Error::msg)?;
+            return Tensor::from_vec(y, out_dims, x.device());
+        }
+    }
     let x2 = x.reshape(((), in_features))?;
     x2.matmul(&w.t()?)?.reshape(out_dims)
 }

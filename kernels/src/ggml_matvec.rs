@@ -1,5 +1,5 @@
 //! `y = x · Wᵀ` for a few rows of f32 `x` (decoding) against a weight stored in GGML's
-//! Q4_0, Q4_1 or Q8_0 blocks, read straight from the packed bytes.
+//! Q4_0, Q4_1 or Q8_0 blocks, read straight from the packed bytes, or dense in f32.
 //!
 //! Decoding is bound by reading the weights, so the kernel streams each weight row once per
 //! call, dequantizes 32 values at a time in registers and multiplies them with the f32
@@ -95,6 +95,86 @@ pub fn matmul_t(
         }
     }
     Ok(out)
+}
+
+/// [`matmul_t`] for a dense f32 `W: [n, k]` (row-major): one streaming pass over the weight,
+/// which a general GEMM does not manage for a single row of `x`.
+pub fn matmul_t_f32(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+) -> Result<Vec<f32>, String> {
+    if w.len() != n * k || x.len() != m * k {
+        return Err(format!(
+            "{} weights and {} inputs for [{n}, {k}] and {m} rows",
+            w.len(),
+            x.len()
+        ));
+    }
+    let mut out_t = vec![0f32; n * m];
+    if m > 0 && n > 0 && k > 0 {
+        let tasks = (rayon::current_num_threads() * 2).clamp(1, n.div_ceil(16));
+        let rows_per_task = n.div_ceil(tasks);
+        out_t
+            .par_chunks_mut(rows_per_task * m)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                let o0 = task * rows_per_task;
+                for (i, slot) in chunk.chunks_mut(m).enumerate() {
+                    let row = &w[(o0 + i) * k..(o0 + i + 1) * k];
+                    for (r, y) in slot.iter_mut().enumerate() {
+                        *y = dot_f32(row, &x[r * k..(r + 1) * k]);
+                    }
+                }
+            });
+    }
+    let mut out = vec![0f32; m * n];
+    for o in 0..n {
+        for r in 0..m {
+            out[r * n + o] = out_t[o * m + r];
+        }
+    }
+    Ok(out)
+}
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { dot_f32_avx2(a, b) };
+        }
+    }
+    dot_f32_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_f32_lanes(a, b)
+}
+
+#[inline(always)]
+fn dot_f32_lanes(a: &[f32], b: &[f32]) -> f32 {
+    // 32 independent lanes (4 AVX2 registers) so the loads stream and the FMAs overlap.
+    let mut lanes = [0f32; 32];
+    let chunks = a.len() / 32 * 32;
+    for (ca, cb) in a[..chunks]
+        .chunks_exact(32)
+        .zip(b[..chunks].chunks_exact(32))
+    {
+        for j in 0..32 {
+            lanes[j] = ca[j].mul_add(cb[j], lanes[j]);
+        }
+    }
+    let tail: f32 = a[chunks..]
+        .iter()
+        .zip(&b[chunks..])
+        .map(|(x, y)| x * y)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 fn dot(format: BlockFormat, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
@@ -250,6 +330,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn dense_rows_match_the_product() {
+        let (n, k) = (70, 45);
+        let mut st = 5;
+        let mut r = || (lcg(&mut st) % 2000) as f32 / 1000.0 - 1.0;
+        let w: Vec<f32> = (0..n * k).map(|_| r()).collect();
+        let x: Vec<f32> = (0..2 * k).map(|_| r()).collect();
+        let y = matmul_t_f32(&x, 2, k, &w, n).unwrap();
+        for row in 0..2 {
+            for o in 0..n {
+                let want: f64 = (0..k)
+                    .map(|i| x[row * k + i] as f64 * w[o * k + i] as f64)
+                    .sum();
+                assert!((y[row * n + o] as f64 - want).abs() < 1e-4, "[{row}, {o}]");
+            }
+        }
+        assert!(matmul_t_f32(&x, 2, k, &w[1..], n).is_err());
     }
 
     #[test]

@@ -103,7 +103,18 @@ impl CustomOp3 for LoraLinear {
         let Storage::Cpu(ws) = &*ws else {
             bail!("lora_linear: w is not on the CPU")
         };
-        let y = x.matmul(ws, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        let y = match (x, ws, xl.contiguous_offsets(), wl.contiguous_offsets()) {
+            // A few rows (decoding): the same streaming row kernel as a frozen layer's, so an
+            // adapter whose B is zero changes nothing, bit for bit.
+            (CpuStorage::F32(xs), CpuStorage::F32(wd), Some((x0, x1)), Some((w0, w1)))
+                if m < crate::nf4::DENSE_MIN_ROWS =>
+            {
+                let y = crate::ggml_matvec::matmul_t_f32(&xs[x0..x1], m, k, &wd[w0..w1], n)
+                    .map_err(candle_core::Error::msg)?;
+                CpuStorage::F32(y)
+            }
+            _ => x.matmul(ws, (1, m, n, k), xl, &wl.transpose(0, 1)?)?,
+        };
         let xa = x.matmul(a, (1, m, r, k), xl, &al.transpose(0, 1)?)?;
         let op = self.name();
         let (y, xa) = dispatch_float!(
