@@ -2,7 +2,7 @@
 # Issue 8's side-by-side benchmark: our LoRA step, QLoRA step and greedy decoding against
 # PyTorch + transformers + peft on the same machine, alternating, ROUNDS times (default 2).
 #
-#   scripts/bench-vs-pytorch.sh [ROUNDS]
+#   scripts/bench-vs-pytorch.sh [ROUNDS]      # ONLY=train or ONLY=decode runs one half
 #
 # Ours: the example binaries bench_lora_step and bench_decode (release build). PyTorch: the
 # reference scripts in ../shared/bench (set up once per machine as its README says; REF points
@@ -36,6 +36,7 @@ run() { # label, command...
 }
 for r in $(seq "$rounds"); do
   echo "== round $r of $rounds" >&2
+  if [ "${ONLY:-train}" = train ]; then
   run ours-lora-f32 "$bin/bench_lora_step"
   run ours-lora-f32-checkpointed "$bin/bench_lora_step" --gradient-checkpointing
   run ours-qlora-gguf-q4_1 "$bin/bench_lora_step" --base gguf-kept --gradient-checkpointing
@@ -44,11 +45,14 @@ for r in $(seq "$rounds"); do
     run pytorch-lora-f32 "$py" "$bench/hf_lora_bench.py" --model "$REF/smollm2-135m-hf" \
       --batch 4 --seq 256 --steps 8 --threads 2
   fi
+  fi
+  if [ "${ONLY:-decode}" = decode ]; then
   run ours-decode-f32 "$bin/bench_decode" "" 64 3 dense-f32
   run ours-decode-gguf-q4_1 "$bin/bench_decode" "" 64 3 gguf-kept
   if [ -n "$py" ]; then
     run pytorch-decode-f32 "$py" "$bench/hf_lora_bench.py" --model "$REF/smollm2-135m-hf" \
       --mode infer --threads 2
+  fi
   fi
 done
 python3 - "$out" <<'PY'
