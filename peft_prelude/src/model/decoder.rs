@@ -147,6 +147,15 @@ pub struct Model {
     device: Device,
 }
 
+/// What a layer-by-layer forward keeps for its backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LayerGraphs {
+    /// Only each layer's input: the backward recomputes the layer.
+    Recompute,
+    /// Each layer's graph, freed layer by layer during the backward.
+    Keep,
+}
+
 /// A forward pass that kept only each layer's input (see
 /// [`Model::hidden_states_checkpointed`]).
 pub struct Checkpointed {
@@ -157,6 +166,8 @@ pub struct Checkpointed {
     /// The embedded input, with its graph (prompt or embedding adapters get gradients).
     embedded: Tensor,
     inputs: Vec<Tensor>,
+    /// Segmented mode: each layer's input leaf and output, with its graph.
+    kept: Vec<(candle_core::Var, Tensor)>,
     cos: Tensor,
     sin: Tensor,
     mask: Option<Tensor>,
@@ -470,7 +481,7 @@ impl Model {
 
     /// Final-norm hidden states `[batch, seq, hidden]` (what the head is applied to).
     pub fn hidden_states(&self, args: Forward<'_>) -> Result<Tensor> {
-        Ok(self.run_layers(args, false)?.0)
+        Ok(self.run_layers(args, None)?.0)
     }
 
     /// [`hidden_states`](Self::hidden_states) with gradient checkpointing: each layer runs
@@ -479,8 +490,17 @@ impl Model {
     /// time. Peak memory drops from every layer's activations to one layer's, for one extra
     /// forward pass. Not with a KV cache.
     pub fn hidden_states_checkpointed(&self, args: Forward<'_>) -> Result<Checkpointed> {
-        let (_, ck) = self.run_layers(args, true)?;
+        let (_, ck) = self.run_layers(args, Some(LayerGraphs::Recompute))?;
         Ok(ck.expect("run_layers keeps the checkpoints when asked"))
+    }
+
+    /// [`hidden_states`](Self::hidden_states) with one graph per layer, for
+    /// [`backward_checkpointed`](Self::backward_checkpointed): nothing is recomputed, but
+    /// each layer's activations are freed as soon as its backward is done, instead of all of
+    /// them at the end (candle's backward keeps the whole graph alive until it returns).
+    pub fn hidden_states_segmented(&self, args: Forward<'_>) -> Result<Checkpointed> {
+        let (_, ck) = self.run_layers(args, Some(LayerGraphs::Keep))?;
+        Ok(ck.expect("run_layers keeps the layer graphs when asked"))
     }
 
     /// The gradients of `loss` (a scalar computed from `ck.hidden`) for `vars`, recomputing
@@ -512,17 +532,25 @@ impl Model {
             return Ok(grads);
         };
         drop(top);
+        let mut kept = ck.kept;
         for (i, input) in ck.inputs.iter().enumerate().rev() {
-            let x = candle_core::Var::from_tensor(input)?;
-            let y = self.layer_forward(
-                i,
-                &self.layers[i],
-                x.as_tensor(),
-                &ck.cos,
-                &ck.sin,
-                ck.mask.as_ref(),
-                None,
-            )?;
+            let (x, y) = match kept.pop() {
+                // Segmented: this layer's graph was kept; it is dropped after its backward.
+                Some(pair) => pair,
+                None => {
+                    let x = candle_core::Var::from_tensor(input)?;
+                    let y = self.layer_forward(
+                        i,
+                        &self.layers[i],
+                        x.as_tensor(),
+                        &ck.cos,
+                        &ck.sin,
+                        ck.mask.as_ref(),
+                        None,
+                    )?;
+                    (x, y)
+                }
+            };
             // d/dy of sum(y ⊙ g) is g: the layer's backward with the incoming gradient.
             let store = (y * &g)?.sum_all()?.backward()?;
             add(&mut grads, &store)?;
@@ -543,7 +571,7 @@ impl Model {
     fn run_layers(
         &self,
         args: Forward<'_>,
-        checkpoint: bool,
+        checkpoint: Option<LayerGraphs>,
     ) -> Result<(Tensor, Option<Checkpointed>)> {
         if args.cache.is_some() && rayon::current_thread_index().is_none() {
             // Decoding: run the pass on a pool worker, so every parallel loop inside (hundreds
@@ -610,7 +638,7 @@ impl Model {
             },
             &self.device,
         )?;
-        if checkpoint {
+        if let Some(graphs) = checkpoint {
             if cache.is_some() {
                 return Err(Error::InvalidArgument(
                     "gradient checkpointing cannot be combined with a KV cache".into(),
@@ -618,13 +646,31 @@ impl Model {
             }
             let embedded = x;
             let mut inputs = Vec::with_capacity(self.layers.len());
+            let mut kept = Vec::new();
             let mut x = embedded.detach();
             for (i, layer) in self.layers.iter().enumerate() {
                 inputs.push(x.clone());
-                // The graph built here is dropped with `detach`: only the output is kept.
-                x = self
-                    .layer_forward(i, layer, &x, &cos, &sin, mask.as_ref(), None)?
-                    .detach();
+                x = match graphs {
+                    // The graph built here is dropped with `detach`: only the output is kept.
+                    LayerGraphs::Recompute => self
+                        .layer_forward(i, layer, &x, &cos, &sin, mask.as_ref(), None)?
+                        .detach(),
+                    LayerGraphs::Keep => {
+                        let leaf = candle_core::Var::from_tensor(&x)?;
+                        let y = self.layer_forward(
+                            i,
+                            layer,
+                            leaf.as_tensor(),
+                            &cos,
+                            &sin,
+                            mask.as_ref(),
+                            None,
+                        )?;
+                        let next = y.detach();
+                        kept.push((leaf, y));
+                        next
+                    }
+                };
             }
             let top = candle_core::Var::from_tensor(&x)?;
             let hidden = self.norm.forward(top.as_tensor())?;
@@ -635,6 +681,7 @@ impl Model {
                     top,
                     embedded,
                     inputs,
+                    kept,
                     cos,
                     sin,
                     mask,

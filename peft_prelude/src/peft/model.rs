@@ -192,16 +192,34 @@ impl PeftModel {
         positions: Option<&Tensor>,
         segments: Option<&Tensor>,
     ) -> Result<Option<(Checkpointed, Tensor)>> {
+        self.hidden_for_loss_layered(ids, mask, positions, segments, true)
+    }
+
+    /// The layer-by-layer forward for a loss: with `recompute`, gradient checkpointing (see
+    /// [`Model::hidden_states_checkpointed`]); without, every layer's graph is kept but freed
+    /// layer by layer in [`backward_checkpointed`](Self::backward_checkpointed) (see
+    /// [`Model::hidden_states_segmented`]). `None` where `hidden_for_loss` is `None`.
+    pub fn hidden_for_loss_layered(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+        segments: Option<&Tensor>,
+        recompute: bool,
+    ) -> Result<Option<(Checkpointed, Tensor)>> {
         let Some(head) = self.model.frozen_head_weight() else {
             return Ok(None);
         };
         if self.acting_prompt().is_some() {
             return Ok(None);
         }
-        let ck = self
-            .model
-            .hidden_states_checkpointed(token_inputs(ids, mask, positions, segments))?;
-        Ok(Some((ck, head.clone())))
+        let args = token_inputs(ids, mask, positions, segments);
+        let ck = if recompute {
+            self.model.hidden_states_checkpointed(args)?
+        } else {
+            self.model.hidden_states_segmented(args)?
+        };
+        Ok(Some((ck, head)))
     }
 
     /// The gradients of `loss` for `vars` after a checkpointed forward.

@@ -527,16 +527,16 @@ pub fn batch_gradients(
 ) -> Result<(f64, usize, Vec<Option<Tensor>>)> {
     let (ids, mask) = (&batch.input_ids, batch.attention_mask.as_ref());
     let (positions, segments) = (batch.position_ids.as_ref(), batch.segment_ids.as_ref());
-    if checkpointing {
-        if let Some((ck, head)) =
-            model.hidden_for_loss_checkpointed(ids, mask, positions, segments)?
-        {
-            let (loss, count) = fused_head_loss(&ck.hidden, &head, &batch.labels)?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let scaled = (loss * (count as f64 * weight))?;
-            let grads = model.backward_checkpointed(ck, &scaled, params)?;
-            return Ok((value, count, grads));
-        }
+    // Layer by layer (recomputed with `checkpointing`, else kept and freed as the backward
+    // passes each layer): candle's own backward would keep every activation until it ends.
+    if let Some((ck, head)) =
+        model.hidden_for_loss_layered(ids, mask, positions, segments, checkpointing)?
+    {
+        let (loss, count) = fused_head_loss(&ck.hidden, &head, &batch.labels)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let scaled = (loss * (count as f64 * weight))?;
+        let grads = model.backward_checkpointed(ck, &scaled, params)?;
+        return Ok((value, count, grads));
     }
     let (loss, count) = batch_loss(model, batch)?;
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
