@@ -22,7 +22,9 @@ use candle_core::{DType, Result, Tensor, D};
 /// * `mask`: additive, `[b or 1, 1, t, s]`, the same for every head (finite: `f32::MIN` for
 ///   masked keys, so a fully masked row stays finite);
 ///
-/// returns `[b, kv_heads, groups · t, d]` in `v`'s dtype, with gradients for `q`, `k` and `v`.
+/// returns `[b, t, kv_heads · groups · d]` (heads side by side, the layout the output
+/// projection reads) in `v`'s dtype, with gradients for `q`, `k` and `v`. Only this output is
+/// kept for the backward, not a second copy in the heads-first layout.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -58,7 +60,8 @@ pub fn attention(
     let sum = exp.sum_keepdim(D::Minus1)?;
     let probs = exp.broadcast_div(&sum)?;
     drop(exp);
-    let out = probs.to_dtype(v.dtype())?.matmul(&ctx.v)?;
+    let t = gt / groups;
+    let out = ctx.heads_last(&probs.to_dtype(v.dtype())?.matmul(&ctx.v)?, t)?;
     drop(probs);
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
@@ -94,6 +97,26 @@ struct Context {
 }
 
 impl Context {
+    /// `[b, kv_heads, groups · t, d]` → `[b, t, kv_heads · groups · d]` (a copy).
+    fn heads_last(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+        let (b, kv_heads, gt, d) = x.dims4()?;
+        let heads = kv_heads * gt / t;
+        x.reshape((b, heads, t, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, heads * d))
+    }
+
+    /// The inverse of [`heads_last`](Self::heads_last).
+    fn heads_first(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, kv_heads, gt, d) = self.q.dims4()?;
+        let t = gt / self.groups;
+        x.reshape((b, t, kv_heads * self.groups, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, kv_heads, gt, d))
+    }
+
     /// `scale · q·kᵀ + mask`, `[b, kv_heads, groups · t, s]` in the accumulation dtype.
     fn scores(&self) -> Result<Tensor> {
         let (b, kv_heads, gt, _) = self.q.dims4()?;
@@ -115,7 +138,8 @@ impl Context {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let acc = self.acc;
         let probs = self.scores()?.broadcast_sub(lse)?.exp()?;
-        let d_out = d_out.to_dtype(acc)?;
+        let d_out = self.heads_first(&d_out.to_dtype(acc)?)?;
+        let out = self.heads_first(out)?;
         let dv = probs.t()?.matmul(&d_out)?;
         let d_probs = d_out.matmul(&self.v.to_dtype(acc)?.t()?)?;
         let delta = (&d_out * out.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
@@ -150,7 +174,11 @@ mod tests {
             .reshape((b, kvh, groups, gt / groups, s))?
             .broadcast_add(&mask.unsqueeze(1)?)?
             .reshape((b, kvh, gt, s))?;
-        candle_nn_softmax(&scores)?.matmul(v)
+        let out = candle_nn_softmax(&scores)?.matmul(v)?;
+        let (t, d) = (gt / groups, out.dim(3)?);
+        out.reshape((b, kvh * groups, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, kvh * groups * d))
     }
 
     fn candle_nn_softmax(x: &Tensor) -> Result<Tensor> {
@@ -185,7 +213,7 @@ mod tests {
             }
             let mask = Tensor::from_vec(m, (b, 1, t, s), &dev)?.to_dtype(dtype)?;
             let scale = 0.5;
-            let c = Tensor::randn(0f32, 1., (b, kvh, groups * t, d), &dev)?.to_dtype(dtype)?;
+            let c = Tensor::randn(0f32, 1., (b, t, kvh * groups * d), &dev)?.to_dtype(dtype)?;
             let run = |f: &dyn Fn() -> Result<Tensor>| -> Result<Vec<Tensor>> {
                 let y = f()?;
                 let g = (&y * &c)?.sum_all()?.backward()?;

@@ -774,10 +774,8 @@ impl Model {
         let scale = 1.0 / (d as f64).sqrt();
         // Keeps q, k, v, the output and one log-sum-exp per query for the backward, not the
         // [queries, keys] scores and probabilities.
-        let out = peft_kernels::attention::attention(&q, &k, &v, mask, groups, scale)?
-            .reshape((b, heads, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, heads * d))?;
+        // [b, t, heads · d], the layout o_proj reads.
+        let out = peft_kernels::attention::attention(&q, &k, &v, mask, groups, scale)?;
         attn.o_proj.forward(&out)
     }
 }
