@@ -88,18 +88,20 @@ pub fn reattach(
     )
 }
 
-/// `x · Wᵀ` for any leading batch dims of `x`, as one 2-D matmul (a streaming row kernel for
-/// a few rows of f32 on the CPU: decoding is bound by reading `W`).
+/// `x · Wᵀ` for any leading batch dims of `x`, as one 2-D matmul, differentiable in both
+/// (a streaming row kernel when neither needs a gradient and `x` is a few f32 rows on the
+/// CPU: decoding is bound by reading `W`).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let in_features = x.dim(D::Minus1)?;
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank >= 1 checked by dim") = w.dim(0)?;
     let rows = x.elem_count() / in_features.max(1);
-    if rows < crate::nf4::DENSE_MIN_ROWS
+    if rows < crate::GEMM_MIN_ROWS
         && x.device().is_cpu()
         && x.dtype() == candle_core::DType::F32
         && w.dtype() == candle_core::DType::F32
         && !x.track_op()
+        && !w.track_op()
     {
         let (storage, layout) = w.storage_and_layout();
         if let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
@@ -227,6 +229,20 @@ mod tests {
             .to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
         assert_eq!(grads.get_ids().count(), 1, "only x has a gradient");
+        Ok(())
+    }
+
+    #[test]
+    fn matmul_t_keeps_the_gradient_of_a_trainable_weight_for_few_rows() -> Result<()> {
+        // A constant single-row input takes the row-kernel path only when W is constant too.
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (1, 5), &dev)?;
+        let w = Var::randn(0f32, 1., (4, 5), &dev)?;
+        let y = matmul_t(&x, w.as_tensor())?;
+        let grads = y.sum_all()?.backward()?;
+        let dw = grads.get(w.as_tensor()).expect("W gets a gradient");
+        let expected = x.broadcast_as((4, 5))?;
+        assert_eq!((dw - expected)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
 

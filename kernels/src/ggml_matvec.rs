@@ -58,43 +58,20 @@ pub fn matmul_t(
             x.len()
         ));
     }
-    if m == 0 || n == 0 {
-        return Ok(vec![0f32; m * n]);
-    }
     // Per-block sums of x, for the offset terms (Q4_1's `m`, Q4_0's `−8·d`).
     let xsum: Vec<f32> = x
         .chunks_exact(BlockFormat::BLOCK)
         .map(|c| c.iter().sum())
         .collect();
     let blocks_per_row = k / BlockFormat::BLOCK;
-    let mut out = vec![0f32; m * n];
-    // Each task owns a range of output features for every input row: write into a
-    // transposed [n, m] buffer, then transpose (m is small).
-    let mut out_t = vec![0f32; n * m];
-    // Two tasks per thread: a decoding call is short, so fewer, larger tasks than rayon's
-    // default splitting keep the scheduling cost (wake-ups, yields) below the work.
-    let tasks = (rayon::current_num_threads() * 2).clamp(1, n.div_ceil(16));
-    let rows_per_task = n.div_ceil(tasks);
-    out_t
-        .par_chunks_mut(rows_per_task * m)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let o0 = task * rows_per_task;
-            for (i, slot) in chunk.chunks_mut(m).enumerate() {
-                let row = &w[(o0 + i) * row_bytes..(o0 + i + 1) * row_bytes];
-                for (r, y) in slot.iter_mut().enumerate() {
-                    let xr = &x[r * k..(r + 1) * k];
-                    let sr = &xsum[r * blocks_per_row..(r + 1) * blocks_per_row];
-                    *y = dot(format, row, xr, sr);
-                }
-            }
-        });
-    for o in 0..n {
-        for r in 0..m {
-            out[r * n + o] = out_t[o * m + r];
-        }
-    }
-    Ok(out)
+    Ok(rows_times(m, n, |o, r| {
+        dot(
+            format,
+            &w[o * row_bytes..(o + 1) * row_bytes],
+            &x[r * k..(r + 1) * k],
+            &xsum[r * blocks_per_row..(r + 1) * blocks_per_row],
+        )
+    }))
 }
 
 /// [`matmul_t`] for a dense f32 `W: [n, k]` (row-major): one streaming pass over the weight,
@@ -113,30 +90,41 @@ pub fn matmul_t_f32(
             x.len()
         ));
     }
-    let mut out_t = vec![0f32; n * m];
-    if m > 0 && n > 0 && k > 0 {
-        let tasks = (rayon::current_num_threads() * 2).clamp(1, n.div_ceil(16));
-        let rows_per_task = n.div_ceil(tasks);
-        out_t
-            .par_chunks_mut(rows_per_task * m)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let o0 = task * rows_per_task;
-                for (i, slot) in chunk.chunks_mut(m).enumerate() {
-                    let row = &w[(o0 + i) * k..(o0 + i + 1) * k];
-                    for (r, y) in slot.iter_mut().enumerate() {
-                        *y = dot_f32(row, &x[r * k..(r + 1) * k]);
-                    }
-                }
-            });
+    Ok(rows_times(m, n, |o, r| {
+        dot_f32(&w[o * k..(o + 1) * k], &x[r * k..(r + 1) * k])
+    }))
+}
+
+/// `y[r][o] = row_dot(o, r)` for `m` input rows and `n` weight rows, `[m, n]` row-major. Each
+/// task owns a range of weight rows (read once, for every input row); two tasks per thread: a
+/// decoding call is short, so fewer, larger tasks than rayon's default splitting keep the
+/// scheduling cost (wake-ups, yields) below the work.
+fn rows_times(m: usize, n: usize, row_dot: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
+    if m == 0 || n == 0 {
+        return vec![0f32; m * n];
     }
+    let tasks = (rayon::current_num_threads() * 2).clamp(1, n.div_ceil(16));
+    let rows_per_task = n.div_ceil(tasks);
+    // Written transposed ([n, m]) so each task owns one contiguous range; m is small.
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let o0 = task * rows_per_task;
+            for (i, slot) in chunk.chunks_mut(m).enumerate() {
+                for (r, y) in slot.iter_mut().enumerate() {
+                    *y = row_dot(o0 + i, r);
+                }
+            }
+        });
     let mut out = vec![0f32; m * n];
     for o in 0..n {
         for r in 0..m {
             out[r * n + o] = out_t[o * m + r];
         }
     }
-    Ok(out)
+    out
 }
 
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {

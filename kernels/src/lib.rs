@@ -4,6 +4,11 @@
 //! compiled to PTX by `build.rs`) live behind the `cuda` feature. The public functions take
 //! and return ordinary tensors on any device and pick the implementation from the device.
 
+/// From this many input rows on (training batches, prefill) a frozen or quantized layer runs
+/// as one GEMM (dequantizing a quantized layer first); below it (decoding) the row kernels of
+/// [`ggml_matvec`] and the tiled NF4 kernel stream the weight once instead.
+pub const GEMM_MIN_ROWS: usize = 16;
+
 pub mod adamw;
 pub mod attention;
 mod common;

@@ -107,7 +107,7 @@ impl CustomOp3 for LoraLinear {
             // A few rows (decoding): the same streaming row kernel as a frozen layer's, so an
             // adapter whose B is zero changes nothing, bit for bit.
             (CpuStorage::F32(xs), CpuStorage::F32(wd), Some((x0, x1)), Some((w0, w1)))
-                if m < crate::nf4::DENSE_MIN_ROWS =>
+                if m < crate::GEMM_MIN_ROWS =>
             {
                 let y = crate::ggml_matvec::matmul_t_f32(&xs[x0..x1], m, k, &wd[w0..w1], n)
                     .map_err(candle_core::Error::msg)?;

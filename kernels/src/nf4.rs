@@ -489,7 +489,7 @@ pub fn nf4_linear(x: &Tensor, w: &Arc<Nf4Matrix>) -> Result<Tensor> {
         )
     }
     let m = x.elem_count() / k.max(1);
-    if !x.device().is_cpu() || m >= DENSE_MIN_ROWS {
+    if !x.device().is_cpu() || m >= crate::GEMM_MIN_ROWS {
         return nf4_linear_dequantized(x, w);
     }
     let x = x.to_dtype(DType::F32)?;
@@ -508,12 +508,6 @@ pub fn nf4_linear(x: &Tensor, w: &Arc<Nf4Matrix>) -> Result<Tensor> {
         Tensor::from_vec(dx, in_dims, &Device::Cpu)?.to_dtype(g.dtype())
     })
 }
-
-/// From this many input rows on (training batches, prefill), the CPU dequantizes the layer
-/// and runs one GEMM instead of the tiled kernel: the dequantize costs O(rows·cols) against
-/// the GEMM's O(m·rows·cols), and the GEMM library is far faster than the tiled kernel. Below
-/// it (decoding), the tiled kernel never holds the layer dense.
-pub const DENSE_MIN_ROWS: usize = 16;
 
 /// `nf4_linear` for GPUs and large batches: the layer is dequantized into a transient dense
 /// weight of `x`'s dtype and multiplied by the device's GEMM (cuBLAS, gemm); the backward

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::model::linear::FrozenWeight;
 use crate::model::{FrozenLinear, Linear};
 use crate::rng::Rng;
+use peft_kernels::frozen::matmul_t;
 
 /// One named LoRA adapter's parameters.
 #[derive(Debug, Clone)]
@@ -235,14 +236,6 @@ impl LoraLinear {
     }
 }
 
-/// `x [.., in] · Wᵀ` for a trainable `W [out, in]` (gradients for both).
-fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let in_f = x.dim(D::Minus1)?;
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("rank >= 1") = w.dim(0)?;
-    Ok(x.reshape(((), in_f))?.matmul(&w.t()?)?.reshape(dims)?)
-}
-
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = self.fused_forward(x)? {
@@ -264,7 +257,9 @@ impl Linear for LoraLinear {
         } else {
             x
         };
-        let lora = (matmul_t(&matmul_t(&x_in, ad.a.as_tensor())?, ad.b.as_tensor())? * ad.scaling)?;
+        // `x · Aᵀ · Bᵀ`, differentiable in x, A and B.
+        let xa = matmul_t(&x_in, ad.a.as_tensor())?;
+        let lora = (matmul_t(&xa, ad.b.as_tensor())? * ad.scaling)?;
         let lora = lora.to_dtype(y.dtype())?;
         match &ad.magnitude {
             None => Ok((y + lora)?),

@@ -5,12 +5,13 @@
 use std::any::Any;
 use std::collections::BTreeMap;
 
-use candle_core::{Tensor, Var, D};
+use candle_core::{Tensor, Var};
 
 use super::switch::AdapterSwitch;
 use crate::error::Result;
 use crate::model::decoder::TokenEmbedding;
 use crate::model::{FrozenLinear, Linear};
+use peft_kernels::frozen::matmul_t;
 
 /// The output head with trainable copies of its weight.
 #[derive(Debug)]
@@ -56,14 +57,8 @@ impl Linear for SavedLinear {
         let Some(w) = acting else {
             return self.base.forward(x);
         };
-        let in_f = x.dim(D::Minus1)?;
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = w.dim(0)?;
-        let y = x
-            .to_dtype(w.dtype())?
-            .reshape(((), in_f))?
-            .matmul(&w.as_tensor().t()?)?;
-        Ok(y.reshape(dims)?.to_dtype(x.dtype())?)
+        let y = matmul_t(&x.to_dtype(w.dtype())?, w.as_tensor())?;
+        Ok(y.to_dtype(x.dtype())?)
     }
 
     fn in_features(&self) -> usize {

@@ -114,7 +114,7 @@ impl QuantizedWeight for GgmlWeight {
         }
         let x32 = x.to_dtype(DType::F32)?;
         let rows = x32.elem_count() / in_f.max(1);
-        let y = if rows >= peft_kernels::nf4::DENSE_MIN_ROWS {
+        let y = if rows >= peft_kernels::GEMM_MIN_ROWS {
             // Training batches and prefill: dequantize the layer once and run one f32 GEMM,
             // which is many times faster than per-row integer dot products at this size (and
             // does not round the activations to Q8).
