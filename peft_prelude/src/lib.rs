@@ -11,6 +11,7 @@
 //! | [`generate`] | sampling, KV-cached decoding, streamers |
 //! | [`notebook`] | display handles, progress, live plots, token streaming, interrupt check |
 //! | [`prelude`] | one glob import for notebook cells |
+//! | [`threads`] | the process's thread count, decided once (candle re-probes it per matmul) |
 
 pub mod data;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod peft;
 pub mod prelude;
 pub mod quant;
 pub mod rng;
+pub mod threads;
 pub mod tokenizer;
 pub mod train;
 

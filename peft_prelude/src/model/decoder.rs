@@ -191,6 +191,7 @@ pub struct LayerWeights {
 
 impl Model {
     pub fn new(config: ModelConfig, weights: ModelWeights) -> Result<Self> {
+        crate::threads::settle_thread_count();
         let device = weights.embed_tokens.device().clone();
         let eps = config.rms_norm_eps;
         let layers = weights
