@@ -23,8 +23,9 @@ use candle_core::{DType, Result, Tensor, D};
 ///   masked keys, so a fully masked row stays finite);
 ///
 /// returns `[b, t, kv_heads · groups · d]` (heads side by side, the layout the output
-/// projection reads) in `v`'s dtype, with gradients for `q`, `k` and `v`. Only this output is
-/// kept for the backward, not a second copy in the heads-first layout.
+/// projection reads) in `v`'s dtype, with gradients for `q`, `k` and `v`. The backward reads
+/// q, k, v (kept by the graph anyway) and this output: no packed copy of the inputs, and no
+/// second copy of the output in the heads-first layout.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -67,14 +68,8 @@ pub fn attention(
         return Ok(out);
     }
     let lse = (max + sum.log()?)?;
-    let packed = Tensor::cat(&[q.flatten_all()?, k.flatten_all()?, v.flatten_all()?], 0)?;
-    let saved_out = out.detach();
-    crate::frozen::reattach(&packed, out, move |d_out| {
-        let (dq, dk, dv) = ctx.backward(&saved_out, &lse, d_out)?;
-        Tensor::cat(
-            &[dq.flatten_all()?, dk.flatten_all()?, dv.flatten_all()?],
-            0,
-        )
+    crate::frozen::reattach3((q, k, v), out, move |d_out, out| {
+        ctx.backward(out, &lse, d_out)
     })
 }
 

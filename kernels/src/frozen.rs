@@ -7,9 +7,9 @@
 //! autograd graph and re-attached to the input through a custom op with a hand-written
 //! input gradient.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
 
 static PROTECTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -68,9 +68,11 @@ pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
 }
 
 type InputGrad = dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync;
+type InputGrads3 = dyn Fn(&Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync;
 
 /// Returns `y` (computed from `x` without a graph) as a function of `x` whose backward is
-/// `input_grad(dy)`.
+/// `input_grad(dy)`. The graph keeps `x` and the returned tensor, not `y` itself (the op
+/// hands out a copy of `y` and drops it).
 pub fn reattach(
     x: &Tensor,
     y: Tensor,
@@ -80,10 +82,29 @@ pub fn reattach(
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op2_arc(
-        &y,
-        Arc::new(Box::new(Reattach {
-            input_grad: Box::new(input_grad),
+    x.apply_op1_arc(Arc::new(Box::new(Reattach {
+        result: Precomputed::new(y),
+        input_grad: Box::new(input_grad),
+    })))
+}
+
+/// [`reattach`] for a result of three inputs: `grads(dy, y)` returns their three gradients
+/// (`y` is the returned tensor, for backwards that need the output).
+pub fn reattach3(
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    y: Tensor,
+    grads: impl Fn(&Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let y = y.contiguous()?;
+    if !(a.track_op() || b.track_op() || c.track_op()) {
+        return Ok(y);
+    }
+    a.apply_op3_arc(
+        b,
+        c,
+        Arc::new(Box::new(Reattach3 {
+            result: Precomputed::new(y),
+            grads: Box::new(grads),
         })),
     )
 }
@@ -118,25 +139,60 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x2.matmul(&w.t()?)?.reshape(out_dims)
 }
 
-/// Forward: returns a copy of the precomputed result (the second argument).
-/// Backward: `input_grad(dy)` for the input, nothing for the result (it has no graph).
+/// A result computed before its op runs: the op's forward returns a copy of it and lets the
+/// original go (a custom op cannot hand over a tensor's storage itself).
+struct Precomputed(Mutex<Option<Tensor>>);
+
+impl Precomputed {
+    fn new(y: Tensor) -> Self {
+        Precomputed(Mutex::new(Some(y)))
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        match self.0.lock().expect("not poisoned").take() {
+            Some(y) => Ok(y),
+            None => candle_core::bail!("frozen-operand: the forward ran twice"),
+        }
+    }
+
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        let Storage::Cpu(s) = &*storage else {
+            candle_core::bail!("frozen-operand: the result is not on the CPU")
+        };
+        Ok((copy_contiguous(s, layout)?, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("frozen-operand: the result is not on the GPU")
+        };
+        let dev = s.device().clone();
+        // SAFETY: every element is written by the copy below.
+        let mut dst = unsafe { dev.alloc_uninit(layout.shape(), s.dtype())? };
+        s.copy_strided_src(&mut dst, 0, layout)?;
+        Ok((dst, layout.shape().clone()))
+    }
+}
+
+/// Forward: the precomputed result. Backward: `input_grad(dy)` for the input.
 struct Reattach {
+    result: Precomputed,
     input_grad: Box<InputGrad>,
 }
 
-impl CustomOp2 for Reattach {
+impl CustomOp1 for Reattach {
     fn name(&self) -> &'static str {
         "frozen-operand"
     }
 
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _x_layout: &Layout,
-        y: &CpuStorage,
-        y_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((copy_contiguous(y, y_layout)?, y_layout.shape().clone()))
+    fn cpu_fwd(&self, _x: &CpuStorage, _x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.result.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -144,26 +200,64 @@ impl CustomOp2 for Reattach {
         &self,
         _x: &candle_core::CudaStorage,
         _x_layout: &Layout,
-        y: &candle_core::CudaStorage,
-        y_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let dev = y.device().clone();
-        let mut dst = unsafe { dev.alloc_uninit(y_layout.shape(), y.dtype())? };
-        y.copy_strided_src(&mut dst, 0, y_layout)?;
-        Ok((dst, y_layout.shape().clone()))
+        self.result.cuda()
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let dx = (self.input_grad)(grad_res)?;
+        debug_assert_eq!(dx.shape(), x.shape());
+        Ok(Some(dx))
+    }
+}
+
+/// [`Reattach`] with three inputs.
+struct Reattach3 {
+    result: Precomputed,
+    grads: Box<InputGrads3>,
+}
+
+impl CustomOp3 for Reattach3 {
+    fn name(&self) -> &'static str {
+        "frozen-operand-3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _a: &CpuStorage,
+        _al: &Layout,
+        _b: &CpuStorage,
+        _bl: &Layout,
+        _c: &CpuStorage,
+        _cl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.result.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _a: &candle_core::CudaStorage,
+        _al: &Layout,
+        _b: &candle_core::CudaStorage,
+        _bl: &Layout,
+        _c: &candle_core::CudaStorage,
+        _cl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.result.cuda()
     }
 
     fn bwd(
         &self,
-        x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = (self.input_grad)(grad_res)?;
-        debug_assert_eq!(dx.shape(), x.shape());
-        Ok((Some(dx), None))
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (da, db, dc) = (self.grads)(grad_res, res)?;
+        let keep = |t: &Tensor, d: Tensor| t.track_op().then_some(d);
+        Ok((keep(a, da), keep(b, db), keep(c, dc)))
     }
 }
 

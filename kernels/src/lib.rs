@@ -21,12 +21,14 @@ pub mod lora;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
+pub mod swiglu_lora;
 #[cfg(test)]
 mod testing;
 
 pub use cross_entropy::{fused_linear_cross_entropy, IGNORE_INDEX};
-pub use lora::lora_linear;
+pub use lora::{lora_linear, lora_linear_with, FrozenOperand};
 pub use rmsnorm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;
+pub use swiglu_lora::{swiglu_lora_linear, swiglu_lora_linear_with};
 pub mod nf4;

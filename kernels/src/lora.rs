@@ -8,15 +8,53 @@
 //!
 //! `u = s·dy·B`, `dx = dy·W + u·A`, `dA = uᵀ·x`, `dB = s·dyᵀ·(x·Aᵀ)`.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp3, InplaceOp3, Layout, Result, Shape, Storage, Tensor, D,
+    bail, CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Storage, Tensor, D,
 };
 use rayon::prelude::*;
 
 use crate::common::{cpu_dtype, cpu_tensor, dispatch_float, slice, Float};
+
+/// The frozen weight of a fused LoRA layer: dense, or rebuilt whenever a product needs it (a
+/// quantized base dequantized for the forward and again for the backward, one layer at a
+/// time, never kept).
+#[derive(Clone)]
+pub enum FrozenOperand {
+    Dense(Tensor),
+    OnDemand(Arc<dyn Fn() -> Result<Tensor> + Send + Sync>),
+}
+
+impl FrozenOperand {
+    /// A dense weight (its gradient is never computed, even for a `Var`).
+    pub fn dense(w: &Tensor) -> Self {
+        FrozenOperand::Dense(w.detach())
+    }
+
+    /// A weight produced by `make` each time it is needed.
+    pub fn on_demand(make: impl Fn() -> Result<Tensor> + Send + Sync + 'static) -> Self {
+        FrozenOperand::OnDemand(Arc::new(make))
+    }
+
+    /// In the op's compute dtype, contiguous.
+    pub(crate) fn in_dtype(self, dtype: DType) -> Result<Self> {
+        Ok(match self {
+            FrozenOperand::Dense(w) => FrozenOperand::Dense(w.to_dtype(dtype)?.contiguous()?),
+            FrozenOperand::OnDemand(make) => FrozenOperand::OnDemand(Arc::new(move || {
+                make()?.detach().to_dtype(dtype)?.contiguous()
+            })),
+        })
+    }
+
+    pub(crate) fn get(&self) -> Result<Tensor> {
+        match self {
+            FrozenOperand::Dense(w) => Ok(w.clone()),
+            FrozenOperand::OnDemand(make) => make(),
+        }
+    }
+}
 
 /// `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ` for `x: [.., in]`, `w: [out, in]` (frozen), `a: [r, in]`,
 /// `b: [out, r]`. Returns `[.., out]` in `x`'s dtype.
@@ -25,21 +63,34 @@ use crate::common::{cpu_dtype, cpu_tensor, dispatch_float, slice, Float};
 /// `w` must have `x`'s dtype; `a`/`b` may be f32 while `x` is bf16 (CUDA): they are cast to
 /// `x`'s dtype inside the graph, so their gradients come back in their own dtype.
 pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    if w.dtype() != x.dtype() {
+        bail!("lora_linear: w is {:?}, x is {:?}", w.dtype(), x.dtype())
+    }
+    lora_linear_with(x, FrozenOperand::dense(w), w.dims2()?, a, b, scale)
+}
+
+/// [`lora_linear`] with the frozen weight given as a [`FrozenOperand`] of shape
+/// `w_dims = (out, in)`: an on-demand weight is materialised for the forward's product and
+/// again for the backward's, and dropped after each.
+pub fn lora_linear_with(
+    x: &Tensor,
+    w: FrozenOperand,
+    (n, kw): (usize, usize),
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let k = x.dim(D::Minus1)?;
-    let (n, kw) = w.dims2()?;
     let (r, ka) = a.dims2()?;
     let (nb, rb) = b.dims2()?;
     if kw != k || ka != k || nb != n || rb != r {
         bail!(
             "lora_linear: x {:?}, w {:?}, a {:?}, b {:?} do not fit",
             x.dims(),
-            w.dims(),
+            (n, kw),
             a.dims(),
             b.dims()
         )
-    }
-    if w.dtype() != x.dtype() {
-        bail!("lora_linear: w is {:?}, x is {:?}", w.dtype(), x.dtype())
     }
     let dtype = x.dtype();
     let compute = cpu_dtype(x.device(), dtype);
@@ -47,7 +98,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
     *out_dims.last_mut().expect("rank >= 1") = n;
     let x2 = x.to_dtype(compute)?.reshape(((), k))?.contiguous()?;
     let op = LoraLinear {
-        w: w.detach().to_dtype(compute)?.contiguous()?,
+        w: w.in_dtype(compute)?,
         scale,
         xa: Mutex::new(None),
     };
@@ -56,11 +107,55 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
     x2.apply_op3(&a, &b, op)?.reshape(out_dims)?.to_dtype(dtype)
 }
 
-struct LoraLinear {
-    w: Tensor,
-    scale: f64,
+pub(crate) struct LoraLinear {
+    pub(crate) w: FrozenOperand,
+    pub(crate) scale: f64,
     /// `x·Aᵀ` from the forward, for the backward.
-    xa: Mutex<Option<Tensor>>,
+    pub(crate) xa: Mutex<Option<Tensor>>,
+}
+
+impl LoraLinear {
+    /// `(dx, dA, dB)`, each only where `want` asks for it: `u = s·dy·B`, `dx = dy·W + u·A`,
+    /// `dA = uᵀ·x`, `dB = s·dyᵀ·(x·Aᵀ)` (with `x·Aᵀ` kept from the forward when there is one).
+    pub(crate) fn grads(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+        (want_dx, want_da, want_db): (bool, bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = self.scale;
+        let dy = dy.contiguous()?;
+        let u = if want_dx || want_da {
+            Some((dy.matmul(b)? * s)?)
+        } else {
+            None
+        };
+        let dx = match &u {
+            Some(u) if want_dx => {
+                let dx = dy.matmul(&self.w.get()?)?;
+                dx.inplace_op3(u, &a.contiguous()?, &AddLowRank)?;
+                Some(dx)
+            }
+            _ => None,
+        };
+        let da = match &u {
+            Some(u) if want_da => Some(u.t()?.matmul(x)?),
+            _ => None,
+        };
+        let db = if want_db {
+            let saved = self.xa.lock().expect("not poisoned").clone();
+            let xa = match saved {
+                Some(xa) => xa,
+                None => x.matmul(&a.t()?)?,
+            };
+            Some((dy.t()?.matmul(&xa)? * s)?)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
+    }
 }
 
 impl CustomOp3 for LoraLinear {
@@ -99,7 +194,8 @@ impl CustomOp3 for LoraLinear {
         }
         let (m, k) = xl.shape().dims2()?;
         let (r, n) = (al.dims()[0], bl.dims()[0]);
-        let (ws, wl) = self.w.storage_and_layout();
+        let w = self.w.get()?;
+        let (ws, wl) = w.storage_and_layout();
         let Storage::Cpu(ws) = &*ws else {
             bail!("lora_linear: w is not on the CPU")
         };
@@ -138,7 +234,8 @@ impl CustomOp3 for LoraLinear {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (m, k) = xl.shape().dims2()?;
         let (r, n) = (al.dims()[0], bl.dims()[0]);
-        let (ws, wl) = self.w.storage_and_layout();
+        let w = self.w.get()?;
+        let (ws, wl) = w.storage_and_layout();
         let Storage::Cuda(ws) = &*ws else {
             bail!("lora_linear: w is not on the GPU")
         };
@@ -172,36 +269,7 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let s = self.scale;
-        let dy = dy.contiguous()?;
-        let u = if x.track_op() || a.track_op() {
-            Some((dy.matmul(b)? * s)?)
-        } else {
-            None
-        };
-        let dx = match &u {
-            Some(u) if x.track_op() => {
-                let dx = dy.matmul(&self.w)?;
-                dx.inplace_op3(u, a, &AddLowRank)?;
-                Some(dx)
-            }
-            _ => None,
-        };
-        let da = match &u {
-            Some(u) if a.track_op() => Some(u.t()?.matmul(x)?),
-            _ => None,
-        };
-        let db = if b.track_op() {
-            let saved = self.xa.lock().expect("not poisoned").clone();
-            let xa = match saved {
-                Some(xa) => xa,
-                None => x.matmul(&a.t()?)?,
-            };
-            Some((dy.t()?.matmul(&xa)? * s)?)
-        } else {
-            None
-        };
-        Ok((dx, da, db))
+        self.grads(x, a, b, dy, (x.track_op(), a.track_op(), b.track_op()))
     }
 }
 
@@ -318,6 +386,33 @@ mod tests {
                 assert_close(name, got, gr.get(t).expect("reference gradient"), 1e-5)?;
             }
             assert!(g.get(&w).is_none(), "no gradient for the frozen weight");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_on_demand_weight_is_built_for_each_product_and_gives_the_dense_result() -> Result<()> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (20, 8), &dev)?;
+        let w = Tensor::randn(0f32, 0.3, (5, 8), &dev)?;
+        let a = Var::randn(0f32, 0.3, (2, 8), &dev)?;
+        let b = Var::randn(0f32, 0.3, (5, 2), &dev)?;
+        let built = Arc::new(AtomicUsize::new(0));
+        let (count, wc) = (Arc::clone(&built), w.clone());
+        let lazy = FrozenOperand::on_demand(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+            Ok(wc.clone())
+        });
+        let y = lora_linear_with(&x, lazy, (5, 8), &a, &b, 0.5)?;
+        assert_eq!(built.load(Ordering::SeqCst), 1, "built once for the forward");
+        let g = y.sum_all()?.backward()?;
+        assert_eq!(built.load(Ordering::SeqCst), 2, "and once more for dx");
+        let yd = lora_linear(&x, &w, &a, &b, 0.5)?;
+        let gd = yd.sum_all()?.backward()?;
+        assert_close("on-demand y", &y, &yd, 1e-6)?;
+        for t in [x.as_tensor(), a.as_tensor(), b.as_tensor()] {
+            assert_close("on-demand grad", g.get(t).unwrap(), gd.get(t).unwrap(), 1e-6)?;
         }
         Ok(())
     }

@@ -29,7 +29,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 const BLOCK: usize = 4096;
 
-struct SwiGlu;
+pub(crate) struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {

@@ -31,11 +31,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// `down(silu(gate(x)) * up(x))`, the middle as one fused op.
+    /// `down(silu(gate(x)) * up(x))`, the middle fused into the down projection.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&peft_kernels::swiglu(&gate, &up)?)
+        self.down_proj.forward_swiglu(&gate, &up)
     }
 }
 

@@ -15,6 +15,11 @@ use crate::quant::QuantizedWeight;
 pub trait Linear: Send + Sync + Debug {
     /// `x: [.., in_features]` → `[.., out_features]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// `forward(silu(gate) ⊙ up)`, the MLP's down projection. Layers that can fuse it keep
+    /// less for the backward (LoRA on a dense base recomputes the product there).
+    fn forward_swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        self.forward(&peft_kernels::swiglu(gate, up)?)
+    }
     fn in_features(&self) -> usize;
     fn out_features(&self) -> usize;
     /// The frozen base weight under any wrappers (for merging, export, parameter counts).

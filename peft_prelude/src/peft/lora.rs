@@ -3,6 +3,7 @@
 
 use std::any::Any;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
@@ -12,6 +13,7 @@ use crate::model::linear::FrozenWeight;
 use crate::model::{FrozenLinear, Linear};
 use crate::rng::Rng;
 use peft_kernels::frozen::matmul_t;
+use peft_kernels::FrozenOperand;
 
 /// One named LoRA adapter's parameters.
 #[derive(Debug, Clone)]
@@ -202,13 +204,14 @@ impl LoraLinear {
     /// The common case as one fused op (`x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, backward dx, dA, dB and never
     /// dW): a dense frozen base directly under the adapter, no bias, no DoRA, no dropout
     /// acting. `None` when another path must run.
-    fn fused_forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some((active, training)) = self.switch.acting() else {
-            return Ok(None);
-        };
-        let Some(ad) = self.adapters.get(&active) else {
-            return Ok(None);
-        };
+    /// The base weight as the fused op takes it, its `(out, in)` shape and the active adapter,
+    /// when this layer can run as one fused op for `rows` input rows: a plain base without
+    /// bias, no DoRA magnitude, no dropout in training, not merged. A dense base always; a
+    /// quantized one for batches (≥ `GEMM_MIN_ROWS` rows), dequantized one layer at a time
+    /// for each product (decoding keeps the quantized row kernels).
+    fn fusable(&self, rows: usize) -> Option<(FrozenOperand, (usize, usize), DType, &LoraAdapter)> {
+        let (active, training) = self.switch.acting()?;
+        let ad = self.adapters.get(&active)?;
         let base = self.base.base();
         let plain = self.base.as_any().is::<FrozenLinear>()
             && base.bias().is_none()
@@ -216,27 +219,63 @@ impl LoraLinear {
             && !(training && ad.dropout > 0.0)
             && self.merged_adapter() != Some(active.as_str())
             && peft_kernels::frozen::weight_gradient_protection();
-        match base.frozen_weight() {
-            FrozenWeight::Dense(w) if plain => {
-                let x = if x.dtype() == w.dtype() {
-                    x.clone()
-                } else {
-                    x.to_dtype(w.dtype())?
-                };
-                Ok(Some(peft_kernels::lora_linear(
-                    &x,
-                    w,
-                    ad.a.as_tensor(),
-                    ad.b.as_tensor(),
-                    ad.scaling,
-                )?))
-            }
-            _ => Ok(None),
+        if !plain {
+            return None;
         }
+        match base.frozen_weight() {
+            FrozenWeight::Dense(w) => {
+                Some((FrozenOperand::dense(w), w.dims2().ok()?, w.dtype(), ad))
+            }
+            FrozenWeight::Quantized(q) if rows >= peft_kernels::GEMM_MIN_ROWS => {
+                let (shape, dtype) = (q.shape(), q.dtype());
+                let q = Arc::clone(q);
+                let dense = FrozenOperand::on_demand(move || {
+                    q.dequantize()
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                });
+                Some((dense, shape, dtype, ad))
+            }
+            FrozenWeight::Quantized(_) => None,
+        }
+    }
+
+    fn fused_forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        let Some((w, dims, dtype, ad)) = self.fusable(rows) else {
+            return Ok(None);
+        };
+        Ok(Some(peft_kernels::lora_linear_with(
+            &x.to_dtype(dtype)?,
+            w,
+            dims,
+            ad.a.as_tensor(),
+            ad.b.as_tensor(),
+            ad.scaling,
+        )?))
     }
 }
 
 impl Linear for LoraLinear {
+    /// Fused where [`Self::fusable`]: `silu(gate) ⊙ up` is recomputed in the backward instead
+    /// of kept (see `peft_kernels::swiglu_lora`).
+    fn forward_swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let rows = gate.elem_count() / gate.dim(D::Minus1)?.max(1);
+        match self.fusable(rows) {
+            Some((w, dims, dtype, ad)) if gate.dtype() == dtype && up.dtype() == dtype => {
+                Ok(peft_kernels::swiglu_lora_linear_with(
+                    gate,
+                    up,
+                    w,
+                    dims,
+                    ad.a.as_tensor(),
+                    ad.b.as_tensor(),
+                    ad.scaling,
+                )?)
+            }
+            _ => self.forward(&peft_kernels::swiglu(gate, up)?),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = self.fused_forward(x)? {
             return Ok(y);
