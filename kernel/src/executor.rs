@@ -197,6 +197,14 @@ impl Executor {
                 if let Some(message) = report.panic {
                     return Outcome::Error(CellError::new("panic", &message));
                 }
+                if let Some(message) = report.early_return {
+                    let message = if message.is_empty() {
+                        "a `?` returned an error".to_string()
+                    } else {
+                        message
+                    };
+                    return Outcome::Error(CellError::new("Error", &message));
+                }
                 if !outputs.is_empty() && !silent {
                     let data: MimeData = outputs.content_by_mime_type.into_iter().collect();
                     let content = json!({ "execution_count": count, "data": mime_json(&data), "metadata": {} });

@@ -2,6 +2,7 @@
 //! displays and a cooperative interrupt. See `peft-kernel --help`.
 
 mod complete;
+mod early_return;
 mod engine;
 mod errors;
 mod executor;
@@ -91,6 +92,9 @@ impl LocationArgs {
 
 fn main() -> Result<()> {
     // In the cell process (and as evcxr's rustc wrapper) this runs evcxr and never returns.
+    if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
+        early_return::watch_cell_stdout();
+    }
     evcxr::runtime_hook();
     ensure_cargo_on_path();
     let cli = Cli::parse();

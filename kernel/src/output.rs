@@ -175,6 +175,9 @@ impl Coalescer {
 pub struct CellReport {
     /// The panic message, when the cell panicked (evcxr reports a caught panic as success).
     pub panic: Option<String>,
+    /// When a `?` in the cell returned an error (evcxr reports that as success too): the
+    /// last line the cell wrote to stderr before it, i.e. the end of the error's message.
+    pub early_return: Option<String>,
 }
 
 /// The forwarder thread's handle.
@@ -242,6 +245,33 @@ impl PanicWatch {
     }
 }
 
+/// Watches stderr for the cell process's note that a `?` returned an error
+/// ([`crate::early_return::STDERR_MARKER`]); remembers the line before it as the message.
+#[derive(Debug, Default)]
+struct EarlyReturnWatch {
+    last_line: String,
+    message: Option<String>,
+}
+
+impl EarlyReturnWatch {
+    /// Returns whether the line is to be shown (the marker is not).
+    fn line(&mut self, line: &str) -> bool {
+        if line == crate::early_return::STDERR_MARKER {
+            self.message = Some(std::mem::take(&mut self.last_line));
+            return false;
+        }
+        if !line.trim().is_empty() {
+            self.last_line = line.to_string();
+        }
+        true
+    }
+
+    fn take(&mut self) -> Option<String> {
+        self.last_line.clear();
+        self.message.take()
+    }
+}
+
 fn forward(
     stdout: Receiver<String>,
     stderr: Receiver<String>,
@@ -250,13 +280,17 @@ fn forward(
 ) {
     let mut coalescer = Coalescer::default();
     let mut panic = PanicWatch::default();
+    let mut early = EarlyReturnWatch::default();
     let emit = |outs: Vec<Out>, sink: &mut dyn Sink| outs.into_iter().for_each(|o| sink.emit(o));
-    let on_stderr = |line: String, panic: &mut PanicWatch| {
+    let on_stderr = |line: String, panic: &mut PanicWatch, early: &mut EarlyReturnWatch| {
+        if !early.line(&line) {
+            return None;
+        }
         panic.line(&line);
-        Out::Stream {
+        Some(Out::Stream {
             name: "stderr".into(),
             text: format!("{line}\n"),
-        }
+        })
     };
     loop {
         select! {
@@ -270,8 +304,9 @@ fn forward(
             },
             recv(stderr) -> line => match line {
                 Ok(line) => {
-                    let out = on_stderr(line, &mut panic);
-                    emit(coalescer.push(out, Instant::now()), &mut sink)
+                    if let Some(out) = on_stderr(line, &mut panic, &mut early) {
+                        emit(coalescer.push(out, Instant::now()), &mut sink)
+                    }
                 }
                 Err(_) => return,
             },
@@ -286,11 +321,15 @@ fn forward(
                     }
                 }
                 while let Ok(line) = stderr.try_recv() {
-                    let out = on_stderr(line, &mut panic);
-                    emit(coalescer.push(out, Instant::now()), &mut sink);
+                    if let Some(out) = on_stderr(line, &mut panic, &mut early) {
+                        emit(coalescer.push(out, Instant::now()), &mut sink);
+                    }
                 }
                 emit(coalescer.flush(Instant::now()), &mut sink);
-                let _ = reply.send(CellReport { panic: panic.take() });
+                let _ = reply.send(CellReport {
+                    panic: panic.take(),
+                    early_return: early.take(),
+                });
             },
             default(Duration::from_millis(20)) => emit(coalescer.tick(Instant::now()), &mut sink),
         }

@@ -108,6 +108,17 @@ def main():
         check(reply["content"]["status"] == "ok", reply["content"])
         check(text_result(msgs) == "84", msgs)
 
+        # An error returned through `?`: an error reply with its message (evcxr itself calls
+        # the cell a success); the kernel's internal marker line is not shown.
+        reply, msgs, _ = execute(kc, 'let n: i32 = "12x".parse()?;\nn')
+        check(reply["content"]["status"] == "error", reply["content"])
+        check("invalid digit" in reply["content"]["evalue"], reply["content"])
+        streams = "".join(m["content"]["text"] for _, m in msgs if m["msg_type"] == "stream")
+        check("PEFT_KERNEL" not in streams, streams)
+        reply, msgs, _ = execute(kc, "x * 3")
+        check(reply["content"]["status"] == "ok", reply["content"])
+        check(text_result(msgs) == "126", msgs)
+
         # Raw stream output without a newline, and a display update.
         reply, msgs, _ = execute(
             kc, 'print_stream("no newline");\nlet d = show("first");\nd.update("second");'
