@@ -41,6 +41,7 @@ for r in $(seq "$rounds"); do
   run ours-lora-f32-checkpointed "$bin/bench_lora_step" --gradient-checkpointing
   run ours-qlora-gguf-q4_1 "$bin/bench_lora_step" --base gguf-kept --gradient-checkpointing
   run ours-qlora-nf4 "$bin/bench_lora_step" --base nf4 --gradient-checkpointing
+  run ours-qlora-nf4-no-checkpointing "$bin/bench_lora_step" --base nf4
   if [ -n "$py" ]; then
     run pytorch-lora-f32 "$py" "$bench/hf_lora_bench.py" --model "$REF/smollm2-135m-hf" \
       --batch 4 --seq 256 --steps 8 --threads 2

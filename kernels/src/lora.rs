@@ -405,14 +405,23 @@ mod tests {
             Ok(wc.clone())
         });
         let y = lora_linear_with(&x, lazy, (5, 8), &a, &b, 0.5)?;
-        assert_eq!(built.load(Ordering::SeqCst), 1, "built once for the forward");
+        assert_eq!(
+            built.load(Ordering::SeqCst),
+            1,
+            "built once for the forward"
+        );
         let g = y.sum_all()?.backward()?;
         assert_eq!(built.load(Ordering::SeqCst), 2, "and once more for dx");
         let yd = lora_linear(&x, &w, &a, &b, 0.5)?;
         let gd = yd.sum_all()?.backward()?;
         assert_close("on-demand y", &y, &yd, 1e-6)?;
         for t in [x.as_tensor(), a.as_tensor(), b.as_tensor()] {
-            assert_close("on-demand grad", g.get(t).unwrap(), gd.get(t).unwrap(), 1e-6)?;
+            assert_close(
+                "on-demand grad",
+                g.get(t).unwrap(),
+                gd.get(t).unwrap(),
+                1e-6,
+            )?;
         }
         Ok(())
     }
