@@ -55,19 +55,14 @@ pub fn attention(
         s,
     };
     let scores = ctx.scores()?;
-    let max = scores.max_keepdim(D::Minus1)?;
-    let exp = scores.broadcast_sub(&max)?.exp()?;
+    let (probs, lse) = crate::softmax::softmax_with_lse(&scores)?;
     drop(scores);
-    let sum = exp.sum_keepdim(D::Minus1)?;
-    let probs = exp.broadcast_div(&sum)?;
-    drop(exp);
     let t = gt / groups;
     let out = ctx.heads_last(&probs.to_dtype(v.dtype())?.matmul(&ctx.v)?, t)?;
     drop(probs);
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
-    let lse = (max + sum.log()?)?;
     crate::frozen::reattach3((q, k, v), out, move |d_out, out| {
         ctx.backward(out, &lse, d_out)
     })
@@ -132,7 +127,7 @@ impl Context {
         d_out: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let acc = self.acc;
-        let probs = self.scores()?.broadcast_sub(lse)?.exp()?;
+        let probs = crate::softmax::exp_minus(&self.scores()?, lse)?;
         let d_out = self.heads_first(&d_out.to_dtype(acc)?)?;
         let out = self.heads_first(out)?;
         let dv = probs.t()?.matmul(&d_out)?;

@@ -13,11 +13,11 @@ pub(crate) trait Float: WithDType + std::ops::Neg<Output = Self> {
 }
 
 macro_rules! float {
-    ($t:ty, $variant:ident) => {
+    ($t:ty, $variant:ident, $exp:expr) => {
         impl Float for $t {
             #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             #[inline(always)]
             fn sqrt(self) -> Self {
@@ -40,8 +40,9 @@ macro_rules! float {
         }
     };
 }
-float!(f32, F32);
-float!(f64, F64);
+// f32 without a libm call, so the kernels' loops vectorise (see `fast_exp`).
+float!(f32, F32, crate::fast_exp::exp_f32);
+float!(f64, F64, f64::exp);
 
 /// The contiguous elements of `s` under `l`; the wrappers make inputs contiguous first.
 pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {

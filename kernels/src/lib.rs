@@ -15,11 +15,13 @@ mod common;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod fast_exp;
 pub mod frozen;
 pub mod ggml_matvec;
 pub mod lora;
 pub mod rmsnorm;
 pub mod rope;
+pub mod softmax;
 pub mod swiglu;
 pub mod swiglu_lora;
 #[cfg(test)]
