@@ -15,6 +15,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use crate::softmax;
+
 /// `softmax(scale · q·kᵀ + mask) · v` with grouped-query heads.
 ///
 /// * `q`: `[b, kv_heads, groups · t, d]` (query head `h` of kv group `h / groups`, its `t` rows
@@ -54,9 +56,7 @@ pub fn attention(
         acc: accumulation(q.dtype()),
         s,
     };
-    let scores = ctx.scores()?;
-    let (probs, lse) = crate::softmax::softmax_with_lse(&scores)?;
-    drop(scores);
+    let (probs, lse) = ctx.probs_and_lse()?;
     let t = gt / groups;
     let out = ctx.heads_last(&probs.to_dtype(v.dtype())?.matmul(&ctx.v)?, t)?;
     drop(probs);
@@ -107,6 +107,45 @@ impl Context {
             .reshape((b, kv_heads, gt, d))
     }
 
+    /// f32 on the CPU: the softmax passes run as row kernels, the mask added inside them and
+    /// the scale folded into `q` (a `d`-wide pass instead of an `s`-wide one).
+    fn row_kernels(&self) -> bool {
+        self.acc == DType::F32 && softmax::applies(&self.q)
+    }
+
+    /// `(q·scale)·kᵀ` without the mask, for the row kernels.
+    fn scaled_scores(&self) -> Result<Tensor> {
+        (&self.q * self.scale)?.matmul(&self.k.t()?)
+    }
+
+    fn row_mask(&self) -> Result<Option<softmax::RowMask>> {
+        self.mask.as_ref().map(softmax::RowMask::new).transpose()
+    }
+
+    /// The probabilities and one log-sum-exp per query row.
+    fn probs_and_lse(&self) -> Result<(Tensor, Tensor)> {
+        if self.row_kernels() {
+            let mask = self.row_mask()?;
+            return softmax::softmax_with_lse(&self.scaled_scores()?, mask.as_ref());
+        }
+        let scores = self.scores()?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let exp = scores.broadcast_sub(&max)?.exp()?;
+        drop(scores);
+        let sum = exp.sum_keepdim(D::Minus1)?;
+        let probs = exp.broadcast_div(&sum)?;
+        Ok((probs, (max + sum.log()?)?))
+    }
+
+    /// The probabilities again, from the forward's log-sum-exp.
+    fn probs_from_lse(&self, lse: &Tensor) -> Result<Tensor> {
+        if self.row_kernels() {
+            let mask = self.row_mask()?;
+            return softmax::exp_minus(&self.scaled_scores()?, mask.as_ref(), lse);
+        }
+        self.scores()?.broadcast_sub(lse)?.exp()
+    }
+
     /// `scale · q·kᵀ + mask`, `[b, kv_heads, groups · t, s]` in the accumulation dtype.
     fn scores(&self) -> Result<Tensor> {
         let (b, kv_heads, gt, _) = self.q.dims4()?;
@@ -127,15 +166,20 @@ impl Context {
         d_out: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let acc = self.acc;
-        let probs = crate::softmax::exp_minus(&self.scores()?, lse)?;
+        let probs = self.probs_from_lse(lse)?;
         let d_out = self.heads_first(&d_out.to_dtype(acc)?)?;
         let out = self.heads_first(out)?;
         let dv = probs.t()?.matmul(&d_out)?;
         let d_probs = d_out.matmul(&self.v.to_dtype(acc)?.t()?)?;
         let delta = (&d_out * out.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
-        let d_scores = (probs * d_probs.broadcast_sub(&delta)?)?;
-        let dq = (d_scores.matmul(&self.k.to_dtype(acc)?)? * self.scale)?;
-        let dk = (d_scores.t()?.matmul(&self.q.to_dtype(acc)?)? * self.scale)?;
+        // The softmax backward with the scale of the scores folded in.
+        let d_scores = if self.row_kernels() {
+            softmax::softmax_grad(&probs, &d_probs, &delta, self.scale)?
+        } else {
+            ((probs * d_probs.broadcast_sub(&delta)?)? * self.scale)?
+        };
+        let dq = d_scores.matmul(&self.k.to_dtype(acc)?)?;
+        let dk = d_scores.t()?.matmul(&self.q.to_dtype(acc)?)?;
         Ok((
             dq.to_dtype(self.q.dtype())?,
             dk.to_dtype(self.k.dtype())?,

@@ -18,14 +18,8 @@ pub fn exp_f32(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const LO: f32 = -87.33;
     const HI: f32 = 88.72;
-    // Written as selects (not `clamp`/`max`) so NaN passes through and the loop vectorises.
-    let xc = if x < LO {
-        LO
-    } else if x > HI {
-        HI
-    } else {
-        x
-    };
+    // `clamp` passes NaN through (unlike `max`/`min`) and compiles to selects.
+    let xc = x.clamp(LO, HI);
     // Round to nearest by the 1.5·2²³ trick (|x·log2 e| < 2²²).
     const ROUND: f32 = 12_582_912.0;
     let n = (xc * LOG2E + ROUND) - ROUND;
