@@ -14,7 +14,6 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Storage, Tensor, D,
 };
-use rayon::prelude::*;
 
 use crate::common::{cpu_dtype, cpu_tensor, dispatch_float, slice, Float};
 
@@ -273,20 +272,54 @@ impl CustomOp3 for LoraLinear {
     }
 }
 
-/// `y[i, :] += Σ_k xa[i, k]·bt[k, :]` for `y: [m, n]`, `xa: [m, r]`, `bt: [r, n]`.
+/// `y[i, :] += Σ_k xa[i, k]·bt[k, :]` for `y: [m, n]`, `xa: [m, r]`, `bt: [r, n]`, as one
+/// accumulating GEMM (gemm's AVX2/AVX-512 kernels, `dst = 1·dst + 1·xa·bt`): a rank-16 update
+/// of every LoRA output and input gradient is as many FLOPs as a [tokens, 16] × [16, out]
+/// product, which the plain row loops this replaced ran at a fraction of the machine's speed
+/// (7% of a SmolLM2 training step).
 fn add_low_rank<T: Float>(y: &mut [T], xa: &[T], bt: &[T], n: usize, r: usize) {
-    let rows = (8192 / n.max(1)).max(1);
-    y.par_chunks_mut(rows * n)
-        .zip(xa.par_chunks(rows * r))
-        .for_each(|(yb, xb)| {
-            for (yr, xr) in yb.chunks_exact_mut(n).zip(xb.chunks_exact(r)) {
-                for (&c, br) in xr.iter().zip(bt.chunks_exact(n)) {
-                    for (yi, &bi) in yr.iter_mut().zip(br) {
-                        *yi += c * bi;
-                    }
-                }
-            }
-        });
+    let m = y.len() / n.max(1);
+    if m == 0 || n == 0 || r == 0 {
+        return;
+    }
+    assert!(
+        y.len() == m * n && xa.len() == m * r && bt.len() == r * n,
+        "add_low_rank: y {} / xa {} / bt {} for m {m}, n {n}, r {r}",
+        y.len(),
+        xa.len(),
+        bt.len()
+    );
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 && m * n * r >= 1 << 16 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the pointers, shapes and (row-major) strides describe the three slices, whose
+    // lengths were checked above; `y` does not overlap the inputs (it is borrowed mutably).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            r,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            xa.as_ptr(),
+            1,
+            r as isize,
+            bt.as_ptr(),
+            1,
+            n as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
 }
 
 /// In place: `y += xa·bt` (`dx += u·A` in the backward).
