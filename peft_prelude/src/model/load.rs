@@ -92,6 +92,8 @@ impl Pretrained {
     /// A Hugging Face model directory: config.json, model.safetensors (or a sharded index),
     /// tokenizer.json, generation_config.json when present.
     pub fn from_dir(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        // Before candle's first op (its thread pools read the settings once).
+        crate::threads::settle_thread_count();
         let dir = dir.as_ref();
         let config = ModelConfig::from_json_file(dir.join("config.json"))?;
         let weights = load_dir_weights(dir, &config, options)?;
@@ -114,6 +116,8 @@ impl Pretrained {
     /// A GGUF file of the `llama` architecture; quantized weights are dequantized at load
     /// unless `options.quantization` is [`Quantization::KeepGguf`].
     pub fn from_gguf(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        // Before candle's first op (its thread pools read the settings once).
+        crate::threads::settle_thread_count();
         let file = GgufFile::open(path)?;
         let config = file.config()?;
         let weights = load_model_weights_quantized(
