@@ -106,8 +106,7 @@ pub fn exp_minus(x: &Tensor, mask: Option<&RowMask>, lse: &Tensor) -> Result<Ten
 pub fn softmax_grad(p: &Tensor, dp: &Tensor, delta: &Tensor, scale: f64) -> Result<Tensor> {
     let s = p.dim(D::Minus1)?;
     let ds = with_cpu_f32(delta, <[f32]>::to_vec)?;
-    let dps = with_cpu_f32(dp, <[f32]>::to_vec)?;
-    if ds.len() * s != p.elem_count() || dps.len() != p.elem_count() {
+    if ds.len() * s != p.elem_count() || dp.elem_count() != p.elem_count() {
         candle_core::bail!(
             "softmax_grad: p {:?}, dp {:?}, delta {:?}",
             p.dims(),
@@ -116,26 +115,29 @@ pub fn softmax_grad(p: &Tensor, dp: &Tensor, delta: &Tensor, scale: f64) -> Resu
         )
     }
     let c = scale as f32;
-    let out = with_cpu_f32(p, |ps| {
-        let mut out = vec![0f32; ps.len()];
-        out.par_chunks_mut(s * ROWS_PER_TASK)
-            .zip(ps.par_chunks(s * ROWS_PER_TASK))
-            .zip(dps.par_chunks(s * ROWS_PER_TASK))
-            .zip(ds.par_chunks(ROWS_PER_TASK))
-            .for_each(|(((o, p), dp), d)| {
-                for (((orow, prow), dprow), &dv) in o
-                    .chunks_exact_mut(s)
-                    .zip(p.chunks_exact(s))
-                    .zip(dp.chunks_exact(s))
-                    .zip(d)
-                {
-                    for ((ov, &pv), &dpv) in orow.iter_mut().zip(prow).zip(dprow) {
-                        *ov = c * pv * (dpv - dv);
+    // Both large operands read in place (no copy out of their storages).
+    let out = with_cpu_f32(dp, |dps| {
+        with_cpu_f32(p, |ps| {
+            let mut out = vec![0f32; ps.len()];
+            out.par_chunks_mut(s * ROWS_PER_TASK)
+                .zip(ps.par_chunks(s * ROWS_PER_TASK))
+                .zip(dps.par_chunks(s * ROWS_PER_TASK))
+                .zip(ds.par_chunks(ROWS_PER_TASK))
+                .for_each(|(((o, p), dp), d)| {
+                    for (((orow, prow), dprow), &dv) in o
+                        .chunks_exact_mut(s)
+                        .zip(p.chunks_exact(s))
+                        .zip(dp.chunks_exact(s))
+                        .zip(d)
+                    {
+                        for ((ov, &pv), &dpv) in orow.iter_mut().zip(prow).zip(dprow) {
+                            *ov = c * pv * (dpv - dv);
+                        }
                     }
-                }
-            });
-        out
-    })?;
+                });
+            out
+        })
+    })??;
     Tensor::from_vec(out, p.dims(), p.device())
 }
 
