@@ -6,7 +6,7 @@ use peft_prelude::model::{LoadOptions, Pretrained};
 use peft_prelude::peft::{get_peft_model, LoraConfig};
 use peft_prelude::train::{SftTrainer, TrainingArgs};
 use peft_prelude::Error;
-use peft_tests::fixture;
+use peft_tests::{fixture, max_abs, max_abs_diff};
 
 fn dataset(n: usize) -> Dataset {
     let rows: Vec<serde_json::Value> = (0..n)
@@ -91,14 +91,7 @@ fn resuming_from_a_checkpoint_reproduces_the_straight_run() {
         .iter()
         .zip(second.model().trainable_vars())
     {
-        let d = (a.as_tensor() - b.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(a.as_tensor(), b.as_tensor());
         assert_eq!(d, 0.0, "{n}");
     }
     std::fs::remove_dir_all(out).unwrap();
@@ -180,14 +173,10 @@ fn the_fused_loss_equals_the_logits_path() {
     assert!((lf - lp).abs() < 1e-5 * lp.abs().max(1.0), "{lf} vs {lp}");
     let (gf, gp) = (fused.backward().unwrap(), plain.backward().unwrap());
     for (name, var) in peft.trainable_vars() {
-        let d = (gf.get(var.as_tensor()).unwrap() - gp.get(var.as_tensor()).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(
+            gf.get(var.as_tensor()).unwrap(),
+            gp.get(var.as_tensor()).unwrap(),
+        );
         assert!(d < 1e-5, "{name}: {d}");
     }
 }
@@ -268,21 +257,7 @@ fn layer_by_layer_backwards_equal_candles_own_backward() {
         assert!((value - loss.to_scalar::<f32>().unwrap() as f64).abs() < 1e-6);
         for (g, w) in got.iter().zip(&want) {
             let g = g.as_ref().expect("every adapter gets a gradient");
-            let scale = w
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = (g - w)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let (scale, diff) = (max_abs(w), max_abs_diff(g, w));
             assert!(
                 scale > 0.0 && diff <= 1e-5 * scale,
                 "recompute={recompute}: {diff} of {scale}"

@@ -263,7 +263,7 @@ impl CustomOp3 for Reattach3 {
 
 fn copy_contiguous(s: &CpuStorage, layout: &Layout) -> Result<CpuStorage> {
     use candle_core::backend::BackendStorage;
-    // `frozen_linear` only passes the contiguous output of a matmul.
+    // `reattach`/`reattach3` make the result contiguous before it gets here.
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("frozen-operand: expected a contiguous result")
     };

@@ -6,7 +6,7 @@
 //! is one integer dot product: 8-bit multiplies into 32-bit sums, AVX512-VNNI `vpdpbusd`
 //! where the CPU has it, AVX2 `vpmaddubsw` otherwise, chosen at run time. Dequantizing to f32
 //! and multiplying there costs several instructions per weight and made decoding
-//! compute-bound at a third of the memory bandwidth. The offset terms (Q4_1's `m`, Q4_0's
+//! compute-bound at a quarter of the memory bandwidth. The offset terms (Q4_1's `m`, Q4_0's
 //! `−8·d`) use the exact f32 sums of the activations, so only the product term sees the
 //! rounding. Rows are split over the rayon threads.
 
@@ -73,24 +73,7 @@ pub fn matmul_t(
     let xq = Q8Rows::quantize(x, k);
     let isa = Isa::detect();
     Ok(rows_times(m, n, |o0, out| {
-        let rows = &w[o0 * row_bytes..];
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `detect` found the features these functions are compiled for.
-            Isa::Vnni => unsafe { x86::rows_vnni(format, rows, &xq, m, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx2 => unsafe { x86::rows_avx2(format, rows, &xq, m, out) },
-            Isa::Generic => {
-                for (i, slot) in out.chunks_mut(m).enumerate() {
-                    let row = &rows[i * row_bytes..(i + 1) * row_bytes];
-                    for (r, y) in slot.iter_mut().enumerate() {
-                        let (q, d, sum) = xq.row(r);
-                        *y = dot_generic(format, row, q, d, sum);
-                    }
-                }
-            }
-        }
+        isa.rows(format, &w[o0 * row_bytes..], &xq, m, out)
     }))
 }
 
@@ -150,7 +133,7 @@ fn rows_times(m: usize, n: usize, task: impl Fn(usize, &mut [f32]) + Sync) -> Ve
 }
 
 /// The instruction set the block kernels run with, detected once per call.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Isa {
     #[cfg(target_arch = "x86_64")]
     Vnni,
@@ -160,23 +143,52 @@ enum Isa {
 }
 
 impl Isa {
-    fn detect() -> Self {
+    /// Every instruction set this CPU can run the kernels with, plainest first.
+    fn supported() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut isas = vec![Isa::Generic];
         #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
         {
-            let avx2 = std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c");
-            if avx2
-                && std::is_x86_feature_detected!("avx512vnni")
+            isas.push(Isa::Avx2);
+            if std::is_x86_feature_detected!("avx512vnni")
                 && std::is_x86_feature_detected!("avx512vl")
             {
-                return Isa::Vnni;
-            }
-            if avx2 {
-                return Isa::Avx2;
+                isas.push(Isa::Vnni);
             }
         }
-        Isa::Generic
+        isas
+    }
+
+    /// The fastest of [`Isa::supported`].
+    fn detect() -> Self {
+        *Self::supported()
+            .last()
+            .expect("Generic is always supported")
+    }
+
+    /// Weight rows `rows[0..]` times every input row of `xq` into `out: [rows, m]`.
+    fn rows(self, format: BlockFormat, rows: &[u8], xq: &Q8Rows, m: usize, out: &mut [f32]) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `supported` found the features these functions are compiled for.
+            Isa::Vnni => unsafe { x86::rows_vnni(format, rows, xq, m, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { x86::rows_avx2(format, rows, xq, m, out) },
+            Isa::Generic => {
+                let row_bytes = xq.k / BlockFormat::BLOCK * format.block_bytes();
+                for (i, slot) in out.chunks_mut(m).enumerate() {
+                    let row = &rows[i * row_bytes..(i + 1) * row_bytes];
+                    for (r, y) in slot.iter_mut().enumerate() {
+                        let (q, d, sum) = xq.row(r);
+                        *y = dot_generic(format, row, q, d, sum);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -614,24 +626,10 @@ mod tests {
                     );
                 }
             };
-            #[cfg(target_arch = "x86_64")]
-            {
+            for isa in Isa::supported() {
                 let mut out = vec![0f32; n];
-                if std::is_x86_feature_detected!("avx2")
-                    && std::is_x86_feature_detected!("fma")
-                    && std::is_x86_feature_detected!("f16c")
-                {
-                    // SAFETY: features checked just above.
-                    unsafe { x86::rows_avx2(format, &w, &xq, 1, &mut out) };
-                    check("AVX2", &out);
-                    if std::is_x86_feature_detected!("avx512vnni")
-                        && std::is_x86_feature_detected!("avx512vl")
-                    {
-                        // SAFETY: as above.
-                        unsafe { x86::rows_vnni(format, &w, &xq, 1, &mut out) };
-                        check("VNNI", &out);
-                    }
-                }
+                isa.rows(format, &w, &xq, 1, &mut out);
+                check(&format!("{isa:?}"), &out);
             }
             check("dispatched", &matmul_t(&x, 1, k, &w, n, format).unwrap());
         }

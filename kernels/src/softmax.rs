@@ -1,7 +1,8 @@
 //! Row-wise softmax with its log-sum-exp, and `exp(x − lse)`, for attention's scores on the
 //! CPU in f32: one pass per row with the vectorised [`exp_f32`] instead of candle's chain of
 //! max, subtract, exp, sum and divide (five passes and four temporaries, with glibc's scalar
-//! `expf`, slow for the masked scores). Other devices and dtypes use that chain.
+//! `expf`, slow for the masked scores). Other devices and dtypes keep that chain, in
+//! `attention` (see [`applies`]).
 
 use candle_core::{DType, Result, Storage, Tensor, D};
 use rayon::prelude::*;

@@ -3,7 +3,7 @@
 //!
 //! Composed from [`crate::swiglu`] and [`crate::lora_linear`], the graph keeps `gate`, `up`
 //! (for SwiGLU's backward) and also `h` (for `dA = uᵀ·h`): a third `[tokens, intermediate]`
-//! tensor per layer, about 190 MB of a SmolLM2 step at 1,024 tokens. This op keeps only
+//! tensor per layer: the SmolLM2 step at 1,024 tokens peaked 170 MB lower without it. This op keeps only
 //! `gate`, `up` and `h·Aᵀ`, and recomputes `h` in its backward (one elementwise pass).
 //! A and B travel as one flat tensor (a custom op has three inputs), which costs a copy of the
 //! adapter's few weights per call.

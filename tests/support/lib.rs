@@ -133,3 +133,16 @@ pub fn assert_logits_match(
     );
     worst
 }
+
+/// The largest `|x|` of an f32 tensor.
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .and_then(|a| a.max_all())
+        .and_then(|m| m.to_scalar::<f32>())
+        .expect("an f32 tensor")
+}
+
+/// The largest `|a − b|` of two f32 tensors of one shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    max_abs(&(a - b).expect("tensors of one shape"))
+}
