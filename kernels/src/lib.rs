@@ -28,9 +28,10 @@ pub mod swiglu_lora;
 mod testing;
 
 pub use cross_entropy::{fused_linear_cross_entropy, IGNORE_INDEX};
-pub use lora::{lora_linear, lora_linear_with, FrozenOperand};
+pub use lora::{lora_linear, lora_linear_with, FrozenOperand, Int8Products};
 pub use rmsnorm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;
 pub use swiglu_lora::{swiglu_lora_linear, swiglu_lora_linear_with};
 pub mod nf4;
+pub mod q8_gemm;

@@ -3,7 +3,7 @@
 
 use std::any::Any;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
@@ -11,9 +11,10 @@ use super::switch::AdapterSwitch;
 use crate::error::{Error, Result};
 use crate::model::linear::FrozenWeight;
 use crate::model::{FrozenLinear, Linear};
+use crate::quant::QuantizedWeight;
 use crate::rng::Rng;
 use peft_kernels::frozen::matmul_t;
-use peft_kernels::FrozenOperand;
+use peft_kernels::{FrozenOperand, Int8Products};
 
 /// One named LoRA adapter's parameters.
 #[derive(Debug, Clone)]
@@ -51,6 +52,9 @@ pub enum LoraInitKind {
     Random,
 }
 
+/// A quantized base's integer products and the base they were built from.
+type Int8Cache = (Weak<dyn QuantizedWeight>, Arc<Int8Products>);
+
 /// A projection with LoRA adapters around a frozen base.
 #[derive(Debug)]
 pub struct LoraLinear {
@@ -60,6 +64,9 @@ pub struct LoraLinear {
     /// Adapter merged into the base weight, with what is needed to unmerge it
     /// (for DoRA the row norms used at merge time).
     merged: Option<(String, Option<Tensor>)>,
+    /// A quantized base as the integer GEMM reads it (built at the first training batch, kept
+    /// while the base is the same: the weak handle keeps the base's address from being reused).
+    int8: Mutex<Option<Int8Cache>>,
 }
 
 impl LoraLinear {
@@ -69,6 +76,7 @@ impl LoraLinear {
             adapters: BTreeMap::new(),
             switch,
             merged: None,
+            int8: Mutex::new(None),
         }
     }
 
@@ -228,6 +236,9 @@ impl LoraLinear {
             }
             FrozenWeight::Quantized(q) if rows >= peft_kernels::GEMM_MIN_ROWS => {
                 let (shape, dtype) = (q.shape(), q.dtype());
+                if let Some(products) = self.int8_products(q) {
+                    return Some((FrozenOperand::int8(products), shape, dtype, ad));
+                }
                 let q = Arc::clone(q);
                 let dense = FrozenOperand::on_demand(move || {
                     q.dequantize()
@@ -237,6 +248,38 @@ impl LoraLinear {
             }
             FrozenWeight::Quantized(_) => None,
         }
+    }
+
+    /// The quantized base for the integer GEMM, where it applies: f32 on a CPU where it is
+    /// faster (`peft_kernels::q8_gemm::integer_products`), dimensions in whole blocks. Built
+    /// once from the dequantized weight (8-bit blocks twice over, about 2.25 bytes per weight:
+    /// the price of training at integer speed) and kept until the base changes.
+    fn int8_products(&self, q: &Arc<dyn QuantizedWeight>) -> Option<Arc<Int8Products>> {
+        let (out, inp) = q.shape();
+        if !(peft_kernels::q8_gemm::integer_products()
+            && q.dtype() == DType::F32
+            && q.device().is_cpu()
+            && Int8Products::fits(out, inp))
+        {
+            return None;
+        }
+        let mut cache = self.int8.lock().expect("not poisoned");
+        if let Some((base, p)) = cache.as_ref() {
+            if std::ptr::addr_eq(base.as_ptr(), Arc::as_ptr(q)) {
+                return Some(Arc::clone(p));
+            }
+        }
+        // A base that cannot be dequantized keeps the other path, which reports the error.
+        let dense = q
+            .dequantize()
+            .ok()?
+            .flatten_all()
+            .ok()?
+            .to_vec1::<f32>()
+            .ok()?;
+        let products = Arc::new(Int8Products::new(&dense, out, inp).ok()?);
+        *cache = Some((Arc::downgrade(q), Arc::clone(&products)));
+        Some(products)
     }
 
     fn fused_forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
