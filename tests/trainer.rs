@@ -226,6 +226,7 @@ fn gradient_checkpointing_trains_exactly_like_the_plain_backward() {
 fn layer_by_layer_backwards_equal_candles_own_backward() {
     use candle_core::{Device, Tensor};
     use peft_prelude::data::{pad_batch, Example};
+    use peft_prelude::model::Checkpointing;
     use peft_prelude::train::sft::{batch_gradients, batch_loss};
     let p = Pretrained::from_dir(fixture("tiny-mistral"), &LoadOptions::default()).unwrap();
     let peft = get_peft_model(p.model, LoraConfig::all_projections(4, 8.0)).unwrap();
@@ -250,7 +251,12 @@ fn layer_by_layer_backwards_equal_candles_own_backward() {
         .iter()
         .map(|v| store.get(v.as_tensor()).unwrap().clone())
         .collect();
-    for recompute in [false, true] {
+    // Every layer kept, every layer recomputed, and the first of the two recomputed.
+    for recompute in [
+        Checkpointing::Off,
+        Checkpointing::All,
+        Checkpointing::FirstLayers(1),
+    ] {
         let (value, n, got) =
             batch_gradients(&peft, &batch, 1.0 / count as f64, &vars, recompute).unwrap();
         assert_eq!(n, count);
@@ -260,7 +266,7 @@ fn layer_by_layer_backwards_equal_candles_own_backward() {
             let (scale, diff) = (max_abs(w), max_abs_diff(g, w));
             assert!(
                 scale > 0.0 && diff <= 1e-5 * scale,
-                "recompute={recompute}: {diff} of {scale}"
+                "{recompute:?}: {diff} of {scale}"
             );
         }
     }

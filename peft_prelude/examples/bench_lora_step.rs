@@ -4,21 +4,25 @@
 //! ```text
 //! cargo run --release -p peft_prelude --example bench_lora_step -- [--batch 4] [--seq 256]
 //!     [--steps 8] [--warmup 2] [--rank 16] [--unprotected] [--gradient-checkpointing]
-//!     [--base dense-f32|nf4|gguf-kept] [--model PATH]
+//!     [--checkpoint-layers N] [--integer-products on|off] [--base dense-f32|nf4|gguf-kept]
+//!     [--model PATH]
 //! ```
 //! Default: SmolLM2-135M-Instruct (the GGUF fetched by `scripts/fetch-smollm2.sh`, weights
 //! dequantized to f32), LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, AdamW lr 2e-4.
 //! `--unprotected` lets candle compute and keep gradients for the frozen weights (its default
 //! matmul backward), to measure what the frozen-weight protection saves.
 //! `--gradient-checkpointing` keeps only each layer's input and recomputes its activations in
-//! backward. `--base`: the frozen projections dense in f32 (default), NF4 with double
-//! quantization (QLoRA; dequantized tile by tile into f32 matmuls), or kept in the GGUF's own
-//! types (`gguf-kept`: Q4_1 here, multiplied by candle's integer-dot kernels on Q8 activations).
+//! backward; `--checkpoint-layers N` recomputes only the first N layers (implies
+//! checkpointing). `--base`: the frozen projections dense in f32 (default), NF4 with double
+//! quantization (QLoRA), or kept in the GGUF's own types (`gguf-kept`: Q4_1 here). A quantized
+//! base trains on the integer GEMM (8-bit blocks, AVX512-VNNI) where the CPU has it;
+//! `--integer-products off` dequantizes it to f32 for every product instead.
 
 use std::time::Instant;
 
 use candle_core::Device;
 use peft_prelude::data::{pad_batch, Example};
+use peft_prelude::model::Checkpointing;
 use peft_prelude::model::{LoadOptions, Pretrained};
 use peft_prelude::peft::{get_peft_model, LoraConfig};
 use peft_prelude::quant::Quantization;
@@ -42,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     let (mut batch, mut seq, mut steps, mut warmup, mut rank) =
         (4usize, 256usize, 8usize, 2usize, 16usize);
     let mut protected = true;
-    let mut checkpointing = false;
+    let mut checkpointing = Checkpointing::Off;
     let mut base = "dense-f32".to_string();
     let mut model_path = format!(
         "{}/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -64,7 +68,9 @@ fn main() -> anyhow::Result<()> {
             "--rank" => rank = value()?.parse()?,
             "--model" => model_path = value()?,
             "--unprotected" => protected = false,
-            "--gradient-checkpointing" => checkpointing = true,
+            "--gradient-checkpointing" => checkpointing = Checkpointing::All,
+            "--checkpoint-layers" => checkpointing = Checkpointing::FirstLayers(value()?.parse()?),
+            "--integer-products" => peft_prelude::quant::set_integer_products(value()? == "on"),
             "--base" => base = value()?,
             other => anyhow::bail!("unknown argument {other}"),
         }
@@ -133,7 +139,8 @@ fn main() -> anyhow::Result<()> {
             "dtype": "f32",
             "base": base,
             "frozen_weight_protection": protected,
-            "gradient_checkpointing": checkpointing,
+            "gradient_checkpointing": format!("{checkpointing:?}"),
+            "integer_products": peft_prelude::quant::integer_products() && base != "dense-f32",
             "batch": batch,
             "seq": seq,
             "rank": rank,

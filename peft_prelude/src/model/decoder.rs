@@ -147,13 +147,39 @@ pub struct Model {
     device: Device,
 }
 
-/// What a layer-by-layer forward keeps for its backward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LayerGraphs {
-    /// Only each layer's input: the backward recomputes the layer.
-    Recompute,
-    /// Each layer's graph, freed layer by layer during the backward.
-    Keep,
+/// Which layers a layer-by-layer forward recomputes in the backward (keeping only their
+/// input) instead of keeping their graph (freed layer by layer during the backward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checkpointing {
+    /// Every layer keeps its graph: no recomputation, the most memory.
+    #[default]
+    Off,
+    /// Every layer is recomputed: one layer's activations at a time, one extra forward.
+    All,
+    /// The first `n` layers are recomputed, the others kept: memory and time in between,
+    /// about `n / layers` of the way from `Off` to `All` (the first layers' graphs are the
+    /// ones that would be kept longest).
+    FirstLayers(usize),
+}
+
+impl From<bool> for Checkpointing {
+    fn from(on: bool) -> Self {
+        if on {
+            Checkpointing::All
+        } else {
+            Checkpointing::Off
+        }
+    }
+}
+
+impl Checkpointing {
+    fn recomputes(self, layer: usize) -> bool {
+        match self {
+            Checkpointing::Off => false,
+            Checkpointing::All => true,
+            Checkpointing::FirstLayers(n) => layer < n,
+        }
+    }
 }
 
 /// A forward pass that kept only each layer's input (see
@@ -166,8 +192,8 @@ pub struct Checkpointed {
     /// The embedded input, with its graph (prompt or embedding adapters get gradients).
     embedded: Tensor,
     inputs: Vec<Tensor>,
-    /// Segmented mode: each layer's input leaf and output, with its graph.
-    kept: Vec<(candle_core::Var, Tensor)>,
+    /// For each layer whose graph was kept: its input leaf and output, with its graph.
+    kept: Vec<Option<(candle_core::Var, Tensor)>>,
     cos: Tensor,
     sin: Tensor,
     mask: Option<Tensor>,
@@ -491,8 +517,7 @@ impl Model {
     /// time. Peak memory drops from every layer's activations to one layer's, for one extra
     /// forward pass. Not with a KV cache.
     pub fn hidden_states_checkpointed(&self, args: Forward<'_>) -> Result<Checkpointed> {
-        let (_, ck) = self.run_layers(args, Some(LayerGraphs::Recompute))?;
-        Ok(ck.expect("run_layers keeps the checkpoints when asked"))
+        self.hidden_states_layered(args, Checkpointing::All)
     }
 
     /// [`hidden_states`](Self::hidden_states) with one graph per layer, for
@@ -500,8 +525,19 @@ impl Model {
     /// each layer's activations are freed as soon as its backward is done, instead of all of
     /// them at the end (candle's backward keeps the whole graph alive until it returns).
     pub fn hidden_states_segmented(&self, args: Forward<'_>) -> Result<Checkpointed> {
-        let (_, ck) = self.run_layers(args, Some(LayerGraphs::Keep))?;
-        Ok(ck.expect("run_layers keeps the layer graphs when asked"))
+        self.hidden_states_layered(args, Checkpointing::Off)
+    }
+
+    /// The layer-by-layer forward for
+    /// [`backward_checkpointed`](Self::backward_checkpointed), recomputing the layers
+    /// `checkpointing` names and keeping the others' graphs.
+    pub fn hidden_states_layered(
+        &self,
+        args: Forward<'_>,
+        checkpointing: Checkpointing,
+    ) -> Result<Checkpointed> {
+        let (_, ck) = self.run_layers(args, Some(checkpointing))?;
+        Ok(ck.expect("run_layers keeps the checkpoints when asked"))
     }
 
     /// The gradients of `loss` (a scalar computed from `ck.hidden`) for `vars`, recomputing
@@ -535,8 +571,8 @@ impl Model {
         drop(top);
         let mut kept = ck.kept;
         for (i, input) in ck.inputs.iter().enumerate().rev() {
-            let (x, y) = match kept.pop() {
-                // Segmented: this layer's graph was kept; it is dropped after its backward.
+            let (x, y) = match kept.get_mut(i).and_then(Option::take) {
+                // This layer's graph was kept; it is dropped after its backward.
                 Some(pair) => pair,
                 None => {
                     let x = candle_core::Var::from_tensor(input)?;
@@ -572,7 +608,7 @@ impl Model {
     fn run_layers(
         &self,
         args: Forward<'_>,
-        checkpoint: Option<LayerGraphs>,
+        checkpoint: Option<Checkpointing>,
     ) -> Result<(Tensor, Option<Checkpointed>)> {
         if args.cache.is_some() && rayon::current_thread_index().is_none() {
             // Decoding: run the pass on a pool worker, so every parallel loop inside (hundreds
@@ -639,7 +675,7 @@ impl Model {
             },
             &self.device,
         )?;
-        if let Some(graphs) = checkpoint {
+        if let Some(checkpointing) = checkpoint {
             if cache.is_some() {
                 return Err(Error::InvalidArgument(
                     "gradient checkpointing cannot be combined with a KV cache".into(),
@@ -647,16 +683,18 @@ impl Model {
             }
             let embedded = x;
             let mut inputs = Vec::with_capacity(self.layers.len());
-            let mut kept = Vec::new();
+            let mut kept = Vec::with_capacity(self.layers.len());
             let mut x = embedded.detach();
             for (i, layer) in self.layers.iter().enumerate() {
                 inputs.push(x.clone());
-                x = match graphs {
+                x = match checkpointing.recomputes(i) {
                     // The graph built here is dropped with `detach`: only the output is kept.
-                    LayerGraphs::Recompute => self
-                        .layer_forward(i, layer, &x, &cos, &sin, mask.as_ref(), None)?
-                        .detach(),
-                    LayerGraphs::Keep => {
+                    true => {
+                        kept.push(None);
+                        self.layer_forward(i, layer, &x, &cos, &sin, mask.as_ref(), None)?
+                            .detach()
+                    }
+                    false => {
                         let leaf = candle_core::Var::from_tensor(&x)?;
                         let y = self.layer_forward(
                             i,
@@ -668,7 +706,7 @@ impl Model {
                             None,
                         )?;
                         let next = y.detach();
-                        kept.push((leaf, y));
+                        kept.push(Some((leaf, y)));
                         next
                     }
                 };

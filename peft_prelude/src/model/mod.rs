@@ -12,6 +12,6 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use config::{Architecture, ModelConfig};
-pub use decoder::{Checkpointed, Forward, Model};
+pub use decoder::{Checkpointed, Checkpointing, Forward, Model};
 pub use linear::{FrozenLinear, Linear};
 pub use load::{HubOptions, LoadOptions, Pretrained};

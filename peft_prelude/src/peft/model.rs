@@ -14,7 +14,7 @@ use super::saved::{SavedEmbedding, SavedLinear};
 use super::switch::AdapterSwitch;
 use super::targets::{pattern_value, select};
 use crate::error::{Error, Result};
-use crate::model::{Checkpointed, Forward, FrozenLinear, Linear, Model};
+use crate::model::{Checkpointed, Checkpointing, Forward, FrozenLinear, Linear, Model};
 use crate::rng::Rng;
 
 /// PEFT's name for the adapter `get_peft_model` creates.
@@ -195,17 +195,19 @@ impl PeftModel {
         self.hidden_for_loss_layered(ids, mask, positions, segments, true)
     }
 
-    /// The layer-by-layer forward for a loss: with `recompute`, gradient checkpointing (see
-    /// [`Model::hidden_states_checkpointed`]); without, every layer's graph is kept but freed
-    /// layer by layer in [`backward_checkpointed`](Self::backward_checkpointed) (see
-    /// [`Model::hidden_states_segmented`]). `None` where `hidden_for_loss` is `None`.
+    /// The layer-by-layer forward for a loss: the layers `checkpointing` names are recomputed
+    /// in the backward (gradient checkpointing, see [`Model::hidden_states_checkpointed`]);
+    /// the others keep their graph, freed layer by layer in
+    /// [`backward_checkpointed`](Self::backward_checkpointed) (see
+    /// [`Model::hidden_states_segmented`]). `true`/`false` mean all/none. `None` where
+    /// `hidden_for_loss` is `None`.
     pub fn hidden_for_loss_layered(
         &self,
         ids: &Tensor,
         mask: Option<&Tensor>,
         positions: Option<&Tensor>,
         segments: Option<&Tensor>,
-        recompute: bool,
+        checkpointing: impl Into<Checkpointing>,
     ) -> Result<Option<(Checkpointed, Tensor)>> {
         let Some(head) = self.model.frozen_head_weight() else {
             return Ok(None);
@@ -214,11 +216,9 @@ impl PeftModel {
             return Ok(None);
         }
         let args = token_inputs(ids, mask, positions, segments);
-        let ck = if recompute {
-            self.model.hidden_states_checkpointed(args)?
-        } else {
-            self.model.hidden_states_segmented(args)?
-        };
+        let ck = self
+            .model
+            .hidden_states_layered(args, checkpointing.into())?;
         Ok(Some((ck, head)))
     }
 

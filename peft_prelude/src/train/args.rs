@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::{AdamWConfig, Optimizer};
 use super::schedule::{Schedule, SchedulerType};
 use crate::error::{Error, Result};
+use crate::model::Checkpointing;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -40,6 +41,9 @@ pub struct TrainingArgs {
     pub optim: String,
     /// Recompute each layer's activations in backward instead of keeping them.
     pub gradient_checkpointing: bool,
+    /// With `gradient_checkpointing`: recompute only the first this many layers and keep the
+    /// others' activations (`None`: all layers). Memory and step time fall in between.
+    pub gradient_checkpointing_layers: Option<usize>,
     /// SFT: sequences are truncated to this many tokens.
     pub max_seq_length: usize,
     /// SFT: pack several examples per sequence (attention stays inside each example).
@@ -75,6 +79,7 @@ impl Default for TrainingArgs {
             seed: 42,
             optim: "adamw_torch".into(),
             gradient_checkpointing: false,
+            gradient_checkpointing_layers: None,
             max_seq_length: 1024,
             packing: false,
             completion_only_loss: true,
@@ -138,6 +143,19 @@ impl TrainingArgs {
             ));
         }
         Ok(self)
+    }
+
+    /// Which layers recompute their activations in backward (`gradient_checkpointing` and
+    /// `gradient_checkpointing_layers`).
+    pub fn checkpointing(&self) -> Checkpointing {
+        match (
+            self.gradient_checkpointing,
+            self.gradient_checkpointing_layers,
+        ) {
+            (false, _) => Checkpointing::Off,
+            (true, None) => Checkpointing::All,
+            (true, Some(n)) => Checkpointing::FirstLayers(n),
+        }
     }
 
     /// Optimizer steps of the run for `units` training examples (sequences or pairs).

@@ -18,6 +18,7 @@ use crate::data::dataset::BatchOrder;
 use crate::data::tokenize::{tokenize_dataset, Example, TokenizeOptions};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::model::Checkpointing;
 use crate::notebook::{self, LinePlot, ProgressBar};
 use crate::peft::PeftModel;
 use crate::tokenizer::Tokenizer;
@@ -252,7 +253,7 @@ impl SftTrainer {
                     batch,
                     1.0 / label_tokens.max(1) as f64,
                     &params,
-                    self.args.gradient_checkpointing,
+                    self.args.checkpointing(),
                 )?;
                 loss_sum += loss_value * count as f64;
                 for (slot, g) in grads.iter_mut().zip(step_grads) {
@@ -515,20 +516,21 @@ pub fn batch_loss(model: &PeftModel, batch: &Batch) -> Result<(Tensor, usize)> {
 
 /// The batch's mean loss (as [`batch_loss`]), the number of tokens it averages, and the
 /// gradients of `loss · count · weight` for `params` (in their order; `None` where none
-/// arrives). With `checkpointing`, each layer's activations are recomputed in backward
-/// instead of kept (models with a prompt-learning method or an adapted head take the
-/// ordinary path).
+/// arrives). The layers `checkpointing` names (`true`: all) have their activations recomputed
+/// in backward instead of kept (models with a prompt-learning method or an adapted head take
+/// the ordinary path).
 pub fn batch_gradients(
     model: &PeftModel,
     batch: &Batch,
     weight: f64,
     params: &[Var],
-    checkpointing: bool,
+    checkpointing: impl Into<Checkpointing>,
 ) -> Result<(f64, usize, Vec<Option<Tensor>>)> {
     let (ids, mask) = (&batch.input_ids, batch.attention_mask.as_ref());
     let (positions, segments) = (batch.position_ids.as_ref(), batch.segment_ids.as_ref());
-    // Layer by layer (recomputed with `checkpointing`, else kept and freed as the backward
-    // passes each layer): candle's own backward would keep every activation until it ends.
+    // Layer by layer (recomputed where `checkpointing` says, else kept and freed as the
+    // backward passes each layer): candle's own backward would keep every activation until
+    // it ends.
     if let Some((ck, head)) =
         model.hidden_for_loss_layered(ids, mask, positions, segments, checkpointing)?
     {
