@@ -42,6 +42,8 @@ for r in $(seq "$rounds"); do
   run ours-qlora-gguf-q4_1 "$bin/bench_lora_step" --base gguf-kept --gradient-checkpointing
   run ours-qlora-nf4 "$bin/bench_lora_step" --base nf4 --gradient-checkpointing
   run ours-qlora-nf4-no-checkpointing "$bin/bench_lora_step" --base nf4
+  run ours-qlora-nf4-checkpoint-12-layers "$bin/bench_lora_step" --base nf4 --checkpoint-layers 12
+  run ours-qlora-nf4-exact-no-checkpointing "$bin/bench_lora_step" --base nf4 --integer-products off
   if [ -n "$py" ]; then
     run pytorch-lora-f32 "$py" "$bench/hf_lora_bench.py" --model "$REF/smollm2-135m-hf" \
       --batch 4 --seq 256 --steps 8 --threads 2

@@ -9,7 +9,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, D,
+};
 
 static PROTECTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -68,6 +70,7 @@ pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
 }
 
 type InputGrad = dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync;
+type InputGrads2 = dyn Fn(&Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync;
 type InputGrads3 = dyn Fn(&Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync;
 
 /// Returns `y` (computed from `x` without a graph) as a function of `x` whose backward is
@@ -86,6 +89,25 @@ pub fn reattach(
         result: Precomputed::new(y),
         input_grad: Box::new(input_grad),
     })))
+}
+
+/// [`reattach`] for a result of two inputs: `grads(dy, y)` returns their two gradients.
+pub fn reattach2(
+    (a, b): (&Tensor, &Tensor),
+    y: Tensor,
+    grads: impl Fn(&Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let y = y.contiguous()?;
+    if !(a.track_op() || b.track_op()) {
+        return Ok(y);
+    }
+    a.apply_op2_arc(
+        b,
+        Arc::new(Box::new(Reattach2 {
+            result: Precomputed::new(y),
+            grads: Box::new(grads),
+        })),
+    )
 }
 
 /// [`reattach`] for a result of three inputs: `grads(dy, y)` returns their three gradients
@@ -208,6 +230,51 @@ impl CustomOp1 for Reattach {
         let dx = (self.input_grad)(grad_res)?;
         debug_assert_eq!(dx.shape(), x.shape());
         Ok(Some(dx))
+    }
+}
+
+/// [`Reattach`] with two inputs.
+struct Reattach2 {
+    result: Precomputed,
+    grads: Box<InputGrads2>,
+}
+
+impl CustomOp2 for Reattach2 {
+    fn name(&self) -> &'static str {
+        "frozen-operand-2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _a: &CpuStorage,
+        _al: &Layout,
+        _b: &CpuStorage,
+        _bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.result.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _a: &candle_core::CudaStorage,
+        _al: &Layout,
+        _b: &candle_core::CudaStorage,
+        _bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.result.cuda()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (da, db) = (self.grads)(grad_res, res)?;
+        let keep = |t: &Tensor, d: Tensor| t.track_op().then_some(d);
+        Ok((keep(a, da), keep(b, db)))
     }
 }
 

@@ -19,6 +19,8 @@ pub mod fast_exp;
 pub mod frozen;
 pub mod ggml_matvec;
 pub mod lora;
+pub mod lora_mlp;
+pub mod lora_qkv;
 pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;
@@ -28,7 +30,10 @@ pub mod swiglu_lora;
 mod testing;
 
 pub use cross_entropy::{fused_linear_cross_entropy, IGNORE_INDEX};
-pub use lora::{lora_linear, lora_linear_with, FrozenOperand, Int8Products};
+pub use lora::{
+    lora_linear, lora_linear_residual, lora_linear_with, FrozenOperand, Int8Products,
+    LoraProjection,
+};
 pub use rmsnorm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

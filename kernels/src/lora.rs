@@ -144,6 +144,100 @@ fn int8_weight(p: &Int8Products) -> Result<Tensor> {
     )
 }
 
+/// One LoRA projection as the fused blocks take it: its frozen base (`(out, in)`), its adapter
+/// and scale.
+#[derive(Clone)]
+pub struct LoraProjection {
+    pub w: FrozenOperand,
+    pub dims: (usize, usize),
+    /// `[r, in]`
+    pub a: Tensor,
+    /// `[out, r]`
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl LoraProjection {
+    pub(crate) fn op(&self) -> LoraLinear {
+        LoraLinear {
+            w: self.w.clone(),
+            scale: self.scale,
+            xa: Mutex::new(None),
+        }
+    }
+
+    /// The op for f32 products, before its forward has run.
+    pub(crate) fn forward_keeping_op(&self) -> Result<LoraLinear> {
+        Ok(LoraLinear {
+            w: self.w.clone().in_dtype(DType::F32)?,
+            scale: self.scale,
+            xa: Mutex::new(None),
+        })
+    }
+
+    /// `v·Wᵀ + s·(v·Aᵀ)·Bᵀ` for `v: [m, in]` f32 without a graph, and the op that computed it
+    /// (holding `v·Aᵀ` for its [`LoraLinear::grads`]).
+    pub(crate) fn forward_keeping(
+        &self,
+        v: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> Result<(Tensor, LoraLinear)> {
+        let op = self.forward_keeping_op()?;
+        let y = v
+            .contiguous()?
+            .apply_op3_no_bwd(&a.contiguous()?, &b.contiguous()?, &op)?;
+        Ok((y, op))
+    }
+
+    /// `v·Wᵀ + s·(v·Aᵀ)·Bᵀ` for `v: [m, in]`, without a graph.
+    pub(crate) fn forward(&self, v: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        lora_linear_with(v, self.w.clone(), self.dims, a, b, self.scale)
+    }
+}
+
+/// `residual + x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for `x: [.., in]`, `residual: [.., out]` (a projection onto
+/// the residual stream), f32. The graph keeps `x` and `residual` (held anyway: the projection's
+/// input and the stream) but not the projection's output, which the separate add would hold
+/// until the backward. Gradients: `x`, `residual`, `a`, `b` (those tracked).
+pub fn lora_linear_residual(x: &Tensor, residual: &Tensor, p: &LoraProjection) -> Result<Tensor> {
+    let (n, k) = p.dims;
+    let rows = x.elem_count() / k.max(1);
+    let fits = x.dim(D::Minus1)? == k
+        && residual.dim(D::Minus1)? == n
+        && x.dims()[..x.rank() - 1] == residual.dims()[..residual.rank() - 1]
+        && p.a.dims2()?.1 == k
+        && p.b.dims2()?.0 == n;
+    if !fits || x.dtype() != DType::F32 || residual.dtype() != DType::F32 {
+        bail!(
+            "lora_linear_residual: x {:?}, residual {:?}, w {:?}, a {:?}, b {:?} do not fit (f32)",
+            x.dims(),
+            residual.dims(),
+            p.dims,
+            p.a.dims(),
+            p.b.dims()
+        )
+    }
+    let (x2, r2) = (x.reshape((rows, k))?, residual.reshape((rows, n))?);
+    let flat = Tensor::cat(&[p.a.flatten_all()?, p.b.flatten_all()?], 0)?;
+    let (xd, ad, bd) = (x2.detach(), p.a.detach(), p.b.detach());
+    let y = (r2.detach() + p.forward(&xd, &ad, &bd)?)?;
+    let op = p.op();
+    let y = crate::frozen::reattach3((&x2, &r2, &flat), y, move |dy, _| {
+        let dy = dy.contiguous()?;
+        let (dx, da, db) = op.grads(&xd, &ad, &bd, &dy, (true, true, true))?;
+        let d_flat = Tensor::cat(
+            &[
+                da.expect("asked for").flatten_all()?,
+                db.expect("asked for").flatten_all()?,
+            ],
+            0,
+        )?;
+        Ok((dx.expect("asked for"), dy, d_flat))
+    })?;
+    y.reshape(residual.shape())
+}
+
 /// `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ` for `x: [.., in]`, `w: [out, in]` (frozen), `a: [r, in]`,
 /// `b: [out, r]`. Returns `[.., out]` in `x`'s dtype.
 ///
@@ -604,6 +698,36 @@ mod tests {
                 1e-5,
             )?;
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_projection_onto_the_residual_stream_matches_the_add() -> Result<()> {
+        let dev = Device::Cpu;
+        let (k, n, r) = (24, 16, 3);
+        let x = Var::randn(0f32, 1., (2, 5, k), &dev)?;
+        let res = Var::randn(0f32, 1., (2, 5, n), &dev)?;
+        let w = Tensor::randn(0f32, 0.3, (n, k), &dev)?;
+        let a = Var::randn(0f32, 0.3, (r, k), &dev)?;
+        let b = Var::randn(0f32, 0.3, (n, r), &dev)?;
+        let c = Tensor::randn(0f32, 1., (2, 5, n), &dev)?;
+        let p = LoraProjection {
+            w: FrozenOperand::dense(&w),
+            dims: (n, k),
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: 1.5,
+        };
+        let y = lora_linear_residual(&x, &res, &p)?;
+        let yr = (res.as_tensor() + lora_linear(&x, &w, &a, &b, 1.5)?)?;
+        assert_close("residual y", &y, &yr, 1e-6)?;
+        let g = (&y * &c)?.sum_all()?.backward()?;
+        let gr = (&yr * &c)?.sum_all()?.backward()?;
+        for t in [x.as_tensor(), res.as_tensor(), a.as_tensor(), b.as_tensor()] {
+            assert_close("residual grad", g.get(t).unwrap(), gr.get(t).unwrap(), 1e-5)?;
+        }
+        let wrong = Tensor::zeros((2, 5, n + 1), DType::F32, &dev)?;
+        assert!(lora_linear_residual(&x, &wrong, &p).is_err());
         Ok(())
     }
 

@@ -184,15 +184,47 @@ impl Q8Matrix {
     }
 }
 
-/// Activations `[rows, cols]` rounded to 8 bits per block of 64, offset by 128.
-struct Q8Activations {
+/// Rows `[rows, cols]` of f32 values rounded to 8 bits per block of 64 (one scale each),
+/// stored offset by 128: the integer GEMM's activations, and a quarter-size copy of a tensor
+/// kept only for a backward ([`Q8Rows::new`], [`Q8Rows::to_f32`]).
+pub struct Q8Rows {
     cols: usize,
     blocks: usize,
     data: Vec<u8>,
     scales: Vec<f32>,
 }
 
-impl Q8Activations {
+impl Q8Rows {
+    /// `x: [rows, cols]` row-major, `cols` a multiple of [`BLOCK`].
+    pub fn new(x: &[f32], rows: usize, cols: usize) -> Result<Self, Q8Error> {
+        check_len("rows", rows * cols, x.len())?;
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(Q8Error::Cols(cols));
+        }
+        Ok(Self::quantize(Isa::detect(), x, rows, cols))
+    }
+
+    /// The values as rounded, `[rows, cols]` row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.data.len()];
+        out.par_chunks_mut(BLOCK * 64)
+            .zip(self.data.par_chunks(BLOCK * 64))
+            .zip(self.scales.par_chunks(64))
+            .for_each(|((out, data), scales)| {
+                for ((out, data), &s) in out.chunks_mut(BLOCK).zip(data.chunks(BLOCK)).zip(scales) {
+                    for (o, &u) in out.iter_mut().zip(data) {
+                        *o = (u as i32 - 128) as f32 * s;
+                    }
+                }
+            });
+        out
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        self.data.len() + 4 * self.scales.len()
+    }
+
     fn quantize(isa: Isa, x: &[f32], rows: usize, cols: usize) -> Self {
         let blocks = cols / BLOCK;
         let mut data = vec![0u8; rows * cols];
@@ -217,7 +249,7 @@ impl Q8Activations {
                     }
                 }
             });
-        Q8Activations {
+        Q8Rows {
             cols,
             blocks,
             data,
@@ -296,7 +328,7 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &Q8Matrix) -> Result<Vec<
     if m == 0 || n == 0 {
         return Ok(y);
     }
-    let xq = Q8Activations::quantize(isa, x, m, w.cols);
+    let xq = Q8Rows::quantize(isa, x, m, w.cols);
     let out = SendPtr(y.as_mut_ptr());
     // Work items: (column panel of up to NR tiles) × (chunk of rows); each writes its own
     // rectangle of y.
@@ -325,7 +357,7 @@ const NR: usize = 3;
 /// `y` is `[.., n]` row-major and covers `rows`; only the columns of `tiles` are written.
 unsafe fn panel(
     isa: Isa,
-    x: &Q8Activations,
+    x: &Q8Rows,
     w: &Q8Matrix,
     rows: std::ops::Range<usize>,
     tiles: std::ops::Range<usize>,
@@ -342,7 +374,7 @@ unsafe fn panel(
 /// # Safety
 /// As [`panel`].
 unsafe fn panel_generic(
-    x: &Q8Activations,
+    x: &Q8Rows,
     w: &Q8Matrix,
     rows: std::ops::Range<usize>,
     tiles: std::ops::Range<usize>,
@@ -382,7 +414,7 @@ mod vnni {
     /// # Safety
     /// As [`super::panel`]; the CPU has AVX512F, AVX512BW and AVX512-VNNI.
     pub(super) unsafe fn panel(
-        x: &Q8Activations,
+        x: &Q8Rows,
         w: &Q8Matrix,
         rows: std::ops::Range<usize>,
         tiles: std::ops::Range<usize>,
@@ -411,7 +443,7 @@ mod vnni {
         }
     }
 
-    /// One row of activations to offset 8-bit blocks, exactly as [`Q8Activations::quantize`]'s
+    /// One row of activations to offset 8-bit blocks, exactly as [`Q8Rows::quantize`]'s
     /// scalar loop does it (the same multiply, rounding half to even).
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn quantize_row(x: &[f32], data: &mut [u8], scales: &mut [f32]) {
@@ -448,7 +480,7 @@ mod vnni {
     /// `y[r0..r0+R, tiles t0..t0+T] = x·Wᵀ` over the whole reduction.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn tile<const R: usize, const T: usize>(
-        x: &Q8Activations,
+        x: &Q8Rows,
         w: &Q8Matrix,
         r0: usize,
         t0: usize,
@@ -520,7 +552,7 @@ mod tests {
     /// f64 product of `x` and the dequantized activations/weights: what the kernels compute.
     fn reference(x: &[f32], m: usize, w: &Q8Matrix) -> Vec<f64> {
         let (k, n) = (w.cols(), w.rows());
-        let xq = Q8Activations::quantize(Isa::Generic, x, m, k);
+        let xq = Q8Rows::quantize(Isa::Generic, x, m, k);
         let wd = w.dequantize();
         let mut y = vec![0f64; m * n];
         for r in 0..m {
@@ -618,12 +650,32 @@ mod tests {
         let mut x = pseudo_random(m * k, 7);
         x[64..128].fill(0.0);
         x[130] = 2.5 * (x[128..192].iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0); // a tie
-        let want = Q8Activations::quantize(Isa::Generic, &x, m, k);
+        let want = Q8Rows::quantize(Isa::Generic, &x, m, k);
         for isa in Isa::supported() {
-            let got = Q8Activations::quantize(isa, &x, m, k);
+            let got = Q8Rows::quantize(isa, &x, m, k);
             assert_eq!(got.data, want.data, "{isa:?}");
             assert_eq!(got.scales, want.scales, "{isa:?}");
         }
+    }
+
+    #[test]
+    fn rows_round_trip_within_half_a_step() {
+        let (m, k) = (3, 4160); // more than one parallel chunk of blocks
+        let mut x = pseudo_random(m * k, 8);
+        x[100] = 40.0; // one large value: its block's step is large, the others' are not
+        let q = Q8Rows::new(&x, m, k).unwrap();
+        let back = q.to_f32();
+        for (b, (xs, ys)) in x.chunks(BLOCK).zip(back.chunks(BLOCK)).enumerate() {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (x, y) in xs.iter().zip(ys) {
+                assert!(
+                    (x - y).abs() <= amax / 254.0 * 1.0001,
+                    "block {b}: {x} vs {y}"
+                );
+            }
+        }
+        assert_eq!(q.size_in_bytes(), m * k + 4 * m * k / BLOCK);
+        assert_eq!(Q8Rows::new(&x[..96], 1, 96).err(), Some(Q8Error::Cols(96)));
     }
 
     #[test]

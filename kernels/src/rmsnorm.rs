@@ -92,10 +92,13 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormBwd { eps: self.eps })?;
-        Ok((Some(dx), None))
+        Ok((Some(rms_norm_backward(x, w, dy, self.eps)?), None))
     }
+}
+
+/// The input gradient of `rms_norm(x, w, eps)` for `dy`, without a graph.
+pub(crate) fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    x.apply_op3_no_bwd(w, &dy.contiguous()?, &RmsNormBwd { eps })
 }
 
 /// `dx` from `(x, w, dy)`.

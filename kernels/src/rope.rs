@@ -17,6 +17,16 @@ use crate::common::{cpu_dtype, dispatch_float, slice};
 /// its last dimension is contiguous: no copy is made. Output: contiguous `[b, heads, t, d]`,
 /// `x`'s dtype (tables are cast to it). Only `x` gets a gradient.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_with(x, cos, sin, false)
+}
+
+/// The backward of [`rope`] for its output gradient `dy` (the transposed rotation), without a
+/// graph: contiguous `[b, heads, t, d]`.
+pub(crate) fn rope_transposed(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_with(&dy.detach(), cos, sin, true)
+}
+
+fn rope_with(x: &Tensor, cos: &Tensor, sin: &Tensor, transpose: bool) -> Result<Tensor> {
     let (b, _h, t, d) = x.dims4()?;
     if d % 2 != 0 {
         bail!("rope: head dim {d} is odd")
@@ -39,7 +49,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     } else {
         x.contiguous()?
     };
-    let y = x.apply_op3(&tables(cos)?, &tables(sin)?, Rope { transpose: false })?;
+    let y = x.apply_op3(&tables(cos)?, &tables(sin)?, Rope { transpose })?;
     y.to_dtype(dtype)
 }
 

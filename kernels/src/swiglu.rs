@@ -77,12 +77,18 @@ impl CustomOp2 for SwiGlu {
         _h: &Tensor,
         dh: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dh = dh.contiguous()?;
-        let both = g.apply_op3_no_bwd(u, &dh, &SwiGluBwd)?;
-        let dg = both.get(0)?.reshape(g.shape())?;
-        let du = both.get(1)?.reshape(u.shape())?;
+        let (dg, du) = swiglu_backward(g, u, dh)?;
         Ok((Some(dg), Some(du)))
     }
+}
+
+/// `(d_gate, d_up)` for `h = silu(gate) ⊙ up` and `dh`, without a graph.
+pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    let both = g.apply_op3_no_bwd(u, &dh.contiguous()?, &SwiGluBwd)?;
+    Ok((
+        both.get(0)?.reshape(g.shape())?,
+        both.get(1)?.reshape(u.shape())?,
+    ))
 }
 
 /// `[d_gate, d_up]` stacked, from `(gate, up, dh)`.

@@ -97,6 +97,26 @@ pub fn swiglu_lora_linear_with(
         .to_dtype(dtype)
 }
 
+/// `swiglu_lora_linear` for 2-D contiguous f32-or-compute-dtype operands without a graph,
+/// returning the LoRA product's state as well (its `h·Aᵀ` kept from the forward), for fused
+/// blocks that run the backward themselves.
+pub(crate) fn swiglu_lora_forward(
+    gate: &Tensor,
+    up: &Tensor,
+    lora: LoraLinear,
+    a: &Tensor,
+    b: &Tensor,
+) -> Result<(Tensor, LoraLinear)> {
+    let (r, k) = a.dims2()?;
+    let n = b.dim(0)?;
+    let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+    let op = SwiGluLora { lora, r, k, n };
+    let y = gate
+        .contiguous()?
+        .apply_op3_no_bwd(&up.contiguous()?, &ab, &op)?;
+    Ok((y, op.lora))
+}
+
 struct SwiGluLora {
     lora: LoraLinear,
     r: usize,

@@ -89,6 +89,9 @@ fn main() -> anyhow::Result<()> {
     let vocab = p.model.config().vocab_size as u32;
     let rss_after_load = peak_rss_mb();
     let peft = get_peft_model(p.model, LoraConfig::all_projections(rank, rank as f64))?;
+    // Training mode, as the trainers set it (dropout acts; quantized bases take the integer
+    // products).
+    peft.train();
     let params = peft.trainable_vars();
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     let total = peft.num_parameters() + trainable;

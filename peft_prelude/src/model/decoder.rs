@@ -2,7 +2,7 @@
 //! SwiGLU MLP, final norm, tied or untied head. Logits for every position; every op
 //! differentiable; every projection reachable by its Hugging Face module path.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
 use super::cache::KvCache;
 use super::config::ModelConfig;
@@ -36,6 +36,34 @@ impl Mlp {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
         self.down_proj.forward_swiglu(&gate, &up)
+    }
+
+    /// `residual + forward(norm(residual))` as one op when all three projections are plain
+    /// LoRA products over f32 bases on the CPU (`peft_kernels::lora_mlp`: keeps neither the
+    /// normed input nor the down projection's output for the backward, and over 8-bit
+    /// integer bases keeps the gate and up activations as 8-bit blocks). `None`: compose.
+    pub fn forward_block(&self, residual: &Tensor, norm: &RmsNorm) -> Result<Option<Tensor>> {
+        let hidden = residual.dim(D::Minus1)?;
+        let rows = residual.elem_count() / hidden.max(1);
+        if residual.dtype() != DType::F32 || !residual.device().is_cpu() {
+            return Ok(None);
+        }
+        let (Some(g), Some(u), Some(d)) = (
+            self.gate_proj.fused_lora(rows),
+            self.up_proj.fused_lora(rows),
+            self.down_proj.fused_lora(rows),
+        ) else {
+            return Ok(None);
+        };
+        let int8 = [&g, &u, &d]
+            .iter()
+            .all(|p| matches!(p.w, peft_kernels::FrozenOperand::Int8(_)));
+        Ok(Some(peft_kernels::lora_mlp::lora_mlp(
+            residual,
+            (norm.weight(), norm.eps()),
+            [&g, &u, &d],
+            int8,
+        )?))
     }
 }
 
@@ -755,12 +783,46 @@ impl Model {
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let h = layer.input_layernorm.forward(x)?;
-        let mut attn = self.attention(index, &layer.self_attn, &h, cos, sin, mask, cache)?;
-        if let Some(adapter) = &layer.attn_adapter {
-            attn = adapter.forward(&h, &attn)?;
+        // Without a cache or a block adapter, q, k and v come from one op that keeps neither
+        // the normed input nor the unrotated projections (`peft_kernels::lora_qkv`).
+        let fused = match (&cache, &layer.attn_adapter) {
+            (None, None) => self.fused_qkv(layer, x, cos, sin)?,
+            _ => None,
+        };
+        let (heads, h) = match fused {
+            Some((q, k, v)) => (self.attend(index, q, k, v, mask, None)?, None),
+            None => {
+                let h = layer.input_layernorm.forward(x)?;
+                let heads = self.attention(index, &layer.self_attn, &h, cos, sin, mask, cache)?;
+                (heads, Some(h))
+            }
+        };
+        let o_proj = &layer.self_attn.o_proj;
+        let onto_stream = match &layer.attn_adapter {
+            None if x.dtype() == DType::F32 && x.device().is_cpu() => {
+                o_proj.fused_lora(heads.elem_count() / heads.dim(D::Minus1)?.max(1))
+            }
+            _ => None,
+        };
+        let x = match onto_stream {
+            // The output projection added onto the stream in one op: its output is not kept.
+            Some(p) => peft_kernels::lora_linear_residual(&heads, x, &p)?,
+            None => {
+                let mut attn = o_proj.forward(&heads)?;
+                if let (Some(adapter), Some(h)) = (&layer.attn_adapter, &h) {
+                    attn = adapter.forward(h, &attn)?;
+                }
+                (x + attn)?
+            }
+        };
+        if layer.mlp_adapter.is_none() {
+            if let Some(y) = layer
+                .mlp
+                .forward_block(&x, &layer.post_attention_layernorm)?
+            {
+                return Ok(y);
+            }
         }
-        let x = (x + attn)?;
         let h = layer.post_attention_layernorm.forward(&x)?;
         let mut mlp = layer.mlp.forward(&h)?;
         if let Some(adapter) = &layer.mlp_adapter {
@@ -802,6 +864,59 @@ impl Model {
         let q = Rope::apply(&q, cos, sin)?;
         let k = Rope::apply(&k, cos, sin)?;
         let v = v.contiguous()?;
+        self.attend(index, q, k, v, mask, cache)
+    }
+
+    /// q, k, v of one layer as a fused op when every projection is a plain LoRA product over
+    /// an f32 base on the CPU; `None`: compose.
+    fn fused_qkv(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        if x.dtype() != DType::F32 || !x.device().is_cpu() || x.rank() != 3 {
+            return Ok(None);
+        }
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        let a = &layer.self_attn;
+        let (Some(q), Some(k), Some(v)) = (
+            a.q_proj.fused_lora(rows),
+            a.k_proj.fused_lora(rows),
+            a.v_proj.fused_lora(rows),
+        ) else {
+            return Ok(None);
+        };
+        let c = &self.config;
+        let norm = &layer.input_layernorm;
+        Ok(Some(peft_kernels::lora_qkv::lora_qkv(
+            x,
+            (norm.weight(), norm.eps()),
+            [&q, &k, &v],
+            peft_kernels::lora_qkv::HeadShape {
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            },
+            (cos, sin),
+        )?))
+    }
+
+    /// Attention over heads-first `q: [b, heads, t, d]`, `k`, `v: [b, kv_heads, t, d]`
+    /// (appended to the cache first, if any): `[b, t, heads · d]`.
+    fn attend(
+        &self,
+        index: usize,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, _, t, d) = q.dims4()?;
+        let kv_heads = c.num_key_value_heads;
         let (k, v) = match cache {
             Some(cache) => cache.append(index, k, v)?,
             None => (k, v),
@@ -813,9 +928,10 @@ impl Model {
         let scale = 1.0 / (d as f64).sqrt();
         // Keeps q, k, v, the output and one log-sum-exp per query for the backward, not the
         // [queries, keys] scores and probabilities.
-        // [b, t, heads · d], the layout o_proj reads.
-        let out = peft_kernels::attention::attention(&q, &k, &v, mask, groups, scale)?;
-        attn.o_proj.forward(&out)
+        // [b, t, heads · d], the layout o_proj reads (the caller applies it).
+        Ok(peft_kernels::attention::attention(
+            &q, &k, &v, mask, groups, scale,
+        )?)
     }
 }
 

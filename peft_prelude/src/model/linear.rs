@@ -20,6 +20,12 @@ pub trait Linear: Send + Sync + Debug {
     fn forward_swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         self.forward(&peft_kernels::swiglu(gate, up)?)
     }
+    /// This projection as one LoRA product over a frozen f32 base, for fused blocks
+    /// (`peft_kernels::lora_mlp`), when it is exactly that for `rows` input rows: `None`
+    /// (the default) wherever anything else acts (bias, DoRA, dropout, other methods).
+    fn fused_lora(&self, _rows: usize) -> Option<peft_kernels::lora_mlp::LoraProjection> {
+        None
+    }
     fn in_features(&self) -> usize;
     fn out_features(&self) -> usize;
     /// The frozen base weight under any wrappers (for merging, export, parameter counts).

@@ -22,6 +22,10 @@ impl RmsNorm {
         &self.weight
     }
 
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// `w * (x / sqrt(mean(x², -1) + eps))`, accumulated in (at least) f32 like the reference,
     /// as one fused op whose backward gives the input gradient only (the weight is frozen).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -236,7 +236,9 @@ impl LoraLinear {
             }
             FrozenWeight::Quantized(q) if rows >= peft_kernels::GEMM_MIN_ROWS => {
                 let (shape, dtype) = (q.shape(), q.dtype());
-                if let Some(products) = self.int8_products(q) {
+                // Training only: inference (prefill) keeps the transient dequantized weight
+                // rather than building ~2.25 bytes per weight it would use once.
+                if let Some(products) = training.then(|| self.int8_products(q)).flatten() {
                     return Some((FrozenOperand::int8(products), shape, dtype, ad));
                 }
                 let q = Arc::clone(q);
@@ -317,6 +319,19 @@ impl Linear for LoraLinear {
             }
             _ => self.forward(&peft_kernels::swiglu(gate, up)?),
         }
+    }
+
+    fn fused_lora(&self, rows: usize) -> Option<peft_kernels::lora_mlp::LoraProjection> {
+        let (w, dims, dtype, ad) = self.fusable(rows)?;
+        (dtype == DType::F32 && ad.a.dtype() == DType::F32 && ad.b.dtype() == DType::F32).then(
+            || peft_kernels::lora_mlp::LoraProjection {
+                w,
+                dims,
+                a: ad.a.as_tensor().clone(),
+                b: ad.b.as_tensor().clone(),
+                scale: ad.scaling,
+            },
+        )
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
