@@ -8,13 +8,18 @@ pub(crate) trait Float: WithDType + std::ops::Neg<Output = Self> {
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
     fn fmax(self, other: Self) -> Self;
+    /// `x ← e^{x − m}` over a row (vectorised for f32, see `rows`).
+    fn exp_minus_row(row: &mut [Self], m: Self);
     /// The mutable buffer of a storage of this type.
     fn storage_mut(s: &mut CpuStorage) -> Result<&mut [Self]>;
 }
 
 macro_rules! float {
-    ($t:ty, $variant:ident, $exp:expr) => {
+    ($t:ty, $variant:ident, $exp:expr, $exp_minus_row:expr) => {
         impl Float for $t {
+            fn exp_minus_row(row: &mut [Self], m: Self) {
+                ($exp_minus_row)(row, m)
+            }
             #[inline(always)]
             fn exp(self) -> Self {
                 $exp(self)
@@ -41,8 +46,19 @@ macro_rules! float {
     };
 }
 // f32 without a libm call, so the kernels' loops vectorise (see `fast_exp`).
-float!(f32, F32, crate::fast_exp::exp_f32);
-float!(f64, F64, f64::exp);
+float!(
+    f32,
+    F32,
+    crate::fast_exp::exp_f32,
+    |row: &mut [f32], m: f32| {
+        crate::rows::exp_minus_in_place(row, m);
+    }
+);
+float!(f64, F64, f64::exp, |row: &mut [f64], m: f64| {
+    for v in row {
+        *v = (*v - m).exp();
+    }
+});
 
 /// The contiguous elements of `s` under `l`; the wrappers make inputs contiguous first.
 pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {

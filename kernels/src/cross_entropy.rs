@@ -190,6 +190,10 @@ impl CustomOp3 for ChunkStats {
         let op = self.name();
         let c = ll.dims()[1];
         let t = slice::<u32>(t, tl, op)?;
+        if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (l, st) {
+            let s = run_f32(slice(l, ll, op)?, t, slice(st, sl, op)?, c, self.v0);
+            return Ok((s, sl.shape().clone()));
+        }
         let s = dispatch_float!(
             op,
             l.dtype(),
@@ -213,6 +217,30 @@ impl CustomOp3 for ChunkStats {
     }
 }
 
+/// [`ChunkStats`]'s pass for f32 with the vectorised row passes: the same state.
+fn run_f32(l: &[f32], t: &[u32], st: &[f32], c: usize, v0: usize) -> CpuStorage {
+    let mut out = vec![0f32; st.len()];
+    out.par_chunks_mut(4)
+        .zip(l.par_chunks(c))
+        .zip(t.par_iter().zip(st.par_chunks(4)))
+        .for_each(|((o, row), (&t, s))| {
+            let m = crate::rows::max(row).max(s[0]);
+            let alpha = crate::fast_exp::exp_f32(s[0] - m);
+            let sum = crate::rows::sum_exp_minus(row, m);
+            let t = t as usize;
+            let tgt = if (v0..v0 + c).contains(&t) {
+                row[t - v0]
+            } else {
+                0.0
+            };
+            o[0] = m;
+            o[1] = s[1] * alpha + sum;
+            o[2] = s[2] + tgt;
+            o[3] = alpha;
+        });
+    CpuStorage::F32(out)
+}
+
 /// In place: `l ← e^{l − m}` per row, `m` from the state.
 struct ExpShifted;
 
@@ -230,11 +258,7 @@ impl InplaceOp2 for ExpShifted {
             let l = &mut T::storage_mut(l)?[a..b];
             l.par_chunks_mut(c)
                 .zip(st.par_chunks(4))
-                .for_each(|(row, s)| {
-                    for v in row {
-                        *v = (*v - s[0]).exp();
-                    }
-                });
+                .for_each(|(row, s)| T::exp_minus_row(row, s[0]));
             Ok(())
         }
         let op = self.name();

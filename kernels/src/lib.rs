@@ -23,6 +23,7 @@ pub mod lora_mlp;
 pub mod lora_qkv;
 pub mod rmsnorm;
 pub mod rope;
+mod rows;
 pub mod softmax;
 pub mod swiglu;
 pub mod swiglu_lora;

@@ -122,24 +122,33 @@ impl Q8Matrix {
         let mut data = vec![0i8; tiles * blocks * TILE_BLOCK];
         let mut scales = vec![0f32; tiles * blocks * LANES];
         let mut offsets = vec![0i32; tiles * blocks * LANES];
+        let isa = Isa::detect();
         data.par_chunks_mut(blocks * TILE_BLOCK)
             .zip(scales.par_chunks_mut(blocks * LANES))
             .zip(offsets.par_chunks_mut(blocks * LANES))
             .enumerate()
             .for_each(|(t, ((data, scales), offsets))| {
-                let mut q = [0i8; BLOCK];
-                for lane in 0..LANES {
-                    let r = t * LANES + lane;
-                    if r >= rows {
-                        break;
+                // The tile's 16 rows gathered (reduction index outer: the transposed source
+                // then reads 16 neighbours at a time), then rounded row by row as activations
+                // are, and packed.
+                let lanes = rows.saturating_sub(t * LANES).min(LANES);
+                let mut buf = vec![0f32; LANES * cols];
+                for c in 0..cols {
+                    for lane in 0..lanes {
+                        buf[lane * cols + c] = at(t * LANES + lane, c);
                     }
+                }
+                let (mut q, mut s) = (vec![0u8; cols], vec![0f32; blocks]);
+                for lane in 0..lanes {
+                    quantize_row(isa, &buf[lane * cols..(lane + 1) * cols], &mut q, &mut s);
                     for b in 0..blocks {
-                        let s = quantize_block((0..BLOCK).map(|i| at(r, b * BLOCK + i)), &mut q);
-                        scales[b * LANES + lane] = s;
-                        offsets[b * LANES + lane] = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
+                        let block = &q[b * BLOCK..(b + 1) * BLOCK];
+                        scales[b * LANES + lane] = s[b];
+                        offsets[b * LANES + lane] =
+                            128 * block.iter().map(|&u| u as i32 - 128).sum::<i32>();
                         let tb = &mut data[b * TILE_BLOCK..(b + 1) * TILE_BLOCK];
-                        for (i, &v) in q.iter().enumerate() {
-                            tb[(i / 4) * (LANES * 4) + lane * 4 + i % 4] = v;
+                        for (i, &u) in block.iter().enumerate() {
+                            tb[(i / 4) * (LANES * 4) + lane * 4 + i % 4] = (u as i16 - 128) as i8;
                         }
                     }
                 }
@@ -232,28 +241,32 @@ impl Q8Rows {
         data.par_chunks_mut(cols)
             .zip(scales.par_chunks_mut(blocks))
             .zip(x.par_chunks(cols))
-            .for_each(|((data, scales), x)| {
-                #[cfg(target_arch = "x86_64")]
-                if isa == Isa::Avx512Vnni {
-                    // SAFETY: the CPU has AVX-512 (this ISA is only chosen when it does); the
-                    // three slices are one row of `cols = blocks · 64` values.
-                    unsafe { vnni::quantize_row(x, data, scales) };
-                    return;
-                }
-                let mut q = [0i8; BLOCK];
-                for b in 0..blocks {
-                    let xs = &x[b * BLOCK..(b + 1) * BLOCK];
-                    scales[b] = quantize_block(xs.iter().copied(), &mut q);
-                    for (o, &v) in data[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(&q) {
-                        *o = (v as i16 + 128) as u8;
-                    }
-                }
-            });
+            .for_each(|((data, scales), x)| quantize_row(isa, x, data, scales));
         Q8Rows {
             cols,
             blocks,
             data,
             scales,
+        }
+    }
+}
+
+/// One row of `blocks · 64` values to offset 8-bit blocks and their scales.
+fn quantize_row(isa: Isa, x: &[f32], data: &mut [u8], scales: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni {
+        // SAFETY: the CPU has AVX-512 (this ISA is only chosen when it does); the three slices
+        // are one row of `blocks · 64` values.
+        unsafe { vnni::quantize_row(x, data, scales) };
+        return;
+    }
+    let _ = isa;
+    let mut q = [0i8; BLOCK];
+    for (b, scale) in scales.iter_mut().enumerate() {
+        let xs = &x[b * BLOCK..(b + 1) * BLOCK];
+        *scale = quantize_block(xs.iter().copied(), &mut q);
+        for (o, &v) in data[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(&q) {
+            *o = (v as i16 + 128) as u8;
         }
     }
 }

@@ -190,15 +190,8 @@ fn rows_softmax_body(x: &[f32], p: &mut [f32], l: &mut [f32], s: usize, mask: &M
             }
             None => pr.copy_from_slice(xr),
         }
-        let m = pr
-            .iter()
-            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-        let mut sum = 0f32;
-        for pv in pr.iter_mut() {
-            let e = exp_f32(*pv - m);
-            *pv = e;
-            sum += e;
-        }
+        let m = crate::rows::max(pr);
+        let sum = crate::rows::exp_minus_in_place(pr, m);
         let inv = 1.0 / sum;
         for pv in pr.iter_mut() {
             *pv *= inv;

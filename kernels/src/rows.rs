@@ -1,0 +1,151 @@
+//! Row passes over f32 that vectorise: the max, `Σ e^{x−m}` and `x ← e^{x−m}` of softmax-like
+//! kernels (attention, the chunked cross-entropy over the vocabulary).
+//!
+//! A float reduction written as one running value does not vectorise (without fast-math the
+//! compiler may not reassociate the additions), so these keep sixteen independent partial
+//! results and combine them at the end. The exponential is [`exp_f32`]'s polynomial. Each pass
+//! runs AVX-512 or AVX2 code where the CPU has it (checked once), portable code elsewhere; all
+//! three give the same values up to the order of the additions.
+
+use std::sync::OnceLock;
+
+use crate::fast_exp::exp_f32;
+
+const LANES: usize = 16;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Generic,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Generic
+    })
+}
+
+/// Defines `pub(crate) fn $name` dispatching to one body compiled three ways.
+macro_rules! row_pass {
+    ($(#[$doc:meta])* $name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$doc])*
+        pub(crate) fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn body($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) -> $ret { body($($arg),*) }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) -> $ret { body($($arg),*) }
+            match isa() {
+                // SAFETY: `isa()` chose these only where the CPU has the features.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { avx2($($arg),*) },
+                Isa::Generic => body($($arg),*),
+            }
+        }
+    };
+}
+
+row_pass! {
+    /// The largest value (NaNs ignored; `−∞` for an empty row).
+    max(xs: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let chunks = xs.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for j in 0..LANES {
+                acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+            }
+        }
+        rest.iter()
+            .chain(&acc)
+            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    }
+}
+
+row_pass! {
+    /// `Σ e^{x − m}`.
+    sum_exp_minus(xs: &[f32], m: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let chunks = xs.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for j in 0..LANES {
+                acc[j] += exp_f32(c[j] - m);
+            }
+        }
+        acc.iter().sum::<f32>() + rest.iter().map(|&v| exp_f32(v - m)).sum::<f32>()
+    }
+}
+
+row_pass! {
+    /// `x ← e^{x − m}`, returning `Σ e^{x − m}`.
+    exp_minus_in_place(xs: &mut [f32], m: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut chunks = xs.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for j in 0..LANES {
+                c[j] = exp_f32(c[j] - m);
+                acc[j] += c[j];
+            }
+        }
+        let mut rest = 0f32;
+        for v in chunks.into_remainder() {
+            *v = exp_f32(*v - m);
+            rest += *v;
+        }
+        acc.iter().sum::<f32>() + rest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_agree_with_plain_loops() {
+        // Lengths around the 16-wide chunks, values wide enough to matter.
+        for len in [0usize, 1, 15, 16, 17, 49, 300] {
+            let xs: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37)
+                .collect();
+            let want_max = xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&xs), want_max, "len {len}");
+            let m = if len == 0 { 0.0 } else { want_max };
+            let want: f64 = xs.iter().map(|&v| ((v - m) as f64).exp()).sum();
+            let got = sum_exp_minus(&xs, m) as f64;
+            assert!(
+                (got - want).abs() <= 1e-6 * want.max(1.0),
+                "len {len}: {got} vs {want}"
+            );
+            let mut ys = xs.clone();
+            let s = exp_minus_in_place(&mut ys, m) as f64;
+            assert!((s - want).abs() <= 1e-6 * want.max(1.0), "len {len}");
+            for (y, &x) in ys.iter().zip(&xs) {
+                let e = ((x - m) as f64).exp();
+                assert!(
+                    (*y as f64 - e).abs() <= 1e-6 * e.max(1e-30),
+                    "len {len}: {y} vs {e}"
+                );
+            }
+        }
+        assert_eq!(max(&[1.0, f32::NAN, 3.0]), 3.0, "NaNs are ignored");
+    }
+}
