@@ -11,7 +11,8 @@
 //! graph keeps only `x` (which it holds anyway: it is the layer's residual stream) and this
 //! op's output; the op itself keeps `g` and `u` (or, with `compact_saved`, their 8-bit
 //! blocks: a quarter of the memory) and recomputes `n` in the backward, one pass over `x`.
-//! On SmolLM2 (1,024 tokens) that is 4.7 MB less per layer, 13.8 MB with `compact_saved`.
+//! On SmolLM2 (1,024 tokens) the step's peak fell by 152 MB over 30 layers in f32 (5 MB per
+//! layer) and by 419 MB (14 MB per layer) over an integer NF4 base with `compact_saved`.
 //!
 //! Backward, with `h = silu(g) ⊙ u`:
 //! `dh, dA_d, dB_d` from the down projection; `dg, du` from SwiGLU; `dn` = the gate's and the

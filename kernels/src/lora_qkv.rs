@@ -9,7 +9,8 @@
 //! outputs (RoPE holds its input), the rotated q and k and a heads-first copy of v: q and k
 //! twice over. Here it keeps `x` (the residual stream, held anyway), the three results and
 //! each projection's `n·Aᵀ` (rank-wide); `n` is recomputed in the backward (one pass over
-//! `x`). On SmolLM2 (1,024 tokens) that is 6.3 MB less per layer.
+//! `x`). On SmolLM2 (1,024 tokens) the step's peak fell by 153 MB over 30 layers (5 MB per
+//! layer).
 //!
 //! Each output is its own op, so each backward brings its own share: the transposed rotation
 //! of `dq` (`dk`) back to `[tokens, heads · d]`, that projection's input and adapter gradients,

@@ -9,7 +9,7 @@
 //! standard errors, the mean of the last six steps, and the steps outside the noise.
 //!
 //! ```text
-//! cargo run --release -p peft_prelude --example qlora_loss_curve [-- MODEL [SEEDS]]
+//! cargo run --release -p peft_prelude --example qlora_loss_curve [-- MODEL [SEEDS [exact]]]
 //! ```
 
 use peft_prelude::data::{format_alpaca, Dataset};
@@ -79,6 +79,10 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(3);
+    // `exact`: the NF4 runs dequantize to f32 for every product instead of the integer GEMM.
+    if std::env::args().nth(3).as_deref() == Some("exact") {
+        peft_prelude::quant::set_integer_products(false);
+    }
     let mut f32_runs = Vec::new();
     let mut nf4_runs = Vec::new();
     for seed in 3407..3407 + seeds as u64 {
@@ -103,10 +107,11 @@ fn main() -> anyhow::Result<()> {
     };
     let tail = |v: &[(f64, f64)]| v[v.len() - 6..].iter().map(|x| x.0).sum::<f64>() / 6.0;
     println!(
-        "{{\"bench\":\"qlora_loss_curve\",\"steps\":{},\"seeds\":{seeds},\
+        "{{\"bench\":\"qlora_loss_curve\",\"steps\":{},\"seeds\":{seeds},\"integer_products\":{},\
          \"f32_mean\":[{}],\"f32_stderr\":[{}],\"nf4_mean\":[{}],\"nf4_stderr\":[{}],\
          \"f32_last6_mean\":{:.4},\"nf4_last6_mean\":{:.4},\"steps_outside_2se\":{:?}}}",
         f.len(),
+        peft_prelude::quant::integer_products(),
         fmt(&f, |x| x.0),
         fmt(&f, |x| x.1),
         fmt(&q, |x| x.0),
