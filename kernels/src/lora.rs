@@ -158,6 +158,28 @@ pub struct LoraProjection {
 }
 
 impl LoraProjection {
+    /// Whether the base is `[out, inp]` and the adapter fits it.
+    pub(crate) fn fits(&self, out: usize, inp: usize) -> bool {
+        self.dims == (out, inp)
+            && self.a.dims2().ok().map(|(_, k)| k) == Some(inp)
+            && self.b.dims2().ok().map(|(n, _)| n) == Some(out)
+    }
+
+    /// The adapters of several projections as one flat f32 input of a fused block (a custom op
+    /// has at most three inputs), with the gradient graph; and each A and B detached, in the
+    /// order `a₀, b₀, a₁, b₁, …`, for the block's own products.
+    pub(crate) fn pack(projections: &[LoraProjection]) -> Result<(Tensor, Vec<Tensor>)> {
+        let adapters: Vec<&Tensor> = projections.iter().flat_map(|p| [&p.a, &p.b]).collect();
+        let flat = Tensor::cat(
+            &adapters
+                .iter()
+                .map(|t| t.to_dtype(DType::F32)?.flatten_all())
+                .collect::<Result<Vec<_>>>()?,
+            0,
+        )?;
+        Ok((flat, adapters.into_iter().map(Tensor::detach).collect()))
+    }
+
     pub(crate) fn op(&self) -> LoraLinear {
         LoraLinear {
             w: self.w.clone(),

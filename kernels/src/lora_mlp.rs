@@ -37,16 +37,11 @@ pub fn lora_mlp(
 ) -> Result<Tensor> {
     let hidden = x.dim(D::Minus1)?;
     let inter = gate.dims.0;
-    let fits = |p: &LoraProjection, (out, inp): (usize, usize)| {
-        p.dims == (out, inp)
-            && p.a.dims2().ok().map(|(_, k)| k) == Some(inp)
-            && p.b.dims2().ok().map(|(n, _)| n) == Some(out)
-    };
     if x.dtype() != DType::F32
         || norm.dims() != [hidden]
-        || !fits(gate, (inter, hidden))
-        || !fits(up, (inter, hidden))
-        || !fits(down, (hidden, inter))
+        || !gate.fits(inter, hidden)
+        || !up.fits(inter, hidden)
+        || !down.fits(hidden, inter)
     {
         bail!(
             "lora_mlp: x {:?} ({:?}), norm {:?}, gate {:?}, up {:?}, down {:?} do not fit",
@@ -62,20 +57,8 @@ pub fn lora_mlp(
     let x2 = x.reshape((rows, hidden))?;
     let xd = x2.detach();
     let norm = norm.detach().to_dtype(DType::F32)?;
-    // The six adapter matrices travel as one flat input (a custom op has at most three).
     let projections = [gate.clone(), up.clone(), down.clone()];
-    let adapters: Vec<Tensor> = projections
-        .iter()
-        .flat_map(|p| [p.a.clone(), p.b.clone()])
-        .collect();
-    let flat = Tensor::cat(
-        &adapters
-            .iter()
-            .map(|t| t.to_dtype(DType::F32)?.flatten_all())
-            .collect::<Result<Vec<_>>>()?,
-        0,
-    )?;
-    let ad: Vec<Tensor> = adapters.iter().map(Tensor::detach).collect();
+    let (flat, ad) = LoraProjection::pack(&projections)?;
     let [g_p, u_p, d_p] = &projections;
 
     let n = crate::rms_norm(&xd, &norm, eps)?;

@@ -44,16 +44,11 @@ pub fn lora_qkv(
         kv_heads,
         head_dim: d,
     } = shape;
-    let fits = |p: &LoraProjection, out: usize| {
-        p.dims == (out, hidden)
-            && p.a.dims2().ok().map(|(_, k)| k) == Some(hidden)
-            && p.b.dims2().ok().map(|(n, _)| n) == Some(out)
-    };
     if x.dtype() != DType::F32
         || norm.dims() != [hidden]
-        || !fits(q, heads * d)
-        || !fits(k, kv_heads * d)
-        || !fits(v, kv_heads * d)
+        || !q.fits(heads * d, hidden)
+        || !k.fits(kv_heads * d, hidden)
+        || !v.fits(kv_heads * d, hidden)
     {
         bail!(
             "lora_qkv: x {:?} ({:?}), norm {:?}, q {:?}, k {:?}, v {:?} do not fit {shape:?}",
@@ -70,18 +65,7 @@ pub fn lora_qkv(
     let xd = x2.detach();
     let norm = norm.detach().to_dtype(DType::F32)?;
     let projections = [q.clone(), k.clone(), v.clone()];
-    let adapters: Vec<Tensor> = projections
-        .iter()
-        .flat_map(|p| [p.a.clone(), p.b.clone()])
-        .collect();
-    let flat = Tensor::cat(
-        &adapters
-            .iter()
-            .map(|t| t.to_dtype(DType::F32)?.flatten_all())
-            .collect::<Result<Vec<_>>>()?,
-        0,
-    )?;
-    let ad: Vec<Tensor> = adapters.iter().map(Tensor::detach).collect();
+    let (flat, ad) = LoraProjection::pack(&projections)?;
     let tracked = x.track_op() || flat.track_op();
     let n = crate::rms_norm(&xd, &norm, eps)?;
     // Where each projection's A and B sit in `flat`.

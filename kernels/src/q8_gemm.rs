@@ -608,25 +608,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_rounding_error_stays_within_the_8_bit_bound() {
-        let (m, n, k) = (9, 33, 256);
-        let x = pseudo_random(m * k, 3);
-        let wv = pseudo_random(n * k, 4);
-        let w = Q8Matrix::quantize(&wv, n, k).unwrap();
-        let got = matmul_t(&x, m, &w).unwrap();
+    /// `got: [m, n]` against the exact `Σ_i x[r, i]·w(c, i)` within the bound of rounding each
+    /// operand by at most half a step (amax/254 of its block) per element.
+    fn assert_within_the_8_bit_bound(
+        x: &[f32],
+        (m, n, k): (usize, usize, usize),
+        w: impl Fn(usize, usize) -> f32,
+        got: &[f32],
+    ) {
         for r in 0..m {
             for c in 0..n {
-                let exact: f64 = (0..k)
-                    .map(|i| x[r * k + i] as f64 * wv[c * k + i] as f64)
-                    .sum();
-                // Each operand is off by at most half a step (amax/254) per element.
-                let bound: f64 = (0..k)
-                    .map(|i| {
-                        (x[r * k + i].abs() as f64 + wv[c * k + i].abs() as f64) / 254.0
-                            + 1.0 / 254.0f64.powi(2)
-                    })
-                    .sum();
+                let (mut exact, mut bound) = (0f64, 0f64);
+                for i in 0..k {
+                    let (xv, wv) = (x[r * k + i] as f64, w(c, i) as f64);
+                    exact += xv * wv;
+                    bound += (xv.abs() + wv.abs()) / 254.0 + 1.0 / 254.0f64.powi(2);
+                }
                 let g = got[r * n + c] as f64;
                 assert!(
                     (g - exact).abs() <= bound,
@@ -637,6 +634,16 @@ mod tests {
     }
 
     #[test]
+    fn the_rounding_error_stays_within_the_8_bit_bound() {
+        let (m, n, k) = (9, 33, 256);
+        let x = pseudo_random(m * k, 3);
+        let wv = pseudo_random(n * k, 4);
+        let w = Q8Matrix::quantize(&wv, n, k).unwrap();
+        let got = matmul_t(&x, m, &w).unwrap();
+        assert_within_the_8_bit_bound(&x, (m, n, k), |c, i| wv[c * k + i], &got);
+    }
+
+    #[test]
     fn the_transposed_matrix_gives_the_input_gradient() {
         let (m, n, k) = (6, 64, 128);
         let dy = pseudo_random(m * n, 5);
@@ -644,17 +651,8 @@ mod tests {
         let wt = Q8Matrix::quantize_transposed(&wv, n, k).unwrap();
         assert_eq!((wt.rows(), wt.cols()), (k, n));
         let dx = matmul_t(&dy, m, &wt).unwrap();
-        for r in 0..m {
-            for c in 0..k {
-                let exact: f64 = (0..n)
-                    .map(|j| dy[r * n + j] as f64 * wv[j * k + c] as f64)
-                    .sum();
-                let bound: f64 = (0..n)
-                    .map(|j| (dy[r * n + j].abs() + wv[j * k + c].abs()) as f64 / 254.0)
-                    .sum();
-                assert!((dx[r * k + c] as f64 - exact).abs() <= bound, "({r}, {c})");
-            }
-        }
+        // dx[r, c] = Σ_j dy[r, j]·W[j, c].
+        assert_within_the_8_bit_bound(&dy, (m, k, n), |c, j| wv[j * k + c], &dx);
     }
 
     #[test]
