@@ -264,6 +264,9 @@ fn lora_on(model: Model) -> peft_prelude::peft::PeftModel {
 fn lora_difference(quantized: Model, dense: Model) -> (f32, f32, f32) {
     let quantized = lora_on(quantized);
     let dense = lora_on(dense);
+    // Training mode, as the trainers run (a quantized base takes the integer products there).
+    quantized.train();
+    dense.train();
     let ids = input_ids();
     let labels = ids.to_dtype(DType::I64).unwrap();
     let (lq, ld) = (
@@ -316,8 +319,45 @@ fn qlora_forward_and_gradients_match_the_dense_model() {
         peft_prelude::quant::integer_products()
     );
     assert!(exact.0 < TOL && exact.1 < TOL, "{exact:?}");
+    if peft_prelude::quant::integer_products() {
+        assert!(int8.0 > 0.0, "the integer products were used");
+    }
     assert!(int8.0 < 0.25 * nf4.0, "forward: {int8:?} against {nf4:?}");
     assert!(int8.1 < 0.25 * nf4.1, "gradients: {int8:?} against {nf4:?}");
+    // A training batch builds the integer products (where the CPU has the kernel); releasing
+    // the training buffers drops every one of them.
+    let peft = lora_on(bnb_model());
+    peft.train();
+    peft.forward(&input_ids()).unwrap();
+    let m = peft.model();
+    let lora_layers: Vec<&LoraLinear> = m
+        .linear_paths()
+        .iter()
+        .filter_map(|p| m.linear(p).unwrap().as_any().downcast_ref::<LoraLinear>())
+        .collect();
+    let holding = || {
+        lora_layers
+            .iter()
+            .filter(|l| l.holds_integer_products())
+            .count()
+    };
+    // The projections whose both dimensions are whole 64-value blocks (q and o here).
+    let eligible = lora_layers
+        .iter()
+        .filter(|l| {
+            let (out, inp) = peft_prelude::model::Linear::base(**l).shape();
+            out.is_multiple_of(64) && inp.is_multiple_of(64)
+        })
+        .count();
+    assert_eq!(eligible, 4);
+    let expected = if peft_prelude::quant::integer_products() {
+        eligible
+    } else {
+        0
+    };
+    assert_eq!(holding(), expected);
+    peft.release_training_buffers();
+    assert_eq!(holding(), 0);
 }
 
 #[test]

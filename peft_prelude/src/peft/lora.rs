@@ -284,6 +284,16 @@ impl LoraLinear {
         Some(products)
     }
 
+    /// Whether this layer holds its base as integer products (see `int8_products`).
+    pub fn holds_integer_products(&self) -> bool {
+        self.int8.lock().expect("not poisoned").is_some()
+    }
+
+    /// Drops the integer products of a quantized base (rebuilt at the next training batch).
+    pub fn release_integer_products(&self) {
+        *self.int8.lock().expect("not poisoned") = None;
+    }
+
     fn fused_forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
         let Some((w, dims, dtype, ad)) = self.fusable(rows) else {

@@ -128,6 +128,23 @@ impl PeftModel {
         self.switch.update(|s| s.training = false);
     }
 
+    /// Frees what only training uses: the integer products of quantized bases (about 2.25
+    /// bytes per base weight, built at the first training batch; see
+    /// `quant::set_integer_products`). The trainers call this when a run ends; the next
+    /// training batch builds them again.
+    pub fn release_training_buffers(&self) {
+        for p in self.model.linear_paths() {
+            if let Some(l) = self
+                .model
+                .linear(&p)
+                .ok()
+                .and_then(|l| l.as_any().downcast_ref::<LoraLinear>())
+            {
+                l.release_integer_products();
+            }
+        }
+    }
+
     fn acting_prompt(&self) -> Option<&PromptLearning> {
         let (name, _) = self.switch.acting()?;
         self.prompts.get(&name)

@@ -498,6 +498,7 @@ impl DpoTrainer {
             self.log.push((entry, sums));
         }
         self.model.eval();
+        self.model.release_training_buffers();
         progress.finish();
         plot.finish();
         let history = self.history();

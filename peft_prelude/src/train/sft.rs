@@ -324,6 +324,7 @@ impl SftTrainer {
             }
         }
         self.model.eval();
+        self.model.release_training_buffers();
         progress.finish();
         plot.finish();
         self.plot = Some(plot);
