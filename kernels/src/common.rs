@@ -8,18 +8,30 @@ pub(crate) trait Float: WithDType + std::ops::Neg<Output = Self> {
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
     fn fmax(self, other: Self) -> Self;
-    /// `x ← e^{x − m}` over a row (vectorised for f32, see `rows`).
-    fn exp_minus_row(row: &mut [Self], m: Self);
+    /// Row passes of softmax-like kernels: plain loops here, `rows`' vectorised ones for f32.
+    /// The largest value (NaNs ignored).
+    fn max_row(row: &[Self]) -> Self {
+        row.iter()
+            .fold(Self::from_f64(f64::NEG_INFINITY), |a, &b| a.fmax(b))
+    }
+    /// `Σ e^{x − m}`.
+    fn sum_exp_minus_row(row: &[Self], m: Self) -> Self {
+        row.iter().fold(Self::zero(), |acc, &v| acc + (v - m).exp())
+    }
+    /// `x ← e^{x − m}`.
+    fn exp_minus_row(row: &mut [Self], m: Self) {
+        for v in row {
+            *v = (*v - m).exp();
+        }
+    }
     /// The mutable buffer of a storage of this type.
     fn storage_mut(s: &mut CpuStorage) -> Result<&mut [Self]>;
 }
 
 macro_rules! float {
-    ($t:ty, $variant:ident, $exp:expr, $exp_minus_row:expr) => {
+    ($t:ty, $variant:ident, $exp:expr $(, $row_pass:item)*) => {
         impl Float for $t {
-            fn exp_minus_row(row: &mut [Self], m: Self) {
-                ($exp_minus_row)(row, m)
-            }
+            $($row_pass)*
             #[inline(always)]
             fn exp(self) -> Self {
                 $exp(self)
@@ -45,20 +57,23 @@ macro_rules! float {
         }
     };
 }
-// f32 without a libm call, so the kernels' loops vectorise (see `fast_exp`).
+// f32 without a libm call, so the kernels' loops vectorise (see `fast_exp`), and the row
+// passes of `rows`.
 float!(
     f32,
     F32,
     crate::fast_exp::exp_f32,
-    |row: &mut [f32], m: f32| {
+    fn max_row(row: &[f32]) -> f32 {
+        crate::rows::max(row)
+    },
+    fn sum_exp_minus_row(row: &[f32], m: f32) -> f32 {
+        crate::rows::sum_exp_minus(row, m)
+    },
+    fn exp_minus_row(row: &mut [f32], m: f32) {
         crate::rows::exp_minus_in_place(row, m);
     }
 );
-float!(f64, F64, f64::exp, |row: &mut [f64], m: f64| {
-    for v in row {
-        *v = (*v - m).exp();
-    }
-});
+float!(f64, F64, f64::exp);
 
 /// The contiguous elements of `s` under `l`; the wrappers make inputs contiguous first.
 pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
@@ -106,4 +121,19 @@ pub(crate) fn cpu_tensor<T: WithDType>(data: Vec<T>, shape: &[usize]) -> Tensor 
 /// Rows handed to one rayon task: enough work to amortise the scheduling.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
+}
+
+/// Runs `f` on the elements of `t`, an f32 CPU tensor (made contiguous first; read in place,
+/// no copy out of the storage when it already is).
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => bail!(
+            "expected an f32 tensor on the CPU, got {:?} on {:?}",
+            t.dtype(),
+            t.device().location()
+        ),
+    }
 }

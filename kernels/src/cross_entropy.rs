@@ -165,15 +165,9 @@ impl CustomOp3 for ChunkStats {
                 .zip(l.par_chunks(c))
                 .zip(t.par_iter().zip(st.par_chunks(4)))
                 .for_each(|((o, row), (&t, s))| {
-                    let mut m = s[0];
-                    for &v in row {
-                        m = m.fmax(v);
-                    }
+                    let m = T::max_row(row).fmax(s[0]);
                     let alpha = (s[0] - m).exp();
-                    let mut sum = T::zero();
-                    for &v in row {
-                        sum += (v - m).exp();
-                    }
+                    let sum = T::sum_exp_minus_row(row, m);
                     let t = t as usize;
                     let tgt = if (v0..v0 + c).contains(&t) {
                         row[t - v0]
@@ -190,10 +184,6 @@ impl CustomOp3 for ChunkStats {
         let op = self.name();
         let c = ll.dims()[1];
         let t = slice::<u32>(t, tl, op)?;
-        if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (l, st) {
-            let s = run_f32(slice(l, ll, op)?, t, slice(st, sl, op)?, c, self.v0);
-            return Ok((s, sl.shape().clone()));
-        }
         let s = dispatch_float!(
             op,
             l.dtype(),
@@ -215,30 +205,6 @@ impl CustomOp3 for ChunkStats {
         let out = crate::cuda::ce_chunk_stats(l, ll, t, tl, st, sl, self.v0)?;
         Ok((out, sl.shape().clone()))
     }
-}
-
-/// [`ChunkStats`]'s pass for f32 with the vectorised row passes: the same state.
-fn run_f32(l: &[f32], t: &[u32], st: &[f32], c: usize, v0: usize) -> CpuStorage {
-    let mut out = vec![0f32; st.len()];
-    out.par_chunks_mut(4)
-        .zip(l.par_chunks(c))
-        .zip(t.par_iter().zip(st.par_chunks(4)))
-        .for_each(|((o, row), (&t, s))| {
-            let m = crate::rows::max(row).max(s[0]);
-            let alpha = crate::fast_exp::exp_f32(s[0] - m);
-            let sum = crate::rows::sum_exp_minus(row, m);
-            let t = t as usize;
-            let tgt = if (v0..v0 + c).contains(&t) {
-                row[t - v0]
-            } else {
-                0.0
-            };
-            o[0] = m;
-            o[1] = s[1] * alpha + sum;
-            o[2] = s[2] + tgt;
-            o[3] = alpha;
-        });
-    CpuStorage::F32(out)
 }
 
 /// In place: `l ← e^{l − m}` per row, `m` from the state.

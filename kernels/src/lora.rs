@@ -77,11 +77,11 @@ impl Int8Products {
 
     /// `dy·W` for `dy: [m, out]`, as a `[m, in]` tensor on the CPU.
     fn input_gradient(&self, dy: &Tensor) -> Result<Tensor> {
-        let (m, n) = dy.dims2()?;
-        let dy = dy.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let dx =
-            crate::q8_gemm::matmul_t(&dy, m, &self.backward).map_err(candle_core::Error::wrap)?;
-        debug_assert_eq!(n, self.backward.cols());
+        let m = dy.dims2()?.0;
+        let dx = crate::common::with_cpu_f32(&dy.to_dtype(DType::F32)?, |dy| {
+            crate::q8_gemm::matmul_t(dy, m, &self.backward)
+        })?
+        .map_err(candle_core::Error::wrap)?;
         Tensor::from_vec(dx, (m, self.backward.rows()), &candle_core::Device::Cpu)
     }
 }

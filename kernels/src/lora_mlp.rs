@@ -120,8 +120,8 @@ impl Saved {
             return Ok(Saved::Exact(g, u));
         }
         let rows = |t: &Tensor| -> Result<Q8Rows> {
-            let v = t.flatten_all()?.to_vec1::<f32>()?;
-            Q8Rows::new(&v, dims.0, dims.1).map_err(candle_core::Error::wrap)
+            crate::common::with_cpu_f32(t, |v| Q8Rows::new(v, dims.0, dims.1))?
+                .map_err(candle_core::Error::wrap)
         };
         Ok(Saved::Compact {
             g: rows(&g)?,

@@ -295,10 +295,14 @@ impl Isa {
         isas
     }
 
+    /// The fastest of [`supported`](Self::supported), checked once per process.
     pub fn detect() -> Isa {
-        *Isa::supported()
-            .last()
-            .expect("Generic is always supported")
+        static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            *Isa::supported()
+                .last()
+                .expect("Generic is always supported")
+        })
     }
 
     /// Whether this CPU multiplies 8-bit blocks faster than f32 (so callers should prefer
@@ -660,7 +664,7 @@ mod tests {
         let (m, k) = (5, 320);
         let mut x = pseudo_random(m * k, 7);
         x[64..128].fill(0.0);
-        x[130] = 2.5 * (x[128..192].iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0); // a tie
+        x[130] = 2.5 * (x[128..192].iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0); // at or next to a tie
         let want = Q8Rows::quantize(Isa::Generic, &x, m, k);
         for isa in Isa::supported() {
             let got = Q8Rows::quantize(isa, &x, m, k);

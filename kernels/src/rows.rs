@@ -1,5 +1,6 @@
-//! Row passes over f32 that vectorise: the max, `Σ e^{x−m}` and `x ← e^{x−m}` of softmax-like
-//! kernels (attention, the chunked cross-entropy over the vocabulary).
+//! Row passes over f32 that vectorise: the max, `Σ e^{x−m}`, `x ← e^{x−m}` and
+//! `e^{x+mask−m}` of softmax-like kernels (attention, the chunked cross-entropy over the
+//! vocabulary). The one place that chooses AVX-512 / AVX2 code for them.
 //!
 //! A float reduction written as one running value does not vectorise (without fast-math the
 //! compiler may not reassociate the additions), so these keep sixteen independent partial
@@ -115,6 +116,24 @@ row_pass! {
     }
 }
 
+row_pass! {
+    /// `out ← e^{x + add − shift}` (`add`: an additive mask row, or none).
+    exp_into(out: &mut [f32], x: &[f32], add: Option<&[f32]>, shift: f32) -> () {
+        match add {
+            Some(add) => {
+                for ((o, &v), &a) in out.iter_mut().zip(x).zip(add) {
+                    *o = exp_f32(v + a - shift);
+                }
+            }
+            None => {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = exp_f32(v - shift);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +166,14 @@ mod tests {
             }
         }
         assert_eq!(max(&[1.0, f32::NAN, 3.0]), 3.0, "NaNs are ignored");
+        let (x, add) = ([0.5f32, -1.0, 2.0, -90.0], [0.0f32, 1.0, f32::MIN, 0.0]);
+        let mut out = [9f32; 4];
+        exp_into(&mut out, &x, Some(&add), 0.25);
+        let want = [0.25f64.exp(), (-0.25f64).exp(), 0.0, 0.0];
+        for (o, w) in out.iter().zip(want) {
+            assert!((*o as f64 - w).abs() <= 1e-6 * w.max(1e-30), "{o} vs {w}");
+        }
+        exp_into(&mut out, &x, None, 0.0);
+        assert!((out[2] as f64 - 2f64.exp()).abs() < 1e-5);
     }
 }

@@ -4,10 +4,10 @@
 //! `expf`, slow for the masked scores). Other devices and dtypes keep that chain, in
 //! `attention` (see [`applies`]).
 
-use candle_core::{DType, Result, Storage, Tensor, D};
-use rayon::prelude::*;
+use candle_core::{DType, Result, Tensor, D};
 
-use crate::fast_exp::exp_f32;
+use crate::common::with_cpu_f32;
+use rayon::prelude::*;
 
 /// Rows per rayon task (a row of attention scores is one key length).
 const ROWS_PER_TASK: usize = 64;
@@ -142,46 +142,18 @@ pub fn softmax_grad(p: &Tensor, dp: &Tensor, delta: &Tensor, scale: f64) -> Resu
     Tensor::from_vec(out, p.dims(), p.device())
 }
 
-/// Runs `f` on the elements of `t`, an f32 CPU tensor (made contiguous first).
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
-        _ => candle_core::bail!(
-            "softmax kernels: expected f32 on the CPU, got {:?} on {:?}",
-            t.dtype(),
-            t.device().location()
-        ),
-    }
-}
-
 type MaskRow<'a> = dyn Fn(usize) -> Option<&'a [f32]> + 'a;
 
+/// Softmax and log-sum-exp of each row of `x` (the mask added first) into `p` and `l`. The
+/// max and exp passes are [`crate::rows`]' vectorised ones; the mask add and the scale are
+/// plain maps.
 fn rows_softmax(x: &[f32], p: &mut [f32], l: &mut [f32], s: usize, mask: &MaskRow) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { rows_softmax_avx2(x, p, l, s, mask) };
-    }
-    rows_softmax_body(x, p, l, s, mask)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_softmax_avx2(x: &[f32], p: &mut [f32], l: &mut [f32], s: usize, mask: &MaskRow) {
-    rows_softmax_body(x, p, l, s, mask)
-}
-
-#[inline(always)]
-fn rows_softmax_body(x: &[f32], p: &mut [f32], l: &mut [f32], s: usize, mask: &MaskRow) {
     for (i, ((xr, pr), lr)) in x
         .chunks_exact(s)
         .zip(p.chunks_exact_mut(s))
         .zip(l.iter_mut())
         .enumerate()
     {
-        // The masked scores first (into p), then one max, one exp pass, one scale pass.
         match mask(i) {
             Some(m) => {
                 for ((pv, &xv), &mv) in pr.iter_mut().zip(xr).zip(m) {
@@ -200,41 +172,15 @@ fn rows_softmax_body(x: &[f32], p: &mut [f32], l: &mut [f32], s: usize, mask: &M
     }
 }
 
+/// `exp(x + mask − l)` of each row into `o`.
 fn rows_exp_minus(x: &[f32], l: &[f32], o: &mut [f32], s: usize, mask: &MaskRow) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: as above.
-        return unsafe { rows_exp_minus_avx2(x, l, o, s, mask) };
-    }
-    rows_exp_minus_body(x, l, o, s, mask)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_exp_minus_avx2(x: &[f32], l: &[f32], o: &mut [f32], s: usize, mask: &MaskRow) {
-    rows_exp_minus_body(x, l, o, s, mask)
-}
-
-#[inline(always)]
-fn rows_exp_minus_body(x: &[f32], l: &[f32], o: &mut [f32], s: usize, mask: &MaskRow) {
     for (i, ((xr, orow), &lv)) in x
         .chunks_exact(s)
         .zip(o.chunks_exact_mut(s))
         .zip(l)
         .enumerate()
     {
-        match mask(i) {
-            Some(m) => {
-                for ((ov, &xv), &mv) in orow.iter_mut().zip(xr).zip(m) {
-                    *ov = exp_f32(xv + mv - lv);
-                }
-            }
-            None => {
-                for (ov, &xv) in orow.iter_mut().zip(xr) {
-                    *ov = exp_f32(xv - lv);
-                }
-            }
-        }
+        crate::rows::exp_into(orow, xr, mask(i), lv);
     }
 }
 
