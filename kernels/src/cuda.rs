@@ -10,6 +10,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
+use crate::launch::{elementwise, one_block_per_row, Geometry};
 use crate::rope::RopeDims;
 
 mod ptx {
@@ -54,22 +55,10 @@ fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
-fn grid_for(n: usize, threads: u32) -> LaunchConfig {
-    // Grid-stride loops: cap the grid, the kernels loop over the rest.
-    let blocks = n.div_ceil(threads as usize).clamp(1, 65535 * 8) as u32;
+fn config(g: Geometry) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// One block per row, a multiple of 32 threads (the block reductions need whole warps).
-fn rows_config(rows: usize, d: usize) -> LaunchConfig {
-    let threads = (d.div_ceil(32) * 32).clamp(32, 1024) as u32;
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (threads, 1, 1),
+        grid_dim: (g.grid, 1, 1),
+        block_dim: (g.block, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -108,7 +97,7 @@ pub(crate) fn rms_norm_fwd(
         let mut b = f.builder();
         b.arg(&xv).arg(&wv).arg(&y);
         candle_core::builder_arg!(b, d as u32, eps);
-        unsafe { b.launch(rows_config(rows, d)) }.w()?;
+        unsafe { b.launch(config(one_block_per_row(rows, d))) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
     by_dtype!(x.dtype(), run(x, xl, w, wl, rows, d, eps))
@@ -149,7 +138,7 @@ pub(crate) fn rms_norm_bwd(
         let mut b = f.builder();
         b.arg(&xv).arg(&wv).arg(&gv).arg(&dx);
         candle_core::builder_arg!(b, d as u32, eps);
-        unsafe { b.launch(rows_config(rows, d)) }.w()?;
+        unsafe { b.launch(config(one_block_per_row(rows, d))) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev))
     }
     by_dtype!(x.dtype(), run(x, xl, w, wl, dy, dyl, rows, d, eps))
@@ -193,7 +182,7 @@ pub(crate) fn rope(
             g.per_batch as u32,
             transpose as u32
         );
-        unsafe { b.launch(grid_for(n / 2, 256)) }.w()?;
+        unsafe { b.launch(config(elementwise(n / 2))) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
     by_dtype!(x.dtype(), run(x, cos, cl, sin, sl, g, transpose))
@@ -223,7 +212,7 @@ pub(crate) fn swiglu_fwd(
         let mut b = f.builder();
         b.arg(&gv).arg(&uv).arg(&h);
         candle_core::builder_arg!(b, n as u64);
-        unsafe { b.launch(grid_for(n, 256)) }.w()?;
+        unsafe { b.launch(config(elementwise(n))) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(h, dev))
     }
     by_dtype!(g.dtype(), run(g, gl, u, ul))
@@ -257,7 +246,7 @@ pub(crate) fn swiglu_bwd(
         let mut b = f.builder();
         b.arg(&gv).arg(&uv).arg(&dv).arg(&out);
         candle_core::builder_arg!(b, n as u64);
-        unsafe { b.launch(grid_for(n, 256)) }.w()?;
+        unsafe { b.launch(config(elementwise(n))) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
     by_dtype!(g.dtype(), run(g, gl, u, ul, dh, dhl))
@@ -293,7 +282,7 @@ pub(crate) fn add_low_rank(
         let mut bl = f.builder();
         bl.arg(yv).arg(&xv).arg(&bv);
         candle_core::builder_arg!(bl, m as u32, n as u32, r as u32, sk as u64, so as u64, scale);
-        unsafe { bl.launch(grid_for(m * n, 256)) }.w()?;
+        unsafe { bl.launch(config(elementwise(m * n))) }.w()?;
         Ok(())
     }
     if y.dtype() != xa.dtype() || b.dtype() != xa.dtype() {
@@ -337,7 +326,7 @@ pub(crate) fn ce_chunk_stats(
         let mut b = f.builder();
         b.arg(&lv).arg(&tv).arg(&sv).arg(&out);
         candle_core::builder_arg!(b, c as u32, v0 as u32);
-        unsafe { b.launch(rows_config(n, c)) }.w()?;
+        unsafe { b.launch(config(one_block_per_row(n, c))) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
     if st.dtype() != DType::F32 {
@@ -374,7 +363,7 @@ pub(crate) fn ce_exp_shifted(
         let mut b = f.builder();
         b.arg(&mut lv).arg(&sv);
         candle_core::builder_arg!(b, n as u32, c as u32);
-        unsafe { b.launch(grid_for(n * c, 256)) }.w()?;
+        unsafe { b.launch(config(elementwise(n * c))) }.w()?;
         Ok(())
     }
     by_dtype!(l.dtype(), run(l, ll, st, sl))
@@ -413,7 +402,7 @@ pub(crate) fn nf4_dequantize(
         let pv = view::<u8>(packed.0, packed.1)?;
         let cv = view::<f32>(code.0, code.1)?;
         let out = alloc::<T>(&dev, n)?;
-        let cfg = grid_for(n.div_ceil(2), 256);
+        let cfg = config(elementwise(n.div_ceil(2)));
         match scales {
             Nf4DeviceScales::Plain(s, l) => {
                 let av = view::<f32>(s, l)?;

@@ -18,6 +18,7 @@ mod cuda;
 pub mod fast_exp;
 pub mod frozen;
 pub mod ggml_matvec;
+pub mod launch;
 pub mod lora;
 pub mod lora_mlp;
 pub mod lora_qkv;
