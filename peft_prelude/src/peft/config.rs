@@ -462,16 +462,30 @@ impl PeftConfig {
     /// Parses an adapter_config.json text. Unknown keys are ignored; an unknown `peft_type`
     /// is an error that lists the supported ones.
     pub fn from_json(value: &Value) -> std::result::Result<Self, String> {
+        // PEFT writes `null` for a field left unset (`"task_type": null` when get_peft_model was
+        // given no task type): the same as the field's default, which an absent key gives.
+        let value = &match value {
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            other => other.clone(),
+        };
         let ty = value
             .get("peft_type")
             .and_then(Value::as_str)
             .ok_or("no `peft_type`")?;
         let parse = |what: &str| -> String { format!("invalid {what} config") };
         let cfg = match ty {
-            "LORA" => PeftConfig::Lora(
-                serde_json::from_value(value.clone())
-                    .map_err(|e| format!("{}: {e}", parse("LoRA")))?,
-            ),
+            "LORA" => {
+                reject_unsupported_lora_features(value)?;
+                PeftConfig::Lora(
+                    serde_json::from_value(value.clone())
+                        .map_err(|e| format!("{}: {e}", parse("LoRA")))?,
+                )
+            }
             "IA3" => PeftConfig::Ia3(
                 serde_json::from_value(value.clone())
                     .map_err(|e| format!("{}: {e}", parse("IA3")))?,
@@ -507,6 +521,36 @@ impl PeftConfig {
         let value: Value = read_json(path)?;
         Self::from_json(&value).map_err(|what| Error::corrupt(path, what))
     }
+}
+
+/// LoRA variants PEFT can save that this crate does not implement. Loading one as plain LoRA
+/// would give silently wrong outputs, so a key set to anything but its off value (after nulls
+/// are dropped) is an error that names it.
+const UNSUPPORTED_LORA_FEATURES: [(&str, &str); 7] = [
+    ("lora_bias", "a trained bias on B"),
+    ("use_qalora", "QA-LoRA's pooled adapters"),
+    ("layer_replication", "replicated layers"),
+    ("target_parameters", "LoRA on bare parameters"),
+    ("trainable_token_indices", "trainable token embeddings"),
+    ("alora_invocation_tokens", "activated LoRA"),
+    ("arrow_config", "Arrow routing"),
+];
+
+fn reject_unsupported_lora_features(value: &Value) -> std::result::Result<(), String> {
+    for (key, what) in UNSUPPORTED_LORA_FEATURES {
+        let off = match value.get(key) {
+            None | Some(Value::Bool(false)) => true,
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(Value::Object(o)) => o.is_empty(),
+            Some(_) => false,
+        };
+        if !off {
+            return Err(format!(
+                "`{key}` is set ({what}), which this LoRA implementation does not support"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn to_map<T: Serialize>(c: &T) -> Map<String, Value> {
@@ -550,6 +594,54 @@ mod tests {
         sorted.sort();
         assert_eq!(keys, sorted, "sorted keys: {text}");
         assert_eq!(PeftConfig::from_json(&v).unwrap(), cfg);
+    }
+
+    /// What PEFT 0.21.2 saves for `get_peft_model(model, LoraConfig(...))` without a task type:
+    /// `null` for every unset field, `task_type` among them.
+    const PEFT_SAVED_WITHOUT_TASK_TYPE: &str =
+        include_str!("testdata/peft-0.21.2-lora-no-task-type.json");
+
+    #[test]
+    fn pefts_nulls_read_as_defaults() {
+        let v: Value = serde_json::from_str(PEFT_SAVED_WITHOUT_TASK_TYPE).unwrap();
+        assert!(v["task_type"].is_null() && v["layers_to_transform"].is_null());
+        match PeftConfig::from_json(&v).unwrap() {
+            PeftConfig::Lora(c) => {
+                assert_eq!((c.r, c.lora_alpha), (8, 16.0));
+                assert_eq!(c.task_type, "CAUSAL_LM");
+                assert_eq!(c.layers_to_transform, None);
+                assert_eq!(c.init_lora_weights, LoraInit::Bool(false));
+                match c.target_modules {
+                    Some(TargetModules::Names(n)) => assert_eq!(n.len(), 7),
+                    other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn lora_variants_we_do_not_implement_are_refused_by_name() {
+        let base: Value = serde_json::from_str(PEFT_SAVED_WITHOUT_TASK_TYPE).unwrap();
+        for (key, on) in [
+            ("lora_bias", json!(true)),
+            ("use_qalora", json!(true)),
+            ("layer_replication", json!([[0, 4], [2, 6]])),
+            ("target_parameters", json!(["mlp.experts.gate_up_proj"])),
+            ("trainable_token_indices", json!([0, 1])),
+            ("alora_invocation_tokens", json!([1, 2])),
+            ("arrow_config", json!({"top_k": 3})),
+        ] {
+            let mut v = base.clone();
+            v[key] = on;
+            let e = PeftConfig::from_json(&v).unwrap_err();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        // Their off values (false, [], {}, null) are plain LoRA.
+        let mut v = base.clone();
+        v["target_parameters"] = json!([]);
+        v["loftq_config"] = json!({});
+        assert!(PeftConfig::from_json(&v).is_ok());
     }
 
     #[test]
