@@ -8,6 +8,7 @@ use peft_prelude::model::gguf::GgufFile;
 use peft_prelude::model::{FrozenLinear, LoadOptions, Model, Pretrained};
 use peft_prelude::peft::{get_peft_model, LoraConfig, LoraInit};
 use peft_prelude::quant::export::{save_gguf, save_hf_16bit, GgufExport};
+use peft_prelude::tokenizer::ChatMessage;
 use peft_tests::{fixture, tensors};
 
 fn ids() -> Tensor {
@@ -74,8 +75,40 @@ fn qlora_merge_exports_as_16bit_safetensors_and_loads_back() {
         .unwrap()
         .base()
         .is_quantized());
+    // The tokenizer files, plus a chat template the way transformers 5 stores it.
+    let tokenizer_dir = temp("hf16-tokenizer");
+    std::fs::create_dir_all(&tokenizer_dir).unwrap();
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(fixture("tiny-mistral").join(name), tokenizer_dir.join(name)).unwrap();
+    }
+    std::fs::write(
+        tokenizer_dir.join("chat_template.jinja"),
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
     let dir = temp("hf16");
-    save_hf_16bit(&model, &dir, DType::F16, &fixture("tiny-mistral")).unwrap();
+    save_hf_16bit(&model, &dir, DType::F16, &tokenizer_dir).unwrap();
+    let mut written: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        [
+            "chat_template.jinja",
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ],
+        "every file in place, no temporary left behind"
+    );
     let back = Pretrained::from_dir(&dir, &LoadOptions::default()).unwrap();
     assert!(!back
         .model
@@ -118,6 +151,13 @@ fn qlora_merge_exports_as_16bit_safetensors_and_loads_back() {
         back.tokenizer.encode("Hello world", true).unwrap()[0],
         1,
         "tokenizer came along"
+    );
+    assert_eq!(
+        back.tokenizer
+            .apply_chat_template(&[ChatMessage::new("user", "Hi")], false)
+            .unwrap(),
+        "<|user|>Hi",
+        "the chat template came along"
     );
 }
 

@@ -11,23 +11,32 @@ use crate::error::{Error, Result};
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename,
 /// so readers never see a partial file and a failed write leaves the old file in place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_atomically(path, |tmp| {
+        let mut f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// [`write_atomic`] for writers that want a path: `write` creates and fills a temporary file
+/// beside `path`, which is then synced and renamed over `path` (removed if anything fails).
+pub fn replace_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
+    let result = write(&tmp).and_then(|()| {
+        let sync_and_rename = || -> std::io::Result<()> {
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        sync_and_rename().map_err(|e| Error::io(path, e))
+    });
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
     }
-    Ok(())
+    result
 }
 
 /// Saves tensors as safetensors with PEFT's metadata (`{"format": "pt"}`), atomically.

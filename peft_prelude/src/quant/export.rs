@@ -13,13 +13,18 @@ use crate::error::{Error, Result};
 use crate::model::config::Architecture;
 use crate::model::gguf::{permute_rows, GgufFile};
 use crate::model::Model;
+use crate::peft::io::{replace_atomically, write_atomic};
 
-/// Tokenizer and generation files copied next to an exported checkpoint when present.
-pub const TOKENIZER_FILES: [&str; 5] = [
+/// Tokenizer and generation files copied next to an exported checkpoint when present
+/// (transformers 5 keeps the chat template in `chat_template.jinja`, older versions in
+/// `chat_template.json` or inside `tokenizer_config.json`).
+pub const TOKENIZER_FILES: [&str; 7] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 ];
 
@@ -71,18 +76,32 @@ pub fn save_hf_16bit(
             model.linear(&path)?.base().dense_weight()?,
         )?;
     }
-    let file = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &file)
-        .map_err(|e| Error::corrupt(&file, e.to_string()))?;
+    // Every file is written beside its final name and renamed into place: an interrupted
+    // export never leaves a truncated model.safetensors that loads as a broken model.
     let config = hf_config_json(model, dtype);
     let text =
         serde_json::to_string_pretty(&config).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    let path = dir.join("config.json");
-    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    let config_path = dir.join("config.json");
+    write_atomic(&config_path, text.as_bytes())?;
+    // The safetensors writer creates its file owner-only (a temporary file renamed into place);
+    // give the weights the permissions every other file of the export gets.
+    let permissions = std::fs::metadata(&config_path)
+        .map_err(|e| Error::io(&config_path, e))?
+        .permissions();
+    let file = dir.join("model.safetensors");
+    replace_atomically(&file, |tmp| {
+        candle_core::safetensors::save(&tensors, tmp)
+            .map_err(|e| Error::corrupt(tmp, e.to_string()))?;
+        std::fs::set_permissions(tmp, permissions).map_err(|e| Error::io(tmp, e))
+    })?;
     for name in TOKENIZER_FILES {
         let src = tokenizer_dir.join(name);
         if src.is_file() {
-            std::fs::copy(&src, dir.join(name)).map_err(|e| Error::io(&src, e))?;
+            replace_atomically(&dir.join(name), |tmp| {
+                std::fs::copy(&src, tmp)
+                    .map(drop)
+                    .map_err(|e| Error::io(&src, e))
+            })?;
         }
     }
     Ok(())
@@ -293,8 +312,9 @@ pub fn save_gguf(
     }
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    gguf_file::write(&mut file, &md, &ts)
-        .map_err(|e| Error::corrupt(path, format!("writing GGUF: {e}")))?;
-    Ok(())
+    replace_atomically(path, |tmp| {
+        let mut file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        gguf_file::write(&mut file, &md, &ts)
+            .map_err(|e| Error::corrupt(path, format!("writing GGUF: {e}")))
+    })
 }
