@@ -1,0 +1,144 @@
+//! Our half of the interoperability check with Python PEFT and transformers
+//! (`scripts/interop-check.sh` drives both halves and compares).
+//!
+//! ```text
+//! interop_peft save MODEL_DIR OUT_DIR [--dora]
+//!     LoRA r=8 (alpha 16, rsLoRA + DoRA with --dora) on all seven projections, trained for three
+//!     AdamW steps so B is not zero; writes OUT_DIR/adapter (save_pretrained), the adapted logits
+//!     OUT_DIR/ours.safetensors, the merged model exported as a 16-bit Hugging Face directory
+//!     OUT_DIR/merged (F16) and the logits of that export read back by our loader,
+//!     OUT_DIR/ours_merged.safetensors.
+//! interop_peft load MODEL_DIR ADAPTER_DIR OUT_FILE
+//!     Loads an adapter Python PEFT saved and writes the adapted logits to OUT_FILE.
+//! ```
+//! Logits are for [`probe_ids`]: the same ids the Python half computes (key `logits`, f32
+//! `[1, PROBE_LEN, vocab]`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use peft_prelude::data::{pad_batch, Example};
+use peft_prelude::model::{Checkpointing, LoadOptions, Model, Pretrained};
+use peft_prelude::peft::{get_peft_model, LoraConfig, PeftModel};
+use peft_prelude::quant::export::save_hf_16bit;
+use peft_prelude::train::sft::batch_gradients;
+use peft_prelude::train::{AdamW, AdamWConfig};
+
+const PROBE_LEN: usize = 24;
+
+/// `(i·2654435761 + 7) mod vocab` for i < PROBE_LEN (scripts/interop_peft.py computes the same).
+fn probe_ids(vocab: usize) -> Vec<u32> {
+    (0..PROBE_LEN as u64)
+        .map(|i| ((i * 2_654_435_761 + 7) % vocab as u64) as u32)
+        .collect()
+}
+
+fn write_logits(logits: &Tensor, path: &Path) -> anyhow::Result<()> {
+    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    candle_core::safetensors::save(&HashMap::from([("logits", logits)]), path)?;
+    Ok(())
+}
+
+fn logits_of(model: &Model) -> anyhow::Result<Tensor> {
+    let ids = Tensor::new(probe_ids(model.config().vocab_size), &Device::Cpu)?.unsqueeze(0)?;
+    Ok(model.forward(&ids)?)
+}
+
+fn adapted_logits(peft: &PeftModel, vocab: usize) -> anyhow::Result<Tensor> {
+    let ids = Tensor::new(probe_ids(vocab), &Device::Cpu)?.unsqueeze(0)?;
+    Ok(peft.forward(&ids)?)
+}
+
+/// Three AdamW steps on pseudo-text, so every B moves away from its zero initialisation.
+fn train_a_little(peft: &PeftModel, vocab: usize) -> anyhow::Result<()> {
+    peft.train();
+    let params = peft.trainable_vars();
+    let mut opt = AdamW::new(
+        params.clone(),
+        AdamWConfig {
+            lr: 1e-2,
+            ..Default::default()
+        },
+    )?;
+    let (batch, seq) = (2, 32);
+    let examples: Vec<Example> = (0..batch)
+        .map(|b| {
+            let row: Vec<u32> = (0..seq)
+                .map(|i| ((b * seq + i) as u64 * 40_503 % vocab as u64) as u32)
+                .collect();
+            Example {
+                labels: row.iter().map(|&i| i as i64).collect(),
+                input_ids: row,
+            }
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let data = pad_batch(&refs, 0, &Device::Cpu)?;
+    let vars: Vec<_> = params.iter().map(|(_, v)| v.clone()).collect();
+    for _ in 0..3 {
+        let (_, _, grads) = batch_gradients(
+            peft,
+            &data,
+            1.0 / (batch * (seq - 1)) as f64,
+            &vars,
+            Checkpointing::Off,
+        )?;
+        opt.step(&grads)?;
+    }
+    peft.eval();
+    Ok(())
+}
+
+fn save(model_dir: &Path, out: &Path, dora: bool) -> anyhow::Result<()> {
+    let p = Pretrained::load(&model_dir.to_string_lossy(), &LoadOptions::default())?;
+    let vocab = p.model.config().vocab_size;
+    let config = LoraConfig {
+        use_dora: dora,
+        use_rslora: dora,
+        ..LoraConfig::all_projections(8, 16.0)
+    };
+    let peft = get_peft_model(p.model, config)?;
+    train_a_little(&peft, vocab)?;
+    std::fs::create_dir_all(out)?;
+    peft.save_pretrained(out.join("adapter"))?;
+    write_logits(
+        &adapted_logits(&peft, vocab)?,
+        &out.join("ours.safetensors"),
+    )?;
+
+    let merged = peft.merge_and_unload()?;
+    save_hf_16bit(&merged, out.join("merged"), DType::F16, model_dir)?;
+    let again = Pretrained::load(
+        &out.join("merged").to_string_lossy(),
+        &LoadOptions::default(),
+    )?;
+    write_logits(
+        &logits_of(&again.model)?,
+        &out.join("ours_merged.safetensors"),
+    )?;
+    Ok(())
+}
+
+fn load(model_dir: &Path, adapter: &Path, out_file: &Path) -> anyhow::Result<()> {
+    let p = Pretrained::load(&model_dir.to_string_lossy(), &LoadOptions::default())?;
+    let vocab = p.model.config().vocab_size;
+    let peft = PeftModel::from_pretrained(p.model, adapter)?;
+    write_logits(&adapted_logits(&peft, vocab)?, out_file)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let path = |i: usize| -> anyhow::Result<PathBuf> {
+        args.get(i)
+            .map(PathBuf::from)
+            .ok_or_else(|| anyhow::anyhow!("missing argument {i}; see the example's doc"))
+    };
+    match args.first().map(String::as_str) {
+        Some("save") => save(&path(1)?, &path(2)?, args.iter().any(|a| a == "--dora")),
+        Some("load") => load(&path(1)?, &path(2)?, &path(3)?),
+        _ => anyhow::bail!(
+            "usage: interop_peft save MODEL_DIR OUT_DIR [--dora] | load MODEL_DIR ADAPTER_DIR OUT_FILE"
+        ),
+    }
+}
