@@ -4,11 +4,12 @@
 #   1. a LoRA we train and save loads in PEFT and gives our logits; our 16-bit merged export
 #      loads in transformers and gives what our loader reads from the same files;
 #   2. a LoRA PEFT creates (random A and B) loads here and gives PEFT's logits;
-# each for plain LoRA and for rsLoRA + DoRA. One JSON line per comparison; exits non-zero if
+# for LoRA, rsLoRA + DoRA, IA3, prompt tuning, prefix tuning and P-tuning (merged exports for
+# the first three). One JSON line per comparison; exits non-zero if
 # any differs by more than 2e-3 (f32 logits of scale ~30) or if the adapter barely moves the
 # logits (the comparison would then prove nothing).
 #
-#   scripts/interop-check.sh [WORK_DIR]
+#   scripts/interop-check.sh [WORK_DIR]        # METHODS="lora ia3" runs some of them
 #
 # Needs the reference setup of ../shared/bench/README.md (REF, default ~/.cache/peft-reference:
 # a venv with torch, transformers and peft, and smollm2-135m-hf, the GGUF dequantized into a
@@ -28,12 +29,11 @@ cargo build -q --release -p peft_prelude --example interop_peft
 bin="$CARGO_TARGET_DIR/release/examples/interop_peft"
 check() { "$py" scripts/interop_peft.py "$@" 2> >(grep -v -e "Loading weights" -e "Warning" -e "warnings.warn" >&2); }
 status=0
-for variant in lora dora; do
-  flag=""; [ "$variant" = dora ] && flag="--dora"
-  "$bin" save "$model" "$work/ours-$variant" $flag
-  check check-ours "$model" "$work/ours-$variant" || status=1
-  check make-theirs "$model" "$work/theirs-$variant" $flag
-  "$bin" load "$model" "$work/theirs-$variant/adapter" "$work/theirs-$variant/ours.safetensors"
-  check compare "$work/theirs-$variant" || status=1
+for method in ${METHODS:-lora dora ia3 prompt prefix ptuning}; do
+  "$bin" save "$model" "$work/ours-$method" "$method"
+  check check-ours "$model" "$work/ours-$method" || status=1
+  check make-theirs "$model" "$work/theirs-$method" "$method"
+  "$bin" load "$model" "$work/theirs-$method/adapter" "$work/theirs-$method/ours.safetensors"
+  check compare "$work/theirs-$method" || status=1
 done
 exit $status

@@ -5,9 +5,12 @@ of each comparison, our example `interop_peft` on the other.
       Loads WORK/adapter (saved by us) into transformers + PEFT and compares its logits with
       WORK/ours.safetensors; loads WORK/merged (our 16-bit export) with transformers and
       compares with WORK/ours_merged.safetensors (our loader on the same files).
-  interop_peft.py make-theirs MODEL_DIR WORK [--dora]
-      A PEFT LoRA (r=8, alpha 16, all seven projections, random B so it is not a no-op; rsLoRA
-      + DoRA with --dora) saved to WORK/adapter, its logits to WORK/theirs.safetensors.
+  interop_peft.py make-theirs MODEL_DIR WORK METHOD
+      A PEFT adapter saved to WORK/adapter, its logits (and the base model's) to
+      WORK/theirs.safetensors. METHOD: lora (r=8, alpha 16, all seven projections, random A and
+      B so it is not the identity; no task type, so PEFT writes "task_type": null), dora (the
+      same with rsLoRA and DoRA), ia3 (k, v, down; its vectors moved off one), prompt, prefix,
+      ptuning (8 virtual tokens, PEFT's random initialisation, CAUSAL_LM).
   interop_peft.py compare WORK
       WORK/theirs.safetensors against WORK/ours.safetensors.
 
@@ -16,6 +19,7 @@ TOLERANCE (max |difference|, f32 on both sides).
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -46,7 +50,8 @@ def report(what, ours, theirs, base_logits):
     diff = (ours - theirs).abs().max().item()
     # How far the adapter moves the base model's logits: the difference above must be far
     # smaller for the check to mean anything.
-    effect = (theirs - base_logits).abs().max().item()
+    # (prompt tuning and P-tuning return the virtual tokens' positions first, as PEFT does).
+    effect = (theirs[:, -PROBE_LEN:] - base_logits).abs().max().item()
     ok = diff <= TOLERANCE and effect > 100 * diff
     print(json.dumps({
         "check": what,
@@ -68,6 +73,8 @@ def check_ours(model_dir, work):
     model = PeftModel.from_pretrained(plain, f"{work}/adapter").eval()
     ok = report(f"{work}: our adapter in PEFT", load_file(f"{work}/ours.safetensors")["logits"],
                 logits(model), base_logits)
+    if not os.path.isdir(f"{work}/merged"):
+        return ok  # prompt-learning methods: nothing to merge
     merged = AutoModelForCausalLM.from_pretrained(f"{work}/merged", dtype=torch.float32).eval()
     ok &= report(f"{work}: our 16-bit merged export in transformers",
                  load_file(f"{work}/ours_merged.safetensors")["logits"], logits(merged),
@@ -75,15 +82,38 @@ def check_ours(model_dir, work):
     return ok
 
 
-def make_theirs(model_dir, work, dora):
-    from peft import LoraConfig, get_peft_model
+def peft_config(method):
+    import peft
+
+    causal = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 8}
+    if method in ("lora", "dora"):
+        dora = method == "dora"
+        return peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, use_dora=dora,
+                               use_rslora=dora, init_lora_weights=False)
+    if method == "ia3":
+        return peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                              feedforward_modules=["down_proj"])
+    if method == "prompt":
+        return peft.PromptTuningConfig(**causal)
+    if method == "prefix":
+        return peft.PrefixTuningConfig(**causal)
+    if method == "ptuning":
+        return peft.PromptEncoderConfig(encoder_hidden_size=64, **causal)
+    sys.exit(f"unknown method {method}")
+
+
+def make_theirs(model_dir, work, method):
+    from peft import get_peft_model
 
     torch.manual_seed(0)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, use_dora=dora,
-                        use_rslora=dora, init_lora_weights=False)
     plain = base(model_dir)
     base_logits = logits(plain)
-    model = get_peft_model(plain, config).eval()
+    model = get_peft_model(plain, peft_config(method)).eval()
+    if method == "ia3":
+        with torch.no_grad():  # IA3 starts at one (the identity): move it
+            for name, p in model.named_parameters():
+                if "ia3_l" in name:
+                    p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(f"{work}/adapter")
     save_file({"logits": logits(model).contiguous(), "base_logits": base_logits.contiguous()},
               f"{work}/theirs.safetensors")
@@ -100,8 +130,8 @@ def main(argv):
     command = argv[1] if len(argv) > 1 else ""
     if command == "check-ours" and len(argv) == 4:
         return check_ours(argv[2], argv[3])
-    if command == "make-theirs" and len(argv) in (4, 5):
-        return make_theirs(argv[2], argv[3], "--dora" in argv[4:])
+    if command == "make-theirs" and len(argv) == 5:
+        return make_theirs(argv[2], argv[3], argv[4])
     if command == "compare" and len(argv) == 3:
         return compare(argv[2])
     sys.exit(__doc__)

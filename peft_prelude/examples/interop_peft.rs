@@ -2,11 +2,14 @@
 //! (`scripts/interop-check.sh` drives both halves and compares).
 //!
 //! ```text
-//! interop_peft save MODEL_DIR OUT_DIR [--dora]
-//!     LoRA r=8 (alpha 16, rsLoRA + DoRA with --dora) on all seven projections, trained for three
-//!     AdamW steps so B is not zero; writes OUT_DIR/adapter (save_pretrained), the adapted logits
-//!     OUT_DIR/ours.safetensors, the merged model exported as a 16-bit Hugging Face directory
-//!     OUT_DIR/merged (F16) and the logits of that export read back by our loader,
+//! interop_peft save MODEL_DIR OUT_DIR METHOD
+//!     METHOD: `lora` (r=8, alpha 16, all seven projections), `dora` (the same with rsLoRA and
+//!     DoRA), `ia3` (k, v, down), `prompt` (prompt tuning), `prefix` (prefix tuning) or
+//!     `ptuning` (P-tuning, MLP encoder); 8 virtual tokens for the last three. Trained for three
+//!     AdamW steps so the adapter is not the identity; writes OUT_DIR/adapter
+//!     (save_pretrained) and the adapted logits OUT_DIR/ours.safetensors. For the mergeable
+//!     methods also the merged model exported as a 16-bit Hugging Face directory OUT_DIR/merged
+//!     (F16) and the logits of that export read back by our loader,
 //!     OUT_DIR/ours_merged.safetensors.
 //! interop_peft load MODEL_DIR ADAPTER_DIR OUT_FILE
 //!     Loads an adapter Python PEFT saved and writes the adapted logits to OUT_FILE.
@@ -20,7 +23,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use peft_prelude::data::{pad_batch, Example};
 use peft_prelude::model::{Checkpointing, LoadOptions, Model, Pretrained};
-use peft_prelude::peft::{get_peft_model, LoraConfig, PeftModel};
+use peft_prelude::peft::{
+    get_peft_model, Ia3Config, LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig,
+    PromptEncoderConfig, PromptLearningCommon, PromptTuningConfig,
+};
 use peft_prelude::quant::export::save_hf_16bit;
 use peft_prelude::train::sft::batch_gradients;
 use peft_prelude::train::{AdamW, AdamWConfig};
@@ -90,15 +96,44 @@ fn train_a_little(peft: &PeftModel, vocab: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn save(model_dir: &Path, out: &Path, dora: bool) -> anyhow::Result<()> {
+fn method_config(method: &str) -> anyhow::Result<PeftConfig> {
+    let virtual_tokens = PromptLearningCommon {
+        num_virtual_tokens: 8,
+        ..Default::default()
+    };
+    Ok(match method {
+        "lora" => LoraConfig::all_projections(8, 16.0).into(),
+        "dora" => LoraConfig {
+            use_dora: true,
+            use_rslora: true,
+            ..LoraConfig::all_projections(8, 16.0)
+        }
+        .into(),
+        "ia3" => Ia3Config::default().into(),
+        "prompt" => PromptTuningConfig {
+            prompt: virtual_tokens,
+            ..Default::default()
+        }
+        .into(),
+        "prefix" => PrefixTuningConfig {
+            prompt: virtual_tokens,
+            ..Default::default()
+        }
+        .into(),
+        "ptuning" => PromptEncoderConfig {
+            prompt: virtual_tokens,
+            encoder_hidden_size: Some(64),
+            ..Default::default()
+        }
+        .into(),
+        other => anyhow::bail!("unknown method {other} (lora, dora, ia3, prompt, prefix, ptuning)"),
+    })
+}
+
+fn save(model_dir: &Path, out: &Path, method: &str) -> anyhow::Result<()> {
     let p = Pretrained::load(&model_dir.to_string_lossy(), &LoadOptions::default())?;
     let vocab = p.model.config().vocab_size;
-    let config = LoraConfig {
-        use_dora: dora,
-        use_rslora: dora,
-        ..LoraConfig::all_projections(8, 16.0)
-    };
-    let peft = get_peft_model(p.model, config)?;
+    let peft = get_peft_model(p.model, method_config(method)?)?;
     train_a_little(&peft, vocab)?;
     std::fs::create_dir_all(out)?;
     peft.save_pretrained(out.join("adapter"))?;
@@ -106,7 +141,9 @@ fn save(model_dir: &Path, out: &Path, dora: bool) -> anyhow::Result<()> {
         &adapted_logits(&peft, vocab)?,
         &out.join("ours.safetensors"),
     )?;
-
+    if matches!(method, "prompt" | "prefix" | "ptuning") {
+        return Ok(()); // nothing to merge
+    }
     let merged = peft.merge_and_unload()?;
     save_hf_16bit(&merged, out.join("merged"), DType::F16, model_dir)?;
     let again = Pretrained::load(
@@ -135,10 +172,14 @@ fn main() -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("missing argument {i}; see the example's doc"))
     };
     match args.first().map(String::as_str) {
-        Some("save") => save(&path(1)?, &path(2)?, args.iter().any(|a| a == "--dora")),
+        Some("save") => save(
+            &path(1)?,
+            &path(2)?,
+            args.get(3).map_or("lora", String::as_str),
+        ),
         Some("load") => load(&path(1)?, &path(2)?, &path(3)?),
         _ => anyhow::bail!(
-            "usage: interop_peft save MODEL_DIR OUT_DIR [--dora] | load MODEL_DIR ADAPTER_DIR OUT_FILE"
+            "usage: interop_peft save MODEL_DIR OUT_DIR METHOD | load MODEL_DIR ADAPTER_DIR OUT_FILE"
         ),
     }
 }

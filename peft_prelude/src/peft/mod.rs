@@ -17,7 +17,7 @@ pub mod targets;
 
 pub use config::{
     BottleneckConfig, Ia3Config, LoraConfig, LoraInit, PeftConfig, PrefixTuningConfig,
-    PromptEncoderConfig, PromptTuningConfig, TargetModules,
+    PromptEncoderConfig, PromptLearningCommon, PromptTuningConfig, TargetModules,
 };
 pub use model::{get_peft_model, PeftModel};
 
