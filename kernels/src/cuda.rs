@@ -10,6 +10,8 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
+use crate::adamw::adamw8::{Layout8, BLOCK as ADAM8_BLOCK};
+use crate::adamw::AdamWStep;
 use crate::launch::{elementwise, one_block_per_row, Geometry};
 use crate::rope::RopeDims;
 
@@ -444,4 +446,122 @@ pub(crate) fn nf4_dequantize(
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
     by_dtype!(dtype, run(packed, code, scales, blocksize, n, dtype))
+}
+
+/// Pushes the AdamW step's scalars in `cuda/adamw.cu`'s `ADAMW_ARGS` order.
+macro_rules! adamw_args {
+    ($b:ident, $s:expr) => {
+        candle_core::builder_arg!(
+            $b,
+            $s.decay,
+            $s.one_minus_beta1,
+            $s.beta2,
+            $s.one_minus_beta2,
+            $s.step_size,
+            $s.bias_correction2_sqrt,
+            $s.eps
+        )
+    };
+}
+
+/// `(g, [m; v]) -> [m'; v']`, f32.
+pub(crate) fn adamw_moments(
+    g: &CudaStorage,
+    gl: &Layout,
+    st: &CudaStorage,
+    sl: &Layout,
+    s: &AdamWStep,
+) -> Result<CudaStorage> {
+    let dev = g.device().clone();
+    let n = gl.shape().elem_count();
+    let (gv, sv) = (view::<f32>(g, gl)?, view::<f32>(st, sl)?);
+    let out = alloc::<f32>(&dev, 2 * n)?;
+    let f = dev.get_or_load_custom_func("adamw_moments_f32", "peft_adamw", ptx::ADAMW)?;
+    let mut b = f.builder();
+    b.arg(&gv).arg(&sv).arg(&out);
+    candle_core::builder_arg!(b, n as u64);
+    adamw_args!(b, s);
+    unsafe { b.launch(config(elementwise(n))) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// `(p, g, [m; v]) -> p'`, f32.
+pub(crate) fn adamw_param(
+    p: &CudaStorage,
+    pl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    st: &CudaStorage,
+    sl: &Layout,
+    s: &AdamWStep,
+) -> Result<CudaStorage> {
+    let dev = p.device().clone();
+    let n = pl.shape().elem_count();
+    let (pv, gv, sv) = (
+        view::<f32>(p, pl)?,
+        view::<f32>(g, gl)?,
+        view::<f32>(st, sl)?,
+    );
+    let out = alloc::<f32>(&dev, n)?;
+    let f = dev.get_or_load_custom_func("adamw_param_f32", "peft_adamw", ptx::ADAMW)?;
+    let mut b = f.builder();
+    b.arg(&pv).arg(&gv).arg(&sv).arg(&out);
+    candle_core::builder_arg!(b, n as u64);
+    adamw_args!(b, s);
+    unsafe { b.launch(config(elementwise(n))) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// The 8-bit state's bytes, checked to start where its f32 scales stay 4-byte aligned.
+fn state8<'a>(st: &'a CudaStorage, sl: &Layout) -> Result<CudaView<'a, u8>> {
+    if !sl.start_offset().is_multiple_of(4) {
+        bail!("adamw_8bit CUDA: the state must start 4-byte aligned")
+    }
+    view::<u8>(st, sl)
+}
+
+/// `(g, state) -> state'` for the 8-bit state.
+pub(crate) fn adamw8_moments(
+    g: &CudaStorage,
+    gl: &Layout,
+    st: &CudaStorage,
+    sl: &Layout,
+    layout: &Layout8,
+    s: &AdamWStep,
+) -> Result<CudaStorage> {
+    let dev = g.device().clone();
+    let (gv, sv) = (view::<f32>(g, gl)?, state8(st, sl)?);
+    // Zeroed: the padding between codes and scales is never written by the kernel.
+    let out = dev.alloc_zeros::<u8>(layout.bytes())?;
+    let f = dev.get_or_load_custom_func("adamw8_moments", "peft_adamw", ptx::ADAMW)?;
+    let mut b = f.builder();
+    b.arg(&gv).arg(&sv).arg(&out);
+    candle_core::builder_arg!(b, layout.n as u64, layout.scales_offset as u32);
+    adamw_args!(b, s);
+    unsafe { b.launch(config(one_block_per_row(layout.blocks, ADAM8_BLOCK))) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// `(p, g, state) -> p'` for the 8-bit state.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adamw8_param(
+    p: &CudaStorage,
+    pl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    st: &CudaStorage,
+    sl: &Layout,
+    layout: &Layout8,
+    s: &AdamWStep,
+) -> Result<CudaStorage> {
+    let dev = p.device().clone();
+    let (pv, gv, sv) = (view::<f32>(p, pl)?, view::<f32>(g, gl)?, state8(st, sl)?);
+    let out = alloc::<f32>(&dev, layout.n)?;
+    let f = dev.get_or_load_custom_func("adamw8_param", "peft_adamw", ptx::ADAMW)?;
+    let mut b = f.builder();
+    b.arg(&pv).arg(&gv).arg(&sv).arg(&out);
+    candle_core::builder_arg!(b, layout.n as u64, layout.scales_offset as u32);
+    adamw_args!(b, s);
+    unsafe { b.launch(config(elementwise(layout.n))) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }

@@ -170,6 +170,69 @@ instantiation!(f32, "f32", |v: f32| v, |v: f32| v);
 instantiation!(bf16, "bf16", bf16::to_f32, bf16::from_f32);
 instantiation!(f16, "f16", f16::to_f32, f16::from_f32);
 
+/// The AdamW kernels (f32 parameters and gradients only). The seven trailing scalars are
+/// `AdamWStep`'s fields in declaration order.
+pub mod adamw {
+    extern "C" {
+        pub fn adamw_moments_f32(
+            g: *const f32,
+            st: *const f32,
+            out: *mut f32,
+            n: u64,
+            decay: f32,
+            one_minus_beta1: f32,
+            beta2: f32,
+            one_minus_beta2: f32,
+            step_size: f32,
+            bc2_sqrt: f32,
+            eps: f32,
+        );
+        pub fn adamw_param_f32(
+            p: *const f32,
+            g: *const f32,
+            st: *const f32,
+            out: *mut f32,
+            n: u64,
+            decay: f32,
+            one_minus_beta1: f32,
+            beta2: f32,
+            one_minus_beta2: f32,
+            step_size: f32,
+            bc2_sqrt: f32,
+            eps: f32,
+        );
+        pub fn adamw8_moments(
+            g: *const f32,
+            st: *const u8,
+            out: *mut u8,
+            n: u64,
+            scales_offset: u32,
+            decay: f32,
+            one_minus_beta1: f32,
+            beta2: f32,
+            one_minus_beta2: f32,
+            step_size: f32,
+            bc2_sqrt: f32,
+            eps: f32,
+        );
+        pub fn adamw8_param(
+            p: *const f32,
+            g: *const f32,
+            st: *const u8,
+            out: *mut f32,
+            n: u64,
+            scales_offset: u32,
+            decay: f32,
+            one_minus_beta1: f32,
+            beta2: f32,
+            one_minus_beta2: f32,
+            step_size: f32,
+            bc2_sqrt: f32,
+            eps: f32,
+        );
+    }
+}
+
 extern "C" {
     fn peft_emu_launch(
         grid: u32,

@@ -533,3 +533,175 @@ fn a_geometry_a_gpu_refuses_is_refused() {
     assert!(launch(0, 32, || ()).is_err());
     assert!(launch(1, 32, || ()).is_ok());
 }
+
+// ---- AdamW -----------------------------------------------------------------------------------
+
+mod adamw_kernels {
+    use super::*;
+    use peft_cuda_emu::adamw as k;
+    use peft_kernels::adamw::adamw8::{self, Layout8, BLOCK};
+    use peft_kernels::adamw::{adamw_step, AdamWStep};
+
+    fn step() -> AdamWStep {
+        AdamWStep::new(2e-4, 0.9, 0.999, 1e-8, 0.01, 7)
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// p, g, m, v with the spread a real step sees (v ≥ 0, some exact zeros in g as a frozen
+    /// A's first step has).
+    fn operands(n: usize, seed: u64) -> [Vec<f32>; 4] {
+        let mut rng = Rng(seed);
+        let p = rng.values(n, 0.5);
+        let g: Vec<f32> = rng
+            .values(n, 1e-2)
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % 7 == 0 { 0.0 } else { x })
+            .collect();
+        let m = rng.values(n, 1e-3);
+        let v = rng.values(n, 1e-2).iter().map(|x| x * x).collect();
+        [p, g, m, v]
+    }
+
+    #[test]
+    fn f32_adamw_kernels_are_bit_exact_with_the_cpu_op() -> Result<()> {
+        for (n, seed) in [(1, 1), (1000, 2), (70_001, 3)] {
+            let [p, g, m, v] = operands(n, seed);
+            let s = step();
+            let state: Vec<f32> = [m, v].concat();
+            let mut new_state = vec![0f32; 2 * n];
+            let mut new_p = vec![0f32; n];
+            let (pp, pg, ps) = (Shared::of(&p), Shared::of(&g), Shared::of(&state));
+            let (pns, pnp) = (Shared::of_mut(&mut new_state), Shared::of_mut(&mut new_p));
+            let a = |f: &dyn Fn(f32, f32, f32, f32, f32, f32, f32)| {
+                f(
+                    s.decay,
+                    s.one_minus_beta1,
+                    s.beta2,
+                    s.one_minus_beta2,
+                    s.step_size,
+                    s.bias_correction2_sqrt,
+                    s.eps,
+                )
+            };
+            run(elementwise(n), || {
+                a(&|a0, a1, a2, a3, a4, a5, a6| unsafe {
+                    k::adamw_moments_f32(
+                        pg.get(),
+                        ps.get(),
+                        pns.get(),
+                        n as u64,
+                        a0,
+                        a1,
+                        a2,
+                        a3,
+                        a4,
+                        a5,
+                        a6,
+                    )
+                })
+            });
+            run(elementwise(n), || {
+                a(&|a0, a1, a2, a3, a4, a5, a6| unsafe {
+                    k::adamw_param_f32(
+                        pp.get(),
+                        pg.get(),
+                        ps.get(),
+                        pnp.get(),
+                        n as u64,
+                        a0,
+                        a1,
+                        a2,
+                        a3,
+                        a4,
+                        a5,
+                        a6,
+                    )
+                })
+            });
+            let dev = Device::Cpu;
+            let (want_p, want_state) = adamw_step(
+                &Tensor::from_slice(&p, n, &dev)?,
+                &Tensor::from_slice(&g, n, &dev)?,
+                &Tensor::from_slice(&state, (2, n), &dev)?,
+                s,
+            )?;
+            assert_eq!(bits(&new_p), bits(&want_p.to_vec1()?), "p', n = {n}");
+            assert_eq!(
+                bits(&new_state),
+                bits(&want_state.flatten_all()?.to_vec1()?),
+                "m', v', n = {n}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn eight_bit_adamw_kernels_are_bit_exact_with_the_cpu_op() -> Result<()> {
+        // One partial block, several blocks with a partial last one, and codes padding (odd n).
+        for (n, seed) in [(5, 1), (3 * BLOCK + 77, 2), (BLOCK, 3)] {
+            let [p, g, m, v] = operands(n, seed);
+            let s = step();
+            let dev = Device::Cpu;
+            let state = adamw8::encode(&m, &v, &dev)?;
+            let state_bytes: Vec<u8> = state.to_vec1()?;
+            let layout = Layout8::new(n);
+            let mut new_state = vec![0u8; layout.bytes()];
+            let mut new_p = vec![0f32; n];
+            let (pp, pg, ps) = (Shared::of(&p), Shared::of(&g), Shared::of(&state_bytes));
+            let (pns, pnp) = (Shared::of_mut(&mut new_state), Shared::of_mut(&mut new_p));
+            let off = layout.scales_offset as u32;
+            let g8 = one_block_per_row(layout.blocks, BLOCK);
+            assert_eq!(g8.block as usize, BLOCK, "one thread per value of a block");
+            run(g8, || unsafe {
+                k::adamw8_moments(
+                    pg.get(),
+                    ps.get(),
+                    pns.get(),
+                    n as u64,
+                    off,
+                    s.decay,
+                    s.one_minus_beta1,
+                    s.beta2,
+                    s.one_minus_beta2,
+                    s.step_size,
+                    s.bias_correction2_sqrt,
+                    s.eps,
+                )
+            });
+            run(elementwise(n), || unsafe {
+                k::adamw8_param(
+                    pp.get(),
+                    pg.get(),
+                    ps.get(),
+                    pnp.get(),
+                    n as u64,
+                    off,
+                    s.decay,
+                    s.one_minus_beta1,
+                    s.beta2,
+                    s.one_minus_beta2,
+                    s.step_size,
+                    s.bias_correction2_sqrt,
+                    s.eps,
+                )
+            });
+            let (want_p, want_state) = adamw8::adamw8_step(
+                &Tensor::from_slice(&p, n, &dev)?,
+                &Tensor::from_slice(&g, n, &dev)?,
+                &state,
+                s,
+            )?;
+            assert_eq!(bits(&new_p), bits(&want_p.to_vec1()?), "p', n = {n}");
+            assert_eq!(
+                new_state,
+                want_state.to_vec1::<u8>()?,
+                "8-bit state, n = {n}"
+            );
+        }
+        Ok(())
+    }
+}

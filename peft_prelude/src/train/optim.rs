@@ -1,8 +1,11 @@
 //! AdamW exactly as `torch.optim.AdamW` (single-tensor path) computes it, on candle Vars,
-//! with f32 moments whatever the parameter dtype.
+//! with f32 moments whatever the parameter dtype, or with block-wise 8-bit moments
+//! (`adamw_8bit`). The moments live on each parameter's device and one step is two fused ops
+//! per parameter there (`peft_kernels::adamw`): nothing goes through the host.
 
 use candle_core::{DType, Tensor, Var};
-use peft_kernels::adamw::{adamw_update, AdamWStep};
+use peft_kernels::adamw::adamw8::{self, adamw8_step, Layout8};
+use peft_kernels::adamw::{adamw_step, AdamWStep};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -29,7 +32,7 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Per-parameter state: first and second moments.
+/// Per-parameter state: first and second moments (f32, the parameter's shape and device).
 #[derive(Debug, Clone)]
 pub struct Moments {
     pub exp_avg: Tensor,
@@ -40,9 +43,52 @@ pub struct Moments {
 pub struct AdamW {
     pub config: AdamWConfig,
     params: Vec<(String, Var)>,
-    state: Vec<Moments>,
+    /// Per parameter, `[exp_avg; exp_avg_sq]` flattened: f32 `[2, n]` on its device.
+    state: Vec<Tensor>,
     /// Optimizer steps taken.
     step: usize,
+}
+
+/// One update of `var` from `grad` by `update(p, g, state) -> (p', state')` (f32 operands on
+/// the var's device); returns the new state.
+fn update_var(
+    var: &Var,
+    grad: &Tensor,
+    state: &Tensor,
+    update: impl FnOnce(&Tensor, &Tensor, &Tensor) -> candle_core::Result<(Tensor, Tensor)>,
+) -> Result<Tensor> {
+    let p = var.as_tensor().to_dtype(DType::F32)?;
+    let (new_p, new_state) = update(&p, &grad.to_dtype(DType::F32)?, state)?;
+    var.set(&new_p.to_dtype(var.dtype())?)?;
+    Ok(new_state)
+}
+
+impl AdamW {
+    fn step_scalars(&self) -> AdamWStep {
+        let c = self.config;
+        AdamWStep::new(
+            c.lr,
+            c.beta1,
+            c.beta2,
+            c.eps,
+            c.weight_decay,
+            self.step as i32,
+        )
+    }
+}
+
+impl AdamW8bit {
+    fn step_scalars(&self) -> AdamWStep {
+        let c = self.config;
+        AdamWStep::new(
+            c.lr,
+            c.beta1,
+            c.beta2,
+            c.eps,
+            c.weight_decay,
+            self.step as i32,
+        )
+    }
 }
 
 impl AdamW {
@@ -54,12 +100,7 @@ impl AdamW {
         }
         let state = params
             .iter()
-            .map(|(_, v)| {
-                Ok(Moments {
-                    exp_avg: Tensor::zeros(v.shape(), DType::F32, v.device())?,
-                    exp_avg_sq: Tensor::zeros(v.shape(), DType::F32, v.device())?,
-                })
-            })
+            .map(|(_, v)| Ok(Tensor::zeros((2, v.elem_count()), DType::F32, v.device())?))
             .collect::<Result<_>>()?;
         Ok(AdamW {
             config,
@@ -81,20 +122,39 @@ impl AdamW {
         self.config.lr = lr;
     }
 
-    pub fn state(&self) -> &[Moments] {
-        &self.state
+    /// The moments, one per parameter (views of the state, no copy).
+    pub fn state(&self) -> Result<Vec<Moments>> {
+        self.params
+            .iter()
+            .zip(&self.state)
+            .map(|((_, var), st)| {
+                Ok(Moments {
+                    exp_avg: st.get(0)?.reshape(var.shape())?,
+                    exp_avg_sq: st.get(1)?.reshape(var.shape())?,
+                })
+            })
+            .collect()
     }
 
     /// Restores moments and the step count (from a checkpoint).
     pub fn restore(&mut self, state: Vec<Moments>, step: usize) -> Result<()> {
-        if state.len() != self.params.len() {
-            return Err(Error::InvalidArgument(format!(
-                "optimizer state has {} entries, the optimizer {} parameters",
-                state.len(),
-                self.params.len()
-            )));
-        }
-        self.state = state;
+        check_restored(&self.params, &state)?;
+        self.state = self
+            .params
+            .iter()
+            .zip(&state)
+            .map(|((_, var), m)| {
+                let flat = |t: &Tensor| -> candle_core::Result<Tensor> {
+                    t.to_dtype(DType::F32)?
+                        .to_device(var.device())?
+                        .flatten_all()
+                };
+                Ok(Tensor::stack(
+                    &[flat(&m.exp_avg)?, flat(&m.exp_avg_sq)?],
+                    0,
+                )?)
+            })
+            .collect::<Result<_>>()?;
         self.step = step;
         Ok(())
     }
@@ -103,52 +163,36 @@ impl AdamW {
     /// for that parameter this step).
     pub fn step(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         self.step += 1;
-        let c = self.config;
-        let s = AdamWStep::new(
-            c.lr,
-            c.beta1,
-            c.beta2,
-            c.eps,
-            c.weight_decay,
-            self.step as i32,
-        );
-        for ((_, var), (moments, grad)) in self.params.iter().zip(self.state.iter_mut().zip(grads))
-        {
+        let s = self.step_scalars();
+        for ((_, var), (state, grad)) in self.params.iter().zip(self.state.iter_mut().zip(grads)) {
             let Some(grad) = grad else { continue };
-            if var.device().is_cpu() {
-                // One fused pass, bit-exact with torch.
-                let shape = var.shape().clone();
-                let mut p = var
-                    .as_tensor()
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut m = moments.exp_avg.flatten_all()?.to_vec1::<f32>()?;
-                let mut v = moments.exp_avg_sq.flatten_all()?.to_vec1::<f32>()?;
-                adamw_update(&mut p, &g, &mut m, &mut v, s);
-                let dev = var.device();
-                var.set(&Tensor::from_vec(p, &shape, dev)?.to_dtype(var.dtype())?)?;
-                moments.exp_avg = Tensor::from_vec(m, &shape, dev)?;
-                moments.exp_avg_sq = Tensor::from_vec(v, &shape, dev)?;
-            } else {
-                // The same formula as tensor ops (without fused multiply-adds).
-                let g = grad.to_dtype(DType::F32)?;
-                let p = (var.as_tensor().to_dtype(DType::F32)? * s.decay as f64)?;
-                let m =
-                    (&moments.exp_avg + ((&g - &moments.exp_avg)? * s.one_minus_beta1 as f64)?)?;
-                let v = ((&moments.exp_avg_sq * s.beta2 as f64)?
-                    + ((&g * s.one_minus_beta2 as f64)? * &g)?)?;
-                let bc2 = Tensor::new(s.bias_correction2_sqrt, v.device())?;
-                let denom = (v.sqrt()?.broadcast_div(&bc2)? + s.eps as f64)?;
-                let p = (p + ((&m * -(s.step_size as f64))? / &denom)?)?;
-                var.set(&p.to_dtype(var.dtype())?)?;
-                moments.exp_avg = m;
-                moments.exp_avg_sq = v;
-            }
+            *state = update_var(var, grad, state, |p, g, st| adamw_step(p, g, st, s))?;
         }
         Ok(())
     }
+}
+
+/// Restored moments: one pair per parameter, each with the parameter's element count.
+fn check_restored(params: &[(String, Var)], state: &[Moments]) -> Result<()> {
+    if state.len() != params.len() {
+        return Err(Error::InvalidArgument(format!(
+            "optimizer state has {} entries, the optimizer {} parameters",
+            state.len(),
+            params.len()
+        )));
+    }
+    for ((name, var), m) in params.iter().zip(state) {
+        for t in [&m.exp_avg, &m.exp_avg_sq] {
+            if t.elem_count() != var.elem_count() {
+                return Err(Error::InvalidArgument(format!(
+                    "optimizer state for `{name}` has {} values, the parameter {}",
+                    t.elem_count(),
+                    var.elem_count()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Scales gradients so that their global L2 norm is at most `max_norm` (as
@@ -174,88 +218,16 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
     Ok(norm)
 }
 
-/// Block size of the 8-bit moments (bitsandbytes uses 256 as well).
-const BLOCK: usize = 256;
-
-/// A moment tensor stored in 8 bits per value with one f32 scale per 256-value block.
-/// The first moment is signed and stored linearly; the second moment is non-negative and
-/// spans many orders of magnitude, so its square root is stored (halving the exponent range
-/// the 8 bits must cover). Not bitsandbytes' dynamic code, the same memory: 2 bytes per
-/// parameter for both moments instead of 8.
-#[derive(Debug, Clone)]
-pub struct Quantized8 {
-    codes: Vec<u8>,
-    scales: Vec<f32>,
-    signed: bool,
-}
-
-impl Quantized8 {
-    fn zeros(n: usize, signed: bool) -> Self {
-        Quantized8 {
-            codes: vec![if signed { 128 } else { 0 }; n],
-            scales: vec![0.0; n.div_ceil(BLOCK)],
-            signed,
-        }
-    }
-
-    fn decode(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.codes.len());
-        for (block, scale) in self.codes.chunks(BLOCK).zip(&self.scales) {
-            for &c in block {
-                out.push(if self.signed {
-                    (c as f32 - 128.0) / 127.0 * scale
-                } else {
-                    let r = c as f32 / 255.0 * scale;
-                    r * r
-                });
-            }
-        }
-        out
-    }
-
-    fn encode(values: &[f32], signed: bool) -> Self {
-        let mut codes = Vec::with_capacity(values.len());
-        let mut scales = Vec::with_capacity(values.len().div_ceil(BLOCK));
-        for block in values.chunks(BLOCK) {
-            if signed {
-                let absmax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                scales.push(absmax);
-                let inv = if absmax > 0.0 { 127.0 / absmax } else { 0.0 };
-                codes.extend(
-                    block
-                        .iter()
-                        .map(|v| ((v * inv).round() + 128.0).clamp(1.0, 255.0) as u8),
-                );
-            } else {
-                let max = block.iter().fold(0f32, |m, v| m.max(v.max(0.0).sqrt()));
-                scales.push(max);
-                let inv = if max > 0.0 { 255.0 / max } else { 0.0 };
-                codes.extend(
-                    block
-                        .iter()
-                        .map(|v| (v.max(0.0).sqrt() * inv).round().clamp(0.0, 255.0) as u8),
-                );
-            }
-        }
-        Quantized8 {
-            codes,
-            scales,
-            signed,
-        }
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.codes.len() + 4 * self.scales.len()
-    }
-}
-
 /// AdamW with block-wise 8-bit moments (`optim="adamw_8bit"`): the same update as
-/// [`AdamW`], computed in f32 from the dequantized moments, which are then re-quantized.
+/// [`AdamW`], computed in f32 from the stored moments, which are then stored rounded again
+/// (`peft_kernels::adamw::adamw8` describes the format: 2 bytes per parameter for both
+/// moments instead of 8).
 #[derive(Debug)]
 pub struct AdamW8bit {
     pub config: AdamWConfig,
     params: Vec<(String, Var)>,
-    state: Vec<(Quantized8, Quantized8)>,
+    /// Per parameter, its 8-bit state (u8) on its device.
+    state: Vec<Tensor>,
     step: usize,
 }
 
@@ -268,13 +240,8 @@ impl AdamW8bit {
         }
         let state = params
             .iter()
-            .map(|(_, v)| {
-                (
-                    Quantized8::zeros(v.elem_count(), true),
-                    Quantized8::zeros(v.elem_count(), false),
-                )
-            })
-            .collect();
+            .map(|(_, v)| Ok(adamw8::zeros(v.elem_count(), v.device())?))
+            .collect::<Result<_>>()?;
         Ok(AdamW8bit {
             config,
             params,
@@ -285,67 +252,52 @@ impl AdamW8bit {
 
     pub fn step(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         self.step += 1;
-        let c = self.config;
-        let s = AdamWStep::new(
-            c.lr,
-            c.beta1,
-            c.beta2,
-            c.eps,
-            c.weight_decay,
-            self.step as i32,
-        );
-        for ((_, var), ((mq, vq), grad)) in self.params.iter().zip(self.state.iter_mut().zip(grads))
-        {
+        let s = self.step_scalars();
+        for ((_, var), (state, grad)) in self.params.iter().zip(self.state.iter_mut().zip(grads)) {
             let Some(grad) = grad else { continue };
-            let shape = var.shape().clone();
-            let mut p = var
-                .as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut m = mq.decode();
-            let mut v = vq.decode();
-            adamw_update(&mut p, &g, &mut m, &mut v, s);
-            *mq = Quantized8::encode(&m, true);
-            *vq = Quantized8::encode(&v, false);
-            var.set(&Tensor::from_vec(p, &shape, var.device())?.to_dtype(var.dtype())?)?;
+            *state = update_var(var, grad, state, |p, g, st| adamw8_step(p, g, st, s))?;
         }
         Ok(())
     }
 
     /// Bytes held by the moments.
     pub fn state_bytes(&self) -> usize {
-        self.state.iter().map(|(m, v)| m.bytes() + v.bytes()).sum()
+        self.params
+            .iter()
+            .map(|(_, v)| Layout8::new(v.elem_count()).bytes())
+            .sum()
     }
 
-    /// The moments dequantized (for checkpoints).
+    /// The moments as stored, dequantized to f32 (for checkpoints).
     pub fn moments(&self) -> Result<Vec<Moments>> {
         self.params
             .iter()
             .zip(&self.state)
-            .map(|((_, var), (m, v))| {
+            .map(|((_, var), st)| {
+                let (m, v) = adamw8::decode(st, var.elem_count())?;
                 Ok(Moments {
-                    exp_avg: Tensor::from_vec(m.decode(), var.shape(), var.device())?,
-                    exp_avg_sq: Tensor::from_vec(v.decode(), var.shape(), var.device())?,
+                    exp_avg: Tensor::from_vec(m, var.shape(), var.device())?,
+                    exp_avg_sq: Tensor::from_vec(v, var.shape(), var.device())?,
                 })
             })
             .collect()
     }
 
     pub fn restore(&mut self, state: Vec<Moments>, step: usize) -> Result<()> {
-        if state.len() != self.params.len() {
-            return Err(Error::InvalidArgument(
-                "optimizer state does not match the parameters".into(),
-            ));
-        }
-        self.state = state
+        check_restored(&self.params, &state)?;
+        self.state = self
+            .params
             .iter()
-            .map(|m| {
-                Ok((
-                    Quantized8::encode(&m.exp_avg.flatten_all()?.to_vec1::<f32>()?, true),
-                    Quantized8::encode(&m.exp_avg_sq.flatten_all()?.to_vec1::<f32>()?, false),
-                ))
+            .zip(&state)
+            .map(|((_, var), m)| {
+                let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+                    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+                };
+                Ok(adamw8::encode(
+                    &host(&m.exp_avg)?,
+                    &host(&m.exp_avg_sq)?,
+                    var.device(),
+                )?)
             })
             .collect::<Result<_>>()?;
         self.step = step;
@@ -398,7 +350,7 @@ impl Optimizer {
 
     pub fn moments(&self) -> Result<Vec<Moments>> {
         match self {
-            Optimizer::AdamW(o) => Ok(o.state().to_vec()),
+            Optimizer::AdamW(o) => o.state(),
             Optimizer::AdamW8bit(o) => o.moments(),
         }
     }
