@@ -198,14 +198,17 @@ fn check_restored(params: &[(String, Var)], state: &[Moments]) -> Result<()> {
 /// Scales gradients so that their global L2 norm is at most `max_norm` (as
 /// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
-    let mut total = 0f64;
-    for g in grads.iter().flatten() {
-        total += g
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-    }
+    // The sums of squares stay on the gradients' device; one value crosses to the host.
+    let sums: Vec<Tensor> = grads
+        .iter()
+        .flatten()
+        .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<_>>()?;
+    let total = if sums.is_empty() {
+        0.0
+    } else {
+        Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?
+    };
     let norm = total.sqrt();
     if max_norm > 0.0 && norm.is_finite() {
         let coef = max_norm / (norm + 1e-6);
@@ -367,6 +370,28 @@ impl Optimizer {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn clipping_measures_the_global_norm_and_scales_every_gradient_to_the_limit() {
+        let dev = Device::Cpu;
+        let mut grads = vec![
+            Some(Tensor::new(&[3f32, 0.0], &dev).unwrap()),
+            None,
+            Some(Tensor::new(&[[4f32]], &dev).unwrap()),
+        ];
+        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+        assert_eq!(norm, 5.0);
+        let a: Vec<f32> = grads[0].as_ref().unwrap().to_vec1().unwrap();
+        let b: Vec<Vec<f32>> = grads[2].as_ref().unwrap().to_vec2().unwrap();
+        let coef = 1.0 / (5.0 + 1e-6);
+        assert_eq!(a, [(3.0 * coef) as f32, 0.0]);
+        assert_eq!(b, [[(4.0 * coef) as f32]]);
+        // Below the limit nothing changes; no gradients at all is a norm of zero.
+        let again = clip_grad_norm(&mut grads, 10.0).unwrap();
+        assert!((again - 1.0).abs() < 1e-6, "{again}");
+        assert_eq!(grads[0].as_ref().unwrap().to_vec1::<f32>().unwrap(), a);
+        assert_eq!(clip_grad_norm(&mut [None], 1.0).unwrap(), 0.0);
+    }
 
     #[test]
     fn eight_bit_moments_follow_the_full_precision_optimizer() {
