@@ -53,8 +53,8 @@ fn main() -> Result<()> {
             &format!("dx_gflops_{m}x{k}x{n}"),
             format!("{:.1}", flops / dx / 1e9),
         );
-        // The integer GEMM of a quantized base (8-bit blocks, AVX512-VNNI where the CPU has
-        // it), including the rounding of the activations to 8 bits.
+        // The integer GEMM of a quantized base (8-bit blocks; AVX512-VNNI and AVX-VNNI where
+        // the CPU has them), including the rounding of the activations to 8 bits.
         if k % q8_gemm::BLOCK == 0 && n % q8_gemm::BLOCK == 0 {
             let av = a.flatten_all()?.to_vec1::<f32>()?;
             let dyv = dy.flatten_all()?.to_vec1::<f32>()?;
@@ -62,21 +62,29 @@ fn main() -> Result<()> {
             let wq = q8_gemm::Q8Matrix::quantize(&wv, n, k).map_err(candle_core::Error::msg)?;
             let wt = q8_gemm::Q8Matrix::quantize_transposed(&wv, n, k)
                 .map_err(candle_core::Error::msg)?;
-            let q8 = |x: &[f32], w: &q8_gemm::Q8Matrix| {
-                q8_gemm::matmul_t(x, m, w)
-                    .map(drop)
-                    .map_err(candle_core::Error::msg)
-            };
-            let fwd = median_secs(|| q8(&av, &wq), reps)?;
-            let dx = median_secs(|| q8(&dyv, &wt), reps)?;
-            line.push(
-                &format!("q8_gops_{m}x{k}x{n}"),
-                format!("{:.1}", flops / fwd / 1e9),
-            );
-            line.push(
-                &format!("q8_dx_gops_{m}x{k}x{n}"),
-                format!("{:.1}", flops / dx / 1e9),
-            );
+            // Every integer implementation this CPU has (the scalar reference is too slow to
+            // time at these shapes).
+            for isa in q8_gemm::Isa::supported() {
+                if isa == q8_gemm::Isa::Generic {
+                    continue;
+                }
+                let q8 = |x: &[f32], w: &q8_gemm::Q8Matrix| {
+                    q8_gemm::matmul_t_with(isa, x, m, w)
+                        .map(drop)
+                        .map_err(candle_core::Error::msg)
+                };
+                let fwd = median_secs(|| q8(&av, &wq), reps)?;
+                let dx = median_secs(|| q8(&dyv, &wt), reps)?;
+                let name = format!("{isa:?}").to_lowercase();
+                line.push(
+                    &format!("q8_{name}_gops_{m}x{k}x{n}"),
+                    format!("{:.1}", flops / fwd / 1e9),
+                );
+                line.push(
+                    &format!("q8_{name}_dx_gops_{m}x{k}x{n}"),
+                    format!("{:.1}", flops / dx / 1e9),
+                );
+            }
         }
     }
     println!("{}", line.render());

@@ -254,11 +254,12 @@ impl Q8Rows {
 /// One row of `blocks · 64` values to offset 8-bit blocks and their scales.
 fn quantize_row(isa: Isa, x: &[f32], data: &mut [u8], scales: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni {
-        // SAFETY: the CPU has AVX-512 (this ISA is only chosen when it does); the three slices
-        // are one row of `blocks · 64` values.
-        unsafe { vnni::quantize_row(x, data, scales) };
-        return;
+    match isa {
+        // SAFETY: the CPU has AVX-512 / AVX2 (these ISAs are only chosen when it does); the
+        // three slices are one row of `blocks · 64` values.
+        Isa::Avx512Vnni => return unsafe { vnni::quantize_row(x, data, scales) },
+        Isa::AvxVnni => return unsafe { avx_vnni::quantize_row(x, data, scales) },
+        Isa::Generic => {}
     }
     let _ = isa;
     let mut q = [0i8; BLOCK];
@@ -274,8 +275,12 @@ fn quantize_row(isa: Isa, x: &[f32], data: &mut [u8], scales: &mut [f32]) {
 /// Which implementation [`matmul_t`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
-    /// Plain Rust: the reference, and the path on CPUs without AVX512-VNNI.
+    /// Plain Rust: the reference, and the path on CPUs without VNNI.
     Generic,
+    /// AVX2 with the VEX-encoded VNNI (`vpdpbusd` on 256 bits): Intel's client CPUs since Alder
+    /// Lake, which have no AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
 }
@@ -286,6 +291,13 @@ impl Isa {
         #[allow(unused_mut)]
         let mut isas = vec![Isa::Generic];
         #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("avxvnni")
+        {
+            isas.push(Isa::AvxVnni);
+        }
+        #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vnni")
@@ -295,13 +307,22 @@ impl Isa {
         isas
     }
 
-    /// The fastest of [`supported`](Self::supported), checked once per process.
+    /// The fastest of [`supported`](Self::supported), checked once per process; or the one
+    /// the environment variable `PEFT_INT8_ISA` names (`generic`, `avxvnni`, `avx512vnni`), if
+    /// this CPU supports it: to measure a slower CPU's kernel on a faster one.
     pub fn detect() -> Isa {
         static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *DETECTED.get_or_init(|| {
-            *Isa::supported()
-                .last()
-                .expect("Generic is always supported")
+            let supported = Isa::supported();
+            let wanted = std::env::var("PEFT_INT8_ISA").ok();
+            wanted
+                .and_then(|w| {
+                    supported
+                        .iter()
+                        .copied()
+                        .find(|isa| format!("{isa:?}").eq_ignore_ascii_case(&w))
+                })
+                .unwrap_or(*supported.last().expect("Generic is always supported"))
         })
     }
 
@@ -383,6 +404,8 @@ unsafe fn panel(
 ) {
     match isa {
         Isa::Generic => panel_generic(x, w, rows, tiles, y, n),
+        #[cfg(target_arch = "x86_64")]
+        Isa::AvxVnni => avx_vnni::panel(x, w, rows, tiles, y, n),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => vnni::panel(x, w, rows, tiles, y, n),
     }
@@ -543,6 +566,139 @@ mod vnni {
                     (1u16 << valid) - 1
                 };
                 _mm512_mask_storeu_ps(y.add((r0 + i) * n + col), mask, v);
+            }
+        }
+    }
+}
+
+/// The 256-bit kernels: a 16-lane tile is two vectors of 8; with 16 vector registers the
+/// register tile is 3 rows × 16 columns (accumulators, block sums, two weight vectors and a
+/// broadcast activation: 15 registers).
+#[cfg(target_arch = "x86_64")]
+mod avx_vnni {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Rows per register tile.
+    const R_MAX: usize = 3;
+
+    /// # Safety
+    /// As [`super::panel`]; the CPU has AVX2, FMA and AVX-VNNI.
+    pub(super) unsafe fn panel(
+        x: &Q8Rows,
+        w: &Q8Matrix,
+        rows: std::ops::Range<usize>,
+        tiles: std::ops::Range<usize>,
+        y: *mut f32,
+        n: usize,
+    ) {
+        for t in tiles {
+            let mut r = rows.start;
+            while r < rows.end {
+                match (rows.end - r).min(R_MAX) {
+                    3 => tile::<3>(x, w, r, t, y, n),
+                    2 => tile::<2>(x, w, r, t, y, n),
+                    _ => tile::<1>(x, w, r, t, y, n),
+                }
+                r += (rows.end - r).min(R_MAX);
+            }
+        }
+    }
+
+    /// One row of activations to offset 8-bit blocks, exactly as the scalar loop does it (the
+    /// same multiply, rounding half to even).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_row(x: &[f32], data: &mut [u8], scales: &mut [f32]) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let (lo, hi, offset) = (
+            _mm256_set1_epi32(-127),
+            _mm256_set1_epi32(127),
+            _mm256_set1_epi32(128),
+        );
+        // packus interleaves 128-bit lanes: this gathers the 4-byte groups back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (b, scale) in scales.iter_mut().enumerate() {
+            let xs = x.as_ptr().add(b * BLOCK);
+            let v: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(xs.add(8 * i)));
+            let mut m = _mm256_and_ps(v[0], abs_mask);
+            for vi in &v[1..] {
+                m = _mm256_max_ps(m, _mm256_and_ps(*vi, abs_mask));
+            }
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+            let out = data.as_mut_ptr().add(b * BLOCK);
+            if amax == 0.0 || !amax.is_finite() {
+                std::ptr::write_bytes(out, 128, BLOCK);
+                *scale = if amax.is_finite() { 0.0 } else { f32::NAN };
+                continue;
+            }
+            *scale = amax / 127.0;
+            let inv = _mm256_set1_ps(127.0 / amax);
+            let q: [__m256i; 8] = std::array::from_fn(|i| {
+                let q = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+                _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(q, lo), hi), offset)
+            });
+            for half in 0..2 {
+                let q = &q[4 * half..];
+                let words = _mm256_packus_epi16(
+                    _mm256_packus_epi32(q[0], q[1]),
+                    _mm256_packus_epi32(q[2], q[3]),
+                );
+                let bytes = _mm256_permutevar8x32_epi32(words, order);
+                _mm256_storeu_si256(out.add(32 * half) as *mut _, bytes);
+            }
+        }
+    }
+
+    /// `y[r0..r0+R, tile t] = x·Wᵀ` over the whole reduction.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    unsafe fn tile<const R: usize>(
+        x: &Q8Rows,
+        w: &Q8Matrix,
+        r0: usize,
+        t: usize,
+        y: *mut f32,
+        n: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let (xd, wd) = (x.data.as_ptr(), w.data.as_ptr());
+        for b in 0..x.blocks {
+            let mut sums = [[_mm256_setzero_si256(); 2]; R];
+            let wb = wd.add((t * w.blocks + b) * TILE_BLOCK);
+            let xb: [*const u8; R] = std::array::from_fn(|i| xd.add((r0 + i) * x.cols + b * BLOCK));
+            for g in 0..BLOCK / 4 {
+                let w0 = _mm256_loadu_si256(wb.add(g * 64) as *const _);
+                let w1 = _mm256_loadu_si256(wb.add(g * 64 + 32) as *const _);
+                for i in 0..R {
+                    let xv = _mm256_set1_epi32((xb[i].add(g * 4) as *const i32).read_unaligned());
+                    sums[i][0] = _mm256_dpbusd_avx_epi32(sums[i][0], xv, w0);
+                    sums[i][1] = _mm256_dpbusd_avx_epi32(sums[i][1], xv, w1);
+                }
+            }
+            let at = (t * w.blocks + b) * LANES;
+            for h in 0..2 {
+                let off = _mm256_loadu_si256(w.offsets.as_ptr().add(at + 8 * h) as *const _);
+                let sw = _mm256_loadu_ps(w.scales.as_ptr().add(at + 8 * h));
+                for i in 0..R {
+                    let sx = _mm256_set1_ps(*x.scales.get_unchecked((r0 + i) * x.blocks + b));
+                    let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums[i][h], off));
+                    acc[i][h] = _mm256_fmadd_ps(v, _mm256_mul_ps(sw, sx), acc[i][h]);
+                }
+            }
+        }
+        let col = t * LANES;
+        let valid = n.saturating_sub(col).min(LANES);
+        for (i, row) in acc.iter().enumerate() {
+            let out = y.add((r0 + i) * n + col);
+            if valid == LANES {
+                _mm256_storeu_ps(out, row[0]);
+                _mm256_storeu_ps(out.add(8), row[1]);
+            } else {
+                let mut lanes = [0f32; LANES];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), row[0]);
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), row[1]);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), out, valid);
             }
         }
     }

@@ -30,8 +30,9 @@ use crate::error::Result;
 pub use ggml::GgmlWeight;
 pub use nf4_weight::Nf4Weight;
 pub use peft_kernels::nf4::{Absmax, Nf4Matrix, NF4_CODE};
-/// Whether a quantized base trains on the integer GEMM (8-bit blocks, AVX512-VNNI), and the
-/// switch to turn that off for exact NF4/GGUF arithmetic (see `peft_kernels::q8_gemm`).
+/// Whether a quantized base trains on the integer GEMM (8-bit blocks, AVX512-VNNI or
+/// AVX-VNNI), and the switch to turn that off for exact NF4/GGUF arithmetic (see
+/// `peft_kernels::q8_gemm`).
 pub use peft_kernels::q8_gemm::{integer_products, set_integer_products};
 
 /// How the frozen projections of a model are stored when it is loaded.
