@@ -707,20 +707,7 @@ mod avx_vnni {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::pseudo_random;
 
     /// f64 product of `x` and the dequantized activations/weights: what the kernels compute.
     fn reference(x: &[f32], m: usize, w: &Q8Matrix) -> Vec<f64> {

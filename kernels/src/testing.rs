@@ -30,3 +30,19 @@ pub(crate) fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) -> Resu
     );
     Ok(())
 }
+
+/// `len` values uniform in [-1, 1) from a seeded linear congruential generator (reproducible
+/// across runs and platforms).
+pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

@@ -346,14 +346,10 @@ impl CustomOp3 for Param8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::pseudo_random;
 
-    fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                scale * (x as f32 / (1u32 << 24) as f32 - 0.5)
-            })
-            .collect()
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        pseudo_random(n, seed).iter().map(|x| x * scale).collect()
     }
 
     #[test]

@@ -19,6 +19,20 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// The scalars of update number `t` (from 1).
+    fn step(&self, t: usize) -> AdamWStep {
+        AdamWStep::new(
+            self.lr,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+            t as i32,
+        )
+    }
+}
+
 impl Default for AdamWConfig {
     /// transformers' TrainingArguments defaults (weight decay 0).
     fn default() -> Self {
@@ -61,34 +75,6 @@ fn update_var(
     let (new_p, new_state) = update(&p, &grad.to_dtype(DType::F32)?, state)?;
     var.set(&new_p.to_dtype(var.dtype())?)?;
     Ok(new_state)
-}
-
-impl AdamW {
-    fn step_scalars(&self) -> AdamWStep {
-        let c = self.config;
-        AdamWStep::new(
-            c.lr,
-            c.beta1,
-            c.beta2,
-            c.eps,
-            c.weight_decay,
-            self.step as i32,
-        )
-    }
-}
-
-impl AdamW8bit {
-    fn step_scalars(&self) -> AdamWStep {
-        let c = self.config;
-        AdamWStep::new(
-            c.lr,
-            c.beta1,
-            c.beta2,
-            c.eps,
-            c.weight_decay,
-            self.step as i32,
-        )
-    }
 }
 
 impl AdamW {
@@ -163,7 +149,7 @@ impl AdamW {
     /// for that parameter this step).
     pub fn step(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         self.step += 1;
-        let s = self.step_scalars();
+        let s = self.config.step(self.step);
         for ((_, var), (state, grad)) in self.params.iter().zip(self.state.iter_mut().zip(grads)) {
             let Some(grad) = grad else { continue };
             *state = update_var(var, grad, state, |p, g, st| adamw_step(p, g, st, s))?;
@@ -255,7 +241,7 @@ impl AdamW8bit {
 
     pub fn step(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         self.step += 1;
-        let s = self.step_scalars();
+        let s = self.config.step(self.step);
         for ((_, var), (state, grad)) in self.params.iter().zip(self.state.iter_mut().zip(grads)) {
             let Some(grad) = grad else { continue };
             *state = update_var(var, grad, state, |p, g, st| adamw8_step(p, g, st, s))?;
