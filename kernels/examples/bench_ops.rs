@@ -145,6 +145,36 @@ fn main() -> Result<()> {
             mul_const(&picked, &wt)?.sum_all()? / -count
         },
     )?;
+
+    // Causal attention as the decoder calls it: 3 kv heads × 3 query groups, 4 × 256 tokens.
+    let kv = HEADS / 3;
+    let q = Var::randn(0f32, 1., (B, kv, 3 * T, HEAD_DIM), &dev)?;
+    let k = Var::randn(0f32, 1., (B, kv, T, HEAD_DIM), &dev)?;
+    let v = Var::randn(0f32, 1., (B, kv, T, HEAD_DIM), &dev)?;
+    let causal: Vec<f32> = (0..T * T)
+        .map(|i| if i % T > i / T { f32::MIN } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(causal, (1, 1, T, T), &dev)?;
+    let scale = 1.0 / (HEAD_DIM as f64).sqrt();
+    report(
+        "attention",
+        "q [4,3,3x256,64], causal",
+        iters,
+        threads,
+        || peft_kernels::attention::attention(&q, &k, &v, Some(&mask), 3, scale),
+        || {
+            let scores = (q.matmul(&k.t()?)? * scale)?
+                .reshape((B, kv, 3, T, T))?
+                .broadcast_add(&mask.unsqueeze(1)?)?
+                .reshape((B, kv, 3 * T, T))?;
+            let probs = log_softmax(&scores)?.exp()?;
+            probs
+                .matmul(&v)?
+                .reshape((B, HEADS, T, HEAD_DIM))?
+                .transpose(1, 2)?
+                .reshape((B, T, HEADS * HEAD_DIM))
+        },
+    )?;
     Ok(())
 }
 

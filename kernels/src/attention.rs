@@ -15,7 +15,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::softmax;
+use crate::attention_cpu::{self, Dims, RowMask, Visible};
+use crate::common::with_cpu_f32;
 
 /// `softmax(scale · q·kᵀ + mask) · v` with grouped-query heads.
 ///
@@ -46,6 +47,9 @@ pub fn attention(
             v.dims()
         )
     }
+    if q.dtype() == DType::F32 && q.device().is_cpu() {
+        return attention_on_cpu(q, k, v, mask, groups, scale);
+    }
     let ctx = Context {
         q: q.detach(),
         k: k.detach(),
@@ -65,6 +69,73 @@ pub fn attention(
     }
     crate::frozen::reattach3((q, k, v), out, move |d_out, out| {
         ctx.backward(out, &lse, d_out)
+    })
+}
+
+/// The f32 CPU path: blocked, over the keys the mask leaves visible (`attention_cpu`). The
+/// inputs are read in place (and kept for the backward as the graph keeps them: no copies).
+fn attention_on_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    groups: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, kv, gt, d) = q.dims4()?;
+    let dims = Dims {
+        b,
+        kv,
+        groups,
+        t: gt / groups,
+        s: k.dim(2)?,
+        d,
+    };
+    let (qd, kd, vd) = (
+        q.detach().contiguous()?,
+        k.detach().contiguous()?,
+        v.detach().contiguous()?,
+    );
+    let row_mask = mask.map(RowMask::new).transpose()?;
+    let scale = scale as f32;
+    let (out, lse) = with_cpu_f32(&qd, |qs| {
+        with_cpu_f32(&kd, |ks| {
+            with_cpu_f32(&vd, |vs| {
+                let visible = Visible::new(row_mask.as_ref(), &dims);
+                attention_cpu::forward(qs, ks, vs, &visible, &dims, scale)
+            })
+        })
+    })???;
+    let out = Tensor::from_vec(out, (b, dims.t, kv * groups * d), q.device())?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    crate::frozen::reattach3((q, k, v), out, move |d_out, out| {
+        let (dq, dk, dv) = with_cpu_f32(&qd, |qs| {
+            with_cpu_f32(&kd, |ks| {
+                with_cpu_f32(&vd, |vs| {
+                    with_cpu_f32(out, |os| {
+                        with_cpu_f32(d_out, |dos| {
+                            let visible = Visible::new(row_mask.as_ref(), &dims);
+                            attention_cpu::backward(
+                                (qs, ks, vs),
+                                os,
+                                &lse,
+                                dos,
+                                &visible,
+                                &dims,
+                                scale,
+                            )
+                        })
+                    })
+                })
+            })
+        })?????;
+        Ok((
+            Tensor::from_vec(dq, qd.shape(), qd.device())?,
+            Tensor::from_vec(dk, kd.shape(), kd.device())?,
+            Tensor::from_vec(dv, vd.shape(), vd.device())?,
+        ))
     })
 }
 
@@ -107,27 +178,8 @@ impl Context {
             .reshape((b, kv_heads, gt, d))
     }
 
-    /// f32 on the CPU: the softmax passes run as row kernels, the mask added inside them and
-    /// the scale folded into `q` (a `d`-wide pass instead of an `s`-wide one).
-    fn row_kernels(&self) -> bool {
-        self.acc == DType::F32 && softmax::applies(&self.q)
-    }
-
-    /// `(q·scale)·kᵀ` without the mask, for the row kernels.
-    fn scaled_scores(&self) -> Result<Tensor> {
-        (&self.q * self.scale)?.matmul(&self.k.t()?)
-    }
-
-    fn row_mask(&self) -> Result<Option<softmax::RowMask>> {
-        self.mask.as_ref().map(softmax::RowMask::new).transpose()
-    }
-
     /// The probabilities and one log-sum-exp per query row.
     fn probs_and_lse(&self) -> Result<(Tensor, Tensor)> {
-        if self.row_kernels() {
-            let mask = self.row_mask()?;
-            return softmax::softmax_with_lse(&self.scaled_scores()?, mask.as_ref());
-        }
         let scores = self.scores()?;
         let max = scores.max_keepdim(D::Minus1)?;
         let exp = scores.broadcast_sub(&max)?.exp()?;
@@ -139,10 +191,6 @@ impl Context {
 
     /// The probabilities again, from the forward's log-sum-exp.
     fn probs_from_lse(&self, lse: &Tensor) -> Result<Tensor> {
-        if self.row_kernels() {
-            let mask = self.row_mask()?;
-            return softmax::exp_minus(&self.scaled_scores()?, mask.as_ref(), lse);
-        }
         self.scores()?.broadcast_sub(lse)?.exp()
     }
 
@@ -173,11 +221,7 @@ impl Context {
         let d_probs = d_out.matmul(&self.v.to_dtype(acc)?.t()?)?;
         let delta = (&d_out * out.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
         // The softmax backward with the scale of the scores folded in.
-        let d_scores = if self.row_kernels() {
-            softmax::softmax_grad(&probs, &d_probs, &delta, self.scale)?
-        } else {
-            ((probs * d_probs.broadcast_sub(&delta)?)? * self.scale)?
-        };
+        let d_scores = ((probs * d_probs.broadcast_sub(&delta)?)? * self.scale)?;
         let dq = d_scores.matmul(&self.k.to_dtype(acc)?)?;
         let dk = d_scores.t()?.matmul(&self.q.to_dtype(acc)?)?;
         Ok((
@@ -268,6 +312,87 @@ mod tests {
                     .to_scalar::<f64>()?;
                 let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
                 assert!(err < tol, "{dtype:?} {name}: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The blocked CPU path over several query blocks, against the composition, for each kind
+    /// of mask the decoder builds: causal after a key prefix, a sliding window, left padding
+    /// (rows that see no key at all), packed sequences, per-batch masks, and none.
+    #[test]
+    fn the_blocked_path_matches_the_composition_for_every_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, kvh, groups, t, d, prefix) = (2, 2, 2, 150, 16, 5);
+        let s = t + prefix;
+        type Sees<'a> = &'a dyn Fn(usize, usize, usize) -> bool;
+        let visible: [(&str, Sees); 4] = [
+            ("causal after a prefix", &|_, i, j| j <= i + prefix),
+            ("sliding window of 40", &|_, i, j| {
+                j <= i + prefix && j + 40 > i + prefix
+            }),
+            ("left padding in batch 1", &|bi, i, j| {
+                j <= i + prefix && !(bi == 1 && (i < 10 || j < 10 + prefix))
+            }),
+            ("two packed sequences", &|_, i, j| {
+                let seg = |x: usize| usize::from(x >= 70);
+                j >= prefix && j <= i + prefix && seg(i) == seg(j - prefix)
+            }),
+        ];
+        let q = Var::randn(0f32, 1., (b, kvh, groups * t, d), &dev)?;
+        let k = Var::randn(0f32, 1., (b, kvh, s, d), &dev)?;
+        let v = Var::randn(0f32, 1., (b, kvh, s, d), &dev)?;
+        let c = Tensor::randn(0f32, 1., (b, t, kvh * groups * d), &dev)?;
+        let run = |f: &dyn Fn() -> Result<Tensor>| -> Result<Vec<Tensor>> {
+            let y = f()?;
+            let g = (&y * &c)?.sum_all()?.backward()?;
+            Ok(vec![
+                y,
+                g.get(q.as_tensor()).expect("dq").clone(),
+                g.get(k.as_tensor()).expect("dk").clone(),
+                g.get(v.as_tensor()).expect("dv").clone(),
+            ])
+        };
+        let mut masks: Vec<(String, Option<Tensor>)> = vec![("no mask".into(), None)];
+        for (name, see) in visible {
+            let m: Vec<f32> = (0..b * t * s)
+                .map(|x| {
+                    let (bi, i, j) = (x / (t * s), x / s % t, x % s);
+                    if see(bi, i, j) {
+                        0.0
+                    } else {
+                        f32::MIN
+                    }
+                })
+                .collect();
+            masks.push((name.into(), Some(Tensor::from_vec(m, (b, 1, t, s), &dev)?)));
+        }
+        // One mask shared by the batch (the causal one, without its padding).
+        let shared: Vec<f32> = (0..t * s)
+            .map(|x| {
+                if x % s <= x / s + prefix {
+                    0.0
+                } else {
+                    f32::MIN
+                }
+            })
+            .collect();
+        masks.push((
+            "shared causal".into(),
+            Some(Tensor::from_vec(shared, (1, 1, t, s), &dev)?),
+        ));
+        for (name, mask) in &masks {
+            let got = run(&|| attention(&q, &k, &v, mask.as_ref(), groups, 0.25))?;
+            let zero = Tensor::zeros((1, 1, t, s), DType::F32, &dev)?;
+            let want =
+                run(&|| reference(&q, &k, &v, mask.as_ref().unwrap_or(&zero), groups, 0.25))?;
+            for (what, (g, w)) in ["out", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+                let err = (g - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    err <= 1e-5 * scale.max(1.0),
+                    "{name}, {what}: {err} (scale {scale})"
+                );
             }
         }
         Ok(())

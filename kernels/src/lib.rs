@@ -11,6 +11,7 @@ pub const GEMM_MIN_ROWS: usize = 16;
 
 pub mod adamw;
 pub mod attention;
+mod attention_cpu;
 mod common;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
@@ -25,7 +26,6 @@ pub mod lora_qkv;
 pub mod rmsnorm;
 pub mod rope;
 mod rows;
-pub mod softmax;
 pub mod swiglu;
 pub mod swiglu_lora;
 #[cfg(test)]
