@@ -2,8 +2,8 @@
 //! rows at a time, over only the keys the mask leaves visible to the block: causal attention
 //! computes about half of the score matrix (a key masked for every row of a block adds an exact
 //! zero to its softmax, so skipping it changes nothing). The products are single-threaded gemm
-//! calls on thread-local blocks, the pairs run in parallel: small batched matmuls split over
-//! threads spent much of their time in scheduling.
+//! calls on thread-local blocks and the pairs run in parallel (candle's batched matmul split
+//! each of these small products over the threads instead).
 //!
 //! Same equations as [`crate::attention`] (its module notes); the forward keeps one
 //! log-sum-exp per query row, the backward recomputes the probabilities from it.
@@ -20,39 +20,32 @@ const BLOCK_ROWS: usize = 64;
 /// A mask value at or below this hides its key (the decoder uses `f32::MIN`).
 const HIDDEN: f32 = f32::MIN / 2.0;
 
-/// An additive mask shared by every head, `[batches, 1, t, s]`, for score rows laid out
-/// `[b, .., t]`-major: score row `r` of batch element `r / rows_per_batch` reads mask row
-/// `(that element, or 0 when batches = 1)·t + r mod t`.
-pub struct RowMask {
+/// An additive attention mask `[batches, 1, t, s]` (the same for every head; `batches` is the
+/// batch size or 1 for a mask the batch shares), read as f32 rows.
+pub(crate) struct RowMask {
     values: Vec<f32>,
     batches: usize,
     t: usize,
+    s: usize,
 }
 
 impl RowMask {
-    /// From a `[batches, 1, t, s]` mask tensor (any dtype; read as f32).
-    pub fn new(mask: &Tensor) -> Result<Self> {
-        let (batches, _, t, _) = mask.dims4()?;
+    /// From a `[batches, 1, t, s]` mask tensor (any dtype).
+    pub(crate) fn new(mask: &Tensor) -> Result<Self> {
+        let (batches, _, t, s) = mask.dims4()?;
         Ok(RowMask {
             values: mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
             batches,
             t,
+            s,
         })
     }
 
-    /// Mask rows per head: the number of batch elements it distinguishes (1: shared).
-    pub(crate) fn batches(&self) -> usize {
-        self.batches
-    }
-
-    pub(crate) fn row(&self, r: usize, rows_per_batch: usize, s: usize) -> &[f32] {
-        let b = if self.batches == 1 {
-            0
-        } else {
-            r / rows_per_batch
-        };
-        let at = (b * self.t + r % self.t) * s;
-        &self.values[at..at + s]
+    /// The mask row of query position `i` in batch element `bi`.
+    fn row(&self, bi: usize, i: usize) -> &[f32] {
+        let b = if self.batches == 1 { 0 } else { bi };
+        let at = (b * self.t + i) * self.s;
+        &self.values[at..at + self.s]
     }
 }
 
@@ -94,9 +87,9 @@ impl<'a> Visible<'a> {
         let (t, s) = (dims.t, dims.s);
         let ranges = match mask {
             None => vec![],
-            Some(m) => (0..m.batches() * t)
+            Some(m) => (0..m.batches * t)
                 .map(|row| {
-                    let values = m.row(row, t, s);
+                    let values = m.row(row / t, row % t);
                     let first = values.iter().position(|&v| v > HIDDEN)?;
                     let last = values.iter().rposition(|&v| v > HIDDEN)?;
                     Some((first, last + 1))
@@ -108,7 +101,7 @@ impl<'a> Visible<'a> {
 
     /// The mask row of query position `i` in batch element `bi`, if there is a mask.
     fn row(&self, bi: usize, i: usize) -> Option<&[f32]> {
-        self.mask.map(|m| m.row(bi * self.t + i, self.t, self.s))
+        self.mask.map(|m| m.row(bi, i))
     }
 
     fn range(&self, bi: usize, i: usize) -> Option<(usize, usize)> {
