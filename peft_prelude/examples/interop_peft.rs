@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! interop_peft save MODEL_DIR OUT_DIR METHOD
-//!     METHOD: `lora` (r=8, alpha 16, all seven projections), `dora` (the same with rsLoRA and
+//!     METHOD: `lora` (r=8, alpha 16, all seven projections), `qlora` (the same on the base
+//!     quantized to NF4 with double quantization as it loads), `dora` (LoRA with rsLoRA and
 //!     DoRA), `ia3` (k, v, down), `prompt` (prompt tuning), `prefix` (prefix tuning) or
 //!     `ptuning` (P-tuning, MLP encoder); 8 virtual tokens for the last three. Trained for three
 //!     AdamW steps so the adapter is not the identity; writes OUT_DIR/adapter
@@ -11,8 +12,9 @@
 //!     methods also the merged model exported as a 16-bit Hugging Face directory OUT_DIR/merged
 //!     (F16) and the logits of that export read back by our loader,
 //!     OUT_DIR/ours_merged.safetensors.
-//! interop_peft load MODEL_DIR ADAPTER_DIR OUT_FILE
-//!     Loads an adapter Python PEFT saved and writes the adapted logits to OUT_FILE.
+//! interop_peft load MODEL_DIR ADAPTER_DIR OUT_FILE [qlora]
+//!     Loads an adapter Python PEFT saved (onto the NF4-quantized base with `qlora`) and writes
+//!     the adapted logits to OUT_FILE.
 //! ```
 //! Logits are for [`probe_ids`]: the same ids the Python half computes (key `logits`, f32
 //! `[1, PROBE_LEN, vocab]`).
@@ -28,6 +30,7 @@ use peft_prelude::peft::{
     PromptEncoderConfig, PromptLearningCommon, PromptTuningConfig,
 };
 use peft_prelude::quant::export::save_hf_16bit;
+use peft_prelude::quant::Quantization;
 use peft_prelude::train::sft::batch_gradients;
 use peft_prelude::train::{AdamW, AdamWConfig};
 
@@ -102,7 +105,7 @@ fn method_config(method: &str) -> anyhow::Result<PeftConfig> {
         ..Default::default()
     };
     Ok(match method {
-        "lora" => LoraConfig::all_projections(8, 16.0).into(),
+        "lora" | "qlora" => LoraConfig::all_projections(8, 16.0).into(),
         "dora" => LoraConfig {
             use_dora: true,
             use_rslora: true,
@@ -130,8 +133,22 @@ fn method_config(method: &str) -> anyhow::Result<PeftConfig> {
     })
 }
 
+/// The base model, quantized to NF4 (double quantization, as bitsandbytes' QLoRA setting) for
+/// `qlora`.
+fn base(model_dir: &Path, method: &str) -> anyhow::Result<Pretrained> {
+    let quantization = if method == "qlora" {
+        Quantization::QLORA
+    } else {
+        Quantization::None
+    };
+    Ok(Pretrained::load(
+        &model_dir.to_string_lossy(),
+        &LoadOptions::default().with_quantization(quantization),
+    )?)
+}
+
 fn save(model_dir: &Path, out: &Path, method: &str) -> anyhow::Result<()> {
-    let p = Pretrained::load(&model_dir.to_string_lossy(), &LoadOptions::default())?;
+    let p = base(model_dir, method)?;
     let vocab = p.model.config().vocab_size;
     let peft = get_peft_model(p.model, method_config(method)?)?;
     train_a_little(&peft, vocab)?;
@@ -157,8 +174,8 @@ fn save(model_dir: &Path, out: &Path, method: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load(model_dir: &Path, adapter: &Path, out_file: &Path) -> anyhow::Result<()> {
-    let p = Pretrained::load(&model_dir.to_string_lossy(), &LoadOptions::default())?;
+fn load(model_dir: &Path, adapter: &Path, out_file: &Path, method: &str) -> anyhow::Result<()> {
+    let p = base(model_dir, method)?;
     let vocab = p.model.config().vocab_size;
     let peft = PeftModel::from_pretrained(p.model, adapter)?;
     write_logits(&adapted_logits(&peft, vocab)?, out_file)
@@ -177,9 +194,14 @@ fn main() -> anyhow::Result<()> {
             &path(2)?,
             args.get(3).map_or("lora", String::as_str),
         ),
-        Some("load") => load(&path(1)?, &path(2)?, &path(3)?),
+        Some("load") => load(
+            &path(1)?,
+            &path(2)?,
+            &path(3)?,
+            args.get(4).map_or("lora", String::as_str),
+        ),
         _ => anyhow::bail!(
-            "usage: interop_peft save MODEL_DIR OUT_DIR METHOD | load MODEL_DIR ADAPTER_DIR OUT_FILE"
+            "usage: interop_peft save MODEL_DIR OUT_DIR METHOD | load MODEL_DIR ADAPTER_DIR OUT_FILE [qlora]"
         ),
     }
 }
