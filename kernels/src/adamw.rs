@@ -12,6 +12,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result,
 use rayon::prelude::*;
 
 use crate::common::slice;
+use crate::rows::multiversion;
 
 pub mod adamw8;
 
@@ -62,30 +63,7 @@ impl AdamWStep {
     }
 }
 
-/// Defines `fn $name(args)` twice, compiled with AVX2 + FMA (taken when the CPU has them) and
-/// portably: without the `fma` target feature every `mul_add` is a libm call, which made these
-/// loops several times slower. Both give the same bits (an FMA rounds once either way).
-macro_rules! fma_multiversion {
-    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$doc])*
-        $vis fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn with_fma($($arg: $ty),*) $body
-            #[allow(dead_code)]
-            fn portable($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has the features `with_fma` is compiled for.
-                return unsafe { with_fma($($arg),*) };
-            }
-            portable($($arg),*)
-        }
-    };
-}
-pub(crate) use fma_multiversion;
-
-fma_multiversion! {
+multiversion! {
     /// Updates `p`, `m`, `v` in place from `g`.
     pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamWStep) {
         p.par_chunks_mut(CHUNK)
@@ -102,7 +80,7 @@ fma_multiversion! {
     }
 }
 
-fma_multiversion! {
+multiversion! {
     /// The new moments `[m'; v']` into `out` (`2n`).
     fn new_moments(g: &[f32], st: &[f32], out: &mut [f32], s: AdamWStep) {
         let n = g.len();
@@ -121,7 +99,7 @@ fma_multiversion! {
     }
 }
 
-fma_multiversion! {
+multiversion! {
     /// The new parameter into `out` (`n`), the new moments recomputed.
     fn new_param(p: &[f32], g: &[f32], st: &[f32], out: &mut [f32], s: AdamWStep) {
         let n = p.len();

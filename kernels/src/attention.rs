@@ -16,7 +16,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::attention_cpu::{self, Dims, RowMask, Visible};
-use crate::common::with_cpu_f32;
+use crate::common::with_cpu_f32s;
 
 /// `softmax(scale · q·kᵀ + mask) · v` with grouped-query heads.
 ///
@@ -96,41 +96,20 @@ fn attention_on_cpu(
         k.detach().contiguous()?,
         v.detach().contiguous()?,
     );
-    let row_mask = mask.map(RowMask::new).transpose()?;
+    // The mask's rows and visible key ranges, read once for the forward and the backward.
+    let visible = Visible::new(mask.map(RowMask::new).transpose()?, &dims);
     let scale = scale as f32;
-    let (out, lse) = with_cpu_f32(&qd, |qs| {
-        with_cpu_f32(&kd, |ks| {
-            with_cpu_f32(&vd, |vs| {
-                let visible = Visible::new(row_mask.as_ref(), &dims);
-                attention_cpu::forward(qs, ks, vs, &visible, &dims, scale)
-            })
-        })
-    })???;
+    let (out, lse) = with_cpu_f32s([&qd, &kd, &vd], |[qs, ks, vs]| {
+        attention_cpu::forward(qs, ks, vs, &visible, &dims, scale)
+    })?;
     let out = Tensor::from_vec(out, (b, dims.t, kv * groups * d), q.device())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
     crate::frozen::reattach3((q, k, v), out, move |d_out, out| {
-        let (dq, dk, dv) = with_cpu_f32(&qd, |qs| {
-            with_cpu_f32(&kd, |ks| {
-                with_cpu_f32(&vd, |vs| {
-                    with_cpu_f32(out, |os| {
-                        with_cpu_f32(d_out, |dos| {
-                            let visible = Visible::new(row_mask.as_ref(), &dims);
-                            attention_cpu::backward(
-                                (qs, ks, vs),
-                                os,
-                                &lse,
-                                dos,
-                                &visible,
-                                &dims,
-                                scale,
-                            )
-                        })
-                    })
-                })
-            })
-        })?????;
+        let (dq, dk, dv) = with_cpu_f32s([&qd, &kd, &vd, out, d_out], |[qs, ks, vs, os, dos]| {
+            attention_cpu::backward((qs, ks, vs), os, &lse, dos, &visible, &dims, scale)
+        })?;
         Ok((
             Tensor::from_vec(dq, qd.shape(), qd.device())?,
             Tensor::from_vec(dk, kd.shape(), kd.device())?,

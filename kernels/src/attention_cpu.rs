@@ -74,18 +74,18 @@ impl Dims {
 /// The mask rows and, per mask row, the range of keys it leaves visible. A row that hides every
 /// key (a padded query) gets all keys and equal probabilities: `score + f32::MIN` rounds to
 /// `f32::MIN` for every key, which is what the composition computes too.
-pub(crate) struct Visible<'a> {
-    mask: Option<&'a RowMask>,
+pub(crate) struct Visible {
+    mask: Option<RowMask>,
     /// `None` for a row that hides every key.
     ranges: Vec<Option<(usize, usize)>>,
     t: usize,
     s: usize,
 }
 
-impl<'a> Visible<'a> {
-    pub(crate) fn new(mask: Option<&'a RowMask>, dims: &Dims) -> Self {
+impl Visible {
+    pub(crate) fn new(mask: Option<RowMask>, dims: &Dims) -> Self {
         let (t, s) = (dims.t, dims.s);
-        let ranges = match mask {
+        let ranges = match &mask {
             None => vec![],
             Some(m) => (0..m.batches * t)
                 .map(|row| {
@@ -101,7 +101,7 @@ impl<'a> Visible<'a> {
 
     /// The mask row of query position `i` in batch element `bi`, if there is a mask.
     fn row(&self, bi: usize, i: usize) -> Option<&[f32]> {
-        self.mask.map(|m| m.row(bi, i))
+        self.mask.as_ref().map(|m| m.row(bi, i))
     }
 
     fn range(&self, bi: usize, i: usize) -> Option<(usize, usize)> {
@@ -176,6 +176,31 @@ unsafe fn product(
     )
 }
 
+/// `scores[..nr·nk] = scale · q[r0..r0+nr]·k[k0..k0+nk]ᵀ` (row-major `[nr, nk]`).
+fn scaled_scores(
+    q: &[f32],
+    k: &[f32],
+    (r0, nr): (usize, usize),
+    (k0, nk): (usize, usize),
+    d: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    assert!((r0 + nr) * d <= q.len() && (k0 + nk) * d <= k.len() && nr * nk <= scores.len());
+    // SAFETY: the bounds above; `scores` is borrowed mutably, so it overlaps neither input.
+    unsafe {
+        product(
+            (nr, nk, d),
+            scores.as_mut_ptr(),
+            nk,
+            false,
+            (q[r0 * d..].as_ptr(), d, 1),
+            (k[k0 * d..].as_ptr(), 1, d),
+            scale,
+        )
+    }
+}
+
 /// One pair's query rows `[groups·t, d]`, and its keys and values `[s, d]`.
 fn pair(x: &[f32], pair: usize, rows: usize, d: usize) -> &[f32] {
     &x[pair * rows * d..(pair + 1) * rows * d]
@@ -187,7 +212,7 @@ pub(crate) fn forward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    visible: &Visible<'_>,
+    visible: &Visible,
     dims: &Dims,
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
@@ -204,18 +229,7 @@ pub(crate) fn forward(
             for (g, i0, i1) in blocks(dims) {
                 let (k0, k1) = visible.keys(bi, i0, i1);
                 let (r0, nr, nk) = (g * t + i0, i1 - i0, k1 - k0);
-                // SAFETY: rows r0..r0+nr of q, keys k0..k1 of k, an nr × nk block of scores.
-                unsafe {
-                    product(
-                        (nr, nk, d),
-                        scores.as_mut_ptr(),
-                        nk,
-                        false,
-                        (qp[r0 * d..].as_ptr(), d, 1),
-                        (kp[k0 * d..].as_ptr(), 1, d),
-                        scale,
-                    )
-                };
+                scaled_scores(qp, kp, (r0, nr), (k0, nk), d, scale, &mut scores);
                 for (j, row) in scores[..nr * nk].chunks_exact_mut(nk).enumerate() {
                     if visible.hides_all(bi, i0 + j) {
                         row.fill(1.0 / nk as f32); // nk = s: such a row widens the range to all
@@ -272,7 +286,7 @@ pub(crate) fn backward(
     out: &[f32],
     lse: &[f32],
     d_out: &[f32],
-    visible: &Visible<'_>,
+    visible: &Visible,
     dims: &Dims,
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -306,20 +320,8 @@ pub(crate) fn backward(
                 let (k0, k1) = visible.keys(bi, i0, i1);
                 let (r0, nr, nk) = (g * t + i0, i1 - i0, k1 - k0);
                 let (qb, dob) = (qp[r0 * d..].as_ptr(), d_o[r0 * d..].as_ptr());
-                // SAFETY (all products below): row blocks r0..r0+nr of q, dO and dq, key rows
-                // k0..k1 of k, v, dk and dv, nr × nk blocks of the two score buffers.
-                unsafe {
-                    // S = scale · Q·Kᵀ, then P = exp(S + mask − lse).
-                    product(
-                        (nr, nk, d),
-                        d_scores.as_mut_ptr(),
-                        nk,
-                        false,
-                        (qb, d, 1),
-                        (kp[k0 * d..].as_ptr(), 1, d),
-                        scale,
-                    );
-                }
+                // S = scale · Q·Kᵀ, then P = exp(S + mask − lse).
+                scaled_scores(qp, kp, (r0, nr), (k0, nk), d, scale, &mut d_scores);
                 for j in 0..nr {
                     if visible.hides_all(bi, i0 + j) {
                         probs[j * nk..(j + 1) * nk].fill(1.0 / nk as f32);
@@ -333,6 +335,8 @@ pub(crate) fn backward(
                         lp[r0 + j],
                     );
                 }
+                // SAFETY (all products below): row blocks r0..r0+nr of q, dO and dq, key rows
+                // k0..k1 of k, v, dk and dv, nr × nk blocks of the two score buffers.
                 unsafe {
                     // dV += Pᵀ·dO.
                     product(

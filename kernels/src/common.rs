@@ -126,14 +126,28 @@ pub(crate) fn rows_per_task(row_len: usize) -> usize {
 /// Runs `f` on the elements of `t`, an f32 CPU tensor (made contiguous first; read in place,
 /// no copy out of the storage when it already is).
 pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
-        _ => bail!(
-            "expected an f32 tensor on the CPU, got {:?} on {:?}",
-            t.dtype(),
-            t.device().location()
-        ),
+    with_cpu_f32s([t], |[x]| f(x))
+}
+
+/// [`with_cpu_f32`] for several tensors at once.
+pub(crate) fn with_cpu_f32s<const N: usize, R>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> Result<R> {
+    let ts = ts.map(Tensor::contiguous);
+    let ts: Vec<Tensor> = ts.into_iter().collect::<Result<_>>()?;
+    let guards: Vec<_> = ts.iter().map(Tensor::storage_and_layout).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (t, (storage, layout)) in ts.iter().zip(&guards) {
+        match (&**storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => slices.push(&v[a..b]),
+            _ => bail!(
+                "expected an f32 tensor on the CPU, got {:?} on {:?}",
+                t.dtype(),
+                t.device().location()
+            ),
+        }
     }
+    let slices: [&[f32]; N] = slices.try_into().expect("one slice per tensor");
+    Ok(f(slices))
 }

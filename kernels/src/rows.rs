@@ -14,8 +14,9 @@ use crate::fast_exp::exp_f32;
 
 const LANES: usize = 16;
 
+/// The instruction set [`multiversion!`] functions run with on this CPU.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     Generic,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -23,7 +24,8 @@ enum Isa {
     Avx512,
 }
 
-fn isa() -> Isa {
+/// AVX-512 where the CPU has it, else AVX2 + FMA, else portable code (checked once).
+pub(crate) fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
@@ -39,34 +41,37 @@ fn isa() -> Isa {
     })
 }
 
-/// Defines `pub(crate) fn $name` dispatching to one body compiled three ways.
-macro_rules! row_pass {
-    ($(#[$doc:meta])* $name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
+/// Defines `fn $name` with its body compiled three ways (AVX-512, AVX2 + FMA, portable) and
+/// dispatching on [`isa`]. Each copy holds the body itself, not a call to a shared one, so the
+/// closures in it (rayon's included) are compiled with that copy's target features too:
+/// without them a `mul_add` is a libm call and the loops do not vectorise.
+macro_rules! multiversion {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
-        pub(crate) fn $name($($arg: $ty),*) -> $ret {
-            #[inline(always)]
-            fn body($($arg: $ty),*) -> $ret $body
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f")]
-            unsafe fn avx512($($arg: $ty),*) -> $ret { body($($arg),*) }
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2($($arg: $ty),*) -> $ret { body($($arg),*) }
-            match isa() {
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? $body
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
+            match $crate::rows::isa() {
                 // SAFETY: `isa()` chose these only where the CPU has the features.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { avx512($($arg),*) },
+                $crate::rows::Isa::Avx512 => unsafe { avx512($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { avx2($($arg),*) },
-                Isa::Generic => body($($arg),*),
+                $crate::rows::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                $crate::rows::Isa::Generic => portable($($arg),*),
             }
         }
     };
 }
+pub(crate) use multiversion;
 
-row_pass! {
+multiversion! {
     /// The largest value (NaNs ignored; `−∞` for an empty row).
-    max(xs: &[f32]) -> f32 {
+    pub(crate) fn max(xs: &[f32]) -> f32 {
         let mut acc = [f32::NEG_INFINITY; LANES];
         let chunks = xs.chunks_exact(LANES);
         let rest = chunks.remainder();
@@ -81,9 +86,9 @@ row_pass! {
     }
 }
 
-row_pass! {
+multiversion! {
     /// `Σ e^{x − m}`.
-    sum_exp_minus(xs: &[f32], m: f32) -> f32 {
+    pub(crate) fn sum_exp_minus(xs: &[f32], m: f32) -> f32 {
         let mut acc = [0f32; LANES];
         let chunks = xs.chunks_exact(LANES);
         let rest = chunks.remainder();
@@ -96,9 +101,9 @@ row_pass! {
     }
 }
 
-row_pass! {
+multiversion! {
     /// `x ← e^{x − m}`, returning `Σ e^{x − m}`.
-    exp_minus_in_place(xs: &mut [f32], m: f32) -> f32 {
+    pub(crate) fn exp_minus_in_place(xs: &mut [f32], m: f32) -> f32 {
         let mut acc = [0f32; LANES];
         let mut chunks = xs.chunks_exact_mut(LANES);
         for c in &mut chunks {
@@ -116,9 +121,9 @@ row_pass! {
     }
 }
 
-row_pass! {
+multiversion! {
     /// `out ← e^{x + add − shift}` (`add`: an additive mask row, or none).
-    exp_into(out: &mut [f32], x: &[f32], add: Option<&[f32]>, shift: f32) -> () {
+    pub(crate) fn exp_into(out: &mut [f32], x: &[f32], add: Option<&[f32]>, shift: f32) {
         match add {
             Some(add) => {
                 for ((o, &v), &a) in out.iter_mut().zip(x).zip(add) {

@@ -18,15 +18,15 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::{check_operands, fma_multiversion, AdamWStep};
+use super::{check_operands, AdamWStep};
 use crate::common::slice;
+use crate::rows::multiversion;
 
 /// Values per quantization block (bitsandbytes uses 256 as well); also the CUDA block size of
 /// the moments kernel.
 pub const BLOCK: usize = 256;
 
-/// Blocks per parallel task on the CPU (a task per block spent more time in the scheduler
-/// than in the arithmetic for the many small LoRA matrices).
+/// Blocks per parallel task on the CPU.
 const BLOCKS_PER_TASK: usize = 64;
 
 /// Where the pieces of an `n`-parameter state lie, in bytes.
@@ -149,34 +149,60 @@ pub fn encode(m: &[f32], v: &[f32], device: &Device) -> Result<Tensor> {
     let n = m.len();
     let l = Layout8::new(n);
     let mut bytes = vec![0u8; l.bytes()];
-    let (codes, rest) = bytes.split_at_mut(2 * n);
-    let (mc, vc) = codes.split_at_mut(n);
-    let scales = &mut rest[l.scales_offset - 2 * n..];
-    let (ms, vs) = scales.split_at_mut(4 * l.blocks);
-    mc.par_chunks_mut(BLOCK)
-        .zip(vc.par_chunks_mut(BLOCK))
-        .zip(ms.par_chunks_mut(4).zip(vs.par_chunks_mut(4)))
-        .enumerate()
-        .for_each(|(b, ((mc, vc), (ms, vs)))| {
-            let range = b * BLOCK..b * BLOCK + mc.len();
-            encode_block(&m[range.clone()], &v[range], mc, vc, ms, vs);
-        });
+    blocks_mut(&mut bytes, n).for_each(|(b, block)| {
+        let range = b * BLOCK..b * BLOCK + block.m_codes.len();
+        block.encode(&m[range.clone()], &v[range]);
+    });
     Tensor::from_vec(bytes, l.bytes(), device)
 }
 
-/// Quantizes one block of new moments into its codes and scales.
-#[inline(always)]
-fn encode_block(m: &[f32], v: &[f32], mc: &mut [u8], vc: &mut [u8], ms: &mut [u8], vs: &mut [u8]) {
-    let absmax = m.iter().fold(0f32, |a, x| a.max(x.abs()));
-    let max_root = v.iter().fold(0f32, |a, x| a.max(x.max(0.0).sqrt()));
-    for (c, &x) in mc.iter_mut().zip(m) {
-        *c = encode_signed(x, absmax);
+/// One block of a state being written: its codes and the bytes of its two scales.
+struct BlockMut<'a> {
+    m_codes: &'a mut [u8],
+    v_codes: &'a mut [u8],
+    m_scale: &'a mut [u8],
+    v_scale: &'a mut [u8],
+}
+
+impl BlockMut<'_> {
+    /// Quantizes the block's new moments into its codes and scales.
+    #[inline(always)]
+    fn encode(self, m: &[f32], v: &[f32]) {
+        let absmax = m.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let max_root = v.iter().fold(0f32, |a, x| a.max(x.max(0.0).sqrt()));
+        for (c, &x) in self.m_codes.iter_mut().zip(m) {
+            *c = encode_signed(x, absmax);
+        }
+        for (c, &x) in self.v_codes.iter_mut().zip(v) {
+            *c = encode_unsigned(x.max(0.0).sqrt(), max_root);
+        }
+        self.m_scale.copy_from_slice(&absmax.to_le_bytes());
+        self.v_scale.copy_from_slice(&max_root.to_le_bytes());
     }
-    for (c, &x) in vc.iter_mut().zip(v) {
-        *c = encode_unsigned(x.max(0.0).sqrt(), max_root);
-    }
-    ms.copy_from_slice(&absmax.to_le_bytes());
-    vs.copy_from_slice(&max_root.to_le_bytes());
+}
+
+/// The blocks of an `n`-parameter state (`bytes`, the layout's size), in parallel, with their
+/// indices; a few dozen per task (one per block spent more time in the scheduler than in the
+/// arithmetic for the many small LoRA matrices).
+fn blocks_mut(
+    bytes: &mut [u8],
+    n: usize,
+) -> impl IndexedParallelIterator<Item = (usize, BlockMut<'_>)> {
+    let l = Layout8::new(n);
+    let (codes, rest) = bytes.split_at_mut(2 * n);
+    let (mc, vc) = codes.split_at_mut(n);
+    let (ms, vs) = rest[l.scales_offset - 2 * n..].split_at_mut(4 * l.blocks);
+    mc.par_chunks_mut(BLOCK)
+        .zip(vc.par_chunks_mut(BLOCK))
+        .zip(ms.par_chunks_mut(4).zip(vs.par_chunks_mut(4)))
+        .map(|((m_codes, v_codes), (m_scale, v_scale))| BlockMut {
+            m_codes,
+            v_codes,
+            m_scale,
+            v_scale,
+        })
+        .enumerate()
+        .with_min_len(BLOCKS_PER_TASK)
 }
 
 /// A state of zero moments for `n` parameters.
@@ -223,33 +249,23 @@ pub fn adamw8_step(
     Ok((new_p, new_state))
 }
 
-fma_multiversion! {
+multiversion! {
     /// The new 8-bit state into `bytes` (zeroed, the layout's size) from `g` and the old state.
     fn new_moments8(g: &[f32], old: &View<'_>, bytes: &mut [u8], s: AdamWStep) {
-        let n = g.len();
-        let l = Layout8::new(n);
-        let (codes, rest) = bytes.split_at_mut(2 * n);
-        let (mc, vc) = codes.split_at_mut(n);
-        let (ms, vs) = rest[l.scales_offset - 2 * n..].split_at_mut(4 * l.blocks);
-        mc.par_chunks_mut(BLOCK)
-            .zip(vc.par_chunks_mut(BLOCK))
-            .zip(ms.par_chunks_mut(4).zip(vs.par_chunks_mut(4)))
-            .enumerate()
-            .with_min_len(BLOCKS_PER_TASK)
-            .for_each(|(b, ((mc, vc), (ms, vs)))| {
-                let mut m = [0f32; BLOCK];
-                let mut v = [0f32; BLOCK];
-                for j in 0..mc.len() {
-                    let i = b * BLOCK + j;
-                    (m[j], v[j]) = s.moments(g[i], old.m(i), old.v(i));
-                }
-                let len = mc.len();
-                encode_block(&m[..len], &v[..len], mc, vc, ms, vs);
-            });
+        blocks_mut(bytes, g.len()).for_each(|(b, block)| {
+            let mut m = [0f32; BLOCK];
+            let mut v = [0f32; BLOCK];
+            let len = block.m_codes.len();
+            for j in 0..len {
+                let i = b * BLOCK + j;
+                (m[j], v[j]) = s.moments(g[i], old.m(i), old.v(i));
+            }
+            block.encode(&m[..len], &v[..len]);
+        });
     }
 }
 
-fma_multiversion! {
+multiversion! {
     /// The new parameter into `out` from the unrounded new moments.
     fn new_param8(p: &[f32], g: &[f32], old: &View<'_>, out: &mut [f32], s: AdamWStep) {
         out.par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
