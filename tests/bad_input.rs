@@ -190,3 +190,217 @@ fn out_of_vocabulary_prompt_and_empty_prompt() {
     let err = generate_ids(&p.model, &p.tokenizer, &[vec![]], &cfg, Hooks::default()).unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
 }
+
+/// Rewrites the scratch directory's config.json through `edit` and loads it.
+fn load_with_config(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> (Error, PathBuf) {
+    let dir = scratch_model_dir(name);
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    edit(&mut config);
+    fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    (load_dir(&dir), path)
+}
+
+/// A tiny Llama 3.1 as transformers 5 writes it: the RoPE scaling under `rope_parameters`,
+/// `rope_scaling` null. Loading it as plain RoPE gave logits 0.44 away from transformers'.
+#[test]
+fn llama3_rope_scaling_is_refused_in_either_spelling() {
+    let llama3 = serde_json::json!({
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192
+    });
+    let as_llama = |c: &mut serde_json::Value| {
+        c["model_type"] = "llama".into();
+        c["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        c["sliding_window"] = serde_json::Value::Null;
+        c["attention_bias"] = false.into();
+        c["mlp_bias"] = false.into();
+        c["pretraining_tp"] = 1.into();
+    };
+    // transformers 5: rope_parameters carries the type, rope_scaling is null.
+    let (err, path) = load_with_config("rope-v5", |c| {
+        as_llama(c);
+        c["rope_parameters"] = llama3.clone();
+        c["rope_scaling"] = serde_json::Value::Null;
+    });
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    assert_names(&err, &path, "rope_parameters: rope_type \"llama3\"");
+    // transformers 4: rope_scaling.
+    let (err, path) = load_with_config("rope-v4", |c| {
+        as_llama(c);
+        c.as_object_mut().unwrap().remove("rope_parameters");
+        c["rope_scaling"] = llama3.clone();
+    });
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    assert_names(&err, &path, "rope_scaling: rope_type \"llama3\"");
+    // Older spelling of the type (`type`), and a factor under the default type.
+    for (name, rope) in [
+        (
+            "rope-type-key",
+            serde_json::json!({"type": "linear", "factor": 2.0}),
+        ),
+        (
+            "rope-factor",
+            serde_json::json!({"rope_type": "default", "factor": 4.0}),
+        ),
+        (
+            "rope-partial",
+            serde_json::json!({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+        ),
+    ] {
+        let (err, path) = load_with_config(name, |c| c["rope_parameters"] = rope.clone());
+        assert!(matches!(err, Error::Unsupported { .. }), "{name}: {err:?}");
+        assert_names(&err, &path, "rope_parameters");
+    }
+}
+
+/// Every config key of transformers 5.24's Mistral and Llama configs that changes the
+/// arithmetic, set to a value we do not implement, is refused by name; set to its neutral
+/// value it loads.
+#[test]
+fn arithmetic_config_fields_we_do_not_implement_are_refused() {
+    let cases: [(&str, serde_json::Value, &str); 9] = [
+        ("attention_bias", true.into(), "attention_bias true"),
+        ("mlp_bias", true.into(), "mlp_bias true"),
+        ("attention_dropout", 0.1.into(), "attention_dropout 0.1"),
+        ("hidden_act", "gelu".into(), "hidden_act `gelu`"),
+        (
+            "partial_rotary_factor",
+            0.5.into(),
+            "partial_rotary_factor 0.5",
+        ),
+        (
+            "attn_logit_softcapping",
+            50.0.into(),
+            "attn_logit_softcapping 50.0",
+        ),
+        (
+            "final_logit_softcapping",
+            30.0.into(),
+            "final_logit_softcapping 30.0",
+        ),
+        ("use_qk_norm", true.into(), "use_qk_norm true"),
+        (
+            "layer_types",
+            serde_json::json!(["sliding_attention", "full_attention"]),
+            "layer_types",
+        ),
+    ];
+    for (key, value, says) in cases {
+        let (err, path) = load_with_config(&format!("field-{key}"), |c| c[key] = value.clone());
+        assert!(matches!(err, Error::Unsupported { .. }), "{key}: {err:?}");
+        assert_names(&err, &path, says);
+    }
+    // Neutral values (as transformers writes them for a plain model) load.
+    let dir = scratch_model_dir("fields-neutral");
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    for (k, v) in [
+        ("attention_bias", serde_json::json!(false)),
+        ("mlp_bias", serde_json::json!(false)),
+        ("attention_dropout", serde_json::json!(0.0)),
+        ("pretraining_tp", serde_json::json!(1)),
+        ("initializer_range", serde_json::json!(0.02)),
+        (
+            "layer_types",
+            serde_json::json!(["sliding_attention", "sliding_attention"]),
+        ),
+        ("rope_scaling", serde_json::Value::Null),
+    ] {
+        c[k] = v;
+    }
+    fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+    Pretrained::from_dir(&dir, &LoadOptions::default()).expect("neutral values load");
+}
+
+/// A copy of the tiny F32 GGUF with `extra` metadata added (and `extra_tensor`, a tensor name
+/// holding a copy of the final norm), written with candle's GGUF writer.
+fn gguf_with(
+    name: &str,
+    extra: Vec<(&str, candle_core::quantized::gguf_file::Value)>,
+    extra_tensor: Option<&str>,
+) -> PathBuf {
+    use candle_core::quantized::gguf_file;
+    let src = fixture("gguf/tiny-mistral-f32.gguf");
+    let mut file = fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut metadata: Vec<(String, gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
+    let device = candle_core::Device::Cpu;
+    let mut tensors = vec![];
+    for name in content.tensor_infos.keys() {
+        tensors.push((
+            name.clone(),
+            content.tensor(&mut file, name, &device).unwrap(),
+        ));
+    }
+    if let Some(extra) = extra_tensor {
+        let t = content
+            .tensor(&mut file, "output_norm.weight", &device)
+            .unwrap();
+        tensors.push((extra.to_string(), t));
+    }
+    let path = std::env::temp_dir().join(format!("peft-{name}-{}.gguf", std::process::id()));
+    let md: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut fs::File::create(&path).unwrap(), &md, &ts).unwrap();
+    path
+}
+
+/// llama.cpp's RoPE variants in a GGUF are refused, not ignored.
+#[test]
+fn gguf_rope_scaling_is_refused() {
+    use candle_core::quantized::gguf_file::Value;
+    let cases = [
+        (
+            "gguf-rope-linear",
+            vec![
+                ("llama.rope.scaling.type", Value::String("linear".into())),
+                ("llama.rope.scaling.factor", Value::F32(4.0)),
+            ],
+            None,
+            "rope.scaling.type `linear`",
+        ),
+        (
+            "gguf-rope-factor",
+            vec![("llama.rope.scaling.factor", Value::F32(8.0))],
+            None,
+            "rope.scaling.factor 8",
+        ),
+        (
+            "gguf-rope-partial",
+            vec![("llama.rope.dimension_count", Value::U32(8))],
+            None,
+            "rope.dimension_count 8",
+        ),
+        (
+            "gguf-rope-freqs",
+            vec![],
+            Some("rope_freqs.weight"),
+            "rope_freqs.weight",
+        ),
+    ];
+    for (name, extra, tensor, says) in cases {
+        let path = gguf_with(name, extra, tensor);
+        let err = Pretrained::from_gguf(&path, &LoadOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{name}: {err:?}");
+        assert_names(&err, &path, says);
+        fs::remove_file(&path).unwrap();
+    }
+    // `none` is plain RoPE.
+    let path = gguf_with(
+        "gguf-rope-none",
+        vec![("llama.rope.scaling.type", Value::String("none".into()))],
+        None,
+    );
+    Pretrained::from_gguf(&path, &LoadOptions::default()).expect("rope.scaling.type none loads");
+    fs::remove_file(&path).unwrap();
+}

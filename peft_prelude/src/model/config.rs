@@ -53,8 +53,9 @@ struct HfConfigJson {
     #[serde(default = "default_max_positions")]
     max_position_embeddings: usize,
     rope_theta: Option<f64>,
-    /// transformers v5 moved rope_theta here.
+    /// transformers v5 writes the RoPE settings here (`rope_theta`, `rope_type`, scaling).
     rope_parameters: Option<serde_json::Value>,
+    /// transformers v4's spelling of the RoPE scaling.
     rope_scaling: Option<serde_json::Value>,
     #[serde(default = "default_rms_eps")]
     rms_norm_eps: f64,
@@ -65,6 +66,10 @@ struct HfConfigJson {
     eos_token_id: Option<OneOrMany>,
     hidden_act: Option<String>,
     quantization_config: Option<serde_json::Value>,
+    /// Every other key, checked by [`unsupported_arithmetic`] for settings that change what
+    /// the network computes.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +105,158 @@ fn default_max_positions() -> usize {
 }
 fn default_rms_eps() -> f64 {
     1e-6
+}
+
+/// RoPE variants a GGUF of the `llama` architecture can carry that this decoder does not
+/// implement: a scaling type (`{arch}.rope.scaling.type`, llama.cpp's linear / yarn / longrope),
+/// Llama 3's frequency factors (the `rope_freqs.weight` tensor), or rotation of only part of
+/// each head (`rope.dimension_count` below the head size). llama.cpp applies them; ignoring one
+/// would load the model "fine" with wrong logits.
+fn unsupported_gguf_rope(content: &gguf_file::Content, arch: &str) -> Option<String> {
+    let md = &content.metadata;
+    if let Some(v) = md.get(&format!("{arch}.rope.scaling.type")) {
+        let kind = v.to_string().map(String::as_str).unwrap_or("?");
+        if kind != "none" {
+            return Some(format!(
+                "{arch}.rope.scaling.type `{kind}` (only plain RoPE is implemented)"
+            ));
+        }
+    }
+    if let Some(f) = md
+        .get(&format!("{arch}.rope.scaling.factor"))
+        .and_then(|v| v.to_f32().ok())
+        .filter(|f| *f != 0.0 && *f != 1.0)
+    {
+        return Some(format!(
+            "{arch}.rope.scaling.factor {f} (only plain RoPE is implemented)"
+        ));
+    }
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Some(
+            "tensor rope_freqs.weight (Llama 3 RoPE frequency scaling is not implemented)".into(),
+        );
+    }
+    let get = |k: &str| md.get(&format!("{arch}.{k}")).and_then(|v| v.to_u32().ok());
+    if let (Some(rotated), Some(heads), Some(hidden)) = (
+        get("rope.dimension_count"),
+        get("attention.head_count"),
+        get("embedding_length"),
+    ) {
+        let head_dim = get("attention.key_length").unwrap_or(hidden / heads.max(1));
+        if rotated != head_dim {
+            return Some(format!(
+                "{arch}.rope.dimension_count {rotated} with heads of {head_dim} (partial rotation is not implemented)"
+            ));
+        }
+    }
+    None
+}
+
+/// A RoPE setting (`rope_scaling` or `rope_parameters`) other than plain RoPE, named; `None`
+/// when it is plain. Until scaled RoPE is implemented, running a model with its scaling
+/// ignored would give wrong logits silently (a Llama 3.1 with `llama3` scaling: 0.44 off).
+fn unsupported_rope(field: &str, value: &serde_json::Value) -> Option<String> {
+    let map = match value {
+        serde_json::Value::Null => return None,
+        serde_json::Value::Object(map) => map,
+        other => return Some(format!("{field} {other} (expected an object)")),
+    };
+    let kind = map.get("rope_type").or_else(|| map.get("type"));
+    match kind {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::String(k)) if k == "default" => {}
+        Some(k) => {
+            return Some(format!(
+                "{field}: rope_type {k} (only plain RoPE, \"default\", is implemented)"
+            ))
+        }
+    }
+    // Keys that change the rotation even under the default type.
+    for key in ["factor", "partial_rotary_factor", "mrope_section"] {
+        match map.get(key) {
+            None | Some(serde_json::Value::Null) => {}
+            Some(v) if key != "mrope_section" && v.as_f64() == Some(1.0) => {}
+            Some(v) => return Some(format!("{field}: {key} {v} (not implemented)")),
+        }
+    }
+    None
+}
+
+/// A `config.json` key outside the ones we read whose value changes what the network computes
+/// and which this decoder does not implement, named with its value; `None` when every such key
+/// has the value that means "off". transformers 5.24's Mistral and Llama configs write, besides
+/// what [`HfConfigJson`] reads: `attention_bias`, `mlp_bias` (bias on the projections),
+/// `attention_dropout` (dropout on the attention weights while training), `pretraining_tp`
+/// (a split of each matmul into slices: the same sums, so any value is accepted),
+/// `initializer_range`, `use_cache`, `pad_token_id`, `dtype`, `transformers_version`. The
+/// other keys listed here are how related families (Qwen, Gemma, Phi, Granite) spell changes
+/// to the arithmetic; a config that borrows `model_type` "llama" with one of them set is
+/// refused rather than run as plain Llama.
+fn unsupported_arithmetic(rest: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    use serde_json::Value;
+    let off = |v: &Value| -> bool {
+        match v {
+            Value::Null => true,
+            Value::Bool(b) => !b,
+            Value::Number(n) => n.as_f64() == Some(0.0),
+            Value::Array(a) => a.is_empty(),
+            _ => false,
+        }
+    };
+    let one = |v: &Value| v.is_null() || v.as_f64() == Some(1.0);
+    // Keys whose "off" value is false / 0 / null.
+    const OFF_WHEN_ZERO: [&str; 11] = [
+        "attention_bias",
+        "mlp_bias",
+        "attention_dropout",
+        "qkv_bias",
+        "use_qk_norm",
+        "qk_layernorm",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "query_pre_attn_scalar",
+        "no_rope_layers",
+        "hidden_dropout",
+    ];
+    // Keys whose neutral value is 1.
+    const NEUTRAL_WHEN_ONE: [&str; 5] = [
+        "partial_rotary_factor",
+        "embedding_multiplier",
+        "residual_multiplier",
+        "logits_scaling",
+        "attention_multiplier",
+    ];
+    for key in OFF_WHEN_ZERO {
+        if let Some(v) = rest.get(key).filter(|v| !off(v)) {
+            return Some(format!("{key} {v} (not implemented for mistral/llama)"));
+        }
+    }
+    for key in NEUTRAL_WHEN_ONE {
+        if let Some(v) = rest.get(key).filter(|v| !one(v)) {
+            return Some(format!("{key} {v} (not implemented)"));
+        }
+    }
+    if let Some(types) = rest.get("layer_types").and_then(Value::as_array) {
+        // Per-layer attention kinds: only "every layer alike" is what sliding_window means here.
+        let mut kinds: Vec<&str> = types.iter().filter_map(Value::as_str).collect();
+        kinds.dedup();
+        if kinds.len() > 1
+            || kinds
+                .iter()
+                .any(|k| !matches!(*k, "full_attention" | "sliding_attention"))
+        {
+            return Some(format!(
+                "layer_types {} (layers of different attention kinds are not implemented)",
+                rest["layer_types"]
+            ));
+        }
+    }
+    if let Some(act) = rest.get("hidden_activation").filter(|v| !v.is_null()) {
+        if act.as_str() != Some("silu") {
+            return Some(format!("hidden_activation {act} (expected silu)"));
+        }
+    }
+    None
 }
 
 impl ModelConfig {
@@ -146,13 +303,16 @@ impl ModelConfig {
                 )));
             }
         }
-        if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            let kind = scaling.get("rope_type").or_else(|| scaling.get("type"));
-            if kind.and_then(|k| k.as_str()) != Some("default") {
-                return Err(ConfigProblem::Unsupported(format!(
-                    "rope_scaling {scaling}"
-                )));
+        for (field, value) in [
+            ("rope_scaling", &raw.rope_scaling),
+            ("rope_parameters", &raw.rope_parameters),
+        ] {
+            if let Some(problem) = value.as_ref().and_then(|v| unsupported_rope(field, v)) {
+                return Err(ConfigProblem::Unsupported(problem));
             }
+        }
+        if let Some(problem) = unsupported_arithmetic(&raw.rest) {
+            return Err(ConfigProblem::Unsupported(problem));
         }
         if let Some(q) = raw.quantization_config.as_ref() {
             // bitsandbytes 4-bit checkpoints load through `quant::bnb` (which checks the rest).
@@ -237,6 +397,9 @@ impl ModelConfig {
                     .map_err(|e| Error::corrupt(path, format!("metadata {}: {e}", key(k)))),
             }
         };
+        if let Some(problem) = unsupported_gguf_rope(content, arch) {
+            return Err(Error::unsupported(path, problem));
+        }
         let hidden_size = require("embedding_length")?;
         let heads = require("attention.head_count")?;
         let kv_heads = get_u32("attention.head_count_kv")?.unwrap_or(heads);
