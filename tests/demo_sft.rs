@@ -4,7 +4,7 @@
 
 use peft_prelude::data::{alpaca_prompt, format_alpaca, Dataset};
 use peft_prelude::generate::{generate, GenerationConfig};
-use peft_prelude::model::{LoadOptions, Model, Pretrained};
+use peft_prelude::model::{CausalLm, LoadOptions, Pretrained};
 use peft_prelude::peft::{get_peft_model, LoraConfig};
 use peft_prelude::tokenizer::Tokenizer;
 use peft_prelude::train::{SftTrainer, TrainingArgs};
@@ -19,7 +19,7 @@ fn data(name: &str) -> Dataset {
 
 /// Fraction of rows whose greedy answer starts with the expected label.
 fn accuracy(
-    model: &Model,
+    model: &dyn CausalLm,
     tokenizer: &Tokenizer,
     rows: &Dataset,
     config: &GenerationConfig,

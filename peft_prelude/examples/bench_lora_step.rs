@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
     peft.train();
     let params = peft.trainable_vars();
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let total = peft.num_parameters() + trainable;
+    let total = peft.model().num_parameters() + trainable;
     let mut opt = AdamW::new(
         params.clone(),
         AdamWConfig {

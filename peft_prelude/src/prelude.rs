@@ -7,7 +7,7 @@ pub use crate::generate::{
     GenerationConfig, Hooks, StdoutStreamer, Streamer,
 };
 pub use crate::model::{
-    Forward, FrozenLinear, KvCache, Linear, LoadOptions, Model, ModelConfig, Pretrained,
+    CausalLm, Forward, FrozenLinear, KvCache, Linear, LoadOptions, Model, ModelConfig, Pretrained,
 };
 pub use crate::notebook::{
     clear_output, interrupted, print_stream, show, show_text, Display, Html, LinePlot, Png,

@@ -13,7 +13,7 @@ pub use crate::rng::Rng;
 pub use config::GenerationConfig;
 
 use crate::error::{Error, Result};
-use crate::model::{Forward, Model};
+use crate::model::{CausalLm, Forward};
 use crate::tokenizer::{ChatMessage, TokenStream, Tokenizer};
 
 /// Receives generated text piece by piece (never a split UTF-8 character).
@@ -93,9 +93,11 @@ pub struct Hooks<'a> {
 }
 
 /// Generates a continuation of `prompt` (special tokens such as BOS added as the tokenizer
-/// does), streaming it to `streamer` when given.
+/// does), streaming it to `streamer` when given. `model` is any [`CausalLm`]: a base
+/// [`Model`](crate::model::Model) or a [`PeftModel`](crate::peft::PeftModel) with its adapter
+/// acting (prompt methods included).
 pub fn generate(
-    model: &Model,
+    model: &dyn CausalLm,
     tokenizer: &Tokenizer,
     prompt: &str,
     config: &GenerationConfig,
@@ -116,7 +118,7 @@ pub fn generate(
 
 /// Generates for several prompts at once (left-padded into one batch).
 pub fn generate_batch(
-    model: &Model,
+    model: &dyn CausalLm,
     tokenizer: &Tokenizer,
     prompts: &[&str],
     config: &GenerationConfig,
@@ -130,7 +132,7 @@ pub fn generate_batch(
 
 /// Answers a conversation: applies the tokenizer's chat template with a generation prompt.
 pub fn chat(
-    model: &Model,
+    model: &dyn CausalLm,
     tokenizer: &Tokenizer,
     messages: &[ChatMessage],
     config: &GenerationConfig,
@@ -153,7 +155,7 @@ pub fn chat(
 
 /// The decoding loop over already-tokenized prompts.
 pub fn generate_ids(
-    model: &Model,
+    model: &dyn CausalLm,
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
@@ -203,7 +205,7 @@ pub fn generate_ids(
     if padded {
         args = args.with_attention_mask(&mask_t).with_position_ids(&pos_t);
     }
-    let mut logits = model.forward_last(args)?;
+    let mut logits = model.last_logits(args)?;
 
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     let mut seen: Vec<Vec<u32>> = prompts.to_vec();
@@ -282,7 +284,7 @@ pub fn generate_ids(
         if padded {
             args = args.with_position_ids(&pos);
         }
-        logits = model.forward_last(args)?;
+        logits = model.last_logits(args)?;
     }
 
     // Text still held back by the streams (e.g. an incomplete character at the very end).
@@ -320,7 +322,7 @@ pub fn generate_ids(
 /// The log-probability the model gives `completion` after `prompt` (the sum over the
 /// completion's tokens): how much it prefers one answer over another.
 pub fn completion_logprob(
-    model: &Model,
+    model: &dyn CausalLm,
     tokenizer: &Tokenizer,
     prompt: &str,
     completion: &str,
@@ -337,7 +339,7 @@ pub fn completion_logprob(
         .chain(std::iter::repeat_n(1, completion_ids.len()))
         .collect();
     let input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
-    let logits = model.forward(&input)?.detach();
+    let logits = model.logits(Forward::ids(&input))?.detach();
     let lp = crate::train::dpo::sequence_logps(&logits, &[ids], &[mask])?;
     Ok(lp.to_dtype(DType::F64)?.to_vec1::<f64>()?[0])
 }

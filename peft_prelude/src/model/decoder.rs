@@ -91,14 +91,14 @@ pub struct DecoderLayer {
 /// What one forward pass takes besides the model. Build with [`Forward::ids`] or
 /// [`Forward::embeds`] and the `with_*` methods.
 pub struct Forward<'a> {
-    input: Input<'a>,
-    attention_mask: Option<&'a Tensor>,
-    position_ids: Option<&'a Tensor>,
-    segment_ids: Option<&'a Tensor>,
-    cache: Option<&'a mut KvCache>,
+    pub(crate) input: Input<'a>,
+    pub(crate) attention_mask: Option<&'a Tensor>,
+    pub(crate) position_ids: Option<&'a Tensor>,
+    pub(crate) segment_ids: Option<&'a Tensor>,
+    pub(crate) cache: Option<&'a mut KvCache>,
 }
 
-enum Input<'a> {
+pub(crate) enum Input<'a> {
     Ids(&'a Tensor),
     Embeds(&'a Tensor),
 }

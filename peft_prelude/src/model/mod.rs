@@ -1,6 +1,7 @@
 //! The Mistral/Llama decoder and its loaders.
 
 pub mod cache;
+pub mod causal_lm;
 pub mod config;
 pub mod decoder;
 pub mod gguf;
@@ -11,6 +12,7 @@ pub mod rope;
 pub mod weights;
 
 pub use cache::KvCache;
+pub use causal_lm::CausalLm;
 pub use config::{Architecture, ModelConfig};
 pub use decoder::{Checkpointed, Checkpointing, Forward, Model};
 pub use linear::{FrozenLinear, Linear};

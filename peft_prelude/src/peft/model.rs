@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::bottleneck::{BottleneckBlock, NonLinearity};
 use super::config::{LoraInit, PeftConfig, PromptLearningCommon, TargetModules};
@@ -14,14 +14,18 @@ use super::saved::{SavedEmbedding, SavedLinear};
 use super::switch::AdapterSwitch;
 use super::targets::{pattern_value, select};
 use crate::error::{Error, Result};
-use crate::model::{Checkpointed, Checkpointing, Forward, FrozenLinear, Linear, Model};
+use crate::model::decoder::Input;
+use crate::model::{
+    CausalLm, Checkpointed, Checkpointing, Forward, FrozenLinear, KvCache, Linear, Model,
+    ModelConfig,
+};
 use crate::rng::Rng;
 
 /// PEFT's name for the adapter `get_peft_model` creates.
 pub const DEFAULT_ADAPTER: &str = "default";
 
-/// A base model with adapters. Dereferences to the [`Model`], so everything that takes a
-/// model (generation, for instance) takes a `PeftModel` too, adapters active.
+/// A base model with adapters. It is a [`CausalLm`] of its own (generation, the trainers and
+/// evaluation take it as it is, adapters acting); [`model`](Self::model) is the bare base.
 #[derive(Debug)]
 pub struct PeftModel {
     model: Model,
@@ -38,10 +42,40 @@ pub fn get_peft_model(model: Model, config: impl Into<PeftConfig>) -> Result<Pef
     Ok(peft)
 }
 
-impl std::ops::Deref for PeftModel {
-    type Target = Model;
-    fn deref(&self) -> &Model {
-        &self.model
+/// What [`PeftModel::run`] returns.
+#[derive(Clone, Copy)]
+enum Output {
+    /// Every position, the virtual tokens' first (PEFT's `forward`).
+    WithVirtual,
+    /// The input's positions.
+    Input,
+    /// The input's last position, `[batch, vocab]`.
+    Last,
+}
+
+impl CausalLm for PeftModel {
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn device(&self) -> &Device {
+        self.model.device()
+    }
+
+    fn dtype(&self) -> DType {
+        self.model.dtype()
+    }
+
+    fn new_cache(&self) -> KvCache {
+        self.model.new_cache()
+    }
+
+    fn logits(&self, args: Forward<'_>) -> Result<Tensor> {
+        self.run(args, Output::Input)
+    }
+
+    fn last_logits(&self, args: Forward<'_>) -> Result<Tensor> {
+        self.run(args, Output::Last)
     }
 }
 
@@ -72,7 +106,8 @@ impl PeftModel {
         &mut self.model
     }
 
-    pub fn config(&self, adapter: &str) -> Option<&PeftConfig> {
+    /// The configuration of adapter `adapter` (PEFT's `peft_config[adapter]`).
+    pub fn peft_config(&self, adapter: &str) -> Option<&PeftConfig> {
         self.configs.get(adapter)
     }
 
@@ -151,14 +186,15 @@ impl PeftModel {
     }
 
     /// Logits for `ids: [batch, seq]`. With prompt tuning or P-tuning the virtual tokens'
-    /// positions come first (`[batch, n + seq, vocab]`, as PEFT returns them).
+    /// positions come first (`[batch, n + seq, vocab]`, as PEFT returns them); generation and
+    /// the trainers use [`CausalLm::logits`], which gives the input's positions only.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         self.forward_masked(ids, None)
     }
 
     /// [`forward`](Self::forward) with a padding mask `[batch, seq]`.
     pub fn forward_masked(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_inputs(ids, mask, None, None, false)
+        self.run(token_inputs(ids, mask, None, None), Output::WithVirtual)
     }
 
     /// Logits `[batch, seq, vocab]` aligned with `ids` (virtual prompt positions dropped), for
@@ -170,7 +206,118 @@ impl PeftModel {
         positions: Option<&Tensor>,
         segments: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.forward_inputs(ids, mask, positions, segments, true)
+        self.run(token_inputs(ids, mask, positions, segments), Output::Input)
+    }
+
+    /// The forward pass with the acting adapter: LoRA-like methods act inside the base's
+    /// layers; prompt tuning and P-tuning put their virtual tokens in front of the input when
+    /// a sequence starts (no cache, or an empty one); prefix tuning puts its key/value
+    /// prefixes into the cache (a temporary one without a cache). The virtual tokens take
+    /// positions `0..n`, so explicit position ids (which count from the input) move by `n`.
+    fn run(&self, args: Forward<'_>, output: Output) -> Result<Tensor> {
+        let Some(prompt) = self.acting_prompt() else {
+            return match output {
+                Output::Last => self.model.forward_last(args),
+                Output::Input | Output::WithVirtual => self.model.forward_with(args),
+            };
+        };
+        let Forward {
+            input,
+            attention_mask,
+            position_ids,
+            segment_ids,
+            cache,
+        } = args;
+        if segment_ids.is_some() {
+            return Err(Error::InvalidArgument(
+                "packed sequences are not supported with prompt-learning adapters; set packing = false".into(),
+            ));
+        }
+        let (batch, seq) = match &input {
+            Input::Ids(ids) => ids.dims2()?,
+            Input::Embeds(e) => {
+                let (b, t, _) = e.dims3()?;
+                (b, t)
+            }
+        };
+        let n = prompt.num_virtual_tokens();
+        let starts = cache.as_deref().is_none_or(|c| c.seen() == 0);
+        let shifted = position_ids
+            .map(|p| shift_positions(p, n, batch, seq))
+            .transpose()?;
+        if let PromptLearning::Prefix { .. } = prompt {
+            let mut own_cache;
+            let cache = match cache {
+                Some(c) => {
+                    if starts {
+                        *c = prompt.prefix_cache(&self.model, batch)?;
+                    }
+                    c
+                }
+                None => {
+                    own_cache = prompt.prefix_cache(&self.model, batch)?;
+                    &mut own_cache
+                }
+            };
+            let args = Forward {
+                input,
+                attention_mask,
+                position_ids: shifted.as_ref(),
+                segment_ids: None,
+                cache: Some(cache),
+            };
+            return match output {
+                Output::Last => self.model.forward_last(args),
+                Output::Input | Output::WithVirtual => self.model.forward_with(args),
+            };
+        }
+        if !starts {
+            // Decoding after the virtual tokens went into the cache.
+            let args = Forward {
+                input,
+                attention_mask,
+                position_ids: shifted.as_ref(),
+                segment_ids: None,
+                cache,
+            };
+            return match output {
+                Output::Last => self.model.forward_last(args),
+                Output::Input | Output::WithVirtual => self.model.forward_with(args),
+            };
+        }
+        let virtual_tokens = prompt.prompt_embeddings()?.to_dtype(self.model.dtype())?;
+        let (_, h) = virtual_tokens.dims2()?;
+        let front = virtual_tokens.unsqueeze(0)?.broadcast_as((batch, n, h))?;
+        let tokens = match input {
+            Input::Ids(ids) => self.model.embed(ids)?,
+            Input::Embeds(e) => e.to_dtype(self.model.dtype())?,
+        };
+        let embeds = Tensor::cat(&[&front, &tokens], 1)?;
+        let mask = attention_mask
+            .map(|m| -> Result<Tensor> {
+                let ones = Tensor::ones((batch, n), m.dtype(), m.device())?;
+                Ok(Tensor::cat(&[&ones, m], 1)?)
+            })
+            .transpose()?;
+        let positions = shifted
+            .map(|p| -> Result<Tensor> {
+                let front: Vec<u32> = (0..batch).flat_map(|_| 0..n as u32).collect();
+                let front = Tensor::from_vec(front, (batch, n), p.device())?;
+                Ok(Tensor::cat(&[&front, &p], 1)?)
+            })
+            .transpose()?;
+        let args = Forward {
+            input: Input::Embeds(&embeds),
+            attention_mask: mask.as_ref(),
+            position_ids: positions.as_ref(),
+            segment_ids: None,
+            cache,
+        };
+        match output {
+            Output::Last => self.model.forward_last(args),
+            Output::WithVirtual => self.model.forward_with(args),
+            Output::Input => Ok(self.model.forward_with(args)?.narrow(1, n, seq)?),
+        }
     }
 
     /// Final-norm hidden states aligned with `ids` (virtual prompt positions dropped) and the
@@ -247,53 +394,6 @@ impl PeftModel {
         vars: &[Var],
     ) -> Result<Vec<Option<Tensor>>> {
         self.model.backward_checkpointed(ck, loss, vars)
-    }
-
-    fn forward_inputs(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        positions: Option<&Tensor>,
-        segments: Option<&Tensor>,
-        drop_virtual: bool,
-    ) -> Result<Tensor> {
-        let (batch, seq) = ids.dims2()?;
-        match self.acting_prompt() {
-            None => {
-                self.model.forward_with(token_inputs(ids, mask, positions, segments))
-            }
-            Some(_) if positions.is_some() || segments.is_some() => Err(Error::InvalidArgument(
-                "packed sequences are not supported with prompt-learning adapters; set packing = false".into(),
-            )),
-            Some(p @ PromptLearning::Prefix { .. }) => {
-                let mut cache = p.prefix_cache(&self.model, batch)?;
-                let mut args = Forward::ids(ids).with_cache(&mut cache);
-                if let Some(m) = mask {
-                    args = args.with_attention_mask(m);
-                }
-                self.model.forward_with(args)
-            }
-            Some(p) => {
-                let virtual_tokens = p.prompt_embeddings()?.to_dtype(self.model.dtype())?;
-                let (n, h) = virtual_tokens.dims2()?;
-                let prompt = virtual_tokens.unsqueeze(0)?.broadcast_as((batch, n, h))?;
-                let embeds = Tensor::cat(&[&prompt, &self.model.embed(ids)?], 1)?;
-                let full_mask = match mask {
-                    Some(m) => Some(Tensor::cat(&[&Tensor::ones((batch, n), m.dtype(), m.device())?, m], 1)?),
-                    None => None,
-                };
-                let mut args = Forward::embeds(&embeds);
-                if let Some(m) = full_mask.as_ref() {
-                    args = args.with_attention_mask(m);
-                }
-                let logits = self.model.forward_with(args)?;
-                if drop_virtual {
-                    Ok(logits.narrow(1, n, seq)?)
-                } else {
-                    Ok(logits)
-                }
-            }
-        }
     }
 
     /// Adds an adapter. LoRA and IA³ wrap the targeted projections; prompt-learning methods
@@ -1157,6 +1257,24 @@ fn token_inputs<'a>(
         args = args.with_segment_ids(s);
     }
     args
+}
+
+/// Position ids `[batch, seq]` counted from the input, moved past `n` virtual tokens (u32).
+fn shift_positions(positions: &Tensor, n: usize, batch: usize, seq: usize) -> Result<Tensor> {
+    if positions.dims() != [batch, seq] {
+        return Err(Error::InvalidArgument(format!(
+            "position_ids has shape {:?}, expected [{batch}, {seq}]",
+            positions.dims()
+        )));
+    }
+    let rows: Vec<u32> = positions
+        .to_dtype(DType::U32)?
+        .flatten_all()?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|p| p + n as u32)
+        .collect();
+    Ok(Tensor::from_vec(rows, (batch, seq), positions.device())?)
 }
 
 /// Fills the model-dependent prompt-learning fields as PEFT's `_prepare_prompt_learning_config`

@@ -14,6 +14,7 @@ use super::schedule::Schedule;
 use crate::data::dataset::{field_str, BatchOrder};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::model::CausalLm;
 use crate::notebook::{self, LinePlot, ProgressBar};
 use crate::peft::PeftModel;
 use crate::tokenizer::Tokenizer;

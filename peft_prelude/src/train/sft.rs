@@ -18,7 +18,7 @@ use crate::data::dataset::BatchOrder;
 use crate::data::tokenize::{tokenize_dataset, Example, TokenizeOptions};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::model::Checkpointing;
+use crate::model::{CausalLm, Checkpointing};
 use crate::notebook::{self, LinePlot, ProgressBar};
 use crate::peft::PeftModel;
 use crate::tokenizer::Tokenizer;
