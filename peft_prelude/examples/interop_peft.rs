@@ -29,7 +29,6 @@ use peft_prelude::peft::{
     get_peft_model, Ia3Config, LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig,
     PromptEncoderConfig, PromptLearningCommon, PromptTuningConfig,
 };
-use peft_prelude::quant::export::save_hf_16bit;
 use peft_prelude::quant::Quantization;
 use peft_prelude::train::sft::batch_gradients;
 use peft_prelude::train::{AdamW, AdamWConfig};
@@ -161,8 +160,8 @@ fn save(model_dir: &Path, out: &Path, method: &str) -> anyhow::Result<()> {
     if matches!(method, "prompt" | "prefix" | "ptuning") {
         return Ok(()); // nothing to merge
     }
-    let merged = peft.merge_and_unload()?;
-    save_hf_16bit(&merged, out.join("merged"), DType::F16, model_dir)?;
+    // Unsloth's merged_16bit: merged in f32 over the dequantized base (QLoRA included).
+    peft.save_pretrained_merged(out.join("merged"), &p.tokenizer, "merged_16bit")?;
     let again = Pretrained::load(
         &out.join("merged").to_string_lossy(),
         &LoadOptions::default(),

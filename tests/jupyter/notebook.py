@@ -80,6 +80,13 @@ def main():
         print("after training:", answers.strip().splitlines()[-1] if answers.strip() else "(nothing)")
         check("6 of 6 held-out" in answers or "5 of 6 held-out" in answers, answers)
 
+        # The merged 16-bit model, reloaded, answers every held-out prompt as the adapter model.
+        merged_out = "".join(
+            o.get("text", "") for c in nb.cells if c.cell_type == "code" and "save_pretrained_merged" in source(c) for o in c.outputs
+        )
+        print("merged:", merged_out.strip())
+        check("adapter model's answer on 6 of 6 prompts" in merged_out, merged_out)
+
         gen_cell = next(i for i, c in enumerate(nb.cells) if "TokenStreamer::new" in source(c))
         streams = [t for t, m in client.messages[gen_cell] if m["msg_type"] == "stream"]
         check(len(streams) >= 3, f"only {len(streams)} stream messages in the generation cell")

@@ -85,6 +85,22 @@ impl Ia3Linear {
         self.base.base_mut().set_weight(new_w.to_dtype(w.dtype())?)
     }
 
+    /// The base weight scaled by adapter `name`, in f32, without changing the layer.
+    pub fn merged_weight(&self, name: &str) -> Result<Tensor> {
+        let w = self.base.base().dense_weight()?.to_dtype(DType::F32)?;
+        if self.merged.as_deref() == Some(name) {
+            return Ok(w);
+        }
+        let l = self
+            .adapters
+            .get(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("no IA3 adapter named `{name}`")))?
+            .as_tensor()
+            .detach()
+            .to_dtype(DType::F32)?;
+        Ok(w.broadcast_mul(&l)?)
+    }
+
     pub fn merge(&mut self, name: &str) -> Result<()> {
         if self.merged.is_some() {
             return Err(Error::InvalidArgument(

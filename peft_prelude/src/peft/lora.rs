@@ -160,25 +160,39 @@ impl LoraLinear {
                 "an adapter is already merged; unmerge it first".into(),
             ));
         }
-        let adapter = self
-            .adapters
-            .get(name)
-            .ok_or_else(|| Error::InvalidArgument(format!("no LoRA adapter named `{name}`")))?
-            .clone();
-        let w = self.base.base().dense_weight()?;
-        let dtype = w.dtype();
-        let merged_w = (w.to_dtype(DType::F32)? + adapter.delta_weight(DType::F32)?)?;
-        let (new_w, norms) = match &adapter.magnitude {
-            None => (merged_w, None),
-            Some(m) => {
-                let norms = merged_w.sqr()?.sum(D::Minus1)?.sqrt()?;
-                let scale = (m.as_tensor().detach() / &norms)?;
-                (merged_w.broadcast_mul(&scale.unsqueeze(1)?)?, Some(norms))
-            }
-        };
+        let dtype = self.base.base().dtype();
+        let (new_w, norms) = self.merge_in_f32(name)?;
         self.base.base_mut().set_weight(new_w.to_dtype(dtype)?)?;
         self.merged = Some((name.to_string(), norms));
         Ok(())
+    }
+
+    /// The base weight with adapter `name` merged in, in f32 (a quantized base dequantized
+    /// first, so nothing is rounded back into its format), without changing the layer. What a
+    /// 16-bit export writes.
+    pub fn merged_weight(&self, name: &str) -> Result<Tensor> {
+        if self.merged_adapter() == Some(name) {
+            return Ok(self.base.base().dense_weight()?.to_dtype(DType::F32)?);
+        }
+        Ok(self.merge_in_f32(name)?.0)
+    }
+
+    /// `W + s·B A` in f32 (DoRA: rescaled to the magnitude), with DoRA's row norms.
+    fn merge_in_f32(&self, name: &str) -> Result<(Tensor, Option<Tensor>)> {
+        let adapter = self
+            .adapters
+            .get(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("no LoRA adapter named `{name}`")))?;
+        let w = self.base.base().dense_weight()?;
+        let merged_w = (w.to_dtype(DType::F32)? + adapter.delta_weight(DType::F32)?)?;
+        Ok(match &adapter.magnitude {
+            None => (merged_w, None),
+            Some(m) => {
+                let norms = merged_w.sqr()?.sum(D::Minus1)?.sqrt()?;
+                let scale = (m.as_tensor().detach().to_dtype(DType::F32)? / &norms)?;
+                (merged_w.broadcast_mul(&scale.unsqueeze(1)?)?, Some(norms))
+            }
+        })
     }
 
     /// Subtracts a merged adapter from the base weight again.

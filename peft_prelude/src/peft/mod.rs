@@ -9,6 +9,7 @@ pub mod config;
 pub mod ia3;
 pub mod io;
 pub mod lora;
+pub mod merged;
 pub mod model;
 pub mod prompt;
 pub mod saved;
@@ -19,6 +20,7 @@ pub use config::{
     BottleneckConfig, Ia3Config, LoraConfig, LoraInit, PeftConfig, PrefixTuningConfig,
     PromptEncoderConfig, PromptLearningCommon, PromptTuningConfig, TargetModules,
 };
+pub use merged::SaveMethod;
 pub use model::{get_peft_model, PeftModel};
 
 /// Trainable parameters are f32 whatever the activations (bf16 on GPU, f32 on CPU); an f64

@@ -1,88 +1,273 @@
-//! Exporting a (merged) model for other runtimes: a Hugging Face directory with 16-bit
-//! safetensors, or a llama.cpp-style GGUF (F16, Q8_0, Q4_K) with the tokenizer in its
-//! metadata. Quantized projections are dequantized one layer at a time on the way out.
+//! Exporting a model for other runtimes: a Hugging Face directory with 16-bit safetensors, a
+//! bitsandbytes 4-bit (NF4) directory, or a llama.cpp GGUF (F16, Q8_0, Q4_K_M) with the
+//! tokenizer in its metadata. Every export is self-contained: the tokenizer is written from the
+//! [`Tokenizer`] in hand, whatever the model was loaded from.
+//!
+//! What is written comes from an [`ExportSource`]: a model's own weights, or (through
+//! [`PeftModel::save_pretrained_merged`](crate::peft::PeftModel::save_pretrained_merged)) its
+//! weights with an adapter merged in full precision, one projection at a time, without
+//! touching the model.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
+use super::nf4_weight::Nf4Weight;
 use crate::error::{Error, Result};
 use crate::model::config::Architecture;
-use crate::model::gguf::{permute_rows, GgufFile};
+use crate::model::gguf::permute_rows;
 use crate::model::Model;
 use crate::peft::io::{replace_atomically, write_atomic};
+use crate::quant::Absmax;
+use crate::tokenizer::Tokenizer;
 
-/// Tokenizer and generation files copied next to an exported checkpoint when present
-/// (transformers 5 keeps the chat template in `chat_template.jinja`, older versions in
-/// `chat_template.json` or inside `tokenizer_config.json`).
-pub const TOKENIZER_FILES: [&str; 7] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-];
+/// A projection's dense weight `[out, in]`, by Hugging Face module path.
+type LinearWeights<'a> = Box<dyn Fn(&str) -> Result<Tensor> + 'a>;
 
-/// Writes `model` as a Hugging Face model directory: `config.json`, `model.safetensors` in
-/// `dtype` (F16 or BF16), and the tokenizer files found in `tokenizer_dir`.
+/// The tensors an export writes: the configuration, norms and (by default) weights of a
+/// model, with the projections and the embedding possibly replaced (an adapter merged in).
+pub struct ExportSource<'a> {
+    model: &'a Model,
+    linear: LinearWeights<'a>,
+    embed_tokens: Tensor,
+}
+
+impl<'a> ExportSource<'a> {
+    /// The model's own weights (quantized ones dequantized one projection at a time).
+    pub fn of(model: &'a Model) -> Self {
+        ExportSource {
+            model,
+            linear: Box::new(move |path| model.linear(path)?.base().dense_weight()),
+            embed_tokens: model.embed_tokens().clone(),
+        }
+    }
+
+    /// `model`'s configuration and norms with projections from `linear` and the embedding
+    /// table `embed_tokens`.
+    pub fn with_weights(
+        model: &'a Model,
+        linear: impl Fn(&str) -> Result<Tensor> + 'a,
+        embed_tokens: Tensor,
+    ) -> Self {
+        ExportSource {
+            model,
+            linear: Box::new(linear),
+            embed_tokens,
+        }
+    }
+
+    /// The dense weight `[out, in]` written for the projection at `path`.
+    pub fn linear_weight(&self, path: &str) -> Result<Tensor> {
+        (self.linear)(path)
+    }
+
+    /// The token embedding table written.
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    /// Every tensor of a Hugging Face checkpoint but the projections: embedding, norms.
+    fn non_projection_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                self.embed_tokens.clone(),
+            ),
+            (
+                "model.norm.weight".to_string(),
+                self.model.final_norm().weight().clone(),
+            ),
+        ];
+        for (i, layer) in self.model.layers().iter().enumerate() {
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                layer.input_layernorm.weight().clone(),
+            ));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.weight().clone(),
+            ));
+        }
+        out
+    }
+
+    /// The projection paths a checkpoint stores (a tied head is the embedding).
+    fn projection_paths(&self) -> Vec<String> {
+        let tied = self.model.config().tie_word_embeddings;
+        self.model
+            .linear_paths()
+            .into_iter()
+            .filter(|p| p != "lm_head" || !tied)
+            .collect()
+    }
+}
+
+/// Writes `model` as a Hugging Face model directory: `config.json`, `generation_config.json`,
+/// `model.safetensors` in `dtype` (F16 or BF16), and the tokenizer
+/// ([`Tokenizer::save_pretrained`]).
 pub fn save_hf_16bit(
     model: &Model,
     dir: impl AsRef<Path>,
     dtype: DType,
-    tokenizer_dir: &Path,
+    tokenizer: &Tokenizer,
 ) -> Result<()> {
-    let dir = dir.as_ref();
+    write_hf_16bit(&ExportSource::of(model), dir.as_ref(), dtype, tokenizer)
+}
+
+/// [`save_hf_16bit`] from any [`ExportSource`].
+pub fn write_hf_16bit(
+    source: &ExportSource<'_>,
+    dir: &Path,
+    dtype: DType,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
     if !matches!(dtype, DType::F16 | DType::BF16) {
         return Err(Error::InvalidArgument(format!(
             "16-bit export needs F16 or BF16, not {dtype:?}"
         )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let c = model.config();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let mut put = |name: String, t: Tensor| -> Result<()> {
+    for (name, t) in source.non_projection_tensors() {
         tensors.insert(name, t.to_dtype(dtype)?);
-        Ok(())
-    };
-    put(
-        "model.embed_tokens.weight".into(),
-        model.embed_tokens().clone(),
-    )?;
-    put(
-        "model.norm.weight".into(),
-        model.final_norm().weight().clone(),
-    )?;
-    for (i, layer) in model.layers().iter().enumerate() {
-        put(
-            format!("model.layers.{i}.input_layernorm.weight"),
-            layer.input_layernorm.weight().clone(),
-        )?;
-        put(
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            layer.post_attention_layernorm.weight().clone(),
-        )?;
     }
-    for path in model.linear_paths() {
-        if path == "lm_head" && c.tie_word_embeddings {
+    for path in source.projection_paths() {
+        tensors.insert(
+            format!("{path}.weight"),
+            source.linear_weight(&path)?.to_dtype(dtype)?,
+        );
+    }
+    let config = hf_config_json(source.model, dtype, None);
+    write_checkpoint(dir, &config, &tensors, source.model, tokenizer)
+}
+
+/// Writes a bitsandbytes 4-bit checkpoint: every decoder projection quantized to NF4 with
+/// double quantization (as `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+/// bnb_4bit_use_double_quant=True)` stores it), embeddings, norms and head in the model's
+/// dtype. transformers loads it with bitsandbytes; [`crate::model::Pretrained`] loads it too.
+pub fn write_bnb_4bit(source: &ExportSource<'_>, dir: &Path, tokenizer: &Tokenizer) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let dtype = source.model.dtype();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in source.non_projection_tensors() {
+        tensors.insert(name, t.to_dtype(dtype)?.to_device(&Device::Cpu)?);
+    }
+    for path in source.projection_paths() {
+        let w = source.linear_weight(&path)?;
+        if path == "lm_head" {
+            // bitsandbytes leaves the head in full precision.
+            tensors.insert(
+                format!("{path}.weight"),
+                w.to_dtype(dtype)?.to_device(&Device::Cpu)?,
+            );
             continue;
         }
-        put(
-            format!("{path}.weight"),
-            model.linear(&path)?.base().dense_weight()?,
-        )?;
+        let nf4 = Nf4Weight::quantize(&w.to_device(&Device::Cpu)?, true)?;
+        bnb_tensors(&format!("{path}.weight"), &nf4, dtype, &mut tensors)?;
     }
-    // Every file is written beside its final name and renamed into place: an interrupted
-    // export never leaves a truncated model.safetensors that loads as a broken model.
-    let config = hf_config_json(model, dtype);
-    let text =
-        serde_json::to_string_pretty(&config).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let config = hf_config_json(
+        source.model,
+        dtype,
+        Some(serde_json::json!({
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": true,
+            "load_in_8bit": false,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": true,
+            "bnb_4bit_compute_dtype": torch_dtype(dtype),
+            "bnb_4bit_quant_storage": "uint8",
+        })),
+    );
+    write_checkpoint(dir, &config, &tensors, source.model, tokenizer)
+}
+
+/// bitsandbytes' serialized layout of one NF4 weight `name` (see [`super::bnb`]).
+fn bnb_tensors(
+    name: &str,
+    w: &Nf4Weight,
+    dtype: DType,
+    out: &mut HashMap<String, Tensor>,
+) -> Result<()> {
+    let m = w.matrix();
+    let cpu = Device::Cpu;
+    let packed = m.packed().to_device(&cpu)?;
+    let n = packed.elem_count();
+    out.insert(name.to_string(), packed.reshape((n, 1))?);
+    out.insert(
+        format!("{name}.quant_map"),
+        Tensor::from_slice(m.code(), 16, &cpu)?,
+    );
+    let mut state = serde_json::json!({
+        "quant_type": "nf4",
+        "blocksize": m.blocksize(),
+        "dtype": torch_dtype(dtype).trim_start_matches("torch."),
+        "shape": [m.rows(), m.cols()],
+    });
+    match m.absmax() {
+        Absmax::Plain(a) => {
+            out.insert(
+                format!("{name}.absmax"),
+                Tensor::from_slice(a, a.len(), &cpu)?,
+            );
+        }
+        Absmax::Nested {
+            codes,
+            code_map,
+            nested_absmax,
+            nested_blocksize,
+            offset,
+        } => {
+            out.insert(
+                format!("{name}.absmax"),
+                Tensor::from_slice(codes, codes.len(), &cpu)?,
+            );
+            out.insert(
+                format!("{name}.nested_absmax"),
+                Tensor::from_slice(nested_absmax, nested_absmax.len(), &cpu)?,
+            );
+            out.insert(
+                format!("{name}.nested_quant_map"),
+                Tensor::from_slice(code_map, code_map.len(), &cpu)?,
+            );
+            state["nested_blocksize"] = (*nested_blocksize).into();
+            state["nested_offset"] = (*offset as f64).into();
+        }
+    }
+    let bytes = serde_json::to_vec(&state).expect("JSON values serialise");
+    let len = bytes.len();
+    out.insert(
+        format!("{name}.quant_state.bitsandbytes__nf4"),
+        Tensor::from_vec(bytes, len, &cpu)?,
+    );
+    Ok(())
+}
+
+/// `config.json`, `generation_config.json`, `model.safetensors` and the tokenizer, each
+/// written beside its final name and renamed into place: an interrupted export never leaves a
+/// truncated file that loads as a broken model.
+fn write_checkpoint(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: &HashMap<String, Tensor>,
+    model: &Model,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
+    let pretty = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("JSON serialises");
     let config_path = dir.join("config.json");
-    write_atomic(&config_path, text.as_bytes())?;
+    write_atomic(&config_path, &pretty(config))?;
+    let c = model.config();
+    let generation = serde_json::json!({
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": match c.eos_token_id.as_slice() {
+            [one] => serde_json::json!(one),
+            many => serde_json::json!(many),
+        },
+        "do_sample": false,
+    });
+    write_atomic(&dir.join("generation_config.json"), &pretty(&generation))?;
     // The safetensors writer creates its file owner-only (a temporary file renamed into place);
     // give the weights the permissions every other file of the export gets.
     let permissions = std::fs::metadata(&config_path)
@@ -90,30 +275,32 @@ pub fn save_hf_16bit(
         .permissions();
     let file = dir.join("model.safetensors");
     replace_atomically(&file, |tmp| {
-        candle_core::safetensors::save(&tensors, tmp)
+        candle_core::safetensors::save(tensors, tmp)
             .map_err(|e| Error::corrupt(tmp, e.to_string()))?;
         std::fs::set_permissions(tmp, permissions).map_err(|e| Error::io(tmp, e))
     })?;
-    for name in TOKENIZER_FILES {
-        let src = tokenizer_dir.join(name);
-        if src.is_file() {
-            replace_atomically(&dir.join(name), |tmp| {
-                std::fs::copy(&src, tmp)
-                    .map(drop)
-                    .map_err(|e| Error::io(&src, e))
-            })?;
-        }
-    }
-    Ok(())
+    tokenizer.save_pretrained(dir)
 }
 
-fn hf_config_json(model: &Model, dtype: DType) -> serde_json::Value {
+fn torch_dtype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+fn hf_config_json(
+    model: &Model,
+    dtype: DType,
+    quantization: Option<serde_json::Value>,
+) -> serde_json::Value {
     let c = model.config();
     let (model_type, class) = match c.architecture {
         Architecture::Mistral => ("mistral", "MistralForCausalLM"),
         _ => ("llama", "LlamaForCausalLM"),
     };
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": [class],
         "model_type": model_type,
         "vocab_size": c.vocab_size,
@@ -125,155 +312,182 @@ fn hf_config_json(model: &Model, dtype: DType) -> serde_json::Value {
         "head_dim": c.head_dim,
         "max_position_embeddings": c.max_position_embeddings,
         "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
         "rms_norm_eps": c.rms_norm_eps,
         "sliding_window": c.sliding_window,
         "tie_word_embeddings": c.tie_word_embeddings,
         "bos_token_id": c.bos_token_id,
         "eos_token_id": c.eos_token_id.first(),
         "hidden_act": "silu",
-        "torch_dtype": if dtype == DType::BF16 { "bfloat16" } else { "float16" },
-    })
+        "attention_bias": false,
+        "mlp_bias": false,
+        "torch_dtype": torch_dtype(dtype),
+    });
+    if let Some(q) = quantization {
+        config["quantization_config"] = q;
+    }
+    config
 }
 
-/// The tensor types a GGUF export can use, as llama.cpp names its file types.
+/// The tensor types of a GGUF export, as llama.cpp names its file types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufExport {
     F16,
     Q8_0,
-    /// Q4_K projections (Q5_0 where a row is not a multiple of 256, as llama.cpp falls back),
-    /// Q6_K embeddings and head (Q8_0 when not a multiple of 256).
-    Q4K,
+    /// llama.cpp's Q4_K_M mix: Q4_K projections, Q6_K for the value and down projections of
+    /// the layers `use_more_bits` picks and for the head (or a tied embedding); a row that is
+    /// not a multiple of 256 falls back as llama.cpp does (Q4_K → Q5_0, Q6_K → Q8_0).
+    Q4KM,
 }
 
 impl GgufExport {
+    /// Unsloth's `quantization_method` names (`"f16"`, `"q8_0"`, `"q4_k_m"`, and its aliases
+    /// `"not_quantized"`, `"fast_quantized"`, `"quantized"`), case-insensitive.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "f16" | "not_quantized" => Ok(GgufExport::F16),
+            "q8_0" | "fast_quantized" => Ok(GgufExport::Q8_0),
+            "q4_k_m" | "quantized" => Ok(GgufExport::Q4KM),
+            other => Err(Error::InvalidArgument(format!(
+                "GGUF quantization `{other}` (supported: f16, q8_0, q4_k_m; or Unsloth's not_quantized, fast_quantized, quantized)"
+            ))),
+        }
+    }
+
+    /// llama.cpp's name of the file type (`Q4_K_M`), as used in file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufExport::F16 => "F16",
+            GgufExport::Q8_0 => "Q8_0",
+            GgufExport::Q4KM => "Q4_K_M",
+        }
+    }
+
     /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_*`).
     fn file_type(self) -> u32 {
         match self {
             GgufExport::F16 => 1,
             GgufExport::Q8_0 => 7,
-            GgufExport::Q4K => 15,
+            GgufExport::Q4KM => 15,
         }
     }
 
-    fn projection_type(self, cols: usize) -> GgmlDType {
-        match self {
-            GgufExport::F16 => GgmlDType::F16,
-            GgufExport::Q8_0 => GgmlDType::Q8_0,
-            GgufExport::Q4K if cols.is_multiple_of(256) => GgmlDType::Q4K,
-            GgufExport::Q4K => GgmlDType::Q5_0,
-        }
-    }
-
-    fn embedding_type(self, cols: usize) -> GgmlDType {
-        match self {
-            GgufExport::Q4K if cols.is_multiple_of(256) => GgmlDType::Q6K,
-            GgufExport::Q4K => GgmlDType::Q8_0,
-            other => other.projection_type(cols),
+    /// The type of a tensor of row length `cols`: `role` says which rule of the mix applies.
+    fn tensor_type(self, role: Role, cols: usize) -> GgmlDType {
+        let wanted = match (self, role) {
+            (GgufExport::F16, _) => return GgmlDType::F16,
+            (GgufExport::Q8_0, _) => return GgmlDType::Q8_0,
+            (GgufExport::Q4KM, Role::Head | Role::MoreBits) => GgmlDType::Q6K,
+            (GgufExport::Q4KM, Role::Plain) => GgmlDType::Q4K,
+        };
+        if cols.is_multiple_of(256) {
+            wanted
+        } else if wanted == GgmlDType::Q6K {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::Q5_0
         }
     }
 }
 
+/// Which of llama.cpp's Q4_K_M rules a tensor falls under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The output head, or the embedding when it is also the head.
+    Head,
+    /// `attn_v` / `ffn_down` of a layer `use_more_bits` picks.
+    MoreBits,
+    Plain,
+}
+
+/// llama.cpp's `use_more_bits(i_layer, n_layers)`: the first and last eighth of the layers and
+/// every third in between get more bits for their value and down projections.
+fn use_more_bits(layer: usize, layers: usize) -> bool {
+    layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2
+}
+
 /// Writes `model` as a GGUF of the `llama` architecture, q/k rows in llama.cpp's order, with
-/// the `tokenizer.*` metadata of `tokenizer_from` (the GGUF the model came from).
+/// the tokenizer's `tokenizer.*` metadata ([`Tokenizer::gguf_metadata`]).
 pub fn save_gguf(
     model: &Model,
     path: impl AsRef<Path>,
     kind: GgufExport,
-    tokenizer_from: &GgufFile,
+    tokenizer: &Tokenizer,
 ) -> Result<()> {
-    let path = path.as_ref();
-    let c = model.config();
+    write_gguf(&ExportSource::of(model), path.as_ref(), kind, tokenizer)
+}
+
+/// [`save_gguf`] from any [`ExportSource`].
+pub fn write_gguf(
+    source: &ExportSource<'_>,
+    path: &Path,
+    kind: GgufExport,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
+    let c = source.model.config();
+    if let Some(window) = c.sliding_window.filter(|w| *w < c.max_position_embeddings) {
+        eprintln!(
+            "Warning: GGUF's llama architecture has no sliding window (llama.cpp attends to every \
+             earlier token): this model's window of {window} tokens is dropped, which changes \
+             nothing for sequences of up to {window} tokens."
+        );
+    }
     let mut metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("llama".into())),
         ("general.name".into(), Value::String("merged".into())),
         ("general.file_type".into(), Value::U32(kind.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
+    ];
+    let u32_of = |x: usize| Value::U32(x as u32);
+    for (key, value) in [
+        ("block_count", u32_of(c.num_hidden_layers)),
+        ("context_length", u32_of(c.max_position_embeddings)),
+        ("embedding_length", u32_of(c.hidden_size)),
+        ("feed_forward_length", u32_of(c.intermediate_size)),
+        ("attention.head_count", u32_of(c.num_attention_heads)),
+        ("attention.head_count_kv", u32_of(c.num_key_value_heads)),
+        ("attention.key_length", u32_of(c.head_dim)),
+        ("attention.value_length", u32_of(c.head_dim)),
+        ("rope.dimension_count", u32_of(c.head_dim)),
+        ("rope.freq_base", Value::F32(c.rope_theta as f32)),
         (
-            "llama.block_count".into(),
-            Value::U32(c.num_hidden_layers as u32),
-        ),
-        (
-            "llama.context_length".into(),
-            Value::U32(c.max_position_embeddings as u32),
-        ),
-        (
-            "llama.embedding_length".into(),
-            Value::U32(c.hidden_size as u32),
-        ),
-        (
-            "llama.feed_forward_length".into(),
-            Value::U32(c.intermediate_size as u32),
-        ),
-        (
-            "llama.attention.head_count".into(),
-            Value::U32(c.num_attention_heads as u32),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            Value::U32(c.num_key_value_heads as u32),
-        ),
-        (
-            "llama.attention.key_length".into(),
-            Value::U32(c.head_dim as u32),
-        ),
-        (
-            "llama.attention.value_length".into(),
-            Value::U32(c.head_dim as u32),
-        ),
-        (
-            "llama.rope.dimension_count".into(),
-            Value::U32(c.head_dim as u32),
-        ),
-        (
-            "llama.rope.freq_base".into(),
-            Value::F32(c.rope_theta as f32),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            "attention.layer_norm_rms_epsilon",
             Value::F32(c.rms_norm_eps as f32),
         ),
-        ("llama.vocab_size".into(), Value::U32(c.vocab_size as u32)),
-    ];
-    let mut tokenizer_keys: Vec<_> = tokenizer_from
-        .content()
-        .metadata
-        .iter()
-        .filter(|(k, _)| k.starts_with("tokenizer."))
-        .collect();
-    tokenizer_keys.sort_by(|a, b| a.0.cmp(b.0));
-    if tokenizer_keys.is_empty() {
-        return Err(Error::corrupt(
-            tokenizer_from.path(),
-            "no tokenizer.* metadata to copy",
-        ));
+        ("vocab_size", u32_of(c.vocab_size)),
+    ] {
+        metadata.push((format!("llama.{key}"), value));
     }
-    metadata.extend(
-        tokenizer_keys
-            .into_iter()
-            .map(|(k, v)| (k.clone(), v.clone())),
-    );
+    metadata.extend(tokenizer.gguf_metadata()?);
 
     let quantize = |t: &Tensor, dtype: GgmlDType| -> Result<QTensor> {
-        Ok(QTensor::quantize(
-            &t.to_dtype(DType::F32)?.contiguous()?,
-            dtype,
-        )?)
+        let t = t
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .contiguous()?;
+        Ok(QTensor::quantize(&t, dtype)?)
     };
-    let mut tensors: Vec<(String, QTensor)> = vec![];
-    let embed = model.embed_tokens();
-    tensors.push((
-        "token_embd.weight".into(),
-        quantize(embed, kind.embedding_type(c.hidden_size))?,
-    ));
-    tensors.push((
-        "output_norm.weight".into(),
-        quantize(model.final_norm().weight(), GgmlDType::F32)?,
-    ));
+    let hidden = c.hidden_size;
+    let embed_role = if c.tie_word_embeddings {
+        Role::Head
+    } else {
+        Role::Plain
+    };
+    let mut tensors: Vec<(String, QTensor)> = vec![
+        (
+            "token_embd.weight".into(),
+            quantize(&source.embed_tokens, kind.tensor_type(embed_role, hidden))?,
+        ),
+        (
+            "output_norm.weight".into(),
+            quantize(source.model.final_norm().weight(), GgmlDType::F32)?,
+        ),
+    ];
     if !c.tie_word_embeddings {
-        let head = model.linear("lm_head")?.base().dense_weight()?;
+        let head = source.linear_weight("lm_head")?;
         tensors.push((
             "output.weight".into(),
-            quantize(&head, kind.embedding_type(c.hidden_size))?,
+            quantize(&head, kind.tensor_type(Role::Head, hidden))?,
         ));
     }
     let names = [
@@ -285,7 +499,8 @@ pub fn save_gguf(
         ("mlp.up_proj", "ffn_up", None),
         ("mlp.down_proj", "ffn_down", None),
     ];
-    for (i, layer) in model.layers().iter().enumerate() {
+    let layers = source.model.layers();
+    for (i, layer) in layers.iter().enumerate() {
         tensors.push((
             format!("blk.{i}.attn_norm.weight"),
             quantize(layer.input_layernorm.weight(), GgmlDType::F32)?,
@@ -295,18 +510,20 @@ pub fn save_gguf(
             quantize(layer.post_attention_layernorm.weight(), GgmlDType::F32)?,
         ));
         for (hf, gg, heads) in names {
-            let w = model
-                .linear(&format!("model.layers.{i}.{hf}"))?
-                .base()
-                .dense_weight()?;
+            let w = source.linear_weight(&format!("model.layers.{i}.{hf}"))?;
             let w = match heads {
                 Some(n) => permute_rows(&w.to_dtype(DType::F32)?, n)?,
                 None => w,
             };
+            let role = if matches!(gg, "attn_v" | "ffn_down") && use_more_bits(i, layers.len()) {
+                Role::MoreBits
+            } else {
+                Role::Plain
+            };
             let cols = w.dim(1)?;
             tensors.push((
                 format!("blk.{i}.{gg}.weight"),
-                quantize(&w, kind.projection_type(cols))?,
+                quantize(&w, kind.tensor_type(role, cols))?,
             ));
         }
     }
@@ -317,4 +534,9 @@ pub fn save_gguf(
         gguf_file::write(&mut file, &md, &ts)
             .map_err(|e| Error::corrupt(path, format!("writing GGUF: {e}")))
     })
+}
+
+/// `dir/model.{Q}.gguf`, the file [`write_gguf`] writes for a directory export.
+pub fn gguf_file_in(dir: &Path, kind: GgufExport) -> PathBuf {
+    dir.join(format!("model.{}.gguf", kind.name()))
 }

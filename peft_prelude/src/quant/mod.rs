@@ -6,7 +6,7 @@
 //! | [`nf4_weight`] | an NF4 projection: forward/backward on the packed data, requantize |
 //! | [`bnb`] | the serialized bitsandbytes 4-bit layout (`weight`, `weight.absmax`, `weight.quant_state…`) |
 //! | [`ggml`] | a GGUF tensor (Q4_0, Q4_K, Q8_0 …) kept quantized as a projection |
-//! | [`export`] | merged models out: 16-bit HF safetensors, GGUF F16 / Q8_0 / Q4_K |
+//! | [`export`] | models out: 16-bit HF safetensors, bitsandbytes NF4, GGUF F16 / Q8_0 / Q4_K_M |
 //!
 //! Every quantized projection implements [`QuantizedWeight`] and sits inside a
 //! [`FrozenLinear`](crate::model::FrozenLinear), so PEFT methods wrap it exactly as they wrap a

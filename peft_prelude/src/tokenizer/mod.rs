@@ -22,11 +22,15 @@
 //! ```
 
 mod chat;
+mod export;
 mod gguf;
 mod stream;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::Value as GgufValue;
 
 use serde::{Deserialize, Serialize};
 use tokenizers::processors::PostProcessorWrapper;
@@ -78,6 +82,9 @@ pub struct Tokenizer {
     chat_template: Option<String>,
     /// `get_vocab_size(true)` builds a whole map; computed once.
     vocab_size: usize,
+    /// The `tokenizer.*` metadata of the GGUF this tokenizer was built from, kept so that a
+    /// GGUF export carries the exact vocabulary, scores and pre-tokenizer name.
+    gguf_metadata: Option<Arc<Vec<(String, GgufValue)>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +162,14 @@ impl Tokenizer {
         }
         tok.refresh_add_bos();
         tok.chat_template = built.chat_template;
+        let mut original: Vec<(String, GgufValue)> = content
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        original.sort_by(|a, b| a.0.cmp(&b.0));
+        tok.gguf_metadata = Some(Arc::new(original));
         Ok(tok)
     }
 
@@ -178,6 +193,7 @@ impl Tokenizer {
             add_bos: false,
             chat_template: None,
             vocab_size,
+            gguf_metadata: None,
         };
         tok.bos = tok.guess_bos();
         tok.eos = ["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"]
@@ -344,6 +360,22 @@ impl Tokenizer {
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+
+    /// Writes the tokenizer as a Hugging Face tokenizer directory: `tokenizer.json`,
+    /// `tokenizer_config.json` (special tokens, BOS/EOS flags, chat template) and
+    /// `special_tokens_map.json`, each atomically. transformers' `AutoTokenizer` and
+    /// [`Tokenizer::from_file`] read it back with the same ids, whatever this tokenizer was
+    /// loaded from (a GGUF included).
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        export::save_pretrained(self, dir.as_ref())
+    }
+
+    /// The `tokenizer.*` metadata llama.cpp reads from a GGUF: the original file's when the
+    /// tokenizer came from one, otherwise derived from the model (byte-level BPE as `gpt2`,
+    /// SentencePiece-style BPE as `llama`); special tokens and chat template as they are now.
+    pub fn gguf_metadata(&self) -> Result<Vec<(String, GgufValue)>> {
+        export::gguf_metadata(self)
     }
 
     fn special_token(&self, text: &str) -> Option<SpecialToken> {
