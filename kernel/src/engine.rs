@@ -11,9 +11,7 @@ use evcxr::{CommandContext, EvalContext, EvalContextOutputs};
 
 use crate::slot::Slot;
 
-/// Env vars shared with `peft_prelude::notebook::protocol`.
-pub const ENV_KERNEL: &str = "PEFT_KERNEL";
-pub const ENV_INTERRUPT_FILE: &str = "PEFT_KERNEL_INTERRUPT_FILE";
+use peft_protocol::{ENV_INTERRUPT_FILE, ENV_KERNEL};
 
 /// Where the prelude crate is: `$PEFT_PRELUDE_PATH` (the kernelspec sets it), else the copy
 /// next to the kernel's own sources.

@@ -1,26 +1,24 @@
 //! From the cell process's stdout/stderr lines to notebook outputs.
 //!
 //! Plain lines become stream output. Lines carrying the prelude's marker become displays,
-//! display updates, raw stream text or clear_output (see `peft_prelude::notebook::protocol`,
-//! duplicated here because the kernel must not depend on the prelude). Output is coalesced so
+//! display updates, raw stream text or clear_output (the `peft-protocol` crate, which the
+//! prelude writes with). Output is coalesced so
 //! that the Jupyter server's rate limits (1000 msgs/s, 1 MB/s) are never hit: stream text is
 //! batched for 50 ms, and a display is updated at most four times a second (the latest
 //! content wins, and the last one is always sent).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
-use serde::Deserialize;
+use peft_protocol::{split_line, Piece, Record};
 
-/// Must equal `peft_prelude::notebook::protocol::MARKER`.
-pub const MARKER: &str = "\u{1e}peft-kernel ";
 /// Stream text waits at most this long to be merged with more.
 const STREAM_BATCH: Duration = Duration::from_millis(50);
 /// The shortest interval between two updates of one display.
 const UPDATE_INTERVAL: Duration = Duration::from_millis(250);
 
-pub type MimeData = BTreeMap<String, String>;
+pub type MimeData = peft_protocol::Data;
 
 /// One notebook output.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,46 +34,30 @@ pub trait Sink: Send + 'static {
     fn emit(&mut self, out: Out);
 }
 
-/// The prelude's record format.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum Record {
-    Display { id: String, data: MimeData },
-    Update { id: String, data: MimeData },
-    Stream { name: String, text: String },
-    Clear { wait: bool },
-}
-
 /// Turns one line of cell stdout into outputs. A record may follow text printed without a
 /// newline (`print!("label: ")` then streamed tokens): that text comes first, as a stream.
 pub fn parse_stdout_lines(line: &str) -> Vec<Out> {
-    if let Some(at) = line.find(MARKER).filter(|&at| at > 0) {
-        let (before, record) = line.split_at(at);
-        let mut outs = vec![Out::Stream {
-            name: "stdout".into(),
-            text: before.to_string(),
-        }];
-        outs.extend(parse_stdout_lines(record));
-        return outs;
-    }
-    vec![parse_stdout_line(line)]
-}
-
-/// Turns one line of cell stdout into an output.
-pub fn parse_stdout_line(line: &str) -> Out {
-    let record = line
-        .strip_prefix(MARKER)
-        .and_then(|json| serde_json::from_str(json).ok());
-    match record {
-        Some(Record::Display { id, data }) => Out::Display { id: Some(id), data },
-        Some(Record::Update { id, data }) => Out::Update { id, data },
-        Some(Record::Stream { name, text }) => Out::Stream { name, text },
-        Some(Record::Clear { wait }) => Out::Clear { wait },
-        None => Out::Stream {
-            name: "stdout".into(),
-            text: format!("{line}\n"),
-        },
-    }
+    let pieces = split_line(line);
+    let last = pieces.len().saturating_sub(1);
+    pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, piece)| match piece {
+            // Only the line's last piece ends where the line did.
+            Piece::Text(text) if i == last => Out::Stream {
+                name: "stdout".into(),
+                text: format!("{text}\n"),
+            },
+            Piece::Text(text) => Out::Stream {
+                name: "stdout".into(),
+                text,
+            },
+            Piece::Record(Record::Display { id, data }) => Out::Display { id: Some(id), data },
+            Piece::Record(Record::Update { id, data }) => Out::Update { id, data },
+            Piece::Record(Record::Stream { name, text }) => Out::Stream { name, text },
+            Piece::Record(Record::Clear { wait }) => Out::Clear { wait },
+        })
+        .collect()
 }
 
 /// Batches stream text and rate-limits display updates; pure, so it is tested with fake times.
@@ -340,6 +322,13 @@ fn forward(
 mod tests {
     use super::*;
 
+    /// The single output a line makes.
+    fn one_output(line: &str) -> Out {
+        let mut outs = parse_stdout_lines(line);
+        assert_eq!(outs.len(), 1, "{outs:?}");
+        outs.remove(0)
+    }
+
     fn data(s: &str) -> MimeData {
         MimeData::from([("text/plain".to_string(), s.to_string())])
     }
@@ -368,7 +357,7 @@ mod tests {
         // The exact line peft_prelude's protocol test pins down.
         let line = "\u{1e}peft-kernel {\"op\":\"stream\",\"name\":\"stdout\",\"text\":\"hi\"}";
         assert_eq!(
-            parse_stdout_line(line),
+            one_output(line),
             Out::Stream {
                 name: "stdout".into(),
                 text: "hi".into()
@@ -377,16 +366,16 @@ mod tests {
         let line =
             "\u{1e}peft-kernel {\"op\":\"update\",\"id\":\"d\",\"data\":{\"text/plain\":\"x\"}}";
         assert_eq!(
-            parse_stdout_line(line),
+            one_output(line),
             Out::Update {
                 id: "d".into(),
                 data: data("x")
             }
         );
         let line = "\u{1e}peft-kernel {\"op\":\"clear\",\"wait\":true}";
-        assert_eq!(parse_stdout_line(line), Out::Clear { wait: true });
+        assert_eq!(one_output(line), Out::Clear { wait: true });
         assert_eq!(
-            parse_stdout_line("plain"),
+            one_output("plain"),
             Out::Stream {
                 name: "stdout".into(),
                 text: "plain\n".into()

@@ -14,7 +14,7 @@ pub fn interrupted() -> bool {
     let Some(path) = std::env::var_os(ENV_INTERRUPT_FILE) else {
         return false;
     };
-    std::fs::read(path).is_ok_and(|bytes| bytes.first() == Some(&b'1'))
+    std::fs::read(path).is_ok_and(|bytes| peft_protocol::is_interrupted(&bytes))
 }
 
 #[cfg(test)]
