@@ -10,7 +10,7 @@ pub use crate::model::{
     CausalLm, Forward, FrozenLinear, KvCache, Linear, LoadOptions, Model, ModelConfig, Pretrained,
 };
 pub use crate::notebook::{
-    clear_output, interrupted, print_stream, show, show_text, Display, Html, LinePlot, Png,
+    clear_output, interrupted, print_stream, show, show_text, Display, Figure, Html, LinePlot, Png,
     ProgressBar, Rich, Svg, Table, TokenStreamer,
 };
 pub use crate::peft::{
@@ -24,3 +24,5 @@ pub use crate::train::{
     TrainOutput, TrainingArgs,
 };
 pub use candle_core::{DType, Device, Tensor, Var, D};
+/// Charts of one's own: `use plotters::prelude::*;` in a cell, then draw on a [`Figure`].
+pub use plotters;

@@ -127,6 +127,31 @@ def main():
         streams = "".join(m["content"]["text"] for _, m in msgs if m["msg_type"] == "stream")
         check("no newline" in streams, msgs)
         check(any(m["msg_type"] == "update_display_data" for _, m in msgs), msgs)
+
+        # A user's own plotters chart, shown with one call and redrawn in place.
+        chart = (
+            "use plotters::prelude::*;\n"
+            "let mut fig = Figure::new(320, 200);\n"
+            "for n in 1..=3u32 {\n"
+            "    fig.draw(|root| {\n"
+            "        let mut chart = ChartBuilder::on(root).caption(format!(\"{n} points\"), (\"sans-serif\", 16))\n"
+            "            .x_label_area_size(20).y_label_area_size(30).build_cartesian_2d(0f64..3.0, 0f64..9.0)?;\n"
+            "        chart.configure_mesh().draw()?;\n"
+            "        chart.draw_series(LineSeries::new((0..=n).map(|x| (x as f64, (x * x) as f64)), &RED))?;\n"
+            "        Ok(())\n"
+            "    })?;\n"
+            "    std::thread::sleep(std::time::Duration::from_millis(300));\n"
+            "}"
+        )
+        reply, msgs, _ = execute(kc, chart)
+        check(reply["content"]["status"] == "ok", reply["content"])
+        shown = [m for _, m in msgs if m["msg_type"] == "display_data"]
+        updates = [m for _, m in msgs if m["msg_type"] == "update_display_data"]
+        check(len(shown) == 1 and "image/svg+xml" in shown[0]["content"]["data"], shown)
+        display_id = shown[0]["content"]["transient"]["display_id"]
+        check(updates and all(u["content"]["transient"]["display_id"] == display_id for u in updates), updates)
+        check("3 points" in updates[-1]["content"]["data"]["image/svg+xml"], "the last drawing is shown")
+        print(f"plotters figure: shown once, updated {len(updates)} times in place")
         print("protocol: all checks passed")
     finally:
         kc.stop_channels()

@@ -11,6 +11,7 @@
 //! each cell into its own library, so every cell sees its own copy of any `static`.
 
 mod display;
+pub mod figure;
 mod interrupt;
 mod plot;
 mod progress;
@@ -18,6 +19,7 @@ pub mod protocol;
 mod stream;
 
 pub use display::{show, show_text, Display, Html, MimeBundle, Png, Rich, Svg, Table};
+pub use figure::Figure;
 pub use interrupt::interrupted;
 pub use plot::LinePlot;
 pub use progress::ProgressBar;

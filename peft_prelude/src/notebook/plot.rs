@@ -1,23 +1,26 @@
-//! A live line plot (SVG) with several named series, redrawn in place while a cell runs.
-//!
-//! The SVG is written by hand rather than through plotters: plotters needs a font backend to
-//! measure and draw axis labels, which the prelude does not build, and a plot this simple is
-//! a hundred lines of deterministic, dependency-free output.
+//! A live line plot with several named series, drawn with plotters (SVG) and redrawn in place
+//! while a cell runs. The run overlays of `train::plot_runs` are the same plot.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use super::display::{escape_html, evcxr_print, show, Display, MimeBundle, Rich};
+use plotters::prelude::*;
+
+use super::display::{evcxr_print, show, Display, MimeBundle, Rich};
+use super::figure::{render_svg, SANS};
 use super::protocol::in_kernel;
 
-const WIDTH: f64 = 640.0;
-const HEIGHT: f64 = 360.0;
-const LEFT: f64 = 64.0;
-const RIGHT: f64 = 140.0;
-const TOP: f64 = 32.0;
-const BOTTOM: f64 = 44.0;
-const COLORS: [&str; 8] = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+const SIZE: (u32, u32) = (640, 360);
+/// matplotlib's default cycle, so the curves look as Python users expect.
+const COLORS: [RGBColor; 8] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
 ];
 
 /// `let mut plot = LinePlot::new("loss");` then `plot.push("run 1", step, loss)` in a loop.
@@ -123,86 +126,56 @@ impl LinePlot {
         s
     }
 
-    /// The plot as a standalone SVG document.
+    /// The plot as a standalone SVG document (plotters' SVG backend; the labels are laid out
+    /// with the bundled DejaVu Sans metrics and drawn in the page's sans-serif font).
     pub fn svg(&self) -> String {
         let points = self.series.iter().flat_map(|(_, p)| p.iter());
         let (x0, x1) = range(points.clone().map(|p| p.0));
         let (y0, y1) = range(points.map(|p| p.1));
-        let (pw, ph) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
-        let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * pw;
-        let sy = |y: f64| TOP + ph - (y - y0) / (y1 - y0) * ph;
-
-        let mut svg = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" \
-             viewBox=\"0 0 {WIDTH} {HEIGHT}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-        );
-        let _ = writeln!(
-            svg,
-            "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">{}</text>",
-            LEFT + pw / 2.0,
-            escape_html(&self.title)
-        );
-        for t in ticks(x0, x1) {
-            let x = sx(t);
-            let _ = writeln!(
-                svg,
-                "<line x1=\"{x:.1}\" y1=\"{TOP}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>\
-                 <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
-                TOP + ph,
-                TOP + ph + 16.0,
-                label(t)
-            );
-        }
-        for t in ticks(y0, y1) {
-            let y = sy(t);
-            let _ = writeln!(
-                svg,
-                "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/>\
-                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-                LEFT + pw,
-                LEFT - 6.0,
-                y + 4.0,
-                label(t)
-            );
-        }
-        let _ = writeln!(
-            svg,
-            "<rect x=\"{LEFT}\" y=\"{TOP}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#333\"/>\n\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n\
-             <text transform=\"translate(16 {:.1}) rotate(-90)\" text-anchor=\"middle\">{}</text>",
-            LEFT + pw / 2.0,
-            HEIGHT - 8.0,
-            escape_html(&self.x_label),
-            TOP + ph / 2.0,
-            escape_html(&self.y_label)
-        );
-        for (i, (name, points)) in self.series.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
-            let path: Vec<String> = points
-                .iter()
-                .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-                .collect();
-            let _ = writeln!(
-                svg,
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
-                path.join(" ")
-            );
-            let ly = TOP + 12.0 + 18.0 * i as f64;
-            let lx = LEFT + pw + 12.0;
-            let _ = writeln!(
-                svg,
-                "<line x1=\"{lx}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{color}\" stroke-width=\"2\"/>\
-                 <text x=\"{:.1}\" y=\"{ly:.1}\">{}</text>",
-                ly - 4.0,
-                lx + 18.0,
-                ly - 4.0,
-                lx + 24.0,
-                escape_html(name)
-            );
-        }
-        svg.push_str("</svg>\n");
-        svg
+        // Room above and below the curves.
+        let pad = 0.05 * (y1 - y0);
+        let (y0, y1) = (y0 - pad, y1 + pad);
+        render_svg(SIZE, |root| {
+            let mut chart = ChartBuilder::on(root)
+                .caption(&self.title, (SANS, 20))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(x0..x1, y0..y1)?;
+            chart
+                .configure_mesh()
+                .x_desc(&self.x_label)
+                .y_desc(&self.y_label)
+                .label_style((SANS, 14))
+                .axis_desc_style((SANS, 15))
+                .light_line_style(TRANSPARENT)
+                .bold_line_style(RGBColor(0xe4, 0xe4, 0xe4))
+                .x_label_formatter(&|v| label(*v))
+                .y_label_formatter(&|v| label(*v))
+                .draw()?;
+            for (i, (name, points)) in self.series.iter().enumerate() {
+                let color = COLORS[i % COLORS.len()];
+                chart
+                    .draw_series(LineSeries::new(
+                        points.iter().copied(),
+                        color.stroke_width(2),
+                    ))?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                    });
+            }
+            if !self.series.is_empty() {
+                chart
+                    .configure_series_labels()
+                    .position(SeriesLabelPosition::UpperRight)
+                    .label_font((SANS, 14))
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(RGBColor(0xbb, 0xbb, 0xbb))
+                    .draw()?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -229,23 +202,13 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     }
 }
 
-/// Round tick positions (1, 2 or 5 times a power of ten) inside `[lo, hi]`, about five of them.
-fn ticks(lo: f64, hi: f64) -> Vec<f64> {
-    let raw = (hi - lo) / 5.0;
-    let magnitude = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * magnitude)
-        .find(|s| *s >= raw)
-        .unwrap_or(10.0 * magnitude);
-    let first = (lo / step).ceil() as i64;
-    let last = (hi / step).floor() as i64;
-    (first..=last).map(|i| i as f64 * step).collect()
-}
-
+/// A tick label: integers as they are, small values in scientific notation (learning rates),
+/// others with at most four decimals.
 fn label(v: f64) -> String {
     if v == v.trunc() && v.abs() < 1e9 {
         format!("{}", v as i64)
+    } else if v.abs() < 1e-3 {
+        format!("{v:.1e}")
     } else {
         let s = format!("{v:.4}");
         s.trim_end_matches('0').trim_end_matches('.').to_string()
@@ -253,18 +216,18 @@ fn label(v: f64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
-    fn ticks_are_round() {
-        assert_eq!(ticks(0.0, 10.0), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
-        assert_eq!(ticks(0.15, 0.9), vec![0.2, 0.4, 0.6000000000000001, 0.8]);
+    fn labels_are_short() {
         assert_eq!(label(0.6000000000000001), "0.6");
+        assert_eq!(label(12.0), "12");
+        assert_eq!(label(2.5e-5), "2.5e-5");
     }
 
     #[test]
-    fn svg_has_one_polyline_per_series_and_a_legend() {
+    fn svg_has_one_line_per_series_and_a_legend() {
         let mut plot = LinePlot::new("loss <train>").y_label("loss");
         for step in 0..10 {
             plot.push("run 1", step as f64, 2.0 / (1.0 + step as f64));
@@ -272,19 +235,34 @@ mod tests {
         }
         plot.push("run 2", 11.0, f64::NAN); // ignored
         let svg = plot.svg();
-        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
-        assert_eq!(svg.matches("<polyline").count(), 2);
-        assert!(svg.contains(">run 2</text>"));
-        assert!(svg.contains("loss &lt;train&gt;"));
+        assert!(svg.starts_with("<svg"), "{svg}");
+        // Each series: its curve and its legend sample, in its colour.
+        for color in ["#1F77B4", "#FF7F0E"] {
+            let lines = svg.matches(&format!("stroke=\"{color}\"")).count();
+            assert_eq!(lines, 2, "{color}: {lines} elements");
+        }
+        assert_eq!(
+            svg.matches("<polyline").count() - svg.matches("stroke=\"#000000\"").count(),
+            4
+        );
+        for text in ["run 1", "run 2", "loss &lt;train&gt;", "loss", "step"] {
+            assert!(has_text(&svg, text), "no text {text:?}");
+        }
         assert_eq!(plot.points("run 1").unwrap().len(), 10);
         assert_eq!(plot.points("run 2").unwrap().len(), 10);
     }
 
     #[test]
     fn an_empty_or_flat_plot_still_renders() {
-        assert!(LinePlot::new("empty").svg().ends_with("</svg>\n"));
+        assert!(LinePlot::new("empty").svg().trim_end().ends_with("</svg>"));
         let mut flat = LinePlot::new("flat");
         flat.push("a", 1.0, 3.0);
-        assert!(!flat.svg().contains("NaN"));
+        let svg = flat.svg();
+        assert!(!svg.contains("NaN") && has_text(&svg, "a"), "{svg}");
+    }
+
+    /// Whether the SVG has a text element reading `text` (plotters puts it on its own line).
+    pub(crate) fn has_text(svg: &str, text: &str) -> bool {
+        svg.contains(&format!(">\n{text}\n</text>")) || svg.contains(&format!(">{text}</text>"))
     }
 }
