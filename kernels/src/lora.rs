@@ -218,6 +218,17 @@ impl LoraProjection {
     }
 }
 
+/// f32 on the CPU: where the fused LoRA blocks ([`lora_linear_residual`],
+/// [`crate::lora_qkv`], [`crate::lora_mlp`]) have their implementation.
+pub(crate) fn cpu_f32(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && x.device().is_cpu()
+}
+
+/// Whether [`lora_linear_residual`] runs on `x`: the CPU implementation, f32.
+pub fn residual_applies(x: &Tensor) -> bool {
+    cpu_f32(x)
+}
+
 /// `residual + x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for `x: [.., in]`, `residual: [.., out]` (a projection onto
 /// the residual stream), f32. The graph keeps `x` and `residual` (held anyway: the projection's
 /// input and the stream) but not the projection's output, which the separate add would hold

@@ -23,6 +23,12 @@ use candle_core::{bail, DType, Result, Tensor, D};
 pub use crate::lora::LoraProjection;
 use crate::q8_gemm::Q8Rows;
 
+/// Whether [`lora_mlp`] runs on `x`: the CPU implementation, f32 (elsewhere the decoder
+/// composes the norm, the projections and SwiGLU from their own fused ops).
+pub fn applies(x: &Tensor) -> bool {
+    crate::lora::cpu_f32(x)
+}
+
 /// `x + down(swiglu(gate(n), up(n)))` with `n = rms_norm(x, norm, eps)`, for `x: [.., hidden]`
 /// f32. Gradients: `x` and the six adapter matrices (those tracked); never the frozen bases
 /// or the norm weight. With `compact_saved`, the gate and up activations are kept for the

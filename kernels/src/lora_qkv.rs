@@ -28,6 +28,12 @@ pub struct HeadShape {
     pub head_dim: usize,
 }
 
+/// Whether [`lora_qkv`] runs on `x`: the CPU implementation, f32, `[b, t, hidden]` (elsewhere
+/// the decoder composes the norm, projections and RoPE from their own fused ops).
+pub fn applies(x: &Tensor) -> bool {
+    crate::lora::cpu_f32(x) && x.rank() == 3
+}
+
 /// `(q, k, v)` from the residual stream `x: [b, t, hidden]` (f32): see the module doc. `cos`,
 /// `sin`: RoPE tables as [`crate::rope`] takes them. Gradients: `x` and the six adapter
 /// matrices (those tracked); never the bases, the norm weight or the tables.

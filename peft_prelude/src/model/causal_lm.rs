@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::cache::KvCache;
 use super::config::ModelConfig;
-use super::decoder::{Forward, Model};
+use super::decoder::Model;
+use super::forward::Forward;
 use crate::error::Result;
 
 /// A causal language model.

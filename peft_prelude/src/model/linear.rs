@@ -11,8 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::Result;
 use crate::quant::QuantizedWeight;
 
-/// What the decoder needs from a projection.
-pub trait Linear: Send + Sync + Debug {
+/// What the decoder needs from a projection. A wrapper (a PEFT method) implements `forward`
+/// and hands out the frozen base under it; the rest has defaults.
+pub trait Linear: AsAny + Send + Sync + Debug {
     /// `x: [.., in_features]` → `[.., out_features]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// `forward(silu(gate) ⊙ up)`, the MLP's down projection. Layers that can fuse it keep
@@ -26,14 +27,37 @@ pub trait Linear: Send + Sync + Debug {
     fn fused_lora(&self, _rows: usize) -> Option<peft_kernels::lora_mlp::LoraProjection> {
         None
     }
-    fn in_features(&self) -> usize;
-    fn out_features(&self) -> usize;
     /// The frozen base weight under any wrappers (for merging, export, parameter counts).
     fn base(&self) -> &FrozenLinear;
     fn base_mut(&mut self) -> &mut FrozenLinear;
+    fn in_features(&self) -> usize {
+        self.base().shape().1
+    }
+    fn out_features(&self) -> usize {
+        self.base().shape().0
+    }
+}
+
+/// Downcasting a projection to its concrete type (a PEFT method finds its own wrappers this
+/// way); implemented for every [`Linear`].
+pub trait AsAny {
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
     fn into_any(self: Box<Self>) -> Box<dyn Any>;
+}
+
+impl<T: Linear + 'static> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
 }
 
 /// A frozen projection `y = x Wᵀ (+ b)` whose weight is dense or quantized (NF4, GGUF).
@@ -184,31 +208,11 @@ impl Linear for FrozenLinear {
         })
     }
 
-    fn in_features(&self) -> usize {
-        self.shape().1
-    }
-
-    fn out_features(&self) -> usize {
-        self.shape().0
-    }
-
     fn base(&self) -> &FrozenLinear {
         self
     }
 
     fn base_mut(&mut self) -> &mut FrozenLinear {
-        self
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
         self
     }
 }

@@ -9,8 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
 use super::config::ModelConfig;
-use super::decoder::{LayerWeights, ModelWeights, ATTENTION_PROJECTIONS, MLP_PROJECTIONS};
+use super::decoder::{LayerWeights, ModelWeights};
 use super::linear::FrozenLinear;
+use super::paths::{ATTENTION_PROJECTIONS, MLP_PROJECTIONS};
 use crate::error::{Error, Result};
 use crate::quant::{bnb, Nf4Weight, Quantization, QuantizedWeight};
 
@@ -290,5 +291,50 @@ impl WeightSource for SafetensorsSource {
             .load(name, device)
             .map_err(|e| Error::corrupt(self.file_of(name), format!("tensor `{name}`: {e}")))?;
         Ok(t.to_dtype(dtype)?)
+    }
+}
+
+impl ModelWeights {
+    /// Random weights in the fixtures' style (norms `1 + 0.1·N`, the rest `N(0, std²)`), for
+    /// tests and synthetic benchmarks.
+    pub fn random(config: &ModelConfig, std: f64, dtype: DType, device: &Device) -> Result<Self> {
+        let c = config;
+        let randn = |shape: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?)
+        };
+        let norm = |n: usize| -> Result<Tensor> {
+            Ok((Tensor::randn(0f32, 0.1, n, device)? + 1.0)?.to_dtype(dtype)?)
+        };
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let q_out = c.num_attention_heads * c.head_dim;
+        let kv_out = c.num_key_value_heads * c.head_dim;
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| {
+                Ok(LayerWeights {
+                    input_layernorm: norm(h)?,
+                    post_attention_layernorm: norm(h)?,
+                    projections: [
+                        randn(&[q_out, h])?,
+                        randn(&[kv_out, h])?,
+                        randn(&[kv_out, h])?,
+                        randn(&[h, q_out])?,
+                        randn(&[i, h])?,
+                        randn(&[i, h])?,
+                        randn(&[h, i])?,
+                    ]
+                    .map(|w| FrozenLinear::new(w, None)),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ModelWeights {
+            embed_tokens: randn(&[c.vocab_size, h])?,
+            layers,
+            norm: norm(h)?,
+            lm_head: if c.tie_word_embeddings {
+                None
+            } else {
+                Some(randn(&[c.vocab_size, h])?)
+            },
+        })
     }
 }

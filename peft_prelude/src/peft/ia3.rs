@@ -1,7 +1,6 @@
 //! IA³: learned vectors that rescale a frozen projection's output (`y = W x ⊙ l`) or, for
 //! feed-forward modules, its input (`y = W (x ⊙ l)`).
 
-use std::any::Any;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
@@ -144,31 +143,11 @@ impl Linear for Ia3Linear {
         }
     }
 
-    fn in_features(&self) -> usize {
-        self.base.in_features()
-    }
-
-    fn out_features(&self) -> usize {
-        self.base.out_features()
-    }
-
     fn base(&self) -> &FrozenLinear {
         self.base.base()
     }
 
     fn base_mut(&mut self) -> &mut FrozenLinear {
         self.base.base_mut()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
     }
 }

@@ -1,7 +1,6 @@
 //! LoRA (with rsLoRA scaling and DoRA) on a frozen base projection:
 //! `y = W x + s · B (A dropout(x))`, DoRA: `y = m / ‖W + s·B A‖_row ⊙ (W x + s · B A x)`.
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 
@@ -400,31 +399,11 @@ impl Linear for LoraLinear {
         }
     }
 
-    fn in_features(&self) -> usize {
-        self.base.in_features()
-    }
-
-    fn out_features(&self) -> usize {
-        self.base.out_features()
-    }
-
     fn base(&self) -> &FrozenLinear {
         self.base.base()
     }
 
     fn base_mut(&mut self) -> &mut FrozenLinear {
         self.base.base_mut()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
     }
 }

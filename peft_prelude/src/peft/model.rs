@@ -14,7 +14,7 @@ use super::saved::{SavedEmbedding, SavedLinear};
 use super::switch::AdapterSwitch;
 use super::targets::{pattern_value, select};
 use crate::error::{Error, Result};
-use crate::model::decoder::Input;
+use crate::model::forward::Input;
 use crate::model::{
     CausalLm, Checkpointed, Checkpointing, Forward, FrozenLinear, KvCache, Linear, Model,
     ModelConfig,
@@ -221,6 +221,7 @@ impl PeftModel {
                 Output::Input | Output::WithVirtual => self.model.forward_with(args),
             };
         };
+        let (batch, seq) = args.batch_and_len()?;
         let Forward {
             input,
             attention_mask,
@@ -233,13 +234,6 @@ impl PeftModel {
                 "packed sequences are not supported with prompt-learning adapters; set packing = false".into(),
             ));
         }
-        let (batch, seq) = match &input {
-            Input::Ids(ids) => ids.dims2()?,
-            Input::Embeds(e) => {
-                let (b, t, _) = e.dims3()?;
-                (b, t)
-            }
-        };
         let n = prompt.num_virtual_tokens();
         let starts = cache.as_deref().is_none_or(|c| c.seen() == 0);
         let shifted = position_ids
@@ -773,9 +767,9 @@ impl PeftModel {
         let candidates = self.model.linear_paths();
         select(&candidates, targets, exclude, layers, &|name| {
             // A bare name like "q_prj": suggest among the short names too.
-            let short: Vec<String> = super::super::model::decoder::ATTENTION_PROJECTIONS
+            let short: Vec<String> = crate::model::paths::ATTENTION_PROJECTIONS
                 .iter()
-                .chain(super::super::model::decoder::MLP_PROJECTIONS.iter())
+                .chain(crate::model::paths::MLP_PROJECTIONS.iter())
                 .map(|s| s.to_string())
                 .chain(["lm_head".to_string()])
                 .collect();
@@ -1246,17 +1240,7 @@ fn token_inputs<'a>(
     positions: Option<&'a Tensor>,
     segments: Option<&'a Tensor>,
 ) -> Forward<'a> {
-    let mut args = Forward::ids(ids);
-    if let Some(m) = mask {
-        args = args.with_attention_mask(m);
-    }
-    if let Some(p) = positions {
-        args = args.with_position_ids(p);
-    }
-    if let Some(s) = segments {
-        args = args.with_segment_ids(s);
-    }
-    args
+    Forward::ids(ids).with_optional(mask, positions, segments)
 }
 
 /// Position ids `[batch, seq]` counted from the input, moved past `n` virtual tokens (u32).

@@ -61,32 +61,12 @@ impl Linear for SavedLinear {
         Ok(y.to_dtype(x.dtype())?)
     }
 
-    fn in_features(&self) -> usize {
-        self.base.in_features()
-    }
-
-    fn out_features(&self) -> usize {
-        self.base.out_features()
-    }
-
     fn base(&self) -> &FrozenLinear {
         self.base.base()
     }
 
     fn base_mut(&mut self) -> &mut FrozenLinear {
         self.base.base_mut()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
     }
 }
 
