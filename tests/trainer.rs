@@ -2,7 +2,7 @@
 //! uninterrupted run exactly; bad input gives clear errors.
 
 use peft_prelude::data::Dataset;
-use peft_prelude::model::{LoadOptions, Pretrained};
+use peft_prelude::model::{CausalLm, LoadOptions, Pretrained};
 use peft_prelude::peft::{get_peft_model, LoraConfig};
 use peft_prelude::train::{SftTrainer, TrainingArgs};
 use peft_prelude::Error;
@@ -161,9 +161,7 @@ fn the_fused_loss_equals_the_logits_path() {
     );
     let batch = pad_batch(&[&a, &b], 2, &candle_core::Device::Cpu).unwrap();
     let (fused, n_fused) = batch_loss(&peft, &batch).unwrap();
-    let logits = peft
-        .forward_for_loss(&batch.input_ids, batch.attention_mask.as_ref(), None, None)
-        .unwrap();
+    let logits = peft.logits(batch.forward()).unwrap();
     let (plain, n_plain) = causal_lm_loss(&logits, &batch.labels).unwrap();
     assert_eq!(n_fused, n_plain);
     let (lf, lp) = (

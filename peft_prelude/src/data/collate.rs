@@ -26,6 +26,17 @@ pub struct Batch {
     pub num_label_tokens: usize,
 }
 
+impl Batch {
+    /// The forward pass over this batch (ids with its mask, positions and segments).
+    pub fn forward(&self) -> crate::model::Forward<'_> {
+        crate::model::Forward::ids(&self.input_ids).with_optional(
+            self.attention_mask.as_ref(),
+            self.position_ids.as_ref(),
+            self.segment_ids.as_ref(),
+        )
+    }
+}
+
 /// Right-pads `examples` to the longest; padded positions get `pad_id` and label -100.
 pub fn pad_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
     if examples.is_empty() {

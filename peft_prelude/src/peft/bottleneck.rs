@@ -6,10 +6,12 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor, Var};
 
+use super::config::BottleneckConfig;
 use super::prompt::TrainableLinear;
 use super::switch::AdapterSwitch;
 use crate::error::{Error, Result};
 use crate::model::decoder::BlockAdapter;
+use crate::model::Model;
 use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -145,5 +147,114 @@ impl BlockAdapter for BottleneckBlock {
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+}
+
+/// Adds bottleneck adapter `name` after the attention and/or MLP block of every layer `c`
+/// does not leave out.
+pub(crate) fn add(
+    model: &mut Model,
+    switch: &AdapterSwitch,
+    name: &str,
+    c: &BottleneckConfig,
+    rng: &mut Rng,
+) -> Result<()> {
+    if c.reduction_factor == 0 || c.reduction_factor > model.config().hidden_size {
+        return Err(Error::Config(format!(
+            "reduction_factor must be in 1..={} (hidden_size), got {}",
+            model.config().hidden_size,
+            c.reduction_factor
+        )));
+    }
+    if !c.mh_adapter && !c.output_adapter {
+        return Err(Error::Config(
+            "a bottleneck adapter needs mh_adapter or output_adapter".into(),
+        ));
+    }
+    let act = NonLinearity::parse(&c.non_linearity)?;
+    let hidden = model.config().hidden_size;
+    let width = hidden / c.reduction_factor;
+    let device = model.device().clone();
+    let dtype = super::param_dtype(model.dtype());
+    for (i, layer) in model.layers_mut().iter_mut().enumerate() {
+        if c.leave_out.contains(&i) {
+            continue;
+        }
+        let slots = [
+            (c.mh_adapter, &mut layer.attn_adapter),
+            (c.output_adapter, &mut layer.mlp_adapter),
+        ];
+        for (wanted, slot) in slots {
+            if !wanted {
+                continue;
+            }
+            let block = slot.get_or_insert_with(|| Box::new(BottleneckBlock::new(switch.clone())));
+            let block = block
+                .as_any_mut()
+                .downcast_mut::<BottleneckBlock>()
+                .ok_or_else(|| {
+                    Error::InvalidArgument("layer has another kind of block adapter".into())
+                })?;
+            block.add_adapter(
+                name,
+                hidden,
+                width,
+                act,
+                c.scaling,
+                c.is_parallel,
+                &c.init_weights,
+                dtype,
+                rng,
+                &device,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The block adapters of each layer that are bottlenecks, with their PEFT-style names.
+fn blocks(model: &Model) -> Vec<(String, &BottleneckBlock)> {
+    let mut out = vec![];
+    for (i, layer) in model.layers().iter().enumerate() {
+        for (slot, name) in [
+            (&layer.attn_adapter, "attention_adapter"),
+            (&layer.mlp_adapter, "output_adapter"),
+        ] {
+            if let Some(block) = slot
+                .as_ref()
+                .and_then(|b| b.as_any().downcast_ref::<BottleneckBlock>())
+            {
+                out.push((format!("base_model.model.model.layers.{i}.{name}"), block));
+            }
+        }
+    }
+    out
+}
+
+/// Adapter `adapter`'s projections (`….output_adapter.adapter_down.weight`, …).
+pub(crate) fn named_vars(model: &Model, adapter: &str) -> Vec<(String, Var)> {
+    let mut vars = vec![];
+    for (p, block) in blocks(model) {
+        if let Some(b) = block.adapter(adapter) {
+            for (part, l) in [("adapter_down", &b.down), ("adapter_up", &b.up)] {
+                vars.push((format!("{p}.{part}.weight"), l.weight.clone()));
+                vars.push((format!("{p}.{part}.bias"), l.bias.clone()));
+            }
+        }
+    }
+    vars
+}
+
+/// Removes adapter `name` from every block; `drop_all` takes the blocks out altogether.
+pub(crate) fn remove(model: &mut Model, name: &str) {
+    for layer in model.layers_mut() {
+        for slot in [&mut layer.attn_adapter, &mut layer.mlp_adapter] {
+            if let Some(b) = slot
+                .as_mut()
+                .and_then(|b| b.as_any_mut().downcast_mut::<BottleneckBlock>())
+            {
+                b.remove_adapter(name);
+            }
+        }
     }
 }

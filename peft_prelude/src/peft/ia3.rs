@@ -5,9 +5,12 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
 
+use super::config::{Ia3Config, TargetModules};
+use super::inject::{each_linear, each_linear_mut, target_paths, wrap};
 use super::switch::AdapterSwitch;
+use super::targets::Matcher;
 use crate::error::{Error, Result};
-use crate::model::{FrozenLinear, Linear};
+use crate::model::{FrozenLinear, Linear, Model};
 
 #[derive(Debug)]
 pub struct Ia3Linear {
@@ -150,4 +153,61 @@ impl Linear for Ia3Linear {
     fn base_mut(&mut self) -> &mut FrozenLinear {
         self.base.base_mut()
     }
+}
+
+/// Adds IA3 adapter `name` to every projection `c` targets (wrapping it in an [`Ia3Linear`]
+/// the first time). `modules_to_save` is the caller's.
+pub(crate) fn add(
+    model: &mut Model,
+    switch: &AdapterSwitch,
+    name: &str,
+    c: &Ia3Config,
+) -> Result<()> {
+    let targets = c
+        .target_modules
+        .clone()
+        .unwrap_or_else(|| TargetModules::names(&["k_proj", "v_proj", "down_proj"]));
+    let feedforward = c
+        .feedforward_modules
+        .clone()
+        .unwrap_or_else(|| TargetModules::names(&["down_proj"]));
+    let ff = Matcher::new(&feedforward)?;
+    let paths = target_paths(model, &targets, c.exclude_modules.as_ref(), None)?;
+    for path in paths {
+        let is_ff = ff.matches(&path);
+        let switch = switch.clone();
+        wrap::<Ia3Linear>(
+            model,
+            &path,
+            |base| Ia3Linear::new(base, is_ff, switch),
+            |l| {
+                if l.is_feedforward() != is_ff {
+                    return Err(Error::Config(format!(
+                        "{path} is a feed-forward module in one IA3 adapter and not in another"
+                    )));
+                }
+                l.add_adapter(name)
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Adapter `adapter`'s vectors under PEFT's saved names (`….k_proj.ia3_l`).
+pub(crate) fn named_vars(model: &Model, adapter: &str) -> Vec<(String, Var)> {
+    each_linear::<Ia3Linear>(model)
+        .into_iter()
+        .filter_map(|(path, l)| {
+            let v = l.adapters().get(adapter)?;
+            Some((format!("base_model.model.{path}.ia3_l"), v.clone()))
+        })
+        .collect()
+}
+
+/// Removes adapter `name` from every IA3 layer.
+pub(crate) fn remove(model: &mut Model, name: &str) {
+    let _ = each_linear_mut::<Ia3Linear>(model, |_, l| {
+        l.remove_adapter(name);
+        Ok(())
+    });
 }

@@ -6,10 +6,13 @@ use std::sync::{Arc, Mutex, Weak};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
+use super::config::{LoraConfig, LoraInit, TargetModules};
+use super::inject::{each_linear, each_linear_mut, target_paths, wrap};
 use super::switch::AdapterSwitch;
+use super::targets::pattern_value;
 use crate::error::{Error, Result};
 use crate::model::linear::FrozenWeight;
-use crate::model::{FrozenLinear, Linear};
+use crate::model::{FrozenLinear, Linear, Model};
 use crate::quant::QuantizedWeight;
 use crate::rng::Rng;
 use peft_kernels::frozen::matmul_t;
@@ -38,6 +41,98 @@ impl LoraAdapter {
         let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?;
         Ok(delta.to_dtype(dtype)?.detach())
     }
+}
+
+/// Adds LoRA adapter `name` to every projection `c` targets (wrapping it in a [`LoraLinear`]
+/// the first time), checking the settings first. `modules_to_save` is the caller's.
+pub(crate) fn add(
+    model: &mut Model,
+    switch: &AdapterSwitch,
+    name: &str,
+    c: &LoraConfig,
+    rng: &mut Rng,
+) -> Result<()> {
+    if c.r == 0 {
+        return Err(Error::Config("LoRA rank r must be positive (got 0)".into()));
+    }
+    if !(0.0..1.0).contains(&c.lora_dropout) {
+        return Err(Error::Config(format!(
+            "lora_dropout must be in [0, 1), got {}",
+            c.lora_dropout
+        )));
+    }
+    if c.fan_in_fan_out {
+        return Err(Error::Config(
+            "fan_in_fan_out is for GPT-2's Conv1D; Mistral/Llama use Linear".into(),
+        ));
+    }
+    let init = match &c.init_lora_weights {
+        LoraInit::Bool(true) => LoraInitKind::Default,
+        LoraInit::Bool(false) => LoraInitKind::Random,
+        LoraInit::Named(n) if n == "gaussian" => LoraInitKind::Gaussian,
+        LoraInit::Named(n) => {
+            return Err(Error::Config(format!(
+                "init_lora_weights `{n}` is not supported (supported: true, false, \"gaussian\")"
+            )))
+        }
+    };
+    let targets = c
+        .target_modules
+        .clone()
+        .unwrap_or_else(|| TargetModules::names(&["q_proj", "v_proj"]));
+    let paths = target_paths(
+        model,
+        &targets,
+        c.exclude_modules.as_ref(),
+        c.layers_to_transform.as_ref(),
+    )?;
+    for path in paths {
+        let r = pattern_value(&c.rank_pattern, &path)?.unwrap_or(c.r);
+        if r == 0 {
+            return Err(Error::Config(format!(
+                "rank_pattern gives r = 0 for {path}"
+            )));
+        }
+        let alpha = pattern_value(&c.alpha_pattern, &path)?.unwrap_or(c.lora_alpha);
+        let scaling = if c.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        let switch = switch.clone();
+        wrap::<LoraLinear>(
+            model,
+            &path,
+            |base| LoraLinear::new(base, switch),
+            |l| l.add_adapter(name, r, scaling, c.lora_dropout, c.use_dora, init, rng),
+        )?;
+    }
+    Ok(())
+}
+
+/// Adapter `adapter`'s parameters under PEFT's saved names (`….q_proj.lora_A.weight`,
+/// `….lora_B.weight`, DoRA's `….lora_magnitude_vector`).
+pub(crate) fn named_vars(model: &Model, adapter: &str) -> Vec<(String, Var)> {
+    let mut vars = vec![];
+    for (path, l) in each_linear::<LoraLinear>(model) {
+        if let Some(a) = l.adapters().get(adapter) {
+            let p = format!("base_model.model.{path}");
+            vars.push((format!("{p}.lora_A.weight"), a.a.clone()));
+            vars.push((format!("{p}.lora_B.weight"), a.b.clone()));
+            if let Some(m) = &a.magnitude {
+                vars.push((format!("{p}.lora_magnitude_vector"), m.clone()));
+            }
+        }
+    }
+    vars
+}
+
+/// Removes adapter `name` from every LoRA layer.
+pub(crate) fn remove(model: &mut Model, name: &str) {
+    let _ = each_linear_mut::<LoraLinear>(model, |_, l| {
+        l.remove_adapter(name);
+        Ok(())
+    });
 }
 
 /// How to initialise A and B (`init_lora_weights`).

@@ -7,6 +7,7 @@
 pub mod bottleneck;
 pub mod config;
 pub mod ia3;
+mod inject;
 pub mod io;
 pub mod lora;
 pub mod merged;

@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::bottleneck::{BottleneckBlock, NonLinearity};
-use super::config::{LoraInit, PeftConfig, PromptLearningCommon, TargetModules};
+use super::config::PeftConfig;
 use super::ia3::Ia3Linear;
-use super::lora::{LoraInitKind, LoraLinear};
-use super::prompt::{PromptEncoder, PromptLearning};
+use super::inject::{each_linear, each_linear_mut};
+use super::lora::LoraLinear;
+use super::prompt::PromptLearning;
 use super::saved::{SavedEmbedding, SavedLinear};
 use super::switch::AdapterSwitch;
-use super::targets::{pattern_value, select};
+use super::{bottleneck, ia3, lora, saved};
 use crate::error::{Error, Result};
 use crate::model::forward::Input;
 use crate::model::{
@@ -189,24 +189,13 @@ impl PeftModel {
     /// positions come first (`[batch, n + seq, vocab]`, as PEFT returns them); generation and
     /// the trainers use [`CausalLm::logits`], which gives the input's positions only.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        self.forward_masked(ids, None)
+        self.forward_with(Forward::ids(ids))
     }
 
-    /// [`forward`](Self::forward) with a padding mask `[batch, seq]`.
-    pub fn forward_masked(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        self.run(token_inputs(ids, mask, None, None), Output::WithVirtual)
-    }
-
-    /// Logits `[batch, seq, vocab]` aligned with `ids` (virtual prompt positions dropped), for
-    /// losses; `positions` / `segments` describe packed sequences.
-    pub fn forward_for_loss(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        positions: Option<&Tensor>,
-        segments: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        self.run(token_inputs(ids, mask, positions, segments), Output::Input)
+    /// [`forward`](Self::forward) with any arguments (a padding mask, a cache …), virtual
+    /// positions included as PEFT returns them.
+    pub fn forward_with(&self, args: Forward<'_>) -> Result<Tensor> {
+        self.run(args, Output::WithVirtual)
     }
 
     /// The forward pass with the acting adapter: LoRA-like methods act inside the base's
@@ -314,70 +303,36 @@ impl PeftModel {
         }
     }
 
-    /// Final-norm hidden states aligned with `ids` (virtual prompt positions dropped) and the
-    /// frozen head weight, when the head carries no adapter: a loss can then be computed
-    /// without materialising the logits. `None` when the head must run as a module.
-    pub fn hidden_for_loss(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        positions: Option<&Tensor>,
-        segments: Option<&Tensor>,
-    ) -> Result<Option<(Tensor, Tensor)>> {
-        let Some(head) = self.model.frozen_head_weight() else {
-            return Ok(None);
-        };
-        let (batch, seq) = ids.dims2()?;
-        let hidden = match self.acting_prompt() {
-            None => self
-                .model
-                .hidden_states(token_inputs(ids, mask, positions, segments))?,
+    /// Final-norm hidden states `[batch, seq, hidden]` (with their whole graph) and the frozen
+    /// head weight, when the head carries no adapter and no prompt method acts: a loss can
+    /// then fuse the head into the cross-entropy, never materialising the logits. `None`: the
+    /// loss must go through [`CausalLm::logits`].
+    pub fn hidden_for_loss(&self, args: Forward<'_>) -> Result<Option<(Tensor, Tensor)>> {
+        match (self.model.frozen_head_weight(), self.acting_prompt()) {
+            (Some(head), None) => Ok(Some((self.model.hidden_states(args)?, head))),
             // Prompt-learning methods keep the logits path (they are small and rare).
-            Some(_) => return Ok(None),
-        };
-        debug_assert_eq!(hidden.dims()[..2], [batch, seq]);
-        Ok(Some((hidden, head.clone())))
+            _ => Ok(None),
+        }
     }
 
-    /// [`hidden_for_loss`](Self::hidden_for_loss) with gradient checkpointing (see
-    /// [`Model::hidden_states_checkpointed`]); finish with
-    /// [`backward_checkpointed`](Self::backward_checkpointed). `None` where
-    /// `hidden_for_loss` is `None`.
-    pub fn hidden_for_loss_checkpointed(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        positions: Option<&Tensor>,
-        segments: Option<&Tensor>,
-    ) -> Result<Option<(Checkpointed, Tensor)>> {
-        self.hidden_for_loss_layered(ids, mask, positions, segments, true)
-    }
-
-    /// The layer-by-layer forward for a loss: the layers `checkpointing` names are recomputed
-    /// in the backward (gradient checkpointing, see [`Model::hidden_states_checkpointed`]);
-    /// the others keep their graph, freed layer by layer in
-    /// [`backward_checkpointed`](Self::backward_checkpointed) (see
-    /// [`Model::hidden_states_segmented`]). `true`/`false` mean all/none. `None` where
-    /// `hidden_for_loss` is `None`.
+    /// [`hidden_for_loss`](Self::hidden_for_loss) layer by layer, for
+    /// [`backward_checkpointed`](Self::backward_checkpointed): the layers `checkpointing`
+    /// names are recomputed in the backward (gradient checkpointing), the others keep their
+    /// graph, freed layer by layer (see [`Model::hidden_states_layered`]); `true`/`false` mean
+    /// all/none.
     pub fn hidden_for_loss_layered(
         &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        positions: Option<&Tensor>,
-        segments: Option<&Tensor>,
+        args: Forward<'_>,
         checkpointing: impl Into<Checkpointing>,
     ) -> Result<Option<(Checkpointed, Tensor)>> {
-        let Some(head) = self.model.frozen_head_weight() else {
-            return Ok(None);
-        };
-        if self.acting_prompt().is_some() {
-            return Ok(None);
+        match (self.model.frozen_head_weight(), self.acting_prompt()) {
+            (Some(head), None) => Ok(Some((
+                self.model
+                    .hidden_states_layered(args, checkpointing.into())?,
+                head,
+            ))),
+            _ => Ok(None),
         }
-        let args = token_inputs(ids, mask, positions, segments);
-        let ck = self
-            .model
-            .hidden_states_layered(args, checkpointing.into())?;
-        Ok(Some((ck, head)))
     }
 
     /// The gradients of `loss` for `vars` after a checkpointed forward.
@@ -410,250 +365,47 @@ impl PeftModel {
             }
         }
         let mut rng = Rng::new(self.seed ^ hash(name));
-        match &mut config {
-            PeftConfig::Lora(c) => self.add_lora(name, c, &mut rng)?,
-            PeftConfig::Ia3(c) => self.add_ia3(name, c)?,
+        let (model, switch) = (&mut self.model, &self.switch);
+        let saved_modules = match &mut config {
+            PeftConfig::Lora(c) => {
+                lora::add(model, switch, name, c, &mut rng)?;
+                c.modules_to_save.clone()
+            }
+            PeftConfig::Ia3(c) => {
+                ia3::add(model, switch, name, c)?;
+                c.modules_to_save.clone()
+            }
             PeftConfig::PromptTuning(c) => {
-                fill_prompt_defaults(&mut c.prompt, &self.model, false)?;
-                let p = self.init_prompt_tuning(c, &mut rng)?;
+                let p = PromptLearning::prompt_tuning(c, model, &mut rng)?;
                 self.prompts.insert(name.to_string(), p);
+                None
             }
             PeftConfig::PTuning(c) => {
-                fill_prompt_defaults(&mut c.prompt, &self.model, false)?;
-                let p = self.init_p_tuning(c, &mut rng)?;
+                let p = PromptLearning::p_tuning(c, model, &mut rng)?;
                 self.prompts.insert(name.to_string(), p);
+                None
             }
             PeftConfig::PrefixTuning(c) => {
-                fill_prompt_defaults(&mut c.prompt, &self.model, true)?;
-                let p = self.init_prefix(c, &mut rng)?;
+                let p = PromptLearning::prefix_tuning(c, model, &mut rng)?;
                 self.prompts.insert(name.to_string(), p);
+                None
             }
-            PeftConfig::Bottleneck(c) => self.add_bottleneck(name, c, &mut rng)?,
-        }
+            PeftConfig::Bottleneck(c) => {
+                bottleneck::add(model, switch, name, c, &mut rng)?;
+                None
+            }
+        };
+        saved::add(
+            &mut self.model,
+            &self.switch,
+            name,
+            saved_modules.as_deref().unwrap_or_default(),
+        )?;
         self.configs.insert(name.to_string(), config);
         if self.configs.len() == 1 {
             self.switch.update(|s| s.active = name.to_string());
         }
         Ok(())
-    }
-
-    fn add_lora(&mut self, name: &str, c: &super::config::LoraConfig, rng: &mut Rng) -> Result<()> {
-        if c.r == 0 {
-            return Err(Error::Config("LoRA rank r must be positive (got 0)".into()));
-        }
-        if !(0.0..1.0).contains(&c.lora_dropout) {
-            return Err(Error::Config(format!(
-                "lora_dropout must be in [0, 1), got {}",
-                c.lora_dropout
-            )));
-        }
-        if c.fan_in_fan_out {
-            return Err(Error::Config(
-                "fan_in_fan_out is for GPT-2's Conv1D; Mistral/Llama use Linear".into(),
-            ));
-        }
-        let init = match &c.init_lora_weights {
-            LoraInit::Bool(true) => LoraInitKind::Default,
-            LoraInit::Bool(false) => LoraInitKind::Random,
-            LoraInit::Named(n) if n == "gaussian" => LoraInitKind::Gaussian,
-            LoraInit::Named(n) => {
-                return Err(Error::Config(format!(
-                "init_lora_weights `{n}` is not supported (supported: true, false, \"gaussian\")"
-            )))
-            }
-        };
-        let targets = c
-            .target_modules
-            .clone()
-            .unwrap_or_else(|| TargetModules::names(&["q_proj", "v_proj"]));
-        let paths = self.select(
-            &targets,
-            c.exclude_modules.as_ref(),
-            c.layers_to_transform.as_ref(),
-        )?;
-        for path in paths {
-            let r = pattern_value(&c.rank_pattern, &path)?.unwrap_or(c.r);
-            if r == 0 {
-                return Err(Error::Config(format!(
-                    "rank_pattern gives r = 0 for {path}"
-                )));
-            }
-            let alpha = pattern_value(&c.alpha_pattern, &path)?.unwrap_or(c.lora_alpha);
-            let scaling = if c.use_rslora {
-                alpha / (r as f64).sqrt()
-            } else {
-                alpha / r as f64
-            };
-            let switch = self.switch.clone();
-            self.wrap::<LoraLinear>(
-                &path,
-                |base| LoraLinear::new(base, switch),
-                |l| l.add_adapter(name, r, scaling, c.lora_dropout, c.use_dora, init, rng),
-            )?;
-        }
-        self.add_saved_modules(name, c.modules_to_save.as_deref().unwrap_or_default())
-    }
-
-    /// `modules_to_save`: trainable full copies of the output head and/or the token
-    /// embeddings for this adapter.
-    fn add_saved_modules(&mut self, name: &str, modules: &[String]) -> Result<()> {
-        for m in modules {
-            if m == "lm_head" || m.ends_with(".lm_head") {
-                let switch = self.switch.clone();
-                self.wrap::<SavedLinear>(
-                    "lm_head",
-                    |base| SavedLinear::new(base, switch),
-                    |l| l.add_copy(name),
-                )?;
-            } else if m == "embed_tokens" || m.ends_with(".embed_tokens") {
-                if self.model.embed_override().is_none() {
-                    let saved = SavedEmbedding::new(self.switch.clone());
-                    self.model.set_embed_override(Some(Box::new(saved)));
-                }
-                let table = self.model.embed_tokens().clone();
-                let saved = self
-                    .model
-                    .embed_override_mut()
-                    .and_then(|o| o.as_any_mut().downcast_mut::<SavedEmbedding>())
-                    .ok_or_else(|| {
-                        Error::InvalidArgument("the embedding is replaced by something else".into())
-                    })?;
-                saved.add_copy(name, &table)?;
-            } else {
-                return Err(Error::UnknownModule {
-                    name: m.clone(),
-                    close_matches: vec!["lm_head".into(), "embed_tokens".into()],
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn add_ia3(&mut self, name: &str, c: &super::config::Ia3Config) -> Result<()> {
-        let targets = c
-            .target_modules
-            .clone()
-            .unwrap_or_else(|| TargetModules::names(&["k_proj", "v_proj", "down_proj"]));
-        let feedforward = c
-            .feedforward_modules
-            .clone()
-            .unwrap_or_else(|| TargetModules::names(&["down_proj"]));
-        let ff = super::targets::Matcher::new(&feedforward)?;
-        let paths = self.select(&targets, c.exclude_modules.as_ref(), None)?;
-        for path in paths {
-            let is_ff = ff.matches(&path);
-            let switch = self.switch.clone();
-            self.wrap::<Ia3Linear>(
-                &path,
-                |base| Ia3Linear::new(base, is_ff, switch),
-                |l| {
-                    if l.is_feedforward() != is_ff {
-                        return Err(Error::Config(format!(
-                            "{path} is a feed-forward module in one IA3 adapter and not in another"
-                        )));
-                    }
-                    l.add_adapter(name)
-                },
-            )?;
-        }
-        self.add_saved_modules(name, c.modules_to_save.as_deref().unwrap_or_default())
-    }
-
-    fn add_bottleneck(
-        &mut self,
-        name: &str,
-        c: &super::config::BottleneckConfig,
-        rng: &mut Rng,
-    ) -> Result<()> {
-        if c.reduction_factor == 0 || c.reduction_factor > self.model.config().hidden_size {
-            return Err(Error::Config(format!(
-                "reduction_factor must be in 1..={} (hidden_size), got {}",
-                self.model.config().hidden_size,
-                c.reduction_factor
-            )));
-        }
-        if !c.mh_adapter && !c.output_adapter {
-            return Err(Error::Config(
-                "a bottleneck adapter needs mh_adapter or output_adapter".into(),
-            ));
-        }
-        let act = NonLinearity::parse(&c.non_linearity)?;
-        let hidden = self.model.config().hidden_size;
-        let width = hidden / c.reduction_factor;
-        let device = self.model.device().clone();
-        let dtype = super::param_dtype(self.model.dtype());
-        let switch = self.switch.clone();
-        for (i, layer) in self.model.layers_mut().iter_mut().enumerate() {
-            if c.leave_out.contains(&i) {
-                continue;
-            }
-            let slots = [
-                (c.mh_adapter, &mut layer.attn_adapter),
-                (c.output_adapter, &mut layer.mlp_adapter),
-            ];
-            for (wanted, slot) in slots {
-                if !wanted {
-                    continue;
-                }
-                let block =
-                    slot.get_or_insert_with(|| Box::new(BottleneckBlock::new(switch.clone())));
-                let block = block
-                    .as_any_mut()
-                    .downcast_mut::<BottleneckBlock>()
-                    .ok_or_else(|| {
-                        Error::InvalidArgument("layer has another kind of block adapter".into())
-                    })?;
-                block.add_adapter(
-                    name,
-                    hidden,
-                    width,
-                    act,
-                    c.scaling,
-                    c.is_parallel,
-                    &c.init_weights,
-                    dtype,
-                    rng,
-                    &device,
-                )?;
-            }
-        }
-        Ok(())
-    }
-
-    fn init_prompt_tuning(
-        &self,
-        c: &super::config::PromptTuningConfig,
-        rng: &mut Rng,
-    ) -> Result<PromptLearning> {
-        let n = c.prompt.num_virtual_tokens;
-        let dim = c
-            .prompt
-            .token_dim
-            .unwrap_or(self.model.config().hidden_size);
-        let device = self.model.device();
-        let dtype = super::param_dtype(self.model.dtype());
-        let table = match c.prompt_tuning_init.as_str() {
-            "RANDOM" => Tensor::from_vec(rng.normal(n * dim, 0.0, 1.0), (n, dim), device)?,
-            "SAMPLE_VOCAB" => {
-                let vocab = self.model.config().vocab_size;
-                let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
-                let ids = Tensor::new(ids.as_slice(), device)?;
-                self.model.embed_tokens().index_select(&ids, 0)?
-            }
-            "TEXT" => {
-                return Err(Error::Config(
-                    "prompt_tuning_init TEXT needs token ids: use PeftModel::init_prompt_from_ids after adding the adapter with RANDOM".into(),
-                ))
-            }
-            other => {
-                return Err(Error::Config(format!(
-                    "prompt_tuning_init `{other}` (supported: RANDOM, SAMPLE_VOCAB, TEXT)"
-                )))
-            }
-        };
-        Ok(PromptLearning::Prompt {
-            embeddings: Var::from_tensor(&table.to_dtype(dtype)?)?,
-        })
     }
 
     /// Prompt tuning's TEXT initialisation: the virtual tokens start as the embeddings of
@@ -682,225 +434,18 @@ impl PeftModel {
         Ok(())
     }
 
-    fn init_p_tuning(
-        &self,
-        c: &super::config::PromptEncoderConfig,
-        rng: &mut Rng,
-    ) -> Result<PromptLearning> {
-        let n = c.prompt.num_virtual_tokens;
-        let dim = c
-            .prompt
-            .token_dim
-            .unwrap_or(self.model.config().hidden_size);
-        let hidden = c.encoder_hidden_size.unwrap_or(dim);
-        let device = self.model.device();
-        let dtype = super::param_dtype(self.model.dtype());
-        let table = Tensor::from_vec(rng.normal(n * dim, 0.0, 1.0), (n, dim), device)?;
-        let embedding = Var::from_tensor(&table.to_dtype(dtype)?)?;
-        let encoder = match c.encoder_reparameterization_type.as_str() {
-            "MLP" => PromptEncoder::mlp(dim, hidden, dtype, rng, device)?,
-            "LSTM" => PromptEncoder::lstm(dim, hidden, c.encoder_num_layers, dtype, rng, device)?,
-            other => {
-                return Err(Error::Config(format!(
-                    "encoder_reparameterization_type `{other}` (supported: MLP, LSTM)"
-                )))
-            }
-        };
-        Ok(PromptLearning::Encoded {
-            embedding,
-            encoder: Some(encoder),
-        })
-    }
-
-    fn init_prefix(
-        &self,
-        c: &super::config::PrefixTuningConfig,
-        rng: &mut Rng,
-    ) -> Result<PromptLearning> {
-        let n = c.prompt.num_virtual_tokens;
-        let cfg = self.model.config();
-        let dim = c
-            .prompt
-            .token_dim
-            .unwrap_or(cfg.num_key_value_heads * cfg.head_dim);
-        let layers = c.prompt.num_layers.unwrap_or(cfg.num_hidden_layers);
-        let width = layers * 2 * dim;
-        let device = self.model.device();
-        let dtype = super::param_dtype(self.model.dtype());
-        let zero = c.init_weights.as_deref() == Some("zero");
-        let mut init = |n_el: usize, shape: (usize, usize)| -> Result<Var> {
-            let v = if zero {
-                vec![0.0; n_el]
-            } else {
-                rng.normal(n_el, 0.0, 1.0)
-            };
-            Ok(Var::from_tensor(
-                &Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?,
-            )?)
-        };
-        if c.prefix_projection {
-            let hidden = c.encoder_hidden_size.unwrap_or(dim);
-            let embedding = init(n * dim, (n, dim))?;
-            let projection = [
-                super::prompt::TrainableLinear::new(dim, hidden, dtype, rng, device)?,
-                super::prompt::TrainableLinear::new(hidden, width, dtype, rng, device)?,
-            ];
-            Ok(PromptLearning::Prefix {
-                embedding,
-                projection: Some(projection),
-            })
-        } else {
-            let embedding = init(n * width, (n, width))?;
-            Ok(PromptLearning::Prefix {
-                embedding,
-                projection: None,
-            })
-        }
-    }
-
-    fn select(
-        &self,
-        targets: &TargetModules,
-        exclude: Option<&TargetModules>,
-        layers: Option<&super::config::LayerIndices>,
-    ) -> Result<Vec<String>> {
-        let candidates = self.model.linear_paths();
-        select(&candidates, targets, exclude, layers, &|name| {
-            // A bare name like "q_prj": suggest among the short names too.
-            let short: Vec<String> = crate::model::paths::ATTENTION_PROJECTIONS
-                .iter()
-                .chain(crate::model::paths::MLP_PROJECTIONS.iter())
-                .map(|s| s.to_string())
-                .chain(["lm_head".to_string()])
-                .collect();
-            if name.contains('.') {
-                self.model.unknown_module(name)
-            } else {
-                let mut close: Vec<String> =
-                    short.iter().filter(|s| similar(name, s)).cloned().collect();
-                if close.is_empty() {
-                    close = short;
-                }
-                Error::UnknownModule {
-                    name: name.to_string(),
-                    close_matches: close,
-                }
-            }
-        })
-    }
-
-    /// Wraps the linear at `path` in `T` (unless it already is one) and calls `add` on it.
-    fn wrap<T: Linear + 'static>(
-        &mut self,
-        path: &str,
-        make: impl FnOnce(Box<dyn Linear>) -> T,
-        add: impl FnOnce(&mut T) -> Result<()>,
-    ) -> Result<()> {
-        self.model.replace_linear(path, |old| {
-            let mut layer: Box<T> = if old.as_any().is::<T>() {
-                old.into_any().downcast::<T>().expect("type checked above")
-            } else {
-                Box::new(make(old))
-            };
-            match add(&mut layer) {
-                Ok(()) => Ok(layer),
-                Err(e) => Err((layer, e)),
-            }
-        })
-    }
-
-    fn each_linear<T: 'static>(&self) -> Vec<(String, &T)> {
-        self.model
-            .linear_paths()
-            .into_iter()
-            .filter_map(|p| {
-                let l = self.model.linear(&p).ok()?;
-                l.as_any().downcast_ref::<T>().map(|t| (p, t))
-            })
-            .collect()
-    }
-
-    fn each_linear_mut<T: 'static>(
-        &mut self,
-        mut f: impl FnMut(&str, &mut T) -> Result<()>,
-    ) -> Result<()> {
-        for p in self.model.linear_paths() {
-            let mut result = Ok(());
-            self.model.replace_linear(&p, |mut l| {
-                if let Some(t) = l.as_any_mut().downcast_mut::<T>() {
-                    result = f(&p, t);
-                }
-                Ok(l)
-            })?;
-            result?;
-        }
-        Ok(())
-    }
-
     /// The adapter's parameters with the names PEFT saves them under
     /// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, `prompt_embeddings`
     /// is the *output* of an encoder, so prompt methods list their encoder's parameters).
     pub fn adapter_vars(&self, adapter: &str) -> Vec<(String, Var)> {
-        let mut vars = vec![];
-        for (path, l) in self.each_linear::<LoraLinear>() {
-            if let Some(a) = l.adapters().get(adapter) {
-                vars.push((
-                    format!("base_model.model.{path}.lora_A.weight"),
-                    a.a.clone(),
-                ));
-                vars.push((
-                    format!("base_model.model.{path}.lora_B.weight"),
-                    a.b.clone(),
-                ));
-                if let Some(m) = &a.magnitude {
-                    vars.push((
-                        format!("base_model.model.{path}.lora_magnitude_vector"),
-                        m.clone(),
-                    ));
-                }
-            }
-        }
-        for (path, l) in self.each_linear::<Ia3Linear>() {
-            if let Some(v) = l.adapters().get(adapter) {
-                vars.push((format!("base_model.model.{path}.ia3_l"), v.clone()));
-            }
-        }
-        for (i, layer) in self.model.layers().iter().enumerate() {
-            for (slot, name) in [
-                (&layer.attn_adapter, "attention_adapter"),
-                (&layer.mlp_adapter, "output_adapter"),
-            ] {
-                let Some(block) = slot
-                    .as_ref()
-                    .and_then(|b| b.as_any().downcast_ref::<BottleneckBlock>())
-                else {
-                    continue;
-                };
-                if let Some(b) = block.adapter(adapter) {
-                    let p = format!("base_model.model.model.layers.{i}.{name}");
-                    for (part, l) in [("adapter_down", &b.down), ("adapter_up", &b.up)] {
-                        vars.push((format!("{p}.{part}.weight"), l.weight.clone()));
-                        vars.push((format!("{p}.{part}.bias"), l.bias.clone()));
-                    }
-                }
-            }
-        }
+        let model = &self.model;
+        let mut vars = lora::named_vars(model, adapter);
+        vars.extend(ia3::named_vars(model, adapter));
+        vars.extend(bottleneck::named_vars(model, adapter));
         if let Some(p) = self.prompts.get(adapter) {
             vars.extend(p.named_vars(adapter));
         }
-        for (_, l) in self.each_linear::<SavedLinear>() {
-            if let Some(w) = l.copy(adapter) {
-                vars.push(("base_model.model.lm_head.weight".to_string(), w.clone()));
-            }
-        }
-        let saved_embedding = self
-            .model
-            .embed_override()
-            .and_then(|o| o.as_any().downcast_ref::<SavedEmbedding>());
-        if let Some(t) = saved_embedding.and_then(|e| e.copies.get(adapter)) {
-            let name = "base_model.model.model.embed_tokens.weight".to_string();
-            vars.push((name, t.clone()));
-        }
+        vars.extend(saved::named_vars(model, adapter));
         vars
     }
 
@@ -964,8 +509,7 @@ impl PeftModel {
         let name = self.active_adapter();
         match self.configs.get(&name) {
             Some(PeftConfig::Lora(_)) => {
-                let quantized = self
-                    .each_linear::<LoraLinear>()
+                let quantized = each_linear::<LoraLinear>(&self.model)
                     .iter()
                     .any(|(_, l)| l.adapters().contains_key(&name) && l.base().is_quantized());
                 if quantized {
@@ -975,14 +519,14 @@ impl PeftModel {
                         "UserWarning: Merge lora module to 4-bit linear may get different generations due to rounding errors."
                     );
                 }
-                self.each_linear_mut::<LoraLinear>(|_, l| {
+                each_linear_mut::<LoraLinear>(&mut self.model, |_, l| {
                     if l.adapters().contains_key(&name) {
                         l.merge(&name)?;
                     }
                     Ok(())
                 })
             }
-            Some(PeftConfig::Ia3(_)) => self.each_linear_mut::<Ia3Linear>(|_, l| {
+            Some(PeftConfig::Ia3(_)) => each_linear_mut::<Ia3Linear>(&mut self.model, |_, l| {
                 if l.adapters().contains_key(&name) {
                     l.merge(&name)?;
                 }
@@ -998,8 +542,8 @@ impl PeftModel {
 
     /// Undoes [`merge_adapter`](Self::merge_adapter).
     pub fn unmerge_adapter(&mut self) -> Result<()> {
-        self.each_linear_mut::<LoraLinear>(|_, l| l.unmerge())?;
-        self.each_linear_mut::<Ia3Linear>(|_, l| l.unmerge())
+        each_linear_mut::<LoraLinear>(&mut self.model, |_, l| l.unmerge())?;
+        each_linear_mut::<Ia3Linear>(&mut self.model, |_, l| l.unmerge())
     }
 
     /// Merges the active adapter and returns the plain base model (PEFT's `merge_and_unload`).
@@ -1135,7 +679,7 @@ impl PeftModel {
         let dir = dir.as_ref();
         let config_path = dir.join("adapter_config.json");
         let config = PeftConfig::from_file(&config_path)?;
-        check_prompt_config_fits(&config, &self.model, &config_path)?;
+        super::prompt::check_config_fits(&config, &self.model, &config_path)?;
         let weights_path = dir.join("adapter_model.safetensors");
         let tensors = super::io::read_safetensors(&weights_path)?;
         self.add_adapter(name, config)?;
@@ -1196,51 +740,16 @@ impl PeftModel {
     pub fn delete_adapter(&mut self, name: &str) {
         self.configs.remove(name);
         self.prompts.remove(name);
-        let _ = self.each_linear_mut::<LoraLinear>(|_, l| {
-            l.remove_adapter(name);
-            Ok(())
-        });
-        let _ = self.each_linear_mut::<Ia3Linear>(|_, l| {
-            l.remove_adapter(name);
-            Ok(())
-        });
-        let _ = self.each_linear_mut::<SavedLinear>(|_, l| {
-            l.copies.remove(name);
-            Ok(())
-        });
-        if let Some(e) = self
-            .model
-            .embed_override_mut()
-            .and_then(|o| o.as_any_mut().downcast_mut::<SavedEmbedding>())
-        {
-            e.copies.remove(name);
-        }
-        for layer in self.model.layers_mut() {
-            for slot in [&mut layer.attn_adapter, &mut layer.mlp_adapter] {
-                if let Some(b) = slot
-                    .as_mut()
-                    .and_then(|b| b.as_any_mut().downcast_mut::<BottleneckBlock>())
-                {
-                    b.remove_adapter(name);
-                }
-            }
-        }
+        lora::remove(&mut self.model, name);
+        ia3::remove(&mut self.model, name);
+        saved::remove(&mut self.model, name);
+        bottleneck::remove(&mut self.model, name);
         if self.active_adapter() == name {
             if let Some(first) = self.configs.keys().next().cloned() {
                 self.switch.update(|s| s.active = first);
             }
         }
     }
-}
-
-/// A forward pass over token ids with the optional padding mask, positions and segments.
-fn token_inputs<'a>(
-    ids: &'a Tensor,
-    mask: Option<&'a Tensor>,
-    positions: Option<&'a Tensor>,
-    segments: Option<&'a Tensor>,
-) -> Forward<'a> {
-    Forward::ids(ids).with_optional(mask, positions, segments)
 }
 
 /// Position ids `[batch, seq]` counted from the input, moved past `n` virtual tokens (u32).
@@ -1261,59 +770,10 @@ fn shift_positions(positions: &Tensor, n: usize, batch: usize, seq: usize) -> Re
     Ok(Tensor::from_vec(rows, (batch, seq), positions.device())?)
 }
 
-/// Fills the model-dependent prompt-learning fields as PEFT's `_prepare_prompt_learning_config`
-/// does (for grouped-query models, prefixes are kv_heads · head_dim wide).
-fn fill_prompt_defaults(p: &mut PromptLearningCommon, model: &Model, prefix: bool) -> Result<()> {
-    let c = model.config();
-    if p.num_virtual_tokens == 0 {
-        return Err(Error::Config("num_virtual_tokens must be positive".into()));
-    }
-    p.num_layers.get_or_insert(c.num_hidden_layers);
-    p.num_transformer_submodules.get_or_insert(1);
-    if prefix {
-        p.token_dim
-            .get_or_insert(c.num_key_value_heads * c.head_dim);
-        p.num_attention_heads.get_or_insert(c.num_key_value_heads);
-    } else {
-        p.token_dim.get_or_insert(c.hidden_size);
-        p.num_attention_heads.get_or_insert(c.num_attention_heads);
-    }
-    Ok(())
-}
-
-/// A saved prompt-learning adapter must have been made for a model of this shape.
-fn check_prompt_config_fits(config: &PeftConfig, model: &Model, path: &Path) -> Result<()> {
-    let c = model.config();
-    let (p, want_dim) = match config {
-        PeftConfig::PromptTuning(x) => (&x.prompt, c.hidden_size),
-        PeftConfig::PTuning(x) => (&x.prompt, c.hidden_size),
-        PeftConfig::PrefixTuning(x) => (&x.prompt, c.num_key_value_heads * c.head_dim),
-        _ => return Ok(()),
-    };
-    if let Some(d) = p.token_dim.filter(|d| *d != want_dim) {
-        return Err(Error::corrupt(
-            path,
-            format!("token_dim is {d}, this model needs {want_dim}"),
-        ));
-    }
-    if let Some(l) = p.num_layers.filter(|l| *l != c.num_hidden_layers) {
-        return Err(Error::corrupt(
-            path,
-            format!("num_layers is {l}, this model has {}", c.num_hidden_layers),
-        ));
-    }
-    Ok(())
-}
-
 fn hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     })
-}
-
-fn similar(a: &str, b: &str) -> bool {
-    let common = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
-    common >= 2 || b.contains(a) || a.contains(b)
 }
 
 /// `1234567` → `1,234,567` (PEFT prints with `{:,d}`).

@@ -1,8 +1,13 @@
 //! Prompt-learning methods: virtual tokens in front of the input (prompt tuning, P-tuning)
 //! or learned key/value prefixes in every attention layer (prefix tuning).
 
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor, Var, D};
 
+use super::config::{
+    PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningCommon, PromptTuningConfig,
+};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
 use crate::rng::Rng;
@@ -346,4 +351,163 @@ impl PromptLearning {
         }
         KvCache::from_prefix(prefix, c.sliding_window)
     }
+}
+
+impl PromptLearning {
+    /// Prompt tuning's virtual tokens, initialised as `c.prompt_tuning_init` says (the
+    /// model-dependent config fields filled in first).
+    pub(crate) fn prompt_tuning(
+        c: &mut PromptTuningConfig,
+        model: &Model,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        fill_prompt_defaults(&mut c.prompt, model, false)?;
+        let n = c.prompt.num_virtual_tokens;
+        let dim = c.prompt.token_dim.unwrap_or(model.config().hidden_size);
+        let device = model.device();
+        let dtype = super::param_dtype(model.dtype());
+        let table = match c.prompt_tuning_init.as_str() {
+            "RANDOM" => Tensor::from_vec(rng.normal(n * dim, 0.0, 1.0), (n, dim), device)?,
+            "SAMPLE_VOCAB" => {
+                let vocab = model.config().vocab_size;
+                let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+                let ids = Tensor::new(ids.as_slice(), device)?;
+                model.embed_tokens().index_select(&ids, 0)?
+            }
+            "TEXT" => {
+                return Err(Error::Config(
+                    "prompt_tuning_init TEXT needs token ids: use PeftModel::init_prompt_from_ids after adding the adapter with RANDOM".into(),
+                ))
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "prompt_tuning_init `{other}` (supported: RANDOM, SAMPLE_VOCAB, TEXT)"
+                )))
+            }
+        };
+        Ok(PromptLearning::Prompt {
+            embeddings: Var::from_tensor(&table.to_dtype(dtype)?)?,
+        })
+    }
+
+    /// P-tuning's embedding and prompt encoder (MLP or LSTM).
+    pub(crate) fn p_tuning(
+        c: &mut PromptEncoderConfig,
+        model: &Model,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        fill_prompt_defaults(&mut c.prompt, model, false)?;
+        let n = c.prompt.num_virtual_tokens;
+        let dim = c.prompt.token_dim.unwrap_or(model.config().hidden_size);
+        let hidden = c.encoder_hidden_size.unwrap_or(dim);
+        let device = model.device();
+        let dtype = super::param_dtype(model.dtype());
+        let table = Tensor::from_vec(rng.normal(n * dim, 0.0, 1.0), (n, dim), device)?;
+        let embedding = Var::from_tensor(&table.to_dtype(dtype)?)?;
+        let encoder = match c.encoder_reparameterization_type.as_str() {
+            "MLP" => PromptEncoder::mlp(dim, hidden, dtype, rng, device)?,
+            "LSTM" => PromptEncoder::lstm(dim, hidden, c.encoder_num_layers, dtype, rng, device)?,
+            other => {
+                return Err(Error::Config(format!(
+                    "encoder_reparameterization_type `{other}` (supported: MLP, LSTM)"
+                )))
+            }
+        };
+        Ok(PromptLearning::Encoded {
+            embedding,
+            encoder: Some(encoder),
+        })
+    }
+
+    /// Prefix tuning's per-layer key/value prefixes (through a projection when asked).
+    pub(crate) fn prefix_tuning(
+        c: &mut PrefixTuningConfig,
+        model: &Model,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        fill_prompt_defaults(&mut c.prompt, model, true)?;
+        let n = c.prompt.num_virtual_tokens;
+        let cfg = model.config();
+        let dim = c
+            .prompt
+            .token_dim
+            .unwrap_or(cfg.num_key_value_heads * cfg.head_dim);
+        let layers = c.prompt.num_layers.unwrap_or(cfg.num_hidden_layers);
+        let width = layers * 2 * dim;
+        let device = model.device();
+        let dtype = super::param_dtype(model.dtype());
+        let zero = c.init_weights.as_deref() == Some("zero");
+        let mut init = |n_el: usize, shape: (usize, usize)| -> Result<Var> {
+            let v = if zero {
+                vec![0.0; n_el]
+            } else {
+                rng.normal(n_el, 0.0, 1.0)
+            };
+            Ok(Var::from_tensor(
+                &Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?,
+            )?)
+        };
+        if c.prefix_projection {
+            let hidden = c.encoder_hidden_size.unwrap_or(dim);
+            let embedding = init(n * dim, (n, dim))?;
+            let projection = [
+                TrainableLinear::new(dim, hidden, dtype, rng, device)?,
+                TrainableLinear::new(hidden, width, dtype, rng, device)?,
+            ];
+            Ok(PromptLearning::Prefix {
+                embedding,
+                projection: Some(projection),
+            })
+        } else {
+            let embedding = init(n * width, (n, width))?;
+            Ok(PromptLearning::Prefix {
+                embedding,
+                projection: None,
+            })
+        }
+    }
+}
+
+/// Fills the model-dependent prompt-learning fields as PEFT's `_prepare_prompt_learning_config`
+/// does (for grouped-query models, prefixes are kv_heads · head_dim wide).
+fn fill_prompt_defaults(p: &mut PromptLearningCommon, model: &Model, prefix: bool) -> Result<()> {
+    let c = model.config();
+    if p.num_virtual_tokens == 0 {
+        return Err(Error::Config("num_virtual_tokens must be positive".into()));
+    }
+    p.num_layers.get_or_insert(c.num_hidden_layers);
+    p.num_transformer_submodules.get_or_insert(1);
+    if prefix {
+        p.token_dim
+            .get_or_insert(c.num_key_value_heads * c.head_dim);
+        p.num_attention_heads.get_or_insert(c.num_key_value_heads);
+    } else {
+        p.token_dim.get_or_insert(c.hidden_size);
+        p.num_attention_heads.get_or_insert(c.num_attention_heads);
+    }
+    Ok(())
+}
+
+/// A saved prompt-learning adapter must have been made for a model of this shape.
+pub(crate) fn check_config_fits(config: &PeftConfig, model: &Model, path: &Path) -> Result<()> {
+    let c = model.config();
+    let (p, want_dim) = match config {
+        PeftConfig::PromptTuning(x) => (&x.prompt, c.hidden_size),
+        PeftConfig::PTuning(x) => (&x.prompt, c.hidden_size),
+        PeftConfig::PrefixTuning(x) => (&x.prompt, c.num_key_value_heads * c.head_dim),
+        _ => return Ok(()),
+    };
+    if let Some(d) = p.token_dim.filter(|d| *d != want_dim) {
+        return Err(Error::corrupt(
+            path,
+            format!("token_dim is {d}, this model needs {want_dim}"),
+        ));
+    }
+    if let Some(l) = p.num_layers.filter(|l| *l != c.num_hidden_layers) {
+        return Err(Error::corrupt(
+            path,
+            format!("num_layers is {l}, this model has {}", c.num_hidden_layers),
+        ));
+    }
+    Ok(())
 }

@@ -14,7 +14,7 @@ use super::schedule::Schedule;
 use crate::data::dataset::{field_str, BatchOrder};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::model::CausalLm;
+use crate::model::{CausalLm, Forward};
 use crate::notebook::{self, LinePlot, ProgressBar};
 use crate::peft::PeftModel;
 use crate::tokenizer::Tokenizer;
@@ -352,7 +352,7 @@ impl DpoTrainer {
         let (ids_t, attn, ids, completion, counts) = self.batch(pairs, device)?;
         let logits = self
             .model
-            .forward_for_loss(&ids_t, Some(&attn), None, None)?;
+            .logits(Forward::ids(&ids_t).with_attention_mask(&attn))?;
         Ok((
             sequence_logps(&logits, &ids, &completion)?,
             counts,
@@ -428,7 +428,7 @@ impl DpoTrainer {
                         .model
                         .with_adapters_disabled(|model| -> Result<Tensor> {
                             let logits = model
-                                .forward_for_loss(&ids_t, Some(&attn), None, None)?
+                                .logits(Forward::ids(&ids_t).with_attention_mask(&attn))?
                                 .detach();
                             sequence_logps(&logits, &ids, &completion)
                         })?,

@@ -362,12 +362,7 @@ impl SftTrainer {
             if batch.num_label_tokens == 0 {
                 continue;
             }
-            let logits = self.model.forward_for_loss(
-                &batch.input_ids,
-                batch.attention_mask.as_ref(),
-                None,
-                None,
-            )?;
+            let logits = self.model.logits(batch.forward())?;
             let (loss, n) = causal_lm_loss(&logits.detach(), &batch.labels)?;
             sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
             count += n;
@@ -503,12 +498,7 @@ impl SftTrainer {
 /// `[tokens, vocab]` logits and their gradient are never materialised (49,152 columns for
 /// SmolLM2: 200 MB per 1,024 tokens in f32, several times over in backward).
 pub fn batch_loss(model: &PeftModel, batch: &Batch) -> Result<(Tensor, usize)> {
-    let fused = model.hidden_for_loss(
-        &batch.input_ids,
-        batch.attention_mask.as_ref(),
-        batch.position_ids.as_ref(),
-        batch.segment_ids.as_ref(),
-    )?;
+    let fused = model.hidden_for_loss(batch.forward())?;
     if let Some((hidden, head)) = fused {
         return fused_head_loss(&hidden, &head, &batch.labels);
     }
@@ -527,14 +517,10 @@ pub fn batch_gradients(
     params: &[Var],
     checkpointing: impl Into<Checkpointing>,
 ) -> Result<(f64, usize, Vec<Option<Tensor>>)> {
-    let (ids, mask) = (&batch.input_ids, batch.attention_mask.as_ref());
-    let (positions, segments) = (batch.position_ids.as_ref(), batch.segment_ids.as_ref());
     // Layer by layer (recomputed where `checkpointing` says, else kept and freed as the
     // backward passes each layer): candle's own backward would keep every activation until
     // it ends.
-    if let Some((ck, head)) =
-        model.hidden_for_loss_layered(ids, mask, positions, segments, checkpointing)?
-    {
+    if let Some((ck, head)) = model.hidden_for_loss_layered(batch.forward(), checkpointing)? {
         let (loss, count) = fused_head_loss(&ck.hidden, &head, &batch.labels)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let scaled = (loss * (count as f64 * weight))?;
@@ -576,12 +562,7 @@ fn fused_head_loss(hidden: &Tensor, head: &Tensor, labels: &Tensor) -> Result<(T
 }
 
 fn logits_loss(model: &PeftModel, batch: &Batch) -> Result<(Tensor, usize)> {
-    let logits = model.forward_for_loss(
-        &batch.input_ids,
-        batch.attention_mask.as_ref(),
-        batch.position_ids.as_ref(),
-        batch.segment_ids.as_ref(),
-    )?;
+    let logits = model.logits(batch.forward())?;
     causal_lm_loss(&logits, &batch.labels)
 }
 
