@@ -269,3 +269,93 @@ fn layer_by_layer_backwards_equal_candles_own_backward() {
         }
     }
 }
+
+/// The one training loop takes any objective: a third trainer is an `Objective` (here: make
+/// the model say token 42 after each unit's prompt) and `Trainer::with_objective`. It gets the
+/// schedule, clipping, logging, checkpoints and resume of the others for free.
+#[test]
+fn a_third_trainer_is_one_objective() {
+    use candle_core::{Tensor, Var, D};
+    use peft_prelude::model::Forward;
+    use peft_prelude::peft::PeftModel;
+    use peft_prelude::train::{Objective, StepResult, Trainer};
+
+    struct SayFortyTwo {
+        prompts: Vec<Vec<u32>>,
+    }
+    impl Objective for SayFortyTwo {
+        fn units(&self) -> usize {
+            self.prompts.len()
+        }
+        fn step(
+            &mut self,
+            model: &PeftModel,
+            micro_batches: &[Vec<usize>],
+            params: &[Var],
+            _args: &TrainingArgs,
+        ) -> peft_prelude::Result<StepResult> {
+            let mut out = StepResult {
+                grads: vec![None; params.len()],
+                ..Default::default()
+            };
+            for picked in micro_batches {
+                for &i in picked {
+                    let ids =
+                        Tensor::new(self.prompts[i].as_slice(), model.device())?.unsqueeze(0)?;
+                    let logits = model.last_logits(Forward::ids(&ids))?;
+                    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+                    let loss = (lp.narrow(1, 42, 1)?.sum_all()? * -1.0)?;
+                    out.loss += loss.to_scalar::<f32>()? as f64 / micro_batches.len() as f64;
+                    let store = loss.backward()?;
+                    for (slot, v) in out.grads.iter_mut().zip(params) {
+                        if let Some(g) = store.get(v.as_tensor()) {
+                            *slot = Some(match slot.take() {
+                                Some(acc) => (acc + g)?.detach(),
+                                None => g.detach(),
+                            });
+                        }
+                    }
+                    out.samples += 1;
+                    out.tokens += self.prompts[i].len();
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    let out = scratch("third");
+    let p = Pretrained::from_dir(fixture("tiny-mistral"), &LoadOptions::default()).unwrap();
+    let peft = get_peft_model(p.model, LoraConfig::all_projections(4, 8.0)).unwrap();
+    let args = TrainingArgs {
+        output_dir: out.clone(),
+        per_device_train_batch_size: 2,
+        learning_rate: 5e-3,
+        max_steps: 6,
+        warmup_steps: 0,
+        save_steps: Some(3),
+        ..Default::default()
+    };
+    let objective = SayFortyTwo {
+        prompts: vec![
+            vec![1, 415, 2936],
+            vec![1, 5713, 3714],
+            vec![1, 22557, 1526],
+        ],
+    };
+    let mut trainer = Trainer::with_objective(peft, p.tokenizer, args, objective).unwrap();
+    let result = trainer.train().unwrap();
+    assert_eq!(result.global_step, 6);
+    let losses: Vec<f64> = trainer.history().entries.iter().map(|e| e.loss).collect();
+    assert!(
+        losses[5] < losses[0] / 2.0,
+        "the objective's loss does not fall: {losses:?}"
+    );
+    for step in [3, 6] {
+        assert!(
+            out.join(format!("checkpoint-{step}/adapter_model.safetensors"))
+                .is_file(),
+            "checkpoint {step}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(out);
+}

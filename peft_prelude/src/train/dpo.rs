@@ -2,20 +2,18 @@
 //! losses; the reference model is the same model with its adapters disabled (no second copy
 //! of the weights), or reference log-probs computed once before training.
 
-use std::time::Instant;
+use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 use super::args::TrainingArgs;
-use super::history::{LogEntry, RunHistory};
-use super::optim::{clip_grad_norm, Optimizer};
-use super::schedule::Schedule;
-use crate::data::dataset::{field_str, BatchOrder};
+use super::history::LogEntry;
+use super::trainer::{pad_id, Objective, StepResult, Trainer};
+use crate::data::dataset::field_str;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, Forward};
-use crate::notebook::{self, LinePlot, ProgressBar};
 use crate::peft::PeftModel;
 use crate::tokenizer::Tokenizer;
 
@@ -187,22 +185,59 @@ struct Pair {
     reference: Option<(f32, f32)>,
 }
 
-pub struct DpoTrainer {
-    model: PeftModel,
-    tokenizer: Tokenizer,
-    args: TrainingArgs,
+/// The DPO trainer: the training loop with [`Dpo`]'s loss.
+pub type DpoTrainer = Trainer<Dpo>;
+
+/// DPO's objective: tokenized preference pairs and the loss settings.
+#[derive(Debug)]
+pub struct Dpo {
     config: DpoConfig,
     pairs: Vec<Pair>,
-    optimizer: Optimizer,
-    schedule: Schedule,
-    global_step: usize,
-    log: Vec<(LogEntry, DpoMetrics)>,
     pad_id: u32,
-    /// Which pairs each micro-batch holds.
-    order: BatchOrder,
 }
 
-impl DpoTrainer {
+/// TRL's names of the logged DPO metrics, in [`DpoMetrics`]' order after the loss.
+const METRIC_NAMES: [&str; 6] = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+];
+
+impl DpoMetrics {
+    fn named(&self) -> BTreeMap<String, f64> {
+        let values = [
+            self.rewards_chosen,
+            self.rewards_rejected,
+            self.rewards_accuracies,
+            self.rewards_margins,
+            self.logps_chosen,
+            self.logps_rejected,
+        ];
+        METRIC_NAMES
+            .iter()
+            .zip(values)
+            .map(|(n, v)| (n.to_string(), v))
+            .collect()
+    }
+
+    fn from_entry(entry: &LogEntry) -> Self {
+        let get = |n: &str| entry.metrics.get(n).copied().unwrap_or(f64::NAN);
+        DpoMetrics {
+            loss: entry.loss,
+            rewards_chosen: get(METRIC_NAMES[0]),
+            rewards_rejected: get(METRIC_NAMES[1]),
+            rewards_accuracies: get(METRIC_NAMES[2]),
+            rewards_margins: get(METRIC_NAMES[3]),
+            logps_chosen: get(METRIC_NAMES[4]),
+            logps_rejected: get(METRIC_NAMES[5]),
+        }
+    }
+}
+
+impl Trainer<Dpo> {
     /// `dataset` rows: `prompt`, `chosen`, `rejected` (strings). EOS is appended to both
     /// completions, as TRL does.
     pub fn new(
@@ -249,59 +284,32 @@ impl DpoTrainer {
                 reference: None,
             });
         }
-        let params = model.trainable_vars();
-        if params.is_empty() {
-            return Err(Error::InvalidArgument(
-                "the model has no trainable parameters: add an adapter first".into(),
-            ));
-        }
-        let optimizer = args.optimizer(params)?;
-        let schedule = args.schedule(pairs.len());
-        let pad_id = tokenizer.eos_token_id().unwrap_or(0);
-        let order = BatchOrder::new(pairs.len(), args.per_device_train_batch_size, args.seed);
-        let mut trainer = DpoTrainer {
-            order,
-            model,
-            tokenizer,
-            args,
+        let objective = Dpo {
             config,
             pairs,
-            optimizer,
-            schedule,
-            global_step: 0,
-            log: vec![],
-            pad_id,
+            pad_id: pad_id(&tokenizer),
         };
-        if trainer.config.precompute_ref_log_probs {
-            trainer.precompute_reference()?;
+        let mut trainer = Trainer::with_objective(model, tokenizer, args, objective)?;
+        if trainer.objective.config.precompute_ref_log_probs {
+            let batch = trainer.args.per_device_train_batch_size;
+            trainer
+                .objective
+                .precompute_reference(&trainer.model, batch)?;
         }
         Ok(trainer)
     }
 
-    pub fn model(&self) -> &PeftModel {
-        &self.model
-    }
-
-    pub fn into_model(self) -> PeftModel {
-        self.model
-    }
-
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
     /// Every logged step with TRL's metrics.
-    pub fn metrics(&self) -> &[(LogEntry, DpoMetrics)] {
-        &self.log
+    pub fn metrics(&self) -> Vec<(LogEntry, DpoMetrics)> {
+        self.state()
+            .log_history
+            .iter()
+            .map(|e| (e.clone(), DpoMetrics::from_entry(e)))
+            .collect()
     }
+}
 
-    pub fn history(&self) -> RunHistory {
-        RunHistory {
-            name: self.args.run_name(),
-            entries: self.log.iter().map(|(e, _)| e.clone()).collect(),
-        }
-    }
-
+impl Dpo {
     /// `[chosen rows; rejected rows]` padded, with completion masks (TRL's concatenated batch).
     fn batch(&self, pairs: &[&Pair], device: &Device) -> Result<ConcatBatch> {
         let mut rows: Vec<(Vec<u32>, Vec<u8>)> = vec![];
@@ -348,11 +356,9 @@ impl DpoTrainer {
         ))
     }
 
-    fn logps(&self, pairs: &[&Pair], device: &Device) -> Result<BatchLogps> {
-        let (ids_t, attn, ids, completion, counts) = self.batch(pairs, device)?;
-        let logits = self
-            .model
-            .logits(Forward::ids(&ids_t).with_attention_mask(&attn))?;
+    fn logps(&self, model: &PeftModel, pairs: &[&Pair]) -> Result<BatchLogps> {
+        let (ids_t, attn, ids, completion, counts) = self.batch(pairs, model.device())?;
+        let logits = model.logits(Forward::ids(&ids_t).with_attention_mask(&attn))?;
         Ok((
             sequence_logps(&logits, &ids, &completion)?,
             counts,
@@ -363,15 +369,12 @@ impl DpoTrainer {
         ))
     }
 
-    fn precompute_reference(&mut self) -> Result<()> {
-        let device = self.model.device().clone();
-        let bs = self.args.per_device_train_batch_size;
+    fn precompute_reference(&mut self, model: &PeftModel, batch: usize) -> Result<()> {
         let mut refs = vec![];
-        for chunk in self.pairs.chunks(bs) {
+        for chunk in self.pairs.chunks(batch.max(1)) {
             let pairs: Vec<&Pair> = chunk.iter().collect();
-            let lp = self
-                .model
-                .with_adapters_disabled(|_| self.logps(&pairs, &device))?
+            let lp = model
+                .with_adapters_disabled(|m| self.logps(m, &pairs))?
                 .0
                 .detach();
             let v = lp.to_vec1::<f32>()?;
@@ -383,128 +386,79 @@ impl DpoTrainer {
         }
         Ok(())
     }
+}
 
-    /// Trains for the configured steps (stops early, keeping updates, on a notebook interrupt).
-    pub fn train(&mut self) -> Result<RunHistory> {
-        let device = self.model.device().clone();
-        let total = self.schedule.total_steps;
-        let accum = self.args.gradient_accumulation_steps;
-        let mut progress = ProgressBar::new(total as u64, "DPO");
-        let mut plot = LinePlot::new("DPO").y_label("loss / reward margin");
-        let per_epoch = self.order.per_epoch();
-        self.model.train();
-        while self.global_step < total {
-            if notebook::interrupted() {
-                break;
-            }
-            let started = Instant::now();
-            let params: Vec<Var> = self
-                .optimizer
-                .params()
+impl Objective for Dpo {
+    fn units(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// The mean of the micro-batches' DPO losses, and TRL's metrics averaged the same way.
+    fn step(
+        &mut self,
+        model: &PeftModel,
+        micro_batches: &[Vec<usize>],
+        params: &[Var],
+        _args: &TrainingArgs,
+    ) -> Result<StepResult> {
+        let accum = micro_batches.len().max(1);
+        let device = model.device().clone();
+        let mut out = StepResult {
+            grads: vec![None; params.len()],
+            ..Default::default()
+        };
+        let mut sums = DpoMetrics::default();
+        for picked in micro_batches {
+            let pairs: Vec<&Pair> = picked.iter().map(|&i| &self.pairs[i]).collect();
+            let m = pairs.len();
+            let (policy, counts, ids_t, attn, ids, completion) = self.logps(model, &pairs)?;
+            out.tokens += ids.iter().map(Vec::len).sum::<usize>();
+            out.samples += m;
+            let reference = match pairs
                 .iter()
-                .map(|(_, v)| v.clone())
-                .collect();
-            let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-            let mut sums = DpoMetrics::default();
-            let mut tokens = 0;
-            for k in 0..accum {
-                let index = self.global_step * accum + k;
-                let picked = self.order.indices(index).to_vec();
-                let pairs: Vec<&Pair> = picked.iter().map(|&i| &self.pairs[i]).collect();
-                let m = pairs.len();
-                let (policy, counts, ids_t, attn, ids, completion) = self.logps(&pairs, &device)?;
-                tokens += ids.iter().map(Vec::len).sum::<usize>();
-                let reference = match pairs
-                    .iter()
-                    .map(|p| p.reference)
-                    .collect::<Option<Vec<_>>>()
-                {
-                    Some(r) => {
-                        let v: Vec<f32> =
-                            r.iter().map(|x| x.0).chain(r.iter().map(|x| x.1)).collect();
-                        Tensor::from_vec(v, 2 * m, &device)?
-                    }
-                    None => self
-                        .model
-                        .with_adapters_disabled(|model| -> Result<Tensor> {
-                            let logits = model
-                                .logits(Forward::ids(&ids_t).with_attention_mask(&attn))?
-                                .detach();
-                            sequence_logps(&logits, &ids, &completion)
-                        })?,
-                };
-                let logps = PairLogps {
-                    policy_chosen: &policy.narrow(0, 0, m)?,
-                    policy_rejected: &policy.narrow(0, m, m)?,
-                    reference_chosen: &reference.narrow(0, 0, m)?,
-                    reference_rejected: &reference.narrow(0, m, m)?,
-                    chosen_tokens: &counts[..m],
-                    rejected_tokens: &counts[m..],
-                };
-                let (loss, metrics) = dpo_loss(&logps, &self.config)?;
-                let step_grads = (loss / accum as f64)?.backward()?;
-                // Detached: candle keeps leaf gradients attached to the graph (and its
-                // activations) until they are dropped.
-                for (slot, var) in grads.iter_mut().zip(&params) {
-                    if let Some(g) = step_grads.get(var.as_tensor()) {
-                        *slot = Some(match slot.take() {
-                            Some(acc) => (acc + g)?.detach(),
-                            None => g.detach(),
-                        });
-                    }
-                }
-                add_metrics(&mut sums, &metrics, 1.0 / accum as f64);
-            }
-            if !sums.loss.is_finite() {
-                self.model.eval();
-                return Err(Error::InvalidArgument(format!(
-                    "the DPO loss is {} at step {}",
-                    sums.loss,
-                    self.global_step + 1
-                )));
-            }
-            let grad_norm = clip_grad_norm(&mut grads, self.args.max_grad_norm)?;
-            let lr = self.schedule.lr(self.global_step);
-            self.optimizer.set_lr(lr);
-            self.optimizer.step(&grads)?;
-            self.global_step += 1;
-            let entry = LogEntry {
-                step: self.global_step,
-                loss: sums.loss,
-                learning_rate: lr,
-                grad_norm,
-                tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
-                epoch: (self.global_step * accum) as f64 / per_epoch as f64,
-                eval_loss: None,
-            };
-            plot.push("loss", entry.step as f64, sums.loss);
-            plot.push("rewards/margins", entry.step as f64, sums.rewards_margins);
-            progress.set_position(
-                entry.step as u64,
-                &[
-                    ("loss", sums.loss),
-                    ("acc", sums.rewards_accuracies),
-                    ("margin", sums.rewards_margins),
-                ],
-            );
-            if !notebook::in_kernel()
-                && self.args.logging_steps > 0
-                && entry.step.is_multiple_of(self.args.logging_steps)
+                .map(|p| p.reference)
+                .collect::<Option<Vec<_>>>()
             {
-                println!(
-                    "{{'loss': {:.4}, 'rewards/chosen': {:.4}, 'rewards/rejected': {:.4}, 'rewards/accuracies': {:.2}, 'rewards/margins': {:.4}, 'logps/chosen': {:.3}, 'logps/rejected': {:.3}}}",
-                    sums.loss, sums.rewards_chosen, sums.rewards_rejected, sums.rewards_accuracies, sums.rewards_margins, sums.logps_chosen, sums.logps_rejected
-                );
+                Some(r) => {
+                    let v: Vec<f32> = r.iter().map(|x| x.0).chain(r.iter().map(|x| x.1)).collect();
+                    Tensor::from_vec(v, 2 * m, &device)?
+                }
+                None => model.with_adapters_disabled(|model| -> Result<Tensor> {
+                    let logits = model
+                        .logits(Forward::ids(&ids_t).with_attention_mask(&attn))?
+                        .detach();
+                    sequence_logps(&logits, &ids, &completion)
+                })?,
+            };
+            let logps = PairLogps {
+                policy_chosen: &policy.narrow(0, 0, m)?,
+                policy_rejected: &policy.narrow(0, m, m)?,
+                reference_chosen: &reference.narrow(0, 0, m)?,
+                reference_rejected: &reference.narrow(0, m, m)?,
+                chosen_tokens: &counts[..m],
+                rejected_tokens: &counts[m..],
+            };
+            let (loss, metrics) = dpo_loss(&logps, &self.config)?;
+            let step_grads = (loss / accum as f64)?.backward()?;
+            // Detached: candle keeps leaf gradients attached to the graph (and its
+            // activations) until they are dropped.
+            for (slot, var) in out.grads.iter_mut().zip(params) {
+                if let Some(g) = step_grads.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + g)?.detach(),
+                        None => g.detach(),
+                    });
+                }
             }
-            self.log.push((entry, sums));
+            add_metrics(&mut sums, &metrics, 1.0 / accum as f64);
         }
-        self.model.eval();
-        self.model.release_training_buffers();
-        progress.finish();
-        plot.finish();
-        let history = self.history();
-        history.save(&self.args.output_dir)?;
-        Ok(history)
+        out.loss = sums.loss;
+        out.metrics = sums.named();
+        Ok(out)
+    }
+
+    fn plotted_metrics(&self) -> &'static [&'static str] {
+        &["rewards/margins", "rewards/accuracies"]
     }
 }
 

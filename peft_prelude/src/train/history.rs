@@ -1,6 +1,7 @@
 //! The log of a training run (one entry per step), kept on disk under the output directory
 //! so that runs of a session (or of earlier sessions) can be overlaid on one plot.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,27 @@ pub struct LogEntry {
     pub epoch: f64,
     /// Set on steps where an evaluation ran.
     pub eval_loss: Option<f64>,
+    /// A trainer's further metrics, by name (DPO's `rewards/margins`, …).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl LogEntry {
+    /// The entry as Hugging Face's Trainer prints a log line (a Python dict).
+    pub fn hf_line(&self) -> String {
+        let mut line = format!(
+            "{{'loss': {:.4}, 'grad_norm': {:.4}, 'learning_rate': {:e}, 'epoch': {:.2}, 'tokens_per_second': {:.1}",
+            self.loss, self.grad_norm, self.learning_rate, self.epoch, self.tokens_per_second
+        );
+        if let Some(l) = self.eval_loss {
+            line.push_str(&format!(", 'eval_loss': {l:.4}"));
+        }
+        for (name, value) in &self.metrics {
+            line.push_str(&format!(", '{name}': {value:.4}"));
+        }
+        line.push('}');
+        line
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

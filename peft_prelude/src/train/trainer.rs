@@ -1,0 +1,466 @@
+//! The one training loop. A trainer is this loop plus its loss: an [`Objective`] says how the
+//! gradients of one optimizer step are computed from the units (examples, packed rows,
+//! preference pairs) of its micro-batches; everything else is here, once: the data order,
+//! clipping, the schedule, the optimizer step, logging, evaluation, the live progress bar and
+//! loss curve, the cooperative interrupt, checkpoints and exact resume, the run history.
+//! [`SftTrainer`](super::SftTrainer) and [`DpoTrainer`](super::DpoTrainer) are
+//! `Trainer<Sft>` and `Trainer<Dpo>`; a third trainer is one file with an `Objective`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::args::TrainingArgs;
+use super::history::{LogEntry, RunHistory};
+use super::optim::{clip_grad_norm, Moments, Optimizer};
+use super::schedule::Schedule;
+use crate::data::dataset::BatchOrder;
+use crate::error::{Error, Result};
+use crate::notebook::{self, LinePlot, ProgressBar};
+use crate::peft::PeftModel;
+use crate::tokenizer::Tokenizer;
+
+/// What one optimizer step computed.
+#[derive(Debug, Default)]
+pub struct StepResult {
+    /// The step's loss (as logged).
+    pub loss: f64,
+    /// Gradients for the optimizer's parameters, in its order (`None`: none arrived).
+    pub grads: Vec<Option<Tensor>>,
+    pub samples: usize,
+    pub tokens: usize,
+    /// Further metrics logged with the step, by name (DPO's `rewards/margins`, …).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A trainer's loss: the gradients of one optimizer step.
+pub trait Objective {
+    /// The number of training units (what an epoch is made of).
+    fn units(&self) -> usize;
+
+    /// The loss and gradients (for `params`, in order) of one optimizer step whose
+    /// micro-batches hold the units `micro_batches` (accumulated as the objective defines).
+    fn step(
+        &mut self,
+        model: &PeftModel,
+        micro_batches: &[Vec<usize>],
+        params: &[Var],
+        args: &TrainingArgs,
+    ) -> Result<StepResult>;
+
+    /// The evaluation loss, for objectives with an evaluation set.
+    fn evaluate(&mut self, _model: &PeftModel, _args: &TrainingArgs) -> Option<Result<f64>> {
+        None
+    }
+
+    /// Metrics of [`StepResult::metrics`] drawn beside the loss, and shown on the progress bar.
+    fn plotted_metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
+}
+
+/// What `train()` returns (Hugging Face's `TrainOutput` and its metrics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOutput {
+    pub global_step: usize,
+    /// Mean loss over the steps of this call.
+    pub training_loss: f64,
+    pub train_runtime: f64,
+    pub train_samples_per_second: f64,
+    pub train_steps_per_second: f64,
+    pub train_tokens_per_second: f64,
+    /// `true` when an interrupt stopped training early (call `train()` again to continue).
+    pub interrupted: bool,
+}
+
+/// Where training stands; saved in checkpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub global_step: usize,
+    pub epoch: f64,
+    pub log_history: Vec<LogEntry>,
+}
+
+/// A model, its optimizer and schedule, and an objective: see the module documentation.
+pub struct Trainer<O> {
+    pub(crate) model: PeftModel,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) args: TrainingArgs,
+    optimizer: Optimizer,
+    schedule: Schedule,
+    /// Which units each micro-batch holds.
+    order: BatchOrder,
+    state: TrainerState,
+    /// Shows the loss curve of every `train()` call of this trainer.
+    plot: Option<LinePlot>,
+    pub(crate) objective: O,
+}
+
+impl<O: Objective> Trainer<O> {
+    /// The loop around `objective` for the model's active adapter (how a new trainer is
+    /// made: its constructor prepares the objective's data and calls this). `args` is
+    /// validated and `output_dir` proven writable before anything else is done.
+    pub fn with_objective(
+        model: PeftModel,
+        tokenizer: Tokenizer,
+        args: TrainingArgs,
+        objective: O,
+    ) -> Result<Self> {
+        let args = args.validated()?;
+        check_writable(&args.output_dir)?;
+        let params = model.trainable_vars();
+        if params.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the model has no trainable parameters: add an adapter first".into(),
+            ));
+        }
+        let units = objective.units();
+        Ok(Trainer {
+            optimizer: args.optimizer(params)?,
+            schedule: args.schedule(units),
+            order: BatchOrder::new(units, args.per_device_train_batch_size, args.seed),
+            state: TrainerState::default(),
+            plot: None,
+            model,
+            tokenizer,
+            args,
+            objective,
+        })
+    }
+
+    /// Trains until `max_steps` / `num_train_epochs` are done, or until the notebook's
+    /// interrupt: then it stops after the current step, keeping every update (call `train()`
+    /// again to continue).
+    pub fn train(&mut self) -> Result<TrainOutput> {
+        self.train_steps(usize::MAX)
+    }
+
+    /// Like [`train`](Self::train) but stops after at most `steps` more optimizer steps
+    /// (the schedule still spans the whole run).
+    pub fn train_steps(&mut self, steps: usize) -> Result<TrainOutput> {
+        let start = Instant::now();
+        let first_step = self.state.global_step;
+        let total = self.schedule.total_steps;
+        let stop_at = total.min(first_step.saturating_add(steps));
+        let run = self.args.run_name();
+        let mut progress = ProgressBar::new(total as u64, &format!("training {run}"));
+        progress.set_position(first_step as u64, &[]);
+        let mut plot = self
+            .plot
+            .take()
+            .unwrap_or_else(|| LinePlot::new("training loss").y_label("loss"));
+        let (mut losses, mut samples, mut tokens) = (vec![], 0usize, 0usize);
+        let mut interrupted = false;
+        self.model.train();
+        let mut outcome = Ok(());
+        while self.state.global_step < stop_at {
+            if notebook::interrupted() {
+                interrupted = true;
+                break;
+            }
+            let (entry, step_samples, step_tokens) = match self.step() {
+                Ok(done) => done,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            };
+            samples += step_samples;
+            tokens += step_tokens;
+            losses.push(entry.loss);
+            plot.push(&run, entry.step as f64, entry.loss);
+            let mut shown = vec![("loss", entry.loss), ("lr", entry.learning_rate)];
+            for &name in self.objective.plotted_metrics() {
+                if let Some(&v) = entry.metrics.get(name) {
+                    plot.push(name, entry.step as f64, v);
+                    shown.push((name, v));
+                }
+            }
+            progress.set_position(entry.step as u64, &shown);
+        }
+        self.model.eval();
+        self.model.release_training_buffers();
+        progress.finish();
+        plot.finish();
+        self.plot = Some(plot);
+        outcome?;
+        self.history().save(&self.args.output_dir)?;
+        let runtime = start.elapsed().as_secs_f64();
+        let steps = self.state.global_step - first_step;
+        Ok(TrainOutput {
+            global_step: self.state.global_step,
+            training_loss: if losses.is_empty() {
+                f64::NAN
+            } else {
+                losses.iter().sum::<f64>() / losses.len() as f64
+            },
+            train_runtime: runtime,
+            train_samples_per_second: samples as f64 / runtime.max(1e-9),
+            train_steps_per_second: steps as f64 / runtime.max(1e-9),
+            train_tokens_per_second: tokens as f64 / runtime.max(1e-9),
+            interrupted,
+        })
+    }
+
+    /// One optimizer step: gradients, clipping, the scheduled learning rate, the update,
+    /// logging, evaluation and checkpoint when due. Returns the step's log entry and the
+    /// samples and tokens it saw. A non-finite loss is an error that leaves the adapter as
+    /// it was before the step.
+    pub fn step(&mut self) -> Result<(LogEntry, usize, usize)> {
+        let started = Instant::now();
+        let accum = self.args.gradient_accumulation_steps;
+        let base = self.state.global_step * accum;
+        let micro_batches: Vec<Vec<usize>> = (0..accum)
+            .map(|k| self.order.indices(base + k).to_vec())
+            .collect();
+        let params: Vec<Var> = self
+            .optimizer
+            .params()
+            .iter()
+            .map(|(_, v)| v.clone())
+            .collect();
+        let mut result = self
+            .objective
+            .step(&self.model, &micro_batches, &params, &self.args)?;
+        if !result.loss.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "the loss is {} at step {} (lower the learning rate, check the data); the adapter is left as it was before this step",
+                result.loss,
+                self.state.global_step + 1
+            )));
+        }
+        let grad_norm = clip_grad_norm(&mut result.grads, self.args.max_grad_norm)?;
+        let lr = self.schedule.lr(self.state.global_step);
+        self.optimizer.set_lr(lr);
+        self.optimizer.step(&result.grads)?;
+        self.state.global_step += 1;
+        self.state.epoch = (self.state.global_step * accum) as f64 / self.order.per_epoch() as f64;
+        let mut entry = LogEntry {
+            step: self.state.global_step,
+            loss: result.loss,
+            learning_rate: lr,
+            grad_norm,
+            tokens_per_second: result.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            epoch: self.state.epoch,
+            eval_loss: None,
+            metrics: result.metrics,
+        };
+        if self
+            .args
+            .eval_steps
+            .is_some_and(|every| every > 0 && entry.step.is_multiple_of(every))
+        {
+            if let Some(loss) = self.objective.evaluate(&self.model, &self.args) {
+                entry.eval_loss = Some(loss?);
+                self.model.train();
+            }
+        }
+        let log_now =
+            self.args.logging_steps > 0 && entry.step.is_multiple_of(self.args.logging_steps);
+        if log_now && !notebook::in_kernel() {
+            println!("{}", entry.hf_line());
+        }
+        self.state.log_history.push(entry.clone());
+        if let Some(every) = self.args.save_steps.filter(|s| *s > 0) {
+            if self.state.global_step.is_multiple_of(every) {
+                self.save_checkpoint()?;
+            }
+        }
+        Ok((entry, result.samples, result.tokens))
+    }
+
+    /// The evaluation loss (token-weighted mean over the evaluation set).
+    pub fn evaluate(&mut self) -> Result<f64> {
+        self.objective
+            .evaluate(&self.model, &self.args)
+            .unwrap_or_else(|| {
+                Err(Error::InvalidArgument(
+                    "no evaluation dataset (use with_eval_dataset)".into(),
+                ))
+            })
+    }
+
+    pub fn model(&self) -> &PeftModel {
+        &self.model
+    }
+
+    pub fn model_mut(&mut self) -> &mut PeftModel {
+        &mut self.model
+    }
+
+    pub fn into_model(self) -> PeftModel {
+        self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn args(&self) -> &TrainingArgs {
+        &self.args
+    }
+
+    pub fn state(&self) -> &TrainerState {
+        &self.state
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.schedule.total_steps
+    }
+
+    /// This run's log so far.
+    pub fn history(&self) -> RunHistory {
+        RunHistory {
+            name: self.args.run_name(),
+            entries: self.state.log_history.clone(),
+        }
+    }
+
+    /// Writes `output_dir/checkpoint-{step}`: the adapter in PEFT's format, the raw trainable
+    /// parameters, the optimizer moments and the trainer state. Written to a temporary
+    /// directory and renamed, so a checkpoint is complete or absent. Returns its path.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let step = self.state.global_step;
+        let final_dir = self.args.output_dir.join(format!("checkpoint-{step}"));
+        let tmp = self
+            .args
+            .output_dir
+            .join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let adapter = self.model.active_adapter();
+        self.model.save_adapter(&adapter, &tmp)?;
+        let params: Vec<(String, Tensor)> = self
+            .optimizer
+            .params()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
+        crate::peft::io::write_safetensors_atomic(&tmp.join("trainable.safetensors"), &params)?;
+        let mut moments = vec![];
+        for ((name, _), m) in self
+            .optimizer
+            .params()
+            .iter()
+            .zip(self.optimizer.moments()?)
+        {
+            moments.push((format!("{name}.exp_avg"), m.exp_avg));
+            moments.push((format!("{name}.exp_avg_sq"), m.exp_avg_sq));
+        }
+        crate::peft::io::write_safetensors_atomic(&tmp.join("optimizer.safetensors"), &moments)?;
+        let state = serde_json::json!({
+            "global_step": step,
+            "epoch": self.state.epoch,
+            "optimizer_steps": self.optimizer.steps_taken(),
+            "log_history": self.state.log_history,
+            "args": self.args,
+        });
+        let json =
+            serde_json::to_vec_pretty(&state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        crate::peft::io::write_atomic(&tmp.join("trainer_state.json"), &json)?;
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        self.prune_checkpoints()?;
+        Ok(final_dir)
+    }
+
+    fn prune_checkpoints(&self) -> Result<()> {
+        let Some(limit) = self.args.save_total_limit else {
+            return Ok(());
+        };
+        let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&self.args.output_dir)
+            .map_err(|e| Error::io(&self.args.output_dir, e))?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+                Some((step, e.path()))
+            })
+            .collect();
+        found.sort();
+        while found.len() > limit.max(1) {
+            let (_, path) = found.remove(0);
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Continues from a checkpoint written by [`save_checkpoint`](Self::save_checkpoint):
+    /// parameters, optimizer moments, step, and the data order (derived from the step).
+    pub fn resume_from_checkpoint(&mut self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        let params = crate::peft::io::read_safetensors(&dir.join("trainable.safetensors"))?;
+        let moments_file = dir.join("optimizer.safetensors");
+        let moments = crate::peft::io::read_safetensors(&moments_file)?;
+        let state: serde_json::Value = crate::error::read_json(&dir.join("trainer_state.json"))?;
+        let mut restored = vec![];
+        for (name, var) in self.optimizer.params() {
+            let t = params.get(name).ok_or_else(|| Error::MissingTensor {
+                path: dir.join("trainable.safetensors"),
+                name: name.clone(),
+            })?;
+            if t.dims() != var.dims() {
+                return Err(Error::ShapeMismatch {
+                    path: dir.join("trainable.safetensors"),
+                    name: name.clone(),
+                    expected: var.dims().to_vec(),
+                    got: t.dims().to_vec(),
+                });
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            let get = |k: String| -> Result<Tensor> {
+                moments.get(&k).cloned().ok_or(Error::MissingTensor {
+                    path: moments_file.clone(),
+                    name: k,
+                })
+            };
+            restored.push(Moments {
+                exp_avg: get(format!("{name}.exp_avg"))?.to_device(var.device())?,
+                exp_avg_sq: get(format!("{name}.exp_avg_sq"))?.to_device(var.device())?,
+            });
+        }
+        let bad = |k: &str| {
+            Error::corrupt(
+                dir.join("trainer_state.json"),
+                format!("missing or invalid `{k}`"),
+            )
+        };
+        let optimizer_steps = state["optimizer_steps"]
+            .as_u64()
+            .ok_or_else(|| bad("optimizer_steps"))? as usize;
+        self.optimizer.restore(restored, optimizer_steps)?;
+        self.state.global_step = state["global_step"]
+            .as_u64()
+            .ok_or_else(|| bad("global_step"))? as usize;
+        self.state.epoch = state["epoch"].as_f64().unwrap_or(0.0);
+        self.state.log_history =
+            serde_json::from_value(state["log_history"].clone()).map_err(|_| bad("log_history"))?;
+        Ok(())
+    }
+}
+
+/// The token padding batches: the tokenizer's `<pad>` when it has one, else EOS (TRL's
+/// fallback), else 0. Padded positions are masked, so the choice never changes a loss.
+pub(crate) fn pad_id(tokenizer: &Tokenizer) -> u32 {
+    tokenizer
+        .token_to_id("<pad>")
+        .or(tokenizer.eos_token_id())
+        .unwrap_or(0)
+}
+
+/// Creates the output directory and proves it writable before any work is done.
+fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"ok").map_err(|e| {
+        Error::io(
+            dir,
+            std::io::Error::new(e.kind(), format!("output_dir is not writable: {e}")),
+        )
+    })?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
