@@ -205,8 +205,8 @@ fn saved_adapters_round_trip_with_pefts_names_shapes_and_dtypes() {
         peft.save_pretrained(&dir).unwrap();
 
         // Same tensor names, shapes and dtypes as the file Python PEFT wrote.
-        let theirs = read_safetensors(&src.join("adapter_model.safetensors")).unwrap();
-        let ours = read_safetensors(&dir.join("adapter_model.safetensors")).unwrap();
+        let theirs = read_safetensors(src.join("adapter_model.safetensors")).unwrap();
+        let ours = read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
         let layout = |m: &BTreeMap<String, Tensor>| -> Vec<(String, Vec<usize>, DType)> {
             m.iter()
                 .map(|(k, t)| (k.clone(), t.dims().to_vec(), t.dtype()))

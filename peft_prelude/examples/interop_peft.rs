@@ -141,7 +141,7 @@ fn base(model_dir: &Path, method: &str) -> anyhow::Result<Pretrained> {
         Quantization::None
     };
     Ok(Pretrained::load(
-        &model_dir.to_string_lossy(),
+        model_dir,
         &LoadOptions::default().with_quantization(quantization),
     )?)
 }
@@ -162,10 +162,7 @@ fn save(model_dir: &Path, out: &Path, method: &str) -> anyhow::Result<()> {
     }
     // Unsloth's merged_16bit: merged in f32 over the dequantized base (QLoRA included).
     peft.save_pretrained_merged(out.join("merged"), &p.tokenizer, "merged_16bit")?;
-    let again = Pretrained::load(
-        &out.join("merged").to_string_lossy(),
-        &LoadOptions::default(),
-    )?;
+    let again = Pretrained::load(out.join("merged"), &LoadOptions::default())?;
     write_logits(
         &logits_of(&again.model)?,
         &out.join("ours_merged.safetensors"),

@@ -11,6 +11,7 @@
 //! | [`generate`] | sampling, KV-cached decoding, streamers |
 //! | [`notebook`] | display handles, progress, live plots, token streaming, interrupt check |
 //! | [`prelude`] | one glob import for notebook cells |
+//! | [`setup`] | where things are: the GPU, the models folder, the example data |
 //! | [`threads`] | the process's thread count, decided once (candle re-probes it per matmul) |
 
 pub mod data;
@@ -22,6 +23,7 @@ pub mod peft;
 pub mod prelude;
 pub mod quant;
 pub mod rng;
+pub mod setup;
 pub mod threads;
 pub mod tokenizer;
 pub mod train;

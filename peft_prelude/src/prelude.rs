@@ -18,6 +18,7 @@ pub use crate::peft::{
     PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TargetModules,
 };
 pub use crate::quant::Quantization;
+pub use crate::setup::{best_device, example_data, has_cuda, models_dir, smollm2};
 pub use crate::tokenizer::{ChatMessage, Tokenizer};
 pub use crate::train::{
     plot_runs, DpoConfig, DpoLossType, DpoTrainer, RunHistory, SchedulerType, SftTrainer,

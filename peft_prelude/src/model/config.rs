@@ -362,7 +362,8 @@ impl ModelConfig {
 
     /// Reads the `llama` architecture's metadata from a GGUF file. Mistral GGUFs use it too
     /// (llama.cpp writes no sliding window for them, so none is applied, as llama.cpp does).
-    pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
+    pub fn from_gguf(content: &gguf_file::Content, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let md = &content.metadata;
         let arch = md
             .get("general.architecture")

@@ -64,8 +64,9 @@ pub struct Pretrained {
 impl Pretrained {
     /// Loads from a GGUF file, a model directory, or (if neither exists) a hub repo id.
     /// A hub GGUF is named `repo_id/file.gguf` (e.g. `org/Model-GGUF/model.Q4_K_M.gguf`).
-    pub fn load(source: &str, options: &LoadOptions) -> Result<Self> {
-        let path = Path::new(source);
+    pub fn load(source: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let path = source.as_ref();
+        let source = &*path.to_string_lossy();
         if path.is_dir() {
             return Self::from_dir(path, options);
         }
@@ -214,7 +215,7 @@ fn load_dir_weights(
     config: &ModelConfig,
     options: &LoadOptions,
 ) -> Result<ModelWeights> {
-    BnbConfig::from_config_json(&dir.join("config.json"))?;
+    BnbConfig::from_config_json(dir.join("config.json"))?;
     let source = SafetensorsSource::open(SafetensorsSource::files_in_dir(dir)?)?;
     load_model_weights_quantized(
         config,

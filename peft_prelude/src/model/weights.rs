@@ -209,7 +209,8 @@ impl SafetensorsSource {
     }
 
     /// The checkpoint files of a Hugging Face model directory.
-    pub fn files_in_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    pub fn files_in_dir(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+        let dir = dir.as_ref();
         let single = dir.join("model.safetensors");
         if single.is_file() {
             return Ok(vec![single]);

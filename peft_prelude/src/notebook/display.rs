@@ -206,6 +206,25 @@ impl Table {
 
     /// A two-column (field, value) table of anything serializable to a JSON object, such as a
     /// model configuration. Nested values are shown as JSON.
+    /// The files of a directory with their sizes (what a save wrote), sorted by name.
+    pub fn of_files(dir: impl AsRef<std::path::Path>) -> crate::Result<Self> {
+        let dir = dir.as_ref();
+        let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+            .map_err(|e| crate::Error::io(dir, e))?
+            .flatten()
+            .filter_map(|e| {
+                let size = e.metadata().ok().filter(|m| m.is_file())?.len();
+                Some((e.file_name().to_string_lossy().into_owned(), size))
+            })
+            .collect();
+        files.sort();
+        Ok(files
+            .into_iter()
+            .fold(Table::new(["file", "bytes"]), |t, (name, size)| {
+                t.row([name, size.to_string()])
+            }))
+    }
+
     pub fn from_serialize(value: &impl serde::Serialize) -> Self {
         let value = serde_json::to_value(value).unwrap_or_default();
         let mut table = Table::new(["field", "value"]);

@@ -517,7 +517,8 @@ impl PeftConfig {
     }
 
     /// Reads `adapter_config.json`.
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let value: Value = read_json(path)?;
         Self::from_json(&value).map_err(|what| Error::corrupt(path, what))
     }

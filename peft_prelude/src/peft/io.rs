@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename,
 /// so readers never see a partial file and a failed write leaves the old file in place.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let path = path.as_ref();
     replace_atomically(path, |tmp| {
         let mut f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(tmp, e))
@@ -19,7 +20,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// [`write_atomic`] for writers that want a path: `write` creates and fills a temporary file
 /// beside `path`, which is then synced and renamed over `path` (removed if anything fails).
-pub fn replace_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub fn replace_atomically(
+    path: impl AsRef<Path>,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let path = path.as_ref();
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
@@ -40,7 +45,11 @@ pub fn replace_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) 
 }
 
 /// Saves tensors as safetensors with PEFT's metadata (`{"format": "pt"}`), atomically.
-pub fn write_safetensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+pub fn write_safetensors_atomic(
+    path: impl AsRef<Path>,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    let path = path.as_ref();
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
@@ -52,7 +61,8 @@ pub fn write_safetensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Re
 }
 
 /// Reads every tensor of a safetensors file onto the CPU, naming the file on any error.
-pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+pub fn read_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, Tensor>> {
+    let path = path.as_ref();
     let bytes = crate::error::read_file(path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::corrupt(path, format!("not a valid safetensors file: {e}")))?;

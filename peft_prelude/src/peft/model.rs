@@ -652,7 +652,8 @@ impl PeftModel {
     }
 
     /// Saves one adapter into `dir`.
-    pub fn save_adapter(&self, adapter: &str, dir: &Path) -> Result<()> {
+    pub fn save_adapter(&self, adapter: &str, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
         let mut config = self
             .configs
             .get(adapter)
@@ -661,10 +662,10 @@ impl PeftModel {
         config.common_mut().inference_mode = true;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let tensors = self.adapter_state_dict(adapter)?;
-        super::io::write_safetensors_atomic(&dir.join("adapter_model.safetensors"), &tensors)?;
+        super::io::write_safetensors_atomic(dir.join("adapter_model.safetensors"), &tensors)?;
         let json = serde_json::to_string_pretty(&config.to_json())
             .map_err(|e| Error::InvalidArgument(format!("cannot serialise the config: {e}")))?;
-        super::io::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())
+        super::io::write_atomic(dir.join("adapter_config.json"), json.as_bytes())
     }
 
     /// Loads a saved adapter (ours or Python PEFT's) onto `model` as "default".

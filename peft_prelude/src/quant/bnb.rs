@@ -179,7 +179,8 @@ pub struct BnbConfig {
 impl BnbConfig {
     /// `Ok(None)` when config.json has no bitsandbytes `quantization_config`; an error for
     /// settings we cannot load (8-bit, fp4).
-    pub fn from_config_json(path: &Path) -> Result<Option<Self>> {
+    pub fn from_config_json(path: impl AsRef<Path>) -> Result<Option<Self>> {
+        let path = path.as_ref();
         let v: serde_json::Value = crate::error::read_json(path)?;
         let Some(q) = v.get("quantization_config") else {
             return Ok(None);

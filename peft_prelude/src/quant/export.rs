@@ -114,16 +114,17 @@ pub fn save_hf_16bit(
     dtype: DType,
     tokenizer: &Tokenizer,
 ) -> Result<()> {
-    write_hf_16bit(&ExportSource::of(model), dir.as_ref(), dtype, tokenizer)
+    write_hf_16bit(&ExportSource::of(model), dir, dtype, tokenizer)
 }
 
 /// [`save_hf_16bit`] from any [`ExportSource`].
 pub fn write_hf_16bit(
     source: &ExportSource<'_>,
-    dir: &Path,
+    dir: impl AsRef<Path>,
     dtype: DType,
     tokenizer: &Tokenizer,
 ) -> Result<()> {
+    let dir = dir.as_ref();
     if !matches!(dtype, DType::F16 | DType::BF16) {
         return Err(Error::InvalidArgument(format!(
             "16-bit export needs F16 or BF16, not {dtype:?}"
@@ -148,7 +149,12 @@ pub fn write_hf_16bit(
 /// double quantization (as `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
 /// bnb_4bit_use_double_quant=True)` stores it), embeddings, norms and head in the model's
 /// dtype. transformers loads it with bitsandbytes; [`crate::model::Pretrained`] loads it too.
-pub fn write_bnb_4bit(source: &ExportSource<'_>, dir: &Path, tokenizer: &Tokenizer) -> Result<()> {
+pub fn write_bnb_4bit(
+    source: &ExportSource<'_>,
+    dir: impl AsRef<Path>,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
+    let dir = dir.as_ref();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let dtype = source.model.dtype();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -267,7 +273,7 @@ fn write_checkpoint(
         },
         "do_sample": false,
     });
-    write_atomic(&dir.join("generation_config.json"), &pretty(&generation))?;
+    write_atomic(dir.join("generation_config.json"), &pretty(&generation))?;
     // The safetensors writer creates its file owner-only (a temporary file renamed into place);
     // give the weights the permissions every other file of the export gets.
     let permissions = std::fs::metadata(&config_path)
@@ -414,16 +420,17 @@ pub fn save_gguf(
     kind: GgufExport,
     tokenizer: &Tokenizer,
 ) -> Result<()> {
-    write_gguf(&ExportSource::of(model), path.as_ref(), kind, tokenizer)
+    write_gguf(&ExportSource::of(model), path, kind, tokenizer)
 }
 
 /// [`save_gguf`] from any [`ExportSource`].
 pub fn write_gguf(
     source: &ExportSource<'_>,
-    path: &Path,
+    path: impl AsRef<Path>,
     kind: GgufExport,
     tokenizer: &Tokenizer,
 ) -> Result<()> {
+    let path = path.as_ref();
     let c = source.model.config();
     if let Some(window) = c.sliding_window.filter(|w| *w < c.max_position_embeddings) {
         eprintln!(
@@ -537,6 +544,7 @@ pub fn write_gguf(
 }
 
 /// `dir/model.{Q}.gguf`, the file [`write_gguf`] writes for a directory export.
-pub fn gguf_file_in(dir: &Path, kind: GgufExport) -> PathBuf {
+pub fn gguf_file_in(dir: impl AsRef<Path>, kind: GgufExport) -> PathBuf {
+    let dir = dir.as_ref();
     dir.join(format!("model.{}.gguf", kind.name()))
 }

@@ -42,7 +42,7 @@ pub(super) fn save_pretrained(tok: &Tokenizer, dir: &Path) -> Result<()> {
         .inner
         .to_string(false)
         .map_err(|e| Error::Tokenizer(format!("cannot serialise tokenizer.json: {e}")))?;
-    write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+    write_atomic(dir.join("tokenizer.json"), json.as_bytes())?;
 
     let mut config = serde_json::Map::new();
     config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
@@ -72,11 +72,11 @@ pub(super) fn save_pretrained(tok: &Tokenizer, dir: &Path) -> Result<()> {
     }
     let pretty = |v: &Json| serde_json::to_vec_pretty(v).expect("JSON values serialise");
     write_atomic(
-        &dir.join("tokenizer_config.json"),
+        dir.join("tokenizer_config.json"),
         &pretty(&Json::Object(config)),
     )?;
     write_atomic(
-        &dir.join("special_tokens_map.json"),
+        dir.join("special_tokens_map.json"),
         &pretty(&Json::Object(special)),
     )
 }

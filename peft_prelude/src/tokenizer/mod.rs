@@ -149,8 +149,9 @@ impl Tokenizer {
     /// comes from `tokenizer.chat_template`. `path` is only used in error messages.
     pub fn from_gguf(
         content: &candle_core::quantized::gguf_file::Content,
-        path: &Path,
+        path: impl AsRef<Path>,
     ) -> Result<Self> {
+        let path = path.as_ref();
         let built = gguf::build(content, path)?;
         let mut tok = Self::from_tokenizers(built.inner);
         // The metadata is authoritative; the guesses only stay when a key is absent.

@@ -58,7 +58,8 @@ impl RunHistory {
     }
 
     /// Writes `<output_dir>/runs/<name>.json` (atomically).
-    pub fn save(&self, output_dir: &Path) -> Result<()> {
+    pub fn save(&self, output_dir: impl AsRef<Path>) -> Result<()> {
+        let output_dir = output_dir.as_ref();
         let dir = output_dir.join("runs");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let file = dir.join(format!("{}.json", sanitize(&self.name)));
@@ -68,7 +69,8 @@ impl RunHistory {
     }
 
     /// Every run saved under `output_dir`, oldest first.
-    pub fn load_all(output_dir: &Path) -> Result<Vec<RunHistory>> {
+    pub fn load_all(output_dir: impl AsRef<Path>) -> Result<Vec<RunHistory>> {
+        let output_dir = output_dir.as_ref();
         let dir = output_dir.join("runs");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Ok(vec![]);

@@ -339,7 +339,7 @@ impl<O: Objective> Trainer<O> {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
             .collect();
-        crate::peft::io::write_safetensors_atomic(&tmp.join("trainable.safetensors"), &params)?;
+        crate::peft::io::write_safetensors_atomic(tmp.join("trainable.safetensors"), &params)?;
         let mut moments = vec![];
         for ((name, _), m) in self
             .optimizer
@@ -350,7 +350,7 @@ impl<O: Objective> Trainer<O> {
             moments.push((format!("{name}.exp_avg"), m.exp_avg));
             moments.push((format!("{name}.exp_avg_sq"), m.exp_avg_sq));
         }
-        crate::peft::io::write_safetensors_atomic(&tmp.join("optimizer.safetensors"), &moments)?;
+        crate::peft::io::write_safetensors_atomic(tmp.join("optimizer.safetensors"), &moments)?;
         let state = serde_json::json!({
             "global_step": step,
             "epoch": self.state.epoch,
@@ -360,7 +360,7 @@ impl<O: Objective> Trainer<O> {
         });
         let json =
             serde_json::to_vec_pretty(&state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        crate::peft::io::write_atomic(&tmp.join("trainer_state.json"), &json)?;
+        crate::peft::io::write_atomic(tmp.join("trainer_state.json"), &json)?;
         let _ = std::fs::remove_dir_all(&final_dir);
         std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
         self.prune_checkpoints()?;
@@ -392,7 +392,7 @@ impl<O: Objective> Trainer<O> {
     /// parameters, optimizer moments, step, and the data order (derived from the step).
     pub fn resume_from_checkpoint(&mut self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
-        let params = crate::peft::io::read_safetensors(&dir.join("trainable.safetensors"))?;
+        let params = crate::peft::io::read_safetensors(dir.join("trainable.safetensors"))?;
         let moments_file = dir.join("optimizer.safetensors");
         let moments = crate::peft::io::read_safetensors(&moments_file)?;
         let state: serde_json::Value = crate::error::read_json(&dir.join("trainer_state.json"))?;
