@@ -9,7 +9,7 @@ use peft_prelude::model::{FrozenLinear, LoadOptions, Model, Pretrained};
 use peft_prelude::peft::{get_peft_model, LoraConfig, LoraInit};
 use peft_prelude::quant::export::{save_gguf, save_hf_16bit, GgufExport};
 use peft_prelude::tokenizer::ChatMessage;
-use peft_tests::{fixture, tensors};
+use peft_tests::{f16_rounded, fixture, max_abs_diff, tensors};
 
 fn ids() -> Tensor {
     tensors("gguf/reference.safetensors")["input_ids"]
@@ -26,25 +26,9 @@ fn merged(model: Model) -> Model {
         .unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// The model with its projections and embeddings rounded through f16 (what a 16-bit export holds).
 fn rounded_to_f16(mut m: Model) -> Model {
-    let round = |t: &Tensor| {
-        t.to_dtype(DType::F16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-    };
+    let round = f16_rounded;
     for p in m.linear_paths() {
         let w = round(&m.linear(&p).unwrap().base().dense_weight().unwrap());
         m.replace_linear(&p, |_| Ok(Box::new(FrozenLinear::new(w, None))))
@@ -111,13 +95,9 @@ fn qlora_merge_exports_as_16bit_safetensors_and_loads_back() {
     // Every projection is the merged (dequantized) weight rounded to f16.
     for p in model.linear_paths() {
         let w = model.linear(&p).unwrap().base().dense_weight().unwrap();
-        let expected = w
-            .to_dtype(DType::F16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
+        let expected = f16_rounded(&w);
         assert_eq!(
-            max_diff(
+            max_abs_diff(
                 &back
                     .model
                     .linear(&p)
@@ -133,10 +113,10 @@ fn qlora_merge_exports_as_16bit_safetensors_and_loads_back() {
     }
     // Logits differ only by f16 rounding (of the norms too).
     let got = back.model.forward(&ids()).unwrap();
-    let d = max_diff(&got, &model.forward(&ids()).unwrap());
+    let d = max_abs_diff(&got, &model.forward(&ids()).unwrap());
     println!("16-bit safetensors export, reloaded vs merged model: max logit diff {d:e}");
     assert!(d < 0.02, "{d}");
-    let d = max_diff(&got, &rounded_to_f16(model).forward(&ids()).unwrap());
+    let d = max_abs_diff(&got, &rounded_to_f16(model).forward(&ids()).unwrap());
     println!("  vs merged model with projections and embeddings rounded to f16: {d:e}");
     assert!(d < 0.01, "{d}");
     assert_eq!(
@@ -194,9 +174,9 @@ fn merged_model_exports_as_gguf_and_loads_back() {
                 .dequantize(&candle_core::Device::Cpu)
                 .unwrap();
             let got = back.model.linear(p).unwrap().base().dense_weight().unwrap();
-            assert_eq!(max_diff(&got, &expected), 0.0, "{name} {p}");
+            assert_eq!(max_abs_diff(&got, &expected), 0.0, "{name} {p}");
         }
-        let d = max_diff(&back.model.forward(&ids()).unwrap(), &merged_logits);
+        let d = max_abs_diff(&back.model.forward(&ids()).unwrap(), &merged_logits);
         println!("GGUF {name} export, reloaded vs merged model: max logit diff {d:e}");
         assert!(d < tol, "{name}: {d}");
         assert_eq!(
@@ -217,7 +197,7 @@ fn merged_model_exports_as_gguf_and_loads_back() {
     // F16 holds exactly the f16-rounded merged model.
     let path = temp("merged-F16.gguf");
     let back = Pretrained::from_gguf(&path, &LoadOptions::default()).unwrap();
-    let d = max_diff(
+    let d = max_abs_diff(
         &back.model.forward(&ids()).unwrap(),
         &rounded_to_f16(model).forward(&ids()).unwrap(),
     );
@@ -287,12 +267,7 @@ fn q8_0_export_is_within_half_a_step_of_every_weight() {
 
 /// `x` rounded to f16 and back.
 fn half_round(x: f32) -> f32 {
-    Tensor::new(&[x], &candle_core::Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F16)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
+    f16_rounded(&Tensor::new(&[x], &candle_core::Device::Cpu).unwrap())
         .to_vec1::<f32>()
         .unwrap()[0]
 }

@@ -12,22 +12,11 @@ use peft_prelude::peft::{
 };
 use peft_prelude::quant::Quantization;
 use peft_prelude::tokenizer::{ChatMessage, Tokenizer};
-use peft_tests::{fixture, json_fixture, tensors};
+use peft_tests::{f16_rounded, fixture, json_fixture, max_abs_diff, tensors};
 
 fn ids() -> Tensor {
     tensors("gguf/reference.safetensors")["input_ids"]
         .to_dtype(DType::U32)
-        .unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 
@@ -126,20 +115,16 @@ fn merged_16bit_is_the_exact_merge_rounded_once() {
             .base()
             .dense_weight()
             .unwrap();
-        let rounded = w
-            .to_dtype(DType::F16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        assert_eq!(max_diff(&stored, &rounded), 0.0, "{p}: stored weight");
+        let rounded = f16_rounded(&w);
+        assert_eq!(max_abs_diff(&stored, &rounded), 0.0, "{p}: stored weight");
         exact
             .replace_linear(&p, |_| Ok(Box::new(FrozenLinear::new(w, None))))
             .unwrap();
     }
-    let merge = max_diff(&logits(&exact), &adapter);
-    let merged16 = max_diff(&logits(&back.model), &adapter);
+    let merge = max_abs_diff(&logits(&exact), &adapter);
+    let merged16 = max_abs_diff(&logits(&back.model), &adapter);
     // PEFT's merge_and_unload on the 4-bit base re-quantizes the sum into NF4.
-    let requantized = max_diff(
+    let requantized = max_abs_diff(
         &logits(&qlora_model().0.merge_and_unload().unwrap()),
         &adapter,
     );
@@ -160,7 +145,7 @@ fn merged_16bit_is_the_exact_merge_rounded_once() {
         "re-quantizing is not the far larger error ({requantized} vs {merged16})"
     );
     // The model is untouched by the save, and the export is self-contained.
-    assert_eq!(max_diff(&logits(&peft), &adapter), 0.0);
+    assert_eq!(max_abs_diff(&logits(&peft), &adapter), 0.0);
     assert_same_ids(&tokenizer, &back.tokenizer, "merged_16bit tokenizer");
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
@@ -186,7 +171,7 @@ fn merged_4bit_reloads_as_the_requantized_merge() {
     );
     // The same as PEFT's merge into the 4-bit layers: the sum quantized to NF4 again.
     let requantized = qlora_model().0.merge_and_unload().unwrap();
-    let d = max_diff(&logits(&back.model), &logits(&requantized));
+    let d = max_abs_diff(&logits(&back.model), &logits(&requantized));
     eprintln!("merged_4bit reloaded vs merge_and_unload: {d:e}");
     assert!(d < 1e-5, "{d}");
     let config: serde_json::Value =
@@ -215,7 +200,7 @@ fn lora_method_saves_the_adapter_with_the_tokenizer() {
         .unwrap()
         .model;
     let reloaded = PeftModel::from_pretrained(base, &dir).unwrap();
-    assert_eq!(max_diff(&logits(&reloaded), &logits(&peft)), 0.0);
+    assert_eq!(max_abs_diff(&logits(&reloaded), &logits(&peft)), 0.0);
     assert_same_ids(
         &tokenizer,
         &Tokenizer::from_file(&dir).unwrap(),
@@ -283,7 +268,7 @@ fn gguf_from_a_hugging_face_directory() {
                 &LoadOptions::default().with_quantization(quantization),
             )
             .unwrap();
-            let d = max_diff(&logits(&back.model), &adapter);
+            let d = max_abs_diff(&logits(&back.model), &adapter);
             eprintln!("save_pretrained_gguf {method} ({quantization:?}) vs adapter model: {d:e}");
             assert!(d < tol, "{method} {quantization:?}: {d}");
             assert_same_ids(&tokenizer, &back.tokenizer, &format!("gguf {method}"));
@@ -345,9 +330,9 @@ fn a_plain_model_exports_too() {
     let dir = temp("plain16");
     save_hf_16bit(model, &dir, DType::BF16, &p.tokenizer).unwrap();
     let back = Pretrained::from_dir(&dir, &LoadOptions::default()).unwrap();
-    assert!(max_diff(&logits(&back.model), &logits(model)) < 0.1);
+    assert!(max_abs_diff(&logits(&back.model), &logits(model)) < 0.1);
     let path = temp("plain.gguf");
     save_gguf(model, &path, GgufExport::Q8_0, &p.tokenizer).unwrap();
     let back = Pretrained::from_gguf(&path, &LoadOptions::default()).unwrap();
-    assert!(max_diff(&logits(&back.model), &logits(model)) < 0.3);
+    assert!(max_abs_diff(&logits(&back.model), &logits(model)) < 0.3);
 }

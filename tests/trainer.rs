@@ -306,15 +306,7 @@ fn a_third_trainer_is_one_objective() {
                     let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
                     let loss = (lp.narrow(1, 42, 1)?.sum_all()? * -1.0)?;
                     out.loss += loss.to_scalar::<f32>()? as f64 / micro_batches.len() as f64;
-                    let store = loss.backward()?;
-                    for (slot, v) in out.grads.iter_mut().zip(params) {
-                        if let Some(g) = store.get(v.as_tensor()) {
-                            *slot = Some(match slot.take() {
-                                Some(acc) => (acc + g)?.detach(),
-                                None => g.detach(),
-                            });
-                        }
-                    }
+                    peft_prelude::grads::accumulate(&mut out.grads, params, &loss.backward()?)?;
                     out.samples += 1;
                     out.tokens += self.prompts[i].len();
                 }

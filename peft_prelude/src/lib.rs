@@ -17,6 +17,7 @@
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod grads;
 pub mod model;
 pub mod notebook;
 pub mod peft;

@@ -146,3 +146,10 @@ pub fn max_abs(t: &candle_core::Tensor) -> f32 {
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     max_abs(&(a - b).expect("tensors of one shape"))
 }
+
+/// `t` rounded to f16 and back to f32 (what a 16-bit file holds of it).
+pub fn f16_rounded(t: &candle_core::Tensor) -> candle_core::Tensor {
+    t.to_dtype(candle_core::DType::F16)
+        .and_then(|h| h.to_dtype(candle_core::DType::F32))
+        .expect("a float tensor")
+}

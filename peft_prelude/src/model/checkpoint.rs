@@ -129,19 +129,10 @@ impl Model {
         vars: &[Var],
     ) -> Result<Vec<Option<Tensor>>> {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        // candle leaves the gradients of leaves attached to the graph that made them (which
-        // references the forward activations): detach, or every recomputed layer stays alive
-        // and the next layer's backward walks through it again.
+        // Detached as they are gathered, or every recomputed layer would stay alive and the
+        // next layer's backward would walk through it again.
         let add = |grads: &mut Vec<Option<Tensor>>, store: &candle_core::backprop::GradStore| {
-            for (slot, var) in grads.iter_mut().zip(vars) {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    *slot = Some(match slot.take() {
-                        Some(acc) => (acc + g)?.detach(),
-                        None => g.detach(),
-                    });
-                }
-            }
-            Ok::<_, Error>(())
+            crate::grads::accumulate(grads, vars, store)
         };
         let top = loss.backward()?;
         add(&mut grads, &top)?;

@@ -363,11 +363,9 @@ impl PromptLearning {
     ) -> Result<Self> {
         fill_prompt_defaults(&mut c.prompt, model, false)?;
         let n = c.prompt.num_virtual_tokens;
-        let dim = c.prompt.token_dim.unwrap_or(model.config().hidden_size);
         let device = model.device();
-        let dtype = super::param_dtype(model.dtype());
         let table = match c.prompt_tuning_init.as_str() {
-            "RANDOM" => Tensor::from_vec(rng.normal(n * dim, 0.0, 1.0), (n, dim), device)?,
+            "RANDOM" => random_tokens(&c.prompt, model, rng)?,
             "SAMPLE_VOCAB" => {
                 let vocab = model.config().vocab_size;
                 let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
@@ -385,6 +383,7 @@ impl PromptLearning {
                 )))
             }
         };
+        let dtype = super::param_dtype(model.dtype());
         Ok(PromptLearning::Prompt {
             embeddings: Var::from_tensor(&table.to_dtype(dtype)?)?,
         })
@@ -397,12 +396,11 @@ impl PromptLearning {
         rng: &mut Rng,
     ) -> Result<Self> {
         fill_prompt_defaults(&mut c.prompt, model, false)?;
-        let n = c.prompt.num_virtual_tokens;
-        let dim = c.prompt.token_dim.unwrap_or(model.config().hidden_size);
+        let table = random_tokens(&c.prompt, model, rng)?;
+        let dim = table.dim(1)?;
         let hidden = c.encoder_hidden_size.unwrap_or(dim);
         let device = model.device();
         let dtype = super::param_dtype(model.dtype());
-        let table = Tensor::from_vec(rng.normal(n * dim, 0.0, 1.0), (n, dim), device)?;
         let embedding = Var::from_tensor(&table.to_dtype(dtype)?)?;
         let encoder = match c.encoder_reparameterization_type.as_str() {
             "MLP" => PromptEncoder::mlp(dim, hidden, dtype, rng, device)?,
@@ -466,6 +464,18 @@ impl PromptLearning {
             })
         }
     }
+}
+
+/// A virtual-token table `[n, token_dim]` drawn from N(0, 1) (PEFT's `nn.Embedding` init),
+/// sized by the filled-in config.
+fn random_tokens(p: &PromptLearningCommon, model: &Model, rng: &mut Rng) -> Result<Tensor> {
+    let n = p.num_virtual_tokens;
+    let dim = p.token_dim.unwrap_or(model.config().hidden_size);
+    Ok(Tensor::from_vec(
+        rng.normal(n * dim, 0.0, 1.0),
+        (n, dim),
+        model.device(),
+    )?)
 }
 
 /// Fills the model-dependent prompt-learning fields as PEFT's `_prepare_prompt_learning_config`

@@ -439,17 +439,8 @@ impl Objective for Dpo {
                 rejected_tokens: &counts[m..],
             };
             let (loss, metrics) = dpo_loss(&logps, &self.config)?;
-            let step_grads = (loss / accum as f64)?.backward()?;
-            // Detached: candle keeps leaf gradients attached to the graph (and its
-            // activations) until they are dropped.
-            for (slot, var) in out.grads.iter_mut().zip(params) {
-                if let Some(g) = step_grads.get(var.as_tensor()) {
-                    *slot = Some(match slot.take() {
-                        Some(acc) => (acc + g)?.detach(),
-                        None => g.detach(),
-                    });
-                }
-            }
+            let store = (loss / accum as f64)?.backward()?;
+            crate::grads::accumulate(&mut out.grads, params, &store)?;
             add_metrics(&mut sums, &metrics, 1.0 / accum as f64);
         }
         out.loss = sums.loss;

@@ -140,14 +140,7 @@ impl Objective for Sft {
                 args.checkpointing(),
             )?;
             loss_sum += loss * count as f64;
-            for (slot, g) in out.grads.iter_mut().zip(grads) {
-                if let Some(g) = g {
-                    *slot = Some(match slot.take() {
-                        Some(acc) => (acc + g)?,
-                        None => g,
-                    });
-                }
-            }
+            crate::grads::add(&mut out.grads, grads)?;
             out.samples += batch.input_ids.dim(0)?;
         }
         out.loss = loss_sum / label_tokens.max(1) as f64;
@@ -215,11 +208,8 @@ pub fn batch_gradients(
     let (loss, count) = batch_loss(model, batch)?;
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let store = (loss * (count as f64 * weight))?.backward()?;
-    // Detached: candle keeps leaf gradients attached to the graph (and its activations).
-    let grads = params
-        .iter()
-        .map(|v| store.get(v.as_tensor()).map(Tensor::detach))
-        .collect();
+    let mut grads = vec![None; params.len()];
+    crate::grads::accumulate(&mut grads, params, &store)?;
     Ok((value, count, grads))
 }
 
