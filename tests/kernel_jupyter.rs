@@ -78,6 +78,11 @@ fn kernel_protocol() {
 }
 
 #[test]
+fn kernel_widgets() {
+    run_script("widgets.py");
+}
+
+#[test]
 fn kernel_runs_the_notebook() {
     peft_tests::smollm2_gguf(); // fails with the fetch command when the model is missing
     run_script("notebook.py");

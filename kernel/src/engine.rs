@@ -11,7 +11,7 @@ use evcxr::{CommandContext, EvalContext, EvalContextOutputs};
 
 use crate::slot::Slot;
 
-use peft_protocol::{ENV_INTERRUPT_FILE, ENV_KERNEL};
+use peft_protocol::{ENV_INTERRUPT_FILE, ENV_KERNEL, ENV_STATE_DIR};
 
 /// Where the prelude crate is: `$PEFT_PRELUDE_PATH` (the kernelspec sets it), else the copy
 /// next to the kernel's own sources.
@@ -96,6 +96,7 @@ impl Engine {
         child
             .env(ENV_KERNEL, "1")
             .env(ENV_INTERRUPT_FILE, slot.interrupt_file())
+            .env(ENV_STATE_DIR, slot.state_dir())
             .env("LD_LIBRARY_PATH", library_path(slot)?);
         let (eval, outputs) = EvalContext::with_subprocess_command(child)
             .map_err(|e| anyhow!("starting evcxr: {e}"))?;

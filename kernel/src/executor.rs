@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::engine::{prelude_path, Engine};
 use crate::errors::{describe, CellError};
-use crate::messages::{child, mime_json, output_content, status};
+use crate::messages::{child, comm_message, mime_json, output_content, status};
 use crate::output::{Forwarder, MimeData, Out, Sink};
 use crate::server::Shared;
 use crate::slot::Slot;
@@ -29,11 +29,23 @@ struct IopubSink {
 }
 
 impl Sink for IopubSink {
+    /// Between cells (a background run, a widget callback) outputs go out as children of the
+    /// last cell: widgets' comm messages reach the page whatever their parent.
     fn emit(&mut self, out: Out) {
-        if let Some(parent) = self.parent.lock().unwrap().as_ref() {
-            let (t, content) = output_content(&out);
-            let _ = self.shared.iopub.send(child(parent, t, content));
-        }
+        let Some(parent) = self.parent.lock().unwrap().clone() else {
+            return;
+        };
+        let msg = match &out {
+            Out::Comm(record) => match self.shared.comms.from_cell(record) {
+                Some(reply) => comm_message(&parent, reply),
+                None => return,
+            },
+            _ => {
+                let (t, content) = output_content(&out);
+                child(&parent, t, content)
+            }
+        };
+        let _ = self.shared.iopub.send(msg);
     }
 }
 
@@ -167,7 +179,6 @@ impl Executor {
             }
             self.reply(msg, content);
             self.iopub(status(msg, "idle"));
-            *self.parent.lock().unwrap() = None;
         }
     }
 

@@ -1,6 +1,7 @@
 //! `peft-kernel`: the Jupyter kernel "Rust (PEFT)": evcxr with `peft_prelude` preloaded, live
 //! displays and a cooperative interrupt. See `peft-kernel --help`.
 
+mod comms;
 mod complete;
 mod early_return;
 mod engine;

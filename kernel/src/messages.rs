@@ -18,6 +18,13 @@ pub fn child(parent: &JupyterMessage, msg_type: &str, content: Value) -> Jupyter
     JupyterMessage::new(content, Some(parent))
 }
 
+/// A comm reply (see `comms::Reply`) as a child of `parent`.
+pub fn comm_message(parent: &JupyterMessage, reply: crate::comms::Reply) -> JupyterMessage {
+    let mut msg = child(parent, reply.msg_type, reply.content);
+    msg.metadata = reply.metadata;
+    msg
+}
+
 pub fn status(parent: &JupyterMessage, state: &str) -> JupyterMessage {
     child(parent, "status", json!({ "execution_state": state }))
 }
@@ -57,5 +64,7 @@ pub fn output_content(out: &Out) -> (&'static str, Value) {
             json!({ "data": mime_json(data), "metadata": {}, "transient": { "display_id": id } }),
         ),
         Out::Clear { wait } => ("clear_output", json!({ "wait": wait })),
+        // Comm records go through `comms::Comms`, which keeps their state.
+        Out::Comm(record) => ("comm_msg", json!({ "record": record })),
     }
 }

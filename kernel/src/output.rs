@@ -23,10 +23,23 @@ pub type MimeData = peft_protocol::Data;
 /// One notebook output.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Out {
-    Stream { name: String, text: String },
-    Display { id: Option<String>, data: MimeData },
-    Update { id: String, data: MimeData },
-    Clear { wait: bool },
+    Stream {
+        name: String,
+        text: String,
+    },
+    Display {
+        id: Option<String>,
+        data: MimeData,
+    },
+    Update {
+        id: String,
+        data: MimeData,
+    },
+    Clear {
+        wait: bool,
+    },
+    /// A comm record of the cell's (widgets): opened, messaged or closed.
+    Comm(Record),
 }
 
 /// Where outputs go: iopub messages, or the outputs of a notebook run headlessly.
@@ -56,6 +69,7 @@ pub fn parse_stdout_lines(line: &str) -> Vec<Out> {
             Piece::Record(Record::Update { id, data }) => Out::Update { id, data },
             Piece::Record(Record::Stream { name, text }) => Out::Stream { name, text },
             Piece::Record(Record::Clear { wait }) => Out::Clear { wait },
+            Piece::Record(comm) => Out::Comm(comm),
         })
         .collect()
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::comms::Comms;
 use crate::engine::{prelude_path, Engine};
 use crate::errors::{describe, CellError};
 use crate::interrupt::InterruptFile;
@@ -41,10 +42,15 @@ impl Outputs {
     }
 }
 
-struct NotebookSink(Arc<Mutex<Outputs>>);
+struct NotebookSink(Arc<Mutex<Outputs>>, Arc<Comms>);
 
 impl Sink for NotebookSink {
     fn emit(&mut self, out: Out) {
+        if let Out::Comm(record) = &out {
+            // Kept for the notebook's widget state; nobody is listening.
+            self.1.from_cell(record);
+            return;
+        }
         let mut o = self.0.lock().unwrap();
         let (msg_type, content) = output_content(&out);
         match out {
@@ -72,6 +78,7 @@ impl Sink for NotebookSink {
                 let cell = o.cell;
                 o.cells.remove(&cell);
             }
+            Out::Comm(_) => unreachable!("handled above"),
         }
     }
 }
@@ -84,13 +91,14 @@ pub fn run(input: &Path, output: &Path, slot: &Slot, allow_errors: bool) -> Resu
     let mut notebook: Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", input.display()))?;
     let outputs = Arc::new(Mutex::new(Outputs::default()));
+    let comms = Arc::new(Comms::new(&slot.state_dir()));
     let mut forwarder = None;
     let start = Instant::now();
     let mut engine = Engine::start(slot, &prelude_path(), |o| {
         forwarder = Some(Forwarder::spawn(
             o.stdout,
             o.stderr,
-            NotebookSink(Arc::clone(&outputs)),
+            NotebookSink(Arc::clone(&outputs), Arc::clone(&comms)),
         ));
     })?;
     let forwarder = forwarder.context("evcxr produced no output channels")?;
@@ -169,6 +177,11 @@ pub fn run(input: &Path, output: &Path, slot: &Slot, allow_errors: bool) -> Resu
     let o = outputs.lock().unwrap();
     for (i, cell_outputs) in &o.cells {
         notebook["cells"][*i]["outputs"] = json!(cell_outputs);
+    }
+    // Live widgets' state, as ipywidgets saves it: the saved notebook shows the widgets.
+    if let Some(state) = comms.notebook_widget_state() {
+        notebook["metadata"]["widgets"] =
+            json!({ "application/vnd.jupyter.widget-state+json": state });
     }
     std::fs::write(output, serde_json::to_string_pretty(&notebook)? + "\n")
         .with_context(|| format!("writing {}", output.display()))?;

@@ -12,10 +12,11 @@ use jupyter_zmq_client as zmq;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
+use crate::comms::Comms;
 use crate::engine::Engine;
 use crate::executor::{self, Request};
 use crate::interrupt::InterruptFile;
-use crate::messages::{child, status};
+use crate::messages::{child, comm_message, status};
 use crate::slot::Slot;
 
 /// A cell that ignores an interrupt this long is killed (its variables are lost).
@@ -48,6 +49,8 @@ pub struct Shared {
     pub history: Mutex<Vec<(usize, String)>>,
     /// The latest cargo progress line while the prelude loads.
     pub cargo_status: Arc<Mutex<String>>,
+    /// The widgets' comms and their state (shared with the cell process through files).
+    pub comms: Arc<Comms>,
 }
 
 pub fn serve(connection_file: &Path, slot: Slot, cargo_status: Arc<Mutex<String>>) -> Result<()> {
@@ -103,6 +106,7 @@ async fn run(info: ConnectionInfo, slot: Slot, cargo_status: Arc<Mutex<String>>)
         killed: AtomicBool::new(false),
         history: Mutex::new(vec![]),
         cargo_status,
+        comms: Arc::new(Comms::new(&slot.state_dir())),
     });
     let requests = executor::spawn(Arc::clone(&shared), slot);
 
@@ -262,24 +266,34 @@ fn handle_shell(shared: &Shared, msg: &JupyterMessage) -> Option<JupyterMessage>
         JupyterMessageContent::InspectRequest(req) => {
             reply("inspect_reply", inspect(shared, &req.code, req.cursor_pos))
         }
-        JupyterMessageContent::CommInfoRequest(_) => {
-            reply("comm_info_reply", json!({ "status": "ok", "comms": {} }))
-        }
+        JupyterMessageContent::CommInfoRequest(req) => reply(
+            "comm_info_reply",
+            shared.comms.info(req.target_name.as_deref()),
+        ),
         JupyterMessageContent::HistoryRequest(req) => reply("history_reply", history(shared, req)),
         JupyterMessageContent::ShutdownRequest(req) => reply(
             "shutdown_reply",
             json!({ "status": "ok", "restart": req.restart }),
         ),
-        // No comm targets: a comm_open is answered by closing it, comm messages are dropped.
+        // Widgets: handled here, while a cell runs too; the running cell reads the state the
+        // page set from the side channel.
         JupyterMessageContent::CommOpen(open) => {
-            let _ = shared.iopub.send(child(
-                msg,
-                "comm_close",
-                json!({ "comm_id": open.comm_id.0, "data": {} }),
-            ));
+            for r in shared.comms.page_open(&open.comm_id.0, &open.target_name) {
+                let _ = shared.iopub.send(comm_message(msg, r));
+            }
             None
         }
-        JupyterMessageContent::CommMsg(_) | JupyterMessageContent::CommClose(_) => None,
+        JupyterMessageContent::CommMsg(m) => {
+            let data = Value::Object(m.data.clone());
+            for r in shared.comms.page_msg(&m.comm_id.0, &data) {
+                let _ = shared.iopub.send(comm_message(msg, r));
+            }
+            None
+        }
+        JupyterMessageContent::CommClose(c) => {
+            shared.comms.page_close(&c.comm_id.0);
+            None
+        }
         _ => {
             eprintln!(
                 "peft-kernel: ignoring shell message {}",

@@ -34,6 +34,11 @@ impl Slot {
     }
 
     /// The file through which the kernel tells the cell process about interrupts.
+    /// The side-channel folder of the cell process (widget state, background-run markers).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     pub fn interrupt_file(&self) -> PathBuf {
         self.dir.join("interrupt")
     }

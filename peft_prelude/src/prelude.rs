@@ -9,6 +9,10 @@ pub use crate::generate::{
 pub use crate::model::{
     CausalLm, Forward, FrozenLinear, KvCache, Linear, LoadOptions, Model, ModelConfig, Pretrained,
 };
+pub use crate::notebook::widgets::{
+    Button, Checkbox, Dropdown, FloatLogSlider, FloatSlider, HBox, HtmlWidget, IntSlider, Label,
+    Progress, Text, ToggleButtons, VBox, Widget,
+};
 pub use crate::notebook::{
     clear_output, interrupted, print_stream, show, show_text, Display, Figure, Html, LinePlot, Png,
     ProgressBar, Rich, Svg, Table, TokenStreamer,

@@ -6,11 +6,19 @@
 //!   The kernel reads the cell process's stdout line by line, so a record never contains a raw
 //!   newline (JSON escapes them) and is written with a single `write` under the stdout lock.
 //! * The cell process's environment: [`ENV_KERNEL`] marks it, [`ENV_INTERRUPT_FILE`] names
-//!   the file whose first byte is `1` while the running cell is interrupted.
+//!   the file whose first byte is `1` while the running cell is interrupted, [`ENV_STATE_DIR`]
+//!   the folder through which the kernel hands the cell process what the page did to its
+//!   widgets ([`CommState`], one file per comm) and learns which background runs are active.
+//! * Widgets: the cell process opens comms and sends comm messages as records
+//!   ([`Record::CommOpen`], [`Record::CommMsg`], [`Record::CommClose`]); the kernel sends them
+//!   on as Jupyter messages, answers the page, and writes each comm's state for the cell to
+//!   read, even while a cell runs (the same side channel as the interrupt flag: a file).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Starts every record line. The ASCII record separator makes a clash with user output unlikely.
 pub const MARKER: &str = "\u{1e}peft-kernel ";
@@ -20,6 +28,47 @@ pub const ENV_KERNEL: &str = "PEFT_KERNEL";
 /// writes `0` before each cell).
 pub const ENV_INTERRUPT_FILE: &str = "PEFT_KERNEL_INTERRUPT_FILE";
 
+/// A folder for the kernel's side channel to the cell process (see [`CommState`] and
+/// [`run_marker`]).
+pub const ENV_STATE_DIR: &str = "PEFT_KERNEL_STATE_DIR";
+
+/// What the page has done to one comm (a widget model), as the kernel last wrote it to
+/// [`comm_state_path`]. Written whole and renamed into place, so a reader never sees half.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommState {
+    /// Bumped by the kernel on every change, whichever side made it.
+    pub version: u64,
+    /// The model's state: what the cell opened it with, merged with every update since.
+    pub state: serde_json::Map<String, Value>,
+    /// Custom messages from the page (a button's `{"event": "click"}`) since the comm opened.
+    pub custom_count: u64,
+    /// The last [`KEPT_CUSTOM`] of them, oldest first.
+    pub custom: Vec<Value>,
+    /// The `seq` of the last [`Record::CommMsg`] from the cell merged into `state`: a value the
+    /// cell set later than that is newer than the file's.
+    pub cell_seq: u64,
+}
+
+/// How many custom messages a [`CommState`] keeps.
+pub const KEPT_CUSTOM: usize = 64;
+
+/// Where the state of comm `comm_id` lives in the state folder.
+pub fn comm_state_path(dir: &Path, comm_id: &str) -> PathBuf {
+    dir.join(format!("comm-{comm_id}.json"))
+}
+
+/// The file that exists while background run `id` of the cell process trains: the kernel
+/// waits for these to go (the runs stop and checkpoint on the interrupt flag) before it ends
+/// the cell process at shutdown.
+pub fn run_marker(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("run-{id}.active"))
+}
+
+/// Whether a file in the state folder is a run marker.
+pub fn is_run_marker(name: &str) -> bool {
+    name.starts_with("run-") && name.ends_with(".active")
+}
+
 /// A mime bundle: mime type to content (binary content base64-encoded, as Jupyter wants it).
 pub type Data = BTreeMap<String, String>;
 
@@ -28,13 +77,43 @@ pub type Data = BTreeMap<String, String>;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Record {
     /// A new output, updatable later through its `id`.
-    Display { id: String, data: Data },
+    Display {
+        id: String,
+        data: Data,
+    },
     /// Replaces the content of every output shown with `id`.
-    Update { id: String, data: Data },
+    Update {
+        id: String,
+        data: Data,
+    },
     /// Text appended to a stream (`stdout` or `stderr`) without an added newline.
-    Stream { name: String, text: String },
+    Stream {
+        name: String,
+        text: String,
+    },
     /// Clears the cell's outputs (`wait`: when the next output arrives).
-    Clear { wait: bool },
+    Clear {
+        wait: bool,
+    },
+    /// Opens a comm (a widget model: `target_name` `jupyter.widget`, `data`
+    /// `{"state": …, "buffer_paths": []}`, `metadata` `{"version": "2.1.0"}`).
+    CommOpen {
+        comm_id: String,
+        target_name: String,
+        data: Value,
+        metadata: Value,
+    },
+    /// A message on an open comm (`{"method": "update", "state": …}` for a widget); `seq`
+    /// numbers the cell's messages (see [`CommState::cell_seq`]).
+    CommMsg {
+        comm_id: String,
+        data: Value,
+        #[serde(default)]
+        seq: u64,
+    },
+    CommClose {
+        comm_id: String,
+    },
 }
 
 impl Record {

@@ -17,6 +17,7 @@ mod plot;
 mod progress;
 pub mod protocol;
 mod stream;
+pub mod widgets;
 
 pub use display::{show, show_text, Display, Html, MimeBundle, Png, Rich, Svg, Table};
 pub use figure::Figure;
