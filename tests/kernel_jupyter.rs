@@ -83,6 +83,11 @@ fn kernel_widgets() {
 }
 
 #[test]
+fn kernel_background_training() {
+    run_script("background.py");
+}
+
+#[test]
 fn kernel_runs_the_notebook() {
     peft_tests::smollm2_gguf(); // fails with the fetch command when the model is missing
     run_script("notebook.py");

@@ -63,6 +63,7 @@ impl Comms {
         }
     }
 
+    #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -111,7 +112,7 @@ impl Comms {
     }
 
     /// What to send for a comm record of the cell's; `None` for other records.
-    pub fn from_cell(&self, record: &peft_protocol::Record) -> Option<Reply> {
+    pub fn relay_cell_record(&self, record: &peft_protocol::Record) -> Option<Reply> {
         use peft_protocol::Record;
         match record {
             Record::CommOpen {

@@ -36,7 +36,7 @@ impl Sink for IopubSink {
             return;
         };
         let msg = match &out {
-            Out::Comm(record) => match self.shared.comms.from_cell(record) {
+            Out::Comm(record) => match self.shared.comms.relay_cell_record(record) {
                 Some(reply) => comm_message(&parent, reply),
                 None => return,
             },

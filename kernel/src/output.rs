@@ -17,6 +17,8 @@ use peft_protocol::{split_line, Piece, Record};
 const STREAM_BATCH: Duration = Duration::from_millis(50);
 /// The shortest interval between two updates of one display.
 const UPDATE_INTERVAL: Duration = Duration::from_millis(250);
+/// The shortest interval between two state updates of one widget (later ones are merged).
+const COMM_INTERVAL: Duration = Duration::from_millis(100);
 
 pub type MimeData = peft_protocol::Data;
 
@@ -80,6 +82,9 @@ pub struct Coalescer {
     stream: Option<(String, String, Instant)>,
     pending: Vec<(String, MimeData)>,
     last_update: HashMap<String, Instant>,
+    /// Widget state updates held back, merged: (comm id, state, the latest seq).
+    comm_pending: Vec<(String, serde_json::Map<String, serde_json::Value>, u64)>,
+    last_comm: HashMap<String, Instant>,
 }
 
 impl Coalescer {
@@ -113,8 +118,30 @@ impl Coalescer {
                     self.pending.push((id, data));
                 }
             }
+            Out::Comm(Record::CommMsg { comm_id, data, seq }) if data["method"] == "update" => {
+                ready.extend(self.take_stream());
+                let due = self
+                    .last_comm
+                    .get(&comm_id)
+                    .is_none_or(|t| now >= *t + COMM_INTERVAL);
+                let state = data["state"].as_object().cloned().unwrap_or_default();
+                match self.comm_pending.iter_mut().find(|(c, _, _)| *c == comm_id) {
+                    Some(slot) => {
+                        slot.1.extend(state);
+                        slot.2 = seq;
+                    }
+                    None => self.comm_pending.push((comm_id.clone(), state, seq)),
+                }
+                if due {
+                    ready.extend(self.take_comm(&comm_id, now));
+                }
+            }
             other => {
                 ready.extend(self.take_stream());
+                if let Out::Comm(_) = &other {
+                    // Opens, closes and custom messages keep their order with the updates.
+                    ready.extend(self.take_all_comms(now));
+                }
                 if let Out::Display { id: Some(id), .. } = &other {
                     self.last_update.insert(id.clone(), now);
                 }
@@ -122,6 +149,30 @@ impl Coalescer {
             }
         }
         ready
+    }
+
+    /// The held-back update of `comm_id`, if any.
+    fn take_comm(&mut self, comm_id: &str, now: Instant) -> Option<Out> {
+        let i = self
+            .comm_pending
+            .iter()
+            .position(|(c, _, _)| c == comm_id)?;
+        let (comm_id, state, seq) = self.comm_pending.remove(i);
+        self.last_comm.insert(comm_id.clone(), now);
+        Some(Out::Comm(Record::CommMsg {
+            comm_id,
+            data: serde_json::json!({ "method": "update", "state": state, "buffer_paths": [] }),
+            seq,
+        }))
+    }
+
+    fn take_all_comms(&mut self, now: Instant) -> Vec<Out> {
+        let ids: Vec<String> = self
+            .comm_pending
+            .iter()
+            .map(|(c, _, _)| c.clone())
+            .collect();
+        ids.iter().filter_map(|c| self.take_comm(c, now)).collect()
     }
 
     /// What has become due by `now`.
@@ -134,6 +185,17 @@ impl Coalescer {
         {
             ready.extend(self.take_stream());
         }
+        let due: Vec<String> = self
+            .comm_pending
+            .iter()
+            .filter(|(c, _, _)| {
+                self.last_comm
+                    .get(c)
+                    .is_none_or(|t| now >= *t + COMM_INTERVAL)
+            })
+            .map(|(c, _, _)| c.clone())
+            .collect();
+        ready.extend(due.iter().filter_map(|c| self.take_comm(c, now)));
         let last = &mut self.last_update;
         self.pending.retain(|(id, data)| {
             let due = last.get(id).is_none_or(|t| now >= *t + UPDATE_INTERVAL);
@@ -152,6 +214,7 @@ impl Coalescer {
     /// Everything held back (at the end of a cell).
     pub fn flush(&mut self, now: Instant) -> Vec<Out> {
         let mut ready: Vec<Out> = self.take_stream().into_iter().collect();
+        ready.extend(self.take_all_comms(now));
         for (id, data) in self.pending.drain(..) {
             self.last_update.insert(id.clone(), now);
             ready.push(Out::Update { id, data });
@@ -278,15 +341,29 @@ fn forward(
     let mut panic = PanicWatch::default();
     let mut early = EarlyReturnWatch::default();
     let emit = |outs: Vec<Out>, sink: &mut dyn Sink| outs.into_iter().for_each(|o| sink.emit(o));
+    // Background threads of the cell process write their records to stderr (read at all
+    // times; stdout only while a cell runs).
     let on_stderr = |line: String, panic: &mut PanicWatch, early: &mut EarlyReturnWatch| {
+        if line.contains(peft_protocol::MARKER) {
+            return parse_stdout_lines(&line)
+                .into_iter()
+                .map(|out| match out {
+                    Out::Stream { text, .. } => Out::Stream {
+                        name: "stderr".into(),
+                        text,
+                    },
+                    other => other,
+                })
+                .collect();
+        }
         if !early.line(&line) {
-            return None;
+            return vec![];
         }
         panic.line(&line);
-        Some(Out::Stream {
+        vec![Out::Stream {
             name: "stderr".into(),
             text: format!("{line}\n"),
-        })
+        }]
     };
     loop {
         select! {
@@ -300,7 +377,7 @@ fn forward(
             },
             recv(stderr) -> line => match line {
                 Ok(line) => {
-                    if let Some(out) = on_stderr(line, &mut panic, &mut early) {
+                    for out in on_stderr(line, &mut panic, &mut early) {
                         emit(coalescer.push(out, Instant::now()), &mut sink)
                     }
                 }
@@ -317,7 +394,7 @@ fn forward(
                     }
                 }
                 while let Ok(line) = stderr.try_recv() {
-                    if let Some(out) = on_stderr(line, &mut panic, &mut early) {
+                    for out in on_stderr(line, &mut panic, &mut early) {
                         emit(coalescer.push(out, Instant::now()), &mut sink);
                     }
                 }
@@ -394,6 +471,55 @@ mod tests {
                 name: "stdout".into(),
                 text: "plain\n".into()
             }
+        );
+    }
+
+    #[test]
+    fn widget_updates_are_merged_and_rate_limited() {
+        let mut c = Coalescer::default();
+        let t0 = Instant::now();
+        let update = |v: i32, seq: u64| {
+            Out::Comm(Record::CommMsg {
+                comm_id: "w".into(),
+                data: serde_json::json!({"method": "update", "state": {"value": v, format!("k{v}"): v}}),
+                seq,
+            })
+        };
+        assert_eq!(c.push(update(1, 1), t0).len(), 1, "the first goes at once");
+        assert!(c
+            .push(update(2, 2), t0 + Duration::from_millis(10))
+            .is_empty());
+        assert!(c
+            .push(update(3, 3), t0 + Duration::from_millis(20))
+            .is_empty());
+        let out = c.tick(t0 + Duration::from_millis(120));
+        match out.as_slice() {
+            [Out::Comm(Record::CommMsg { data, seq, .. })] => {
+                assert_eq!(data["state"]["value"], 3, "the latest value");
+                assert_eq!(
+                    (data["state"]["k2"].clone(), *seq),
+                    (serde_json::json!(2), 3)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // A close waits for nothing: pending updates of any comm go first.
+        c.push(update(4, 4), t0 + Duration::from_millis(130));
+        let out = c.push(
+            Out::Comm(Record::CommClose {
+                comm_id: "w".into(),
+            }),
+            t0 + Duration::from_millis(140),
+        );
+        assert!(
+            matches!(
+                out.as_slice(),
+                [
+                    Out::Comm(Record::CommMsg { .. }),
+                    Out::Comm(Record::CommClose { .. })
+                ]
+            ),
+            "{out:?}"
         );
     }
 

@@ -48,7 +48,7 @@ impl Sink for NotebookSink {
     fn emit(&mut self, out: Out) {
         if let Out::Comm(record) = &out {
             // Kept for the notebook's widget state; nobody is listening.
-            self.1.from_cell(record);
+            self.1.relay_cell_record(record);
             return;
         }
         let mut o = self.0.lock().unwrap();

@@ -28,6 +28,15 @@ fn interrupt_grace() -> Duration {
     Duration::from_secs_f64(secs)
 }
 
+/// How long a shutdown waits for background runs to stop and save.
+fn background_grace() -> Duration {
+    let secs = std::env::var("PEFT_KERNEL_BACKGROUND_GRACE_S")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(120.0);
+    Duration::from_secs_f64(secs)
+}
+
 /// State shared by the loops and the executor.
 pub struct Shared {
     pub iopub: UnboundedSender<JupyterMessage>,
@@ -98,7 +107,7 @@ async fn run(info: ConnectionInfo, slot: Slot, cargo_status: Arc<Mutex<String>>)
         shell_out: shell_tx,
         engine: Mutex::new(None),
         process: Mutex::new(None),
-        interrupt: InterruptFile::new(&slot.interrupt_file()),
+        interrupt: InterruptFile::new(&slot.interrupt_file()).counting_in(&slot.state_dir()),
         running: AtomicU64::new(0),
         abort_below: AtomicU64::new(0),
         last_seq: AtomicU64::new(0),
@@ -129,6 +138,13 @@ async fn run(info: ConnectionInfo, slot: Slot, cargo_status: Arc<Mutex<String>>)
             }
             let _ = shared.iopub.send(status(&msg, "idle"));
             if exit {
+                // Background runs stop after their current step (and checkpoint when their
+                // output_dir asks for it) before the cell process ends.
+                shared.interrupt.raise();
+                let deadline = std::time::Instant::now() + background_grace();
+                while shared.comms.runs_active() && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 // Let the iopub writer drain, then end the cell process and ourselves.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 if let Some(p) = shared.process.lock().unwrap().as_ref() {

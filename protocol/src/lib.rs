@@ -64,6 +64,13 @@ pub fn run_marker(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("run-{id}.active"))
 }
 
+/// The file in the state folder that counts the interrupts (and shutdowns) of the kernel's
+/// life, never reset: a background run, which outlives the cell that started it, stops when
+/// the count grows (the per-cell interrupt flag is cleared before every cell).
+pub fn interrupt_count_path(dir: &Path) -> PathBuf {
+    dir.join("interrupts")
+}
+
 /// Whether a file in the state folder is a run marker.
 pub fn is_run_marker(name: &str) -> bool {
     name.starts_with("run-") && name.ends_with(".active")

@@ -17,6 +17,20 @@ pub fn interrupted() -> bool {
     std::fs::read(path).is_ok_and(|bytes| peft_protocol::is_interrupted(&bytes))
 }
 
+/// How many times the kernel was interrupted (or asked to shut down) so far; never goes back.
+/// A background run stops once it grows, whatever cell was running. 0 outside the kernel.
+pub fn interrupt_count() -> u64 {
+    let Some(dir) = std::env::var_os(peft_protocol::ENV_STATE_DIR) else {
+        return 0;
+    };
+    std::fs::read_to_string(peft_protocol::interrupt_count_path(std::path::Path::new(
+        &dir,
+    )))
+    .ok()
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -21,8 +21,8 @@ pub mod widgets;
 
 pub use display::{show, show_text, Display, Html, MimeBundle, Png, Rich, Svg, Table};
 pub use figure::Figure;
-pub use interrupt::interrupted;
+pub use interrupt::{interrupt_count, interrupted};
 pub use plot::LinePlot;
 pub use progress::ProgressBar;
-pub use protocol::in_kernel;
+pub use protocol::{in_kernel, mark_background_thread};
 pub use stream::{clear_output, print_stream, TokenStreamer};

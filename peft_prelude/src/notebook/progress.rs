@@ -17,6 +17,8 @@ pub struct ProgressBar {
     started: Instant,
     last_draw: Option<Instant>,
     display: Option<Display>,
+    /// Never shows itself (its HTML goes where its owner puts it, e.g. a widget).
+    detached: bool,
 }
 
 impl ProgressBar {
@@ -29,7 +31,26 @@ impl ProgressBar {
             started: Instant::now(),
             last_draw: None,
             display: None,
+            detached: false,
         }
+    }
+
+    /// A bar that keeps its state but never shows itself: its owner shows [`html`](Self::html).
+    pub fn detached(total: u64, label: &str) -> Self {
+        ProgressBar {
+            detached: true,
+            ..Self::new(total, label)
+        }
+    }
+
+    /// Changes the number of steps (a run whose end moved).
+    pub fn set_length(&mut self, total: u64) {
+        self.total = total;
+    }
+
+    /// The bar as HTML.
+    pub fn html(&self) -> String {
+        self.mime_bundle().remove("text/html").unwrap_or_default()
     }
 
     /// Advances by one and records the given metrics (replacing earlier values of the same name).
@@ -68,6 +89,9 @@ impl ProgressBar {
 
     fn draw(&mut self) {
         self.last_draw = Some(Instant::now());
+        if self.detached {
+            return;
+        }
         match &self.display {
             Some(d) => d.update(&*self),
             None => self.display = Some(show(&*self)),

@@ -10,11 +10,33 @@ pub fn in_kernel() -> bool {
     std::env::var_os(ENV_KERNEL).is_some_and(|v| v == "1")
 }
 
-/// Writes a record to stdout (only meaningful inside the kernel).
+thread_local! {
+    /// Set on threads that outlive their cell (a background run, the widget watcher).
+    static BACKGROUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one whose output may come while no cell runs: its records go
+/// to stderr, which the kernel reads at all times (evcxr reads the cell process's stdout only
+/// while a cell runs, so a background thread writing there would block once the pipe fills).
+/// The prelude's own threads call this; call it first in a thread of your own that draws
+/// widgets or displays after its cell has ended.
+pub fn mark_background_thread() {
+    BACKGROUND.with(|b| b.set(true));
+}
+
+/// Writes a record (only meaningful inside the kernel): to stdout, in order with the cell's
+/// other output, or to stderr from a background thread.
 pub(crate) fn emit(record: &Record) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(record.encode().as_bytes());
-    let _ = out.flush();
+    let line = record.encode();
+    if BACKGROUND.with(|b| b.get()) {
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(line.as_bytes());
+        let _ = err.flush();
+    } else {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(line.as_bytes());
+        let _ = out.flush();
+    }
 }
 
 /// A display id unique across cells and processes (statics are per cell under evcxr, so a

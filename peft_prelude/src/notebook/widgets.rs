@@ -39,6 +39,15 @@ const MODULE_VERSION: &str = "2.0.0";
 /// The widget message protocol spoken (ipywidgets 8).
 const PROTOCOL_VERSION: &str = "2.1.0";
 
+/// Which ipywidgets model a widget is: its kind (for text), model and view names, and the
+/// style model it takes.
+struct ModelKind {
+    kind: &'static str,
+    model: &'static str,
+    view: &'static str,
+    style: Option<&'static str>,
+}
+
 /// One widget model (a comm), shared by the clones of its handle.
 #[derive(Debug)]
 struct Model {
@@ -72,10 +81,12 @@ impl Widget {
     /// Opens a model of `_model_name` `model` (`_view_name` `view`) with a layout, and a style
     /// model of `style` when given, then `state` on top of the names.
     fn open(
-        kind: &'static str,
-        model: &str,
-        view: &str,
-        style: Option<&str>,
+        ModelKind {
+            kind,
+            model,
+            view,
+            style,
+        }: ModelKind,
         state: Value,
     ) -> Self {
         let layout = open_comm(json!({
@@ -338,10 +349,12 @@ fn f64_of(v: Value, default: f64) -> f64 {
 impl FloatSlider {
     pub fn new(description: &str, value: f64, (min, max): (f64, f64), step: f64) -> Self {
         FloatSlider(Widget::open(
-            "FloatSlider",
-            "FloatSliderModel",
-            "FloatSliderView",
-            Some("SliderStyleModel"),
+            ModelKind {
+                kind: "FloatSlider",
+                model: "FloatSliderModel",
+                view: "FloatSliderView",
+                style: Some("SliderStyleModel"),
+            },
             json!({
                 "description": description, "value": value, "min": min, "max": max,
                 "step": step, "readout": true, "readout_format": ".3g",
@@ -364,10 +377,12 @@ impl FloatLogSlider {
     pub fn new(description: &str, value: f64, (min, max): (f64, f64)) -> Self {
         let exp = |x: f64| x.max(f64::MIN_POSITIVE).log10();
         FloatLogSlider(Widget::open(
-            "FloatLogSlider",
-            "FloatLogSliderModel",
-            "FloatLogSliderView",
-            Some("SliderStyleModel"),
+            ModelKind {
+                kind: "FloatLogSlider",
+                model: "FloatLogSliderModel",
+                view: "FloatLogSliderView",
+                style: Some("SliderStyleModel"),
+            },
             json!({
                 "description": description, "value": value, "base": 10.0,
                 "min": exp(min), "max": exp(max), "step": 0.1,
@@ -389,10 +404,12 @@ impl FloatLogSlider {
 impl IntSlider {
     pub fn new(description: &str, value: i64, (min, max): (i64, i64)) -> Self {
         IntSlider(Widget::open(
-            "IntSlider",
-            "IntSliderModel",
-            "IntSliderView",
-            Some("SliderStyleModel"),
+            ModelKind {
+                kind: "IntSlider",
+                model: "IntSliderModel",
+                view: "IntSliderView",
+                style: Some("SliderStyleModel"),
+            },
             json!({
                 "description": description, "value": value, "min": min, "max": max, "step": 1,
                 "readout": true, "readout_format": "d",
@@ -412,10 +429,7 @@ impl IntSlider {
 
 /// Shared by the widgets that pick one of several labels.
 fn options_widget<S: ToString>(
-    kind: &'static str,
-    model: &str,
-    view: &str,
-    style: &str,
+    kind: ModelKind,
     description: &str,
     options: &[S],
     selected: usize,
@@ -430,7 +444,7 @@ fn options_widget<S: ToString>(
     if let (Some(state), Some(extra)) = (state.as_object_mut(), extra.as_object()) {
         state.extend(extra.clone());
     }
-    Widget::open(kind, model, view, Some(style), state)
+    Widget::open(kind, state)
 }
 
 /// The label at the selected index of an options widget.
@@ -446,10 +460,12 @@ fn selected_label(w: &Widget) -> Option<String> {
 impl Dropdown {
     pub fn new<S: ToString>(description: &str, options: &[S], selected: usize) -> Self {
         Dropdown(options_widget(
-            "Dropdown",
-            "DropdownModel",
-            "DropdownView",
-            "DescriptionStyleModel",
+            ModelKind {
+                kind: "Dropdown",
+                model: "DropdownModel",
+                view: "DropdownView",
+                style: Some("DescriptionStyleModel"),
+            },
             description,
             options,
             selected,
@@ -474,10 +490,12 @@ impl Dropdown {
 impl ToggleButtons {
     pub fn new<S: ToString>(description: &str, options: &[S], selected: usize) -> Self {
         ToggleButtons(options_widget(
-            "ToggleButtons",
-            "ToggleButtonsModel",
-            "ToggleButtonsView",
-            "ToggleButtonsStyleModel",
+            ModelKind {
+                kind: "ToggleButtons",
+                model: "ToggleButtonsModel",
+                view: "ToggleButtonsView",
+                style: Some("ToggleButtonsStyleModel"),
+            },
             description,
             options,
             selected,
@@ -502,10 +520,12 @@ impl ToggleButtons {
 impl Checkbox {
     pub fn new(description: &str, value: bool) -> Self {
         Checkbox(Widget::open(
-            "Checkbox",
-            "CheckboxModel",
-            "CheckboxView",
-            Some("CheckboxStyleModel"),
+            ModelKind {
+                kind: "Checkbox",
+                model: "CheckboxModel",
+                view: "CheckboxView",
+                style: Some("CheckboxStyleModel"),
+            },
             json!({ "description": description, "value": value, "indent": false, "disabled": false }),
         ))
     }
@@ -522,10 +542,12 @@ impl Checkbox {
 impl Button {
     pub fn new(description: &str) -> Self {
         Button(Widget::open(
-            "Button",
-            "ButtonModel",
-            "ButtonView",
-            Some("ButtonStyleModel"),
+            ModelKind {
+                kind: "Button",
+                model: "ButtonModel",
+                view: "ButtonView",
+                style: Some("ButtonStyleModel"),
+            },
             json!({
                 "description": description, "button_style": "", "icon": "",
                 "tooltip": null, "disabled": false,
@@ -576,10 +598,12 @@ impl Button {
 impl Text {
     pub fn new(description: &str, value: &str) -> Self {
         Text(Widget::open(
-            "Text",
-            "TextModel",
-            "TextView",
-            Some("TextStyleModel"),
+            ModelKind {
+                kind: "Text",
+                model: "TextModel",
+                view: "TextView",
+                style: Some("TextStyleModel"),
+            },
             json!({
                 "description": description, "value": value, "placeholder": "",
                 "continuous_update": true, "disabled": false,
@@ -599,10 +623,12 @@ impl Text {
 impl Label {
     pub fn new(value: &str) -> Self {
         Label(Widget::open(
-            "Label",
-            "LabelModel",
-            "LabelView",
-            Some("LabelStyleModel"),
+            ModelKind {
+                kind: "Label",
+                model: "LabelModel",
+                view: "LabelView",
+                style: Some("LabelStyleModel"),
+            },
             json!({ "value": value }),
         ))
     }
@@ -619,10 +645,12 @@ impl Label {
 impl HtmlWidget {
     pub fn new(html: &str) -> Self {
         HtmlWidget(Widget::open(
-            "HTML",
-            "HTMLModel",
-            "HTMLView",
-            Some("HTMLStyleModel"),
+            ModelKind {
+                kind: "HTML",
+                model: "HTMLModel",
+                view: "HTMLView",
+                style: Some("HTMLStyleModel"),
+            },
             json!({ "value": html, "placeholder": "" }),
         ))
     }
@@ -639,10 +667,12 @@ impl HtmlWidget {
 impl Progress {
     pub fn new(description: &str, value: f64, max: f64) -> Self {
         Progress(Widget::open(
-            "Progress",
-            "FloatProgressModel",
-            "ProgressView",
-            Some("ProgressStyleModel"),
+            ModelKind {
+                kind: "Progress",
+                model: "FloatProgressModel",
+                view: "ProgressView",
+                style: Some("ProgressStyleModel"),
+            },
             json!({
                 "description": description, "value": value, "min": 0.0, "max": max,
                 "bar_style": "", "orientation": "horizontal",
@@ -664,39 +694,50 @@ impl Progress {
     }
 }
 
-fn children(items: &[&Widget]) -> Value {
+fn children(items: &[&dyn AsRef<Widget>]) -> Value {
     json!(items
         .iter()
-        .map(|w| reference(w.model_id()))
+        .map(|w| reference(w.as_ref().model_id()))
         .collect::<Vec<_>>())
 }
 
+impl AsRef<Widget> for Widget {
+    fn as_ref(&self) -> &Widget {
+        self
+    }
+}
+
 impl HBox {
-    pub fn new(items: &[&Widget]) -> Self {
+    /// `HBox::new(&[&slider, &button])`.
+    pub fn new(items: &[&dyn AsRef<Widget>]) -> Self {
         HBox(Widget::open(
-            "HBox",
-            "HBoxModel",
-            "HBoxView",
-            None,
+            ModelKind {
+                kind: "HBox",
+                model: "HBoxModel",
+                view: "HBoxView",
+                style: None,
+            },
             json!({ "children": children(items), "box_style": "" }),
         ))
     }
 }
 
 impl VBox {
-    pub fn new(items: &[&Widget]) -> Self {
+    pub fn new(items: &[&dyn AsRef<Widget>]) -> Self {
         VBox(Widget::open(
-            "VBox",
-            "VBoxModel",
-            "VBoxView",
-            None,
+            ModelKind {
+                kind: "VBox",
+                model: "VBoxModel",
+                view: "VBoxView",
+                style: None,
+            },
             json!({ "children": children(items), "box_style": "" }),
         ))
     }
 }
 
 /// Calls every watcher about twenty times a second, from one thread of the cell process.
-fn watch(f: impl FnMut() + Send + 'static) {
+pub(crate) fn watch(f: impl FnMut() + Send + 'static) {
     type Watchers = Mutex<Vec<Box<dyn FnMut() + Send>>>;
     static WATCHERS: OnceLock<Arc<Watchers>> = OnceLock::new();
     let watchers = WATCHERS.get_or_init(|| {
@@ -705,6 +746,7 @@ fn watch(f: impl FnMut() + Send + 'static) {
         let _ = std::thread::Builder::new()
             .name("widget-watcher".into())
             .spawn(move || loop {
+                super::protocol::mark_background_thread();
                 std::thread::sleep(Duration::from_millis(50));
                 for f in w.lock().unwrap_or_else(|p| p.into_inner()).iter_mut() {
                     f();

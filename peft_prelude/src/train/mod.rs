@@ -2,6 +2,7 @@
 //! AdamW (and 8-bit AdamW), schedules, run histories.
 
 pub mod args;
+pub mod background;
 pub mod dpo;
 pub mod history;
 pub mod loss;
@@ -11,6 +12,7 @@ pub mod sft;
 pub mod trainer;
 
 pub use args::TrainingArgs;
+pub use background::{RunHandle, RunState, RunStatus};
 pub use dpo::{dpo_loss, Dpo, DpoConfig, DpoLossType, DpoMetrics, DpoTrainer, PairLogps};
 pub use history::{plot_runs, LogEntry, RunHistory};
 pub use loss::{causal_lm_loss, IGNORE_INDEX};

@@ -62,6 +62,57 @@ pub trait Objective {
     }
 }
 
+/// What runs before each step decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Between {
+    Continue,
+    Stop,
+}
+
+/// Where a run shows its progress: the cell's displays (a run in the foreground) or widgets
+/// (a run in the background, whose cell has ended: only comm messages reach the page then).
+pub(crate) trait Monitor {
+    fn begin(&mut self, run: &str, first_step: usize, total: usize);
+    /// After a step; `plotted`: the objective's metrics drawn beside the loss.
+    fn step(&mut self, run: &str, entry: &LogEntry, total: usize, plotted: &[(&str, f64)]);
+    fn end(&mut self);
+}
+
+/// A foreground run's progress bar and loss curve (the curve is the trainer's, so every
+/// `train()` call of one trainer adds to it).
+struct DisplayMonitor<'a> {
+    progress: Option<ProgressBar>,
+    plot: &'a mut LinePlot,
+}
+
+impl Monitor for DisplayMonitor<'_> {
+    fn begin(&mut self, run: &str, first_step: usize, total: usize) {
+        let mut progress = ProgressBar::new(total as u64, &format!("training {run}"));
+        progress.set_position(first_step as u64, &[]);
+        self.progress = Some(progress);
+    }
+
+    fn step(&mut self, run: &str, entry: &LogEntry, total: usize, plotted: &[(&str, f64)]) {
+        self.plot.push(run, entry.step as f64, entry.loss);
+        let mut shown = vec![("loss", entry.loss), ("lr", entry.learning_rate)];
+        for &(name, v) in plotted {
+            self.plot.push(name, entry.step as f64, v);
+            shown.push((name, v));
+        }
+        if let Some(p) = self.progress.as_mut() {
+            p.set_length(total as u64);
+            p.set_position(entry.step as u64, &shown);
+        }
+    }
+
+    fn end(&mut self) {
+        if let Some(p) = self.progress.as_mut() {
+            p.finish();
+        }
+        self.plot.finish();
+    }
+}
+
 /// What `train()` returns (Hugging Face's `TrainOutput` and its metrics).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainOutput {
@@ -141,26 +192,58 @@ impl<O: Objective> Trainer<O> {
     /// Like [`train`](Self::train) but stops after at most `steps` more optimizer steps
     /// (the schedule still spans the whole run).
     pub fn train_steps(&mut self, steps: usize) -> Result<TrainOutput> {
-        let start = Instant::now();
-        let first_step = self.state.global_step;
-        let total = self.schedule.total_steps;
-        let stop_at = total.min(first_step.saturating_add(steps));
-        let run = self.args.run_name();
-        let mut progress = ProgressBar::new(total as u64, &format!("training {run}"));
-        progress.set_position(first_step as u64, &[]);
+        let _exclusive = super::background::Exclusive::take(&self.args.run_name())?;
         let mut plot = self
             .plot
             .take()
             .unwrap_or_else(|| LinePlot::new("training loss").y_label("loss"));
+        let mut monitor = DisplayMonitor {
+            progress: None,
+            plot: &mut plot,
+        };
+        let result = self.run(steps, &mut monitor, &mut |_| Ok(Between::Continue));
+        self.plot = Some(plot);
+        result
+    }
+
+    /// The loop: up to `steps` optimizer steps, reported to `monitor`; `between` runs before
+    /// each step (a background run's commands) and may stop the run. Stops early, keeping
+    /// every update, on the notebook's interrupt.
+    pub(crate) fn run(
+        &mut self,
+        steps: usize,
+        monitor: &mut dyn Monitor,
+        between: &mut dyn FnMut(&mut Self) -> Result<Between>,
+    ) -> Result<TrainOutput> {
+        let start = Instant::now();
+        let first_step = self.state.global_step;
+        let run = self.args.run_name();
+        monitor.begin(&run, first_step, self.schedule.total_steps);
         let (mut losses, mut samples, mut tokens) = (vec![], 0usize, 0usize);
         let mut interrupted = false;
         self.model.train();
         let mut outcome = Ok(());
-        while self.state.global_step < stop_at {
+        loop {
+            let stop_at = self
+                .schedule
+                .total_steps
+                .min(first_step.saturating_add(steps));
+            if self.state.global_step >= stop_at {
+                break;
+            }
+            match between(self) {
+                Ok(Between::Continue) => {}
+                Ok(Between::Stop) => break,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
             if notebook::interrupted() {
                 interrupted = true;
                 break;
             }
+            self.model.train();
             let (entry, step_samples, step_tokens) = match self.step() {
                 Ok(done) => done,
                 Err(e) => {
@@ -171,21 +254,17 @@ impl<O: Objective> Trainer<O> {
             samples += step_samples;
             tokens += step_tokens;
             losses.push(entry.loss);
-            plot.push(&run, entry.step as f64, entry.loss);
-            let mut shown = vec![("loss", entry.loss), ("lr", entry.learning_rate)];
-            for &name in self.objective.plotted_metrics() {
-                if let Some(&v) = entry.metrics.get(name) {
-                    plot.push(name, entry.step as f64, v);
-                    shown.push((name, v));
-                }
-            }
-            progress.set_position(entry.step as u64, &shown);
+            let plotted: Vec<(&str, f64)> = self
+                .objective
+                .plotted_metrics()
+                .iter()
+                .filter_map(|&name| entry.metrics.get(name).map(|&v| (name, v)))
+                .collect();
+            monitor.step(&run, &entry, self.schedule.total_steps, &plotted);
         }
         self.model.eval();
         self.model.release_training_buffers();
-        progress.finish();
-        plot.finish();
-        self.plot = Some(plot);
+        monitor.end();
         outcome?;
         self.history().save(&self.args.output_dir)?;
         let runtime = start.elapsed().as_secs_f64();
@@ -203,6 +282,42 @@ impl<O: Objective> Trainer<O> {
             train_tokens_per_second: tokens as f64 / runtime.max(1e-9),
             interrupted,
         })
+    }
+
+    /// Changes the peak learning rate for the rest of the run (the schedule keeps its shape:
+    /// warmup and decay continue from the current step with the new peak).
+    pub fn set_learning_rate(&mut self, learning_rate: f64) -> Result<()> {
+        if !(learning_rate.is_finite() && learning_rate > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "the learning rate must be positive, got {learning_rate}"
+            )));
+        }
+        self.args.learning_rate = learning_rate;
+        self.schedule.base_lr = learning_rate;
+        Ok(())
+    }
+
+    /// Changes where the run ends (optimizer steps in all); the schedule is stretched to it.
+    pub fn set_max_steps(&mut self, max_steps: usize) -> Result<()> {
+        if max_steps <= self.state.global_step {
+            return Err(Error::InvalidArgument(format!(
+                "max_steps {max_steps} is not after the current step {}",
+                self.state.global_step
+            )));
+        }
+        self.args.max_steps = max_steps as i64;
+        self.schedule = self.args.schedule(self.objective.units());
+        Ok(())
+    }
+
+    /// Log every `steps` steps (0: never).
+    pub fn set_logging_steps(&mut self, steps: usize) {
+        self.args.logging_steps = steps;
+    }
+
+    /// Evaluate every `steps` steps (`None`: never).
+    pub fn set_eval_steps(&mut self, steps: Option<usize>) {
+        self.args.eval_steps = steps;
     }
 
     /// One optimizer step: gradients, clipping, the scheduled learning rate, the update,
