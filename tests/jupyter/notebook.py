@@ -59,6 +59,9 @@ def main():
             ends[index] = time.monotonic()
             print(f"cell {index}: ok in {ends[index] - t:.1f} s", flush=True)
 
+        # As NotebookClient.execute() does at its end: the live widgets' state into the
+        # notebook's metadata, so the saved notebook shows them.
+        client.set_widgets_metadata()
         save_if_asked(nb, path)
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
         check(any("image/svg+xml" in o.get("data", {}) for o in outputs), "no SVG plot among the outputs")
@@ -86,6 +89,19 @@ def main():
         )
         print("merged:", merged_out.strip())
         check("adapter model's answer on 6 of 6 prompts" in merged_out, merged_out)
+
+        # The background run: its panel (widgets) shows in the spawn cell, the next cell
+        # samples while it trains, the saved notebook keeps the widgets' state.
+        spawn_cell = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and ".spawn()" in source(c))
+        widget_views = [m for _, m in client.messages[spawn_cell] if m["msg_type"] == "display_data"
+                        and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]]
+        check(len(widget_views) == 1, "the spawn cell shows no panel")
+        sampled = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" and "run.sample(" in source(c) for o in c.outputs)
+        print("while training:", sampled.strip())
+        step, total = sampled.split("after ")[1].split(" steps")[0].split(" of ")
+        check(int(step) < int(total), f"the sample came after the run ended ({sampled})")
+        states = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+        check(any(s["model_name"] == "FloatLogSliderModel" for s in states.values()), "no widget state saved")
 
         gen_cell = next(i for i, c in enumerate(nb.cells) if "TokenStreamer::new" in source(c))
         streams = [t for t, m in client.messages[gen_cell] if m["msg_type"] == "stream"]
