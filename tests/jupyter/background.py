@@ -104,6 +104,11 @@ def main():
         adapter = os.path.join(out, "adapter")
         msgs, value = run_cell(kc, f'run.stop();\nlet trainer = run.wait()?;\ntrainer.model().save_pretrained("{adapter}")?;\ntrainer.state().global_step')
         check(int(value) >= resumed, value)
+        # The ended run's controls are greyed out (the slider, three buttons, the prompt box).
+        later, _ = run_cell(kc, "std::thread::sleep(std::time::Duration::from_millis(500));")
+        greyed = {m["content"]["comm_id"] for _, m in msgs + later if m["msg_type"] == "comm_msg"
+                  and m["content"]["data"].get("state", {}).get("disabled") is True}
+        check(len(greyed) == 5, f"{len(greyed)} controls greyed out at the end of the run, not 5")
         check(os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")), "the adapter was not saved")
         history = json.load(open(os.path.join(out, "runs", "bg.json")))
         check(len(history["entries"]) == int(value), (len(history["entries"]), value))

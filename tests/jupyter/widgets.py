@@ -120,6 +120,15 @@ def main():
         check(full["content"]["data"]["state"]["value"] == 0.3, full["content"])
         check(full["content"]["data"]["state"]["_model_name"] == "FloatSliderModel", full["content"])
 
+        # The description's width goes to the slider's style model, which the page asks for.
+        style_id = full["content"]["data"]["state"]["style"].removeprefix("IPY_MODEL_")
+        reply, msgs, _ = execute(kc, 'slider.set_description_width("initial");')
+        styled = [m for m in iopub_of(msgs, "comm_msg") if m["content"]["comm_id"] == style_id]
+        check(styled and styled[-1]["content"]["data"]["state"] == {"description_width": "initial"}, styled)
+        req_id = send_comm(page, style_id, {"method": "request_state"})
+        full = wait_for(page, lambda m: m["msg_type"] == "comm_msg" and m["parent_header"].get("msg_id") == req_id)
+        check(full["content"]["data"]["state"]["description_width"] == "initial", full["content"])
+
         # on_click runs Rust when the page clicks, also after the cell that set it up ended.
         reply, _, _ = execute(
             kc,

@@ -121,7 +121,7 @@ impl ProgressBar {
         }
         s.push(']');
         for (name, value) in &self.metrics {
-            s += &format!(" {name}={value:.4}");
+            s += &format!(" {name}={}", metric(*value));
         }
         s
     }
@@ -130,6 +130,16 @@ impl ProgressBar {
 fn duration(seconds: f64) -> String {
     let s = seconds.round() as u64;
     format!("{:02}:{:02}", s / 60, s % 60)
+}
+
+/// A metric as a person reads it: four decimals, or three significant digits for the small
+/// values a learning rate takes (0.0000 says nothing).
+fn metric(value: f64) -> String {
+    if value != 0.0 && value.abs() < 0.01 {
+        format!("{value:.2e}")
+    } else {
+        format!("{value:.4}")
+    }
 }
 
 impl Rich for ProgressBar {
@@ -169,7 +179,10 @@ mod tests {
         let text = &bar.mime_bundle()["text/plain"];
         assert!(text.starts_with("train |"), "{text}");
         assert!(text.contains(" 50% 2/4 ["), "{text}");
-        assert!(text.contains("loss=1.5000 lr=0.0010"), "{text}");
+        assert!(text.contains("loss=1.5000 lr=1.00e-3"), "{text}");
         assert!(bar.mime_bundle()["text/html"].contains("<progress value=\"2\" max=\"4\""));
+        bar.step(&[("loss", 0.0), ("lr", 0.02)]);
+        let text = &bar.mime_bundle()["text/plain"];
+        assert!(text.contains("loss=0.0000 lr=0.0200"), "{text}");
     }
 }

@@ -52,6 +52,8 @@ struct ModelKind {
 #[derive(Debug)]
 struct Model {
     comm_id: String,
+    /// The style model's comm, for the kinds that have one.
+    style_id: Option<String>,
     state: Mutex<Local>,
 }
 
@@ -103,6 +105,7 @@ impl Widget {
             "_dom_classes": [],
             "layout": reference(&layout),
         });
+        let mut style_id = None;
         if let Some(style) = style {
             let style = open_comm(json!({
                 "_model_module": CONTROLS, "_model_module_version": MODULE_VERSION,
@@ -112,6 +115,7 @@ impl Widget {
                 "description_width": "",
             }));
             full["style"] = json!(reference(&style));
+            style_id = Some(style);
         }
         if let (Some(full), Some(extra)) = (full.as_object_mut(), state.as_object()) {
             for (k, v) in extra {
@@ -122,6 +126,7 @@ impl Widget {
         Widget {
             model: Arc::new(Model {
                 comm_id,
+                style_id,
                 state: Mutex::new(Local {
                     state: full.as_object().cloned().unwrap_or_default(),
                     ..Default::default()
@@ -160,6 +165,31 @@ impl Widget {
                 comm_id: self.model.comm_id.clone(),
                 data: json!({ "method": "update", "state": fields, "buffer_paths": [] }),
                 seq,
+            });
+        }
+    }
+
+    /// Greys the control out in the page (it no longer takes input), or enables it again.
+    pub fn set_disabled(&self, disabled: bool) {
+        self.set(json!({ "disabled": disabled }));
+    }
+
+    /// The width of the description in front of the control: `"initial"` fits the text, a
+    /// CSS length (`"120px"`) lines up a column; the default (`""`) is the page's fixed width,
+    /// which cuts a long description short. Kinds without a style model ignore it.
+    pub fn set_description_width(&self, width: &str) {
+        let Some(style_id) = &self.model.style_id else {
+            return;
+        };
+        if in_kernel() {
+            emit(&Record::CommMsg {
+                comm_id: style_id.clone(),
+                data: json!({
+                    "method": "update",
+                    "state": { "description_width": width },
+                    "buffer_paths": [],
+                }),
+                seq: SEQ.fetch_add(1, Ordering::Relaxed) + 1,
             });
         }
     }
@@ -275,6 +305,12 @@ macro_rules! widget_type {
         }
 
         impl $name {
+            /// See [`Widget::set_description_width`].
+            pub fn with_description_width(self, width: &str) -> Self {
+                self.0.set_description_width(width);
+                self
+            }
+
             /// Called by evcxr when the widget is the last expression of a cell.
             pub fn evcxr_display(&self) {
                 self.0.evcxr_display()
@@ -386,7 +422,7 @@ impl FloatLogSlider {
             json!({
                 "description": description, "value": value, "base": 10.0,
                 "min": exp(min), "max": exp(max), "step": 0.1,
-                "readout": true, "readout_format": ".3g",
+                "readout": true, "readout_format": ".2e",
                 "continuous_update": true, "orientation": "horizontal", "disabled": false,
             }),
         ))
@@ -588,10 +624,6 @@ impl Button {
 
     pub fn set_description(&self, description: &str) {
         self.set(json!({ "description": description }));
-    }
-
-    pub fn set_disabled(&self, disabled: bool) {
-        self.set(json!({ "disabled": disabled }));
     }
 }
 

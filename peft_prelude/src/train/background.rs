@@ -25,7 +25,7 @@ use super::trainer::{Between, Monitor, Objective, TrainOutput, Trainer};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationConfig};
 use crate::model::CausalLm;
-use crate::notebook::widgets::{Button, FloatLogSlider, HBox, HtmlWidget, Text, VBox};
+use crate::notebook::widgets::{Button, FloatLogSlider, HBox, HtmlWidget, Text, VBox, Widget};
 use crate::notebook::{self, LinePlot, MimeBundle, ProgressBar, Rich};
 
 /// The run training now, by name (one at a time).
@@ -433,6 +433,8 @@ struct Panel {
     curve: HtmlWidget,
     learning_rate: FloatLogSlider,
     pause: Button,
+    /// Every control, greyed out when the run ends.
+    controls: Vec<Widget>,
 }
 
 impl Panel {
@@ -443,7 +445,8 @@ impl Panel {
             "learning rate",
             learning_rate,
             (learning_rate / 100.0, learning_rate * 100.0),
-        );
+        )
+        .with_description_width("initial");
         let pause = Button::new("pause");
         let stop = Button::new("stop").with_style("danger");
         let prompt = Text::new("prompt", "");
@@ -458,6 +461,9 @@ impl Panel {
             curve,
             learning_rate: lr.clone(),
             pause: pause.clone(),
+            controls: [&*lr, &*pause, &*stop, &*prompt, &*sample]
+                .map(Widget::clone)
+                .to_vec(),
         };
         // The controls act through the same commands as the handle.
         {
@@ -571,6 +577,9 @@ impl WidgetMonitor {
         self.panel
             .progress
             .set_value(&format!("{}{note}", self.progress.html()));
+        for control in &self.panel.controls {
+            control.set_disabled(true);
+        }
         self.draw_plot();
     }
 }
