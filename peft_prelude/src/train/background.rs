@@ -6,9 +6,12 @@
 //! widgets, so they keep updating after the cell that started the run has finished, while
 //! other cells run.
 //!
-//! One run trains at a time (a second, in the background or foreground, is refused with the
-//! name of the one training): the CPU or GPU is shared, and two runs side by side would each
-//! run at half speed while holding twice the memory. An interrupt, a kernel shutdown or a
+//! One run trains in the background at a time, and a foreground `train()` waits for none:
+//! while a background run trains, a second one (in the background or foreground) is refused
+//! with the name of the one training. The CPU or GPU is shared, and two runs side by side
+//! would each run at half speed while holding twice the memory. Foreground runs do not
+//! exclude each other: in a notebook cells run one after the other, and a program of the
+//! user's that trains on several threads at once (a test suite, a sweep) asked for it. An interrupt, a kernel shutdown or a
 //! restart stops a background run after its current step, with a checkpoint when
 //! `save_steps` asks for checkpoints; the run history is saved either way.
 
@@ -28,23 +31,34 @@ use crate::model::CausalLm;
 use crate::notebook::widgets::{Button, FloatLogSlider, HBox, HtmlWidget, Text, VBox, Widget};
 use crate::notebook::{self, LinePlot, MimeBundle, ProgressBar, Rich};
 
-/// The run training now, by name (one at a time).
+/// The run training in the background now, by name (one at a time).
 static ACTIVE: Mutex<Option<String>> = Mutex::new(None);
 
-/// Held while a run trains; refuses a second one.
+/// Held while a background run trains; refuses a second run.
 pub(crate) struct Exclusive(());
 
 impl Exclusive {
+    /// Claims the background slot for `run`.
     pub(crate) fn take(run: &str) -> Result<Self> {
         let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(other) = active.as_ref() {
-            return Err(Error::InvalidArgument(format!(
-                "`{other}` is training in the background; one run trains at a time (they share \
-                 the CPU or GPU): stop() or wait() it first"
-            )));
-        }
+        refuse_beside(active.as_deref())?;
         *active = Some(run.to_string());
         Ok(Exclusive(()))
+    }
+
+    /// For a foreground run: refused while a background run trains.
+    pub(crate) fn check_free() -> Result<()> {
+        refuse_beside(ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).as_deref())
+    }
+}
+
+fn refuse_beside(active: Option<&str>) -> Result<()> {
+    match active {
+        Some(other) => Err(Error::InvalidArgument(format!(
+            "`{other}` is training in the background; one run trains at a time (they share the \
+             CPU or GPU): stop() or wait() it first"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -655,5 +669,27 @@ impl Drop for RunMarker {
         if let Some(p) = &self.0 {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_background_run_excludes_others_but_foreground_runs_do_not_exclude_each_other() {
+        // Foreground runs only check: any number may train side by side.
+        Exclusive::check_free().unwrap();
+        Exclusive::check_free().unwrap();
+        let slot = Exclusive::take("first").unwrap();
+        let refused = Exclusive::check_free().unwrap_err().to_string();
+        assert!(
+            refused.contains("`first` is training in the background"),
+            "{refused}"
+        );
+        assert!(Exclusive::take("second").is_err());
+        drop(slot);
+        Exclusive::check_free().unwrap();
+        drop(Exclusive::take("third").unwrap());
     }
 }

@@ -192,7 +192,7 @@ impl<O: Objective> Trainer<O> {
     /// Like [`train`](Self::train) but stops after at most `steps` more optimizer steps
     /// (the schedule still spans the whole run).
     pub fn train_steps(&mut self, steps: usize) -> Result<TrainOutput> {
-        let _exclusive = super::background::Exclusive::take(&self.args.run_name())?;
+        super::background::Exclusive::check_free()?;
         let mut plot = self
             .plot
             .take()
