@@ -84,6 +84,15 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Has rust-analyzer read the prelude and every crate below it, without building or running
+    /// anything. evcxr asks rust-analyzer for the type of each variable a cell defines, and the
+    /// first such question loads all ~280 crates' item trees: 5 s the first `let` of a session
+    /// would otherwise pay. Asking for a completion does the same loading.
+    pub fn warm_analyzer(&mut self) {
+        let code = "let _ = Tensor::zer";
+        let _ = self.ctx.completions(code, code.len());
+    }
+
     /// Starts the cell process and loads the prelude (compiling it when the slot is cold).
     /// Returns the output channels, which must be drained from then on.
     pub fn start(
@@ -101,6 +110,7 @@ impl Engine {
         let (eval, outputs) = EvalContext::with_subprocess_command(child)
             .map_err(|e| anyhow!("starting evcxr: {e}"))?;
         on_outputs(outputs);
+        let context_ready = started.elapsed().as_secs_f64();
         let mut ctx = CommandContext::with_eval_context(eval);
         let wrapper = write_dylib_wrapper(slot, prelude)?;
         ctx.execute(&preload_code(&wrapper)).map_err(|e| {
@@ -112,7 +122,7 @@ impl Engine {
         })?;
         slot.mark_warm()?;
         eprintln!(
-            "peft-kernel: prelude ready in {:.1} s",
+            "peft-kernel: prelude ready in {:.1} s (evcxr context {context_ready:.1} s)",
             started.elapsed().as_secs_f64()
         );
         let process = ctx.process_handle();

@@ -86,6 +86,7 @@ pub fn spawn(shared: Arc<Shared>, slot: Slot) -> Sender<Request> {
                 parent,
                 count: 0,
                 init: Init::Pending(init_rx),
+                analyzer_warm: false,
             }
             .run(rx)
         })
@@ -101,12 +102,28 @@ enum Init {
     Failed(String),
 }
 
+impl From<InitResult> for Init {
+    fn from(result: InitResult) -> Init {
+        match result {
+            (Ok(()), Some(f)) => Init::Ready(f),
+            (Err(e), _) => Init::Failed(e),
+            (Ok(()), None) => Init::Failed("evcxr produced no output channels".into()),
+        }
+    }
+}
+
 struct Executor {
     shared: Arc<Shared>,
     parent: Arc<Mutex<Option<JupyterMessage>>>,
     count: usize,
     init: Init,
+    /// Whether rust-analyzer has read the crates yet (see [`Engine::warm_analyzer`]).
+    analyzer_warm: bool,
 }
+
+/// How long the kernel must have been idle, the prelude loaded, before it warms rust-analyzer.
+/// "Restart and run all" sends its first cell at once, which then runs without waiting.
+const WARM_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
 enum Outcome {
     Ok,
@@ -115,7 +132,7 @@ enum Outcome {
 
 impl Executor {
     fn run(mut self, requests: Receiver<Request>) {
-        while let Ok(req) = requests.recv() {
+        while let Some(req) = self.next_request(&requests) {
             let JupyterMessageContent::ExecuteRequest(exec) = &req.msg.content else {
                 continue;
             };
@@ -180,6 +197,46 @@ impl Executor {
             self.reply(msg, content);
             self.iopub(status(msg, "idle"));
         }
+    }
+
+    /// The next execute request; while there is none, and once the prelude has loaded, warms
+    /// rust-analyzer (once) so that the first cell defining a variable answers at once.
+    fn next_request(&mut self, requests: &Receiver<Request>) -> Option<Request> {
+        loop {
+            if self.analyzer_warm {
+                return requests.recv().ok();
+            }
+            match requests.recv_timeout(WARM_WHEN_IDLE_FOR) {
+                Ok(req) => return Some(req),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.warm_when_loaded(),
+            }
+        }
+    }
+
+    fn warm_when_loaded(&mut self) {
+        if let Init::Pending(rx) = &self.init {
+            match rx.try_recv() {
+                Ok(result) => self.init = Init::from(result),
+                Err(crossbeam_channel::TryRecvError::Empty) => return,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    self.init = Init::Failed("the prelude thread died".into())
+                }
+            }
+        }
+        if !matches!(self.init, Init::Ready(_)) {
+            self.analyzer_warm = true; // nothing to warm
+            return;
+        }
+        let started = Instant::now();
+        if let Some(engine) = self.shared.engine.lock().unwrap().as_mut() {
+            engine.warm_analyzer();
+        }
+        self.analyzer_warm = true;
+        eprintln!(
+            "peft-kernel: rust-analyzer warmed in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     }
 
     fn execute(&mut self, msg: &JupyterMessage, code: &str, count: usize, silent: bool) -> Outcome {
@@ -285,11 +342,7 @@ impl Executor {
             });
             self.iopub(child(msg, t, c));
         }
-        self.init = match result {
-            (Ok(()), Some(f)) => Init::Ready(f),
-            (Err(e), _) => Init::Failed(e),
-            (Ok(()), None) => Init::Failed("evcxr produced no output channels".into()),
-        };
+        self.init = Init::from(result);
         match &self.init {
             Init::Ready(f) => Ok(f.clone()),
             Init::Failed(e) => Err(e.clone()),

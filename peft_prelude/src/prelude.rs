@@ -13,6 +13,8 @@ pub use crate::notebook::widgets::{
     Button, Checkbox, Dropdown, FloatLogSlider, FloatSlider, HBox, HtmlWidget, IntSlider, Label,
     Progress, Text, ToggleButtons, VBox, Widget,
 };
+/// Every `Debug` value shows as the last expression of a cell in one build (see the trait).
+pub use crate::notebook::DebugDisplay as _;
 pub use crate::notebook::{
     clear_output, interrupted, print_stream, show, show_text, Display, Figure, Html, LinePlot, Png,
     ProgressBar, Rich, Svg, Table, TokenStreamer,

@@ -50,6 +50,22 @@ def main():
         check(reply["content"]["status"] == "ok", reply["content"])
         check(text_result(msgs) == "1", msgs)
 
+        # A cell's last expression shows as evcxr shows it: Debug for plain values (the
+        # prelude's DebugDisplay gives every Debug type `evcxr_display`, saving evcxr's second
+        # build), a type's own `evcxr_display` still wins (a table's HTML, a user's struct).
+        reply, msgs, _ = execute(kc, 'vec![Some("a"), None]')
+        check(text_result(msgs) == '[Some("a"), None]', msgs)
+        reply, msgs, _ = execute(kc, 'Table::new(["col"]).row(["1"])')
+        results = [m["content"]["data"] for _, m in msgs if m["msg_type"] == "execute_result"]
+        check(results and "text/html" in results[0] and "<table" in results[0]["text/html"], msgs)
+        reply, msgs, _ = execute(
+            kc,
+            "#[derive(Debug)] struct Mine(u8);\n"
+            "impl Mine { fn evcxr_display(&self) { println!(\"EVCXR_BEGIN_CONTENT text/plain\\nmine {}\\nEVCXR_END_CONTENT\", self.0); } }\n"
+            "Mine(7)",
+        )
+        check(text_result(msgs) == "mine 7", msgs)
+
         # Completion and inspection are answered while a cell runs.
         done = threading.Event()
         slow = {}

@@ -114,6 +114,23 @@ pub(crate) fn evcxr_print(data: &MimeBundle) {
     print!("{out}");
 }
 
+/// Shows any `Debug` value that is the last expression of a cell, as evcxr would, in one build.
+///
+/// evcxr first compiles `(value).evcxr_display()` and, when the type has no such method,
+/// compiles the cell a second time with `{:?}`: a whole extra cargo and rustc round trip
+/// (about 0.2 s) for every `1 + 1`. With this trait in scope every `Debug` type has the method,
+/// so the first build succeeds. Inherent `evcxr_display` methods (our rich types, a user's own)
+/// win over a trait's, so they still show richly. Brought in unnamed by the prelude.
+pub trait DebugDisplay {
+    fn evcxr_display(&self);
+}
+
+impl<T: std::fmt::Debug + ?Sized> DebugDisplay for T {
+    fn evcxr_display(&self) {
+        evcxr_print(&plain(&format!("{self:?}")));
+    }
+}
+
 macro_rules! evcxr_display {
     ($($t:ty),*) => {$(
         impl $t {

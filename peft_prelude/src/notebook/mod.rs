@@ -19,7 +19,9 @@ pub mod protocol;
 mod stream;
 pub mod widgets;
 
-pub use display::{show, show_text, Display, Html, MimeBundle, Png, Rich, Svg, Table};
+pub use display::{
+    show, show_text, DebugDisplay, Display, Html, MimeBundle, Png, Rich, Svg, Table,
+};
 pub use figure::Figure;
 pub use interrupt::{interrupt_count, interrupted};
 pub use plot::LinePlot;
