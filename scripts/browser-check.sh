@@ -12,7 +12,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/peft-target}"
 PORT="${PORT:-8898}"
 CHROMIUM="${CHROMIUM:-$(command -v chromium || command -v chromium-browser)}"
 scripts/fetch-smollm2.sh >/dev/null
-py="$(scripts/lab-env.sh playwright)"
+# The kernel as the test run builds it (after scripts/test.sh, as in CI, nothing to do).
+cargo test -q --workspace --no-run >/dev/null 2>&1 || cargo test --workspace --no-run
+py="$(PEFT_KERNEL_BUILT=1 scripts/lab-env.sh playwright)"
 work="$(mktemp -d)"
 mkdir -p "$work/root" "$work/settings/@jupyterlab/apputils-extension" "$work/settings/@jupyterlab/notebook-extension" docs
 echo '{"fetchNews": "false"}' >"$work/settings/@jupyterlab/apputils-extension/notification.jupyterlab-settings"

@@ -19,6 +19,8 @@ if [ "${1:-}" = "playwright" ]; then
 fi
 # Quick when already there: pip only checks.
 "$py" -m pip install -q --disable-pip-version-check "${packages[@]}" >&2
-cargo build -q -p peft-kernel >&2
+# PEFT_KERNEL_BUILT=1: the caller built the kernel (the test build's binary; a plain
+# `cargo build -p peft-kernel` unifies other features and would rebuild evcxr for minutes).
+[ "${PEFT_KERNEL_BUILT:-}" = 1 ] || cargo build -q -p peft-kernel >&2
 PYTHON="$py" "$CARGO_TARGET_DIR/debug/peft-kernel" install --sys-prefix >&2
 echo "$py"
