@@ -98,6 +98,7 @@ fn main() -> Result<()> {
     }
     evcxr::runtime_hook();
     ensure_cargo_on_path();
+    forget_cargo_package_env();
     let cli = Cli::parse();
     match cli.command {
         Cmd::Install { location, no_warm } => {
@@ -169,6 +170,34 @@ fn warm() -> Result<()> {
 }
 
 /// Jupyter started from a desktop often lacks ~/.cargo/bin on PATH; evcxr needs cargo.
+/// Drops the variables cargo sets for a package it builds or runs (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`, ...), present when the kernel is started from `cargo test` or
+/// `cargo run`. evcxr's cargo inherits them, and build scripts (ring's, cc's) name them in
+/// `rerun-if-env-changed`: the slot's warm build would be redone, minutes, each time the kernel
+/// is started from a different package. Only for the kernel: evcxr's hooks above have returned.
+fn forget_cargo_package_env() {
+    let names: Vec<_> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| {
+            k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || k.starts_with("CARGO_CFG_")
+                || matches!(
+                    k.as_str(),
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "OUT_DIR"
+                        | "CARGO_TARGET_TMPDIR"
+                )
+        })
+        .collect();
+    for name in names {
+        // Before any thread starts.
+        std::env::remove_var(name);
+    }
+}
+
 fn ensure_cargo_on_path() {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let has_cargo = std::env::split_paths(&path).any(|p| p.join("cargo").is_file());

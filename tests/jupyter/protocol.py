@@ -50,6 +50,12 @@ def main():
         check(reply["content"]["status"] == "ok", reply["content"])
         check(text_result(msgs) == "1", msgs)
 
+        # Started from `cargo test`, the kernel drops cargo's package variables, which evcxr's
+        # cargo (and the cell process) would otherwise inherit: build scripts that watch them
+        # would redo the warm build of the prelude's dependencies.
+        reply, msgs, _ = execute(kc, 'std::env::var_os("CARGO_PKG_NAME").is_none() && std::env::var_os("CARGO_MANIFEST_DIR").is_none()')
+        check(text_result(msgs) == "true", msgs)
+
         # A cell's last expression shows as evcxr shows it: Debug for plain values (the
         # prelude's DebugDisplay gives every Debug type `evcxr_display`, saving evcxr's second
         # build), a type's own `evcxr_display` still wins (a table's HTML, a user's struct).
