@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need besides the Rust toolchain, idempotently (a second run takes
 # seconds): the SmolLM2 test model, the Jupyter client for the kernel tests, the standard
-# library's source for evcxr's type inference, a C++ compiler check, and the kernel's warm
-# build cache. scripts/test.sh runs it first; CI runs scripts/test.sh.
+# library's source for evcxr's type inference, g++ and Chromium (apt, when missing), and the
+# kernel's warm build cache. scripts/test.sh runs it first; CI runs scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/peft-target}"
@@ -36,9 +36,26 @@ if command -v rustup >/dev/null && ! rustup component list --installed 2>/dev/nu
 fi
 
 # kernels/cuda-emu compiles the CUDA kernels as C++20 to test them on the CPU.
-if ! command -v c++ >/dev/null; then
-  echo "scripts/setup-tests.sh: no C++ compiler (c++); install g++ 12 or newer" >&2
-  exit 1
+# System packages: a C++ compiler (the CUDA kernels run on the CPU as C++20) and Chromium (the
+# browser check). Installed with apt when missing and we may (root, or sudo without a password).
+apt_install() {
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -q >/dev/null && apt-get install -y -q "$@" >/dev/null
+  elif sudo -n true 2>/dev/null; then
+    sudo apt-get update -q >/dev/null && sudo apt-get install -y -q "$@" >/dev/null
+  else
+    return 1
+  fi
+}
+missing=()
+command -v c++ >/dev/null || missing+=(g++)
+command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]} (apt)"
+  if ! apt_install "${missing[@]}"; then
+    echo "scripts/setup-tests.sh: missing ${missing[*]}; install them (Debian: apt-get install ${missing[*]}; g++ 12 or newer)" >&2
+    exit 1
+  fi
 fi
 
 echo "== the test binaries and the kernel (the same features as the test run, so nothing twice)"

@@ -1,12 +1,49 @@
 #!/usr/bin/env bash
-# The test command. Sets up what the tests need (scripts/setup-tests.sh: the test model, the
-# Jupyter client, the kernel's build cache; quick when already there), then runs every test
-# binary, reporting every failure rather than stopping at the first failing binary.
+# The test command (README), and all that CI runs. Sets up what the tests need
+# (scripts/setup-tests.sh: compilers, Chromium, the test model, the Jupyter client, the
+# kernel's build cache; quick when already there), then runs, reporting every failure rather
+# than stopping at the first:
+#   1. the format check (cargo fmt --check)
+#   2. every test binary (cargo test --workspace --no-fail-fast)
+#   3. the GPU check's CPU dry run (the ops against compositions, the QLoRA benchmark, tiny model)
+#   4. the CUDA path compiles (scripts/cuda-check.sh: stub nvcc for candle, real nvcc for ours)
+#   5. the browser check (JupyterLab + jupyterlab_widgets in headless Chromium steer the panel)
 #
-#   scripts/test.sh            # all tests
-#   scripts/test.sh -- NAME    # extra arguments go to cargo test
-set -euo pipefail
+#   scripts/test.sh            # all of the above
+#   scripts/test.sh -- NAME    # only cargo test, with these arguments
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/peft-target}"
-scripts/setup-tests.sh
-cargo test --workspace --no-fail-fast "$@"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# Two cores: build with both, keep the test binaries from fighting over them.
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
+
+scripts/setup-tests.sh || exit 1
+if [ "${1:-}" = "--" ]; then
+  shift
+  exec cargo test --workspace --no-fail-fast "$@"
+fi
+
+failed=()
+step() {
+  local name="$1"
+  shift
+  echo "== $name"
+  local t0=$SECONDS
+  if "$@"; then
+    echo "== $name: ok ($((SECONDS - t0)) s)"
+  else
+    echo "== $name: FAILED ($((SECONDS - t0)) s)"
+    failed+=("$name")
+  fi
+}
+step "format" cargo fmt --all -- --check
+step "tests" cargo test --workspace --no-fail-fast
+step "GPU check, CPU dry run" scripts/gpu-check.sh --cpu
+step "CUDA path compiles" scripts/cuda-check.sh
+step "browser check" scripts/browser-check.sh
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "all checks passed"
