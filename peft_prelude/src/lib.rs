@@ -25,6 +25,7 @@ pub mod prelude;
 pub mod quant;
 pub mod rng;
 pub mod setup;
+mod sync;
 pub mod threads;
 pub mod tokenizer;
 pub mod train;

@@ -59,6 +59,31 @@ def execute(kc, code, timeout=600, on_msg=None):
     return reply, msgs, time.monotonic()
 
 
+def execute_in_background(kc, code, on_msg=None):
+    """Runs `code` on a thread of its own; returns (thread, result): once the thread has
+    ended, result holds "reply", "msgs" and "end" as `execute` returns them."""
+    import threading
+
+    result = {}
+
+    def run():
+        result["reply"], result["msgs"], result["end"] = execute(kc, code, on_msg=on_msg)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    return worker, result
+
+
+def second_client(connection_file):
+    """Another client on the same kernel (the page, while the test's client waits on a cell)."""
+    from jupyter_client import BlockingKernelClient
+
+    client = BlockingKernelClient(connection_file=connection_file)
+    client.load_connection_file()
+    client.start_channels()
+    return client
+
+
 def check(condition, message):
     if not condition:
         raise AssertionError(message)

@@ -11,7 +11,7 @@ import time
 import nbformat
 from nbclient import NotebookClient
 
-from kernel_env import KERNEL_NAME, ROOT, check, execute, install_kernelspec
+from kernel_env import KERNEL_NAME, ROOT, check, execute, execute_in_background, install_kernelspec, second_client
 
 
 class RecordingClient(NotebookClient):
@@ -112,11 +112,7 @@ def main():
 
         # Interrupt a long generation: it stops within 2 s and every variable survives.
         # nbclient's own client is asynchronous: drive the rest with a blocking one.
-        from jupyter_client import BlockingKernelClient
-
-        kc = BlockingKernelClient(connection_file=client.km.connection_file)
-        kc.load_connection_file()
-        kc.start_channels()
+        kc = second_client(client.km.connection_file)
         first_token = threading.Event()
 
         def on_msg(msg):
@@ -130,13 +126,7 @@ def main():
             "Some(&mut TokenStreamer::new()))?;\n"
             "println!(\"stopped after {} tokens: {:?}\", stopped.new_tokens, stopped.finish_reasons);"
         )
-        result = {}
-
-        def run_long():
-            result["reply"], result["msgs"], result["end"] = execute(kc, long_cell, on_msg=on_msg)
-
-        worker = threading.Thread(target=run_long, daemon=True)
-        worker.start()
+        worker, result = execute_in_background(kc, long_cell, on_msg=on_msg)
         check(first_token.wait(120), "the long generation produced no token")
         time.sleep(1.0)
         t = time.monotonic()

@@ -2,10 +2,9 @@
 kernel_info on control, completion while a cell runs, is_complete, comm_info, history, and
 errors (compile error, panic) after which earlier variables still work."""
 
-import threading
 import time
 
-from kernel_env import check, execute, start_kernel
+from kernel_env import check, execute, execute_in_background, second_client, start_kernel
 
 
 def text_result(msgs):
@@ -73,26 +72,13 @@ def main():
         check(text_result(msgs) == "mine 7", msgs)
 
         # Completion and inspection are answered while a cell runs.
-        done = threading.Event()
-        slow = {}
-
-        def run_slow():
-            slow["reply"], slow["msgs"], slow["end"] = execute(
-                kc, "std::thread::sleep(std::time::Duration::from_secs(4));"
-            )
-            done.set()
-
-        from jupyter_client import BlockingKernelClient
-
-        kc2 = BlockingKernelClient(connection_file=km.connection_file)
-        kc2.load_connection_file()
-        kc2.start_channels()
-        threading.Thread(target=run_slow, daemon=True).start()
+        kc2 = second_client(km.connection_file)
+        slow_cell, slow = execute_in_background(kc, "std::thread::sleep(std::time::Duration::from_secs(4));")
         time.sleep(1.0)
         t = time.monotonic()
         reply = kc2.complete("x.pow", 5, reply=True, timeout=10)
         check(reply["content"]["status"] == "ok", reply["content"])
-        check(not done.is_set(), "the completion waited for the running cell")
+        check(slow_cell.is_alive(), "the completion waited for the running cell")
         print(f"complete_reply during a running cell in {time.monotonic() - t:.2f} s")
         reply = kc2.inspect("x", 1, reply=True, timeout=10)
         check(reply["content"]["status"] == "ok", reply["content"])
@@ -106,7 +92,8 @@ def main():
         reply = kc2.history(hist_access_type="tail", n=10, reply=True, timeout=10)
         inputs = [entry[2] for entry in reply["content"]["history"]]
         check(any("40 + 2" in i for i in inputs), inputs)
-        check(done.wait(30), "the slow cell did not finish")
+        slow_cell.join(30)
+        check("reply" in slow, "the slow cell did not finish")
         check(slow["reply"]["content"]["status"] == "ok", slow["reply"]["content"])
         kc2.stop_channels()
 

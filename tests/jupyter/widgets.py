@@ -7,7 +7,7 @@ request_state, comm_info and the widget manager's request_states are answered.""
 import threading
 import time
 
-from kernel_env import check, execute, start_kernel
+from kernel_env import check, execute, execute_in_background, second_client, start_kernel
 
 
 def iopub_of(msgs, msg_type):
@@ -71,25 +71,16 @@ def main():
             "while button.clicks() == 0 && start.elapsed().as_secs() < 60 { std::thread::sleep(std::time::Duration::from_millis(10)); }\n"
             'println!("clicks {}", button.clicks());'
         )
-        result = {}
         started = threading.Event()
 
         def on_msg(msg):
             if msg["msg_type"] == "stream" and "running" in msg["content"]["text"]:
                 started.set()
 
-        def run():
-            result["reply"], result["msgs"], result["end"] = execute(kc, running, on_msg=on_msg)
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
+        worker, result = execute_in_background(kc, running, on_msg=on_msg)
         check(started.wait(60), "the cell did not start")
         time.sleep(0.3)
-        from jupyter_client import BlockingKernelClient
-
-        page = BlockingKernelClient(connection_file=km.connection_file)
-        page.load_connection_file()
-        page.start_channels()
+        page = second_client(km.connection_file)
         sent = time.monotonic()
         update_id = send_comm(page, slider_id, {"method": "update", "state": {"value": 0.75}, "buffer_paths": []})
         echo = wait_for(

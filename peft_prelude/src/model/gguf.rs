@@ -17,6 +17,7 @@ use super::config::ModelConfig;
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
 use crate::quant::{GgmlWeight, Quantization, QuantizedWeight};
+use crate::sync::lock;
 
 /// GGUF tensor types this loader reads (dequantized at load for now).
 pub const SUPPORTED_TYPES: [GgmlDType; 11] = [
@@ -106,7 +107,7 @@ impl GgufFile {
                 format!("tensor type {:?} of `{gguf_name}` (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)", info.ggml_dtype),
             ));
         }
-        let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reader = lock(&self.reader);
         self.content
             .tensor(&mut *reader, gguf_name, device)
             .map_err(|e| Error::corrupt(&self.path, format!("tensor `{gguf_name}`: {e}")))

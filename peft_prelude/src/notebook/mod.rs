@@ -19,6 +19,7 @@ pub mod protocol;
 mod stream;
 pub mod widgets;
 
+pub(crate) use display::escape_html;
 pub use display::{
     show, show_text, DebugDisplay, Display, Html, MimeBundle, Png, Rich, Svg, Table,
 };

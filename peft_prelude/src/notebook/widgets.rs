@@ -32,6 +32,7 @@ use serde_json::{json, Map, Value};
 
 use super::display::{evcxr_print, MimeBundle, Rich};
 use super::protocol::{emit, in_kernel, new_display_id};
+use crate::sync::lock;
 
 const CONTROLS: &str = "@jupyter-widgets/controls";
 const BASE: &str = "@jupyter-widgets/base";
@@ -66,7 +67,9 @@ struct Local {
     /// Keys set here, with the `seq` of the message that sent them: the file's value of such
     /// a key is older until the kernel has merged that message.
     dirty: HashMap<String, u64>,
-    /// The page's custom messages seen so far (button clicks).
+    /// The page's custom messages (button clicks): how many the kernel has recorded, and how
+    /// many [`Widget::take_custom`] has handed out.
+    custom_total: u64,
     custom_seen: u64,
 }
 
@@ -154,19 +157,13 @@ impl Widget {
         };
         let seq = SEQ.fetch_add(1, Ordering::Relaxed) + 1;
         {
-            let mut local = self.model.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut local = lock(&self.model.state);
             for (k, v) in fields {
                 local.state.insert(k.clone(), v.clone());
                 local.dirty.insert(k.clone(), seq);
             }
         }
-        if in_kernel() {
-            emit(&Record::CommMsg {
-                comm_id: self.model.comm_id.clone(),
-                data: json!({ "method": "update", "state": fields, "buffer_paths": [] }),
-                seq,
-            });
-        }
+        send_update(&self.model.comm_id, fields, seq);
     }
 
     /// Greys the control out in the page (it no longer takes input), or enables it again.
@@ -181,31 +178,28 @@ impl Widget {
         let Some(style_id) = &self.model.style_id else {
             return;
         };
-        if in_kernel() {
-            emit(&Record::CommMsg {
-                comm_id: style_id.clone(),
-                data: json!({
-                    "method": "update",
-                    "state": { "description_width": width },
-                    "buffer_paths": [],
-                }),
-                seq: SEQ.fetch_add(1, Ordering::Relaxed) + 1,
-            });
-        }
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed) + 1;
+        send_update(style_id, &json!({ "description_width": width }), seq);
     }
 
-    /// Custom messages the page sent since the last call (a button's clicks).
+    /// Custom messages the page has sent (a button's clicks).
+    fn custom_total(&self) -> u64 {
+        self.sync().custom_total
+    }
+
+    /// Custom messages the page sent since the last call.
     fn take_custom(&self) -> u64 {
         let mut local = self.sync();
-        let (total, seen) = (custom_count(&self.model.comm_id), local.custom_seen);
-        local.custom_seen = total;
-        total.saturating_sub(seen)
+        let new = local.custom_total.saturating_sub(local.custom_seen);
+        local.custom_seen = local.custom_total;
+        new
     }
 
     /// Merges what the kernel wrote since the last read.
     fn sync(&self) -> std::sync::MutexGuard<'_, Local> {
-        let mut local = self.model.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut local = lock(&self.model.state);
         if let Some(file) = read_comm_state(&self.model.comm_id) {
+            local.custom_total = local.custom_total.max(file.custom_count);
             if file.version > local.version {
                 local.version = file.version;
                 for (k, v) in file.state {
@@ -281,8 +275,15 @@ fn read_comm_state(comm_id: &str) -> Option<CommState> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-fn custom_count(comm_id: &str) -> u64 {
-    read_comm_state(comm_id).map_or(0, |s| s.custom_count)
+/// Sends `fields` of the model `comm_id` to the page (`seq` orders them against the page's).
+fn send_update(comm_id: &str, fields: &impl serde::Serialize, seq: u64) {
+    if in_kernel() {
+        emit(&Record::CommMsg {
+            comm_id: comm_id.to_string(),
+            data: json!({ "method": "update", "state": fields, "buffer_paths": [] }),
+            seq,
+        });
+    }
 }
 
 macro_rules! widget_type {
@@ -599,7 +600,7 @@ impl Button {
 
     /// Clicks since the button was made.
     pub fn clicks(&self) -> u64 {
-        custom_count(self.model_id())
+        self.custom_total()
     }
 
     /// Clicks since the last call (0 when none).
@@ -780,16 +781,13 @@ pub(crate) fn watch(f: impl FnMut() + Send + 'static) {
             .spawn(move || loop {
                 super::protocol::mark_background_thread();
                 std::thread::sleep(Duration::from_millis(50));
-                for f in w.lock().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+                for f in lock(&w).iter_mut() {
                     f();
                 }
             });
         watchers
     });
-    watchers
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(Box::new(f));
+    lock(watchers).push(Box::new(f));
 }
 
 #[cfg(test)]

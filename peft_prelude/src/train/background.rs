@@ -29,7 +29,8 @@ use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationConfig};
 use crate::model::CausalLm;
 use crate::notebook::widgets::{Button, FloatLogSlider, HBox, HtmlWidget, Text, VBox, Widget};
-use crate::notebook::{self, LinePlot, MimeBundle, ProgressBar, Rich};
+use crate::notebook::{self, escape_html, LinePlot, MimeBundle, ProgressBar, Rich};
+use crate::sync::lock;
 
 /// The run training in the background now, by name (one at a time).
 static ACTIVE: Mutex<Option<String>> = Mutex::new(None);
@@ -40,7 +41,7 @@ pub(crate) struct Exclusive(());
 impl Exclusive {
     /// Claims the background slot for `run`.
     pub(crate) fn take(run: &str) -> Result<Self> {
-        let mut active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner());
+        let mut active = lock(&ACTIVE);
         refuse_beside(active.as_deref())?;
         *active = Some(run.to_string());
         Ok(Exclusive(()))
@@ -48,7 +49,7 @@ impl Exclusive {
 
     /// For a foreground run: refused while a background run trains.
     pub(crate) fn check_free() -> Result<()> {
-        refuse_beside(ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).as_deref())
+        refuse_beside(lock(&ACTIVE).as_deref())
     }
 }
 
@@ -64,7 +65,7 @@ fn refuse_beside(active: Option<&str>) -> Result<()> {
 
 impl Drop for Exclusive {
     fn drop(&mut self) {
-        *ACTIVE.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *lock(&ACTIVE) = None;
     }
 }
 
@@ -129,12 +130,12 @@ struct Shared {
 
 impl Shared {
     fn command(&self, f: impl FnOnce(&mut Commands)) {
-        f(&mut self.commands.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut lock(&self.commands));
         self.wake.notify_all();
     }
 
     fn set_state(&self, state: RunState) {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).state = state;
+        lock(&self.status).state = state;
     }
 }
 
@@ -174,7 +175,6 @@ impl<O: Objective + Send + 'static> Trainer<O> {
             progress: ProgressBar::detached(self.total_steps() as u64, &format!("training {name}")),
             plot: LinePlot::new("training loss").y_label("loss"),
             last_plot: None,
-            last_progress: None,
             shared: Arc::clone(&shared),
         };
         for e in &self.state().log_history {
@@ -199,7 +199,7 @@ impl<O: Objective + Send + 'static> Trainer<O> {
                         (RunState::Finished, None)
                     }
                     Ok(_) => {
-                        let asked = shared.commands.lock().map(|c| c.stop).unwrap_or(false);
+                        let asked = lock(&shared.commands).stop;
                         if asked {
                             (RunState::Stopped, None)
                         } else {
@@ -216,20 +216,14 @@ impl<O: Objective + Send + 'static> Trainer<O> {
                     }
                 }
                 {
-                    let mut status = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut status = lock(&shared.status);
                     status.state = state;
                     status.error = error;
                     status.step = trainer.state().global_step;
                 }
                 monitor.finished(state, &result);
                 // Unanswered sample requests learn the run ended.
-                let pending = std::mem::take(
-                    &mut shared
-                        .commands
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .samples,
-                );
+                let pending = std::mem::take(&mut lock(&shared.commands).samples);
                 for r in pending {
                     let _ = r.reply.send(Err(Error::InvalidArgument(
                         "the run ended before the sample was generated".into(),
@@ -256,7 +250,7 @@ fn between_steps<O: Objective>(
 ) -> Result<Between> {
     loop {
         let (settings, samples, paused, stop) = {
-            let mut c = shared.commands.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = lock(&shared.commands);
             let settings = (
                 c.learning_rate.take(),
                 c.max_steps.take(),
@@ -280,7 +274,7 @@ fn between_steps<O: Objective>(
             t.set_eval_steps(e);
         }
         {
-            let mut status = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+            let mut status = lock(&shared.status);
             status.total_steps = t.total_steps();
             status.error = problems.first().map(|e| e.to_string());
         }
@@ -296,7 +290,7 @@ fn between_steps<O: Objective>(
             return Ok(Between::Continue);
         }
         shared.set_state(RunState::Paused);
-        let c = shared.commands.lock().unwrap_or_else(|p| p.into_inner());
+        let c = lock(&shared.commands);
         let _ = shared
             .wake
             .wait_timeout(c, Duration::from_millis(200))
@@ -327,23 +321,14 @@ fn sample<O>(
 impl<O> RunHandle<O> {
     /// Where the run stands.
     pub fn status(&self) -> RunStatus {
-        self.shared
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.shared.status).clone()
     }
 
     /// The run's log so far.
     pub fn history(&self) -> RunHistory {
         RunHistory {
             name: self.status().run,
-            entries: self
-                .shared
-                .history
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            entries: lock(&self.shared.history).clone(),
         }
     }
 
@@ -496,7 +481,7 @@ impl Panel {
             let shared = Arc::clone(&shared);
             let button = pause.clone();
             pause.on_click(move || {
-                let paused = !shared.commands.lock().map(|c| c.paused).unwrap_or(false);
+                let paused = !lock(&shared.commands).paused;
                 shared.command(|c| c.paused = paused);
                 button.set_description(if paused { "resume" } else { "pause" });
             });
@@ -512,16 +497,13 @@ impl Panel {
                 let answer = answer.clone();
                 answer.set_value("<i>generating after the current step…</i>");
                 let (reply, result) = mpsc::channel();
-                let streamed = Arc::new(Mutex::new((String::new(), Instant::now())));
-                let sink = Arc::clone(&streamed);
+                // Each piece redraws the answer; the kernel merges a widget's updates to 10
+                // per second.
                 let shown = answer.clone();
+                let mut so_far = String::new();
                 let stream: TextSink = Box::new(move |piece: &str| {
-                    let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
-                    s.0.push_str(piece);
-                    if s.1.elapsed() >= Duration::from_millis(100) {
-                        s.1 = Instant::now();
-                        shown.set_value(&pre(&s.0));
-                    }
+                    so_far.push_str(piece);
+                    shown.set_value(&pre(&so_far));
                 });
                 shared.command(|c| {
                     c.samples.push_back(SampleRequest {
@@ -536,9 +518,8 @@ impl Panel {
                     notebook::mark_background_thread();
                     match result.recv() {
                         Ok(Ok(text)) => answer.set_value(&pre(&text)),
-                        Ok(Err(e)) => {
-                            answer.set_value(&format!("<b>error:</b> {}", escape(&e.to_string())))
-                        }
+                        Ok(Err(e)) => answer
+                            .set_value(&format!("<b>error:</b> {}", escape_html(&e.to_string()))),
                         Err(_) => answer.set_value("<i>the run ended</i>"),
                     }
                 });
@@ -554,16 +535,10 @@ impl Rich for Panel {
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
 fn pre(text: &str) -> String {
     format!(
         "<pre style=\"white-space: pre-wrap\">{}</pre>",
-        escape(text)
+        escape_html(text)
     )
 }
 
@@ -573,7 +548,6 @@ struct WidgetMonitor {
     progress: ProgressBar,
     plot: LinePlot,
     last_plot: Option<Instant>,
-    last_progress: Option<Instant>,
     shared: Arc<Shared>,
 }
 
@@ -585,7 +559,7 @@ impl WidgetMonitor {
 
     fn finished(&mut self, state: RunState, result: &Result<TrainOutput>) {
         let note = match (state, result) {
-            (RunState::Failed, Err(e)) => format!(" — failed: {}", escape(&e.to_string())),
+            (RunState::Failed, Err(e)) => format!(" — failed: {}", escape_html(&e.to_string())),
             (state, _) => format!(" — {state:?}").to_lowercase(),
         };
         self.panel
@@ -614,30 +588,22 @@ impl Monitor for WidgetMonitor {
         }
         self.progress.set_length(total as u64);
         self.progress.set_position(entry.step as u64, &shown);
-        if self
-            .last_progress
-            .is_none_or(|t| t.elapsed() >= Duration::from_millis(100))
-        {
-            self.last_progress = Some(Instant::now());
-            self.panel.progress.set_value(&self.progress.html());
-        }
+        // The kernel merges a widget's updates to 10 per second; the curve is throttled here
+        // too because drawing its SVG is the costly part.
+        self.panel.progress.set_value(&self.progress.html());
         if self
             .last_plot
             .is_none_or(|t| t.elapsed() >= Duration::from_millis(250))
         {
             self.draw_plot();
         }
-        let mut status = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+        let mut status = lock(&self.shared.status);
         status.step = entry.step;
         status.total_steps = total;
         status.loss = Some(entry.loss);
         status.learning_rate = Some(entry.learning_rate);
         drop(status);
-        self.shared
-            .history
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(entry.clone());
+        lock(&self.shared.history).push(entry.clone());
     }
 
     fn end(&mut self) {}
