@@ -76,15 +76,113 @@ pub fn parse_stdout_lines(line: &str) -> Vec<Out> {
         .collect()
 }
 
-/// Batches stream text and rate-limits display updates; pure, so it is tested with fake times.
-#[derive(Debug, Default)]
+/// Per-id rate limiting: a value pushed sooner than `interval` after its id's last send is held
+/// back, merged with later ones, and sent once due.
+#[derive(Debug)]
+struct Throttled<V> {
+    interval: Duration,
+    /// Held-back values, in the order their ids first came.
+    pending: Vec<(String, V)>,
+    last_sent: HashMap<String, Instant>,
+}
+
+impl<V> Throttled<V> {
+    fn new(interval: Duration) -> Self {
+        Throttled {
+            interval,
+            pending: vec![],
+            last_sent: HashMap::new(),
+        }
+    }
+
+    /// Takes `value` for `id`, merged into a held-back one by `merge`; returns what is due.
+    fn push(
+        &mut self,
+        id: String,
+        value: V,
+        now: Instant,
+        merge: impl FnOnce(&mut V, V),
+    ) -> Option<(String, V)> {
+        match self.pending.iter_mut().find(|(p, _)| *p == id) {
+            Some((_, held)) => merge(held, value),
+            None => self.pending.push((id.clone(), value)),
+        }
+        if self.is_due(&id, now) {
+            self.take(&id, now)
+        } else {
+            None
+        }
+    }
+
+    fn is_due(&self, id: &str, now: Instant) -> bool {
+        self.last_sent
+            .get(id)
+            .is_none_or(|t| now >= *t + self.interval)
+    }
+
+    /// Records that `id` was sent at `now` by other means (a display's first showing).
+    fn sent(&mut self, id: &str, now: Instant) {
+        self.last_sent.insert(id.to_string(), now);
+    }
+
+    fn take(&mut self, id: &str, now: Instant) -> Option<(String, V)> {
+        let i = self.pending.iter().position(|(p, _)| p == id)?;
+        self.sent(id, now);
+        Some(self.pending.remove(i))
+    }
+
+    /// The held-back values that are due by `now`.
+    fn due(&mut self, now: Instant) -> Vec<(String, V)> {
+        let ids: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(id, _)| self.is_due(id, now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.iter().filter_map(|id| self.take(id, now)).collect()
+    }
+
+    /// Every held-back value.
+    fn drain(&mut self, now: Instant) -> Vec<(String, V)> {
+        let ids: Vec<String> = self.pending.iter().map(|(id, _)| id.clone()).collect();
+        ids.iter().filter_map(|id| self.take(id, now)).collect()
+    }
+}
+
+/// A widget's state update: the fields (later ones merged in) and the latest sequence number.
+type CommUpdate = (serde_json::Map<String, serde_json::Value>, u64);
+
+fn comm_update((comm_id, (state, seq)): (String, CommUpdate)) -> Out {
+    Out::Comm(Record::CommMsg {
+        comm_id,
+        data: serde_json::json!({ "method": "update", "state": state, "buffer_paths": [] }),
+        seq,
+    })
+}
+
+fn display_update((id, data): (String, MimeData)) -> Out {
+    Out::Update { id, data }
+}
+
+/// Batches stream text and rate-limits display and widget updates; pure, so it is tested with
+/// fake times.
+#[derive(Debug)]
 pub struct Coalescer {
     stream: Option<(String, String, Instant)>,
-    pending: Vec<(String, MimeData)>,
-    last_update: HashMap<String, Instant>,
-    /// Widget state updates held back, merged: (comm id, state, the latest seq).
-    comm_pending: Vec<(String, serde_json::Map<String, serde_json::Value>, u64)>,
-    last_comm: HashMap<String, Instant>,
+    /// Display updates: the latest content wins.
+    updates: Throttled<MimeData>,
+    /// Widget state updates: fields merged.
+    comms: Throttled<CommUpdate>,
+}
+
+impl Default for Coalescer {
+    fn default() -> Self {
+        Coalescer {
+            stream: None,
+            updates: Throttled::new(UPDATE_INTERVAL),
+            comms: Throttled::new(COMM_INTERVAL),
+        }
+    }
 }
 
 impl Coalescer {
@@ -104,75 +202,33 @@ impl Coalescer {
             }
             Out::Update { id, data } => {
                 ready.extend(self.take_stream());
-                let due = self
-                    .last_update
-                    .get(&id)
-                    .is_none_or(|t| now >= *t + UPDATE_INTERVAL);
-                if due {
-                    self.pending.retain(|(p, _)| *p != id);
-                    self.last_update.insert(id.clone(), now);
-                    ready.push(Out::Update { id, data });
-                } else if let Some(slot) = self.pending.iter_mut().find(|(p, _)| *p == id) {
-                    slot.1 = data;
-                } else {
-                    self.pending.push((id, data));
-                }
+                let due = self.updates.push(id, data, now, |held, new| *held = new);
+                ready.extend(due.map(display_update));
             }
             Out::Comm(Record::CommMsg { comm_id, data, seq }) if data["method"] == "update" => {
                 ready.extend(self.take_stream());
-                let due = self
-                    .last_comm
-                    .get(&comm_id)
-                    .is_none_or(|t| now >= *t + COMM_INTERVAL);
                 let state = data["state"].as_object().cloned().unwrap_or_default();
-                match self.comm_pending.iter_mut().find(|(c, _, _)| *c == comm_id) {
-                    Some(slot) => {
-                        slot.1.extend(state);
-                        slot.2 = seq;
-                    }
-                    None => self.comm_pending.push((comm_id.clone(), state, seq)),
-                }
-                if due {
-                    ready.extend(self.take_comm(&comm_id, now));
-                }
+                let due = self
+                    .comms
+                    .push(comm_id, (state, seq), now, |held, (state, seq)| {
+                        held.0.extend(state);
+                        held.1 = seq;
+                    });
+                ready.extend(due.map(comm_update));
             }
             other => {
                 ready.extend(self.take_stream());
                 if let Out::Comm(_) = &other {
                     // Opens, closes and custom messages keep their order with the updates.
-                    ready.extend(self.take_all_comms(now));
+                    ready.extend(self.comms.drain(now).into_iter().map(comm_update));
                 }
                 if let Out::Display { id: Some(id), .. } = &other {
-                    self.last_update.insert(id.clone(), now);
+                    self.updates.sent(id, now);
                 }
                 ready.push(other);
             }
         }
         ready
-    }
-
-    /// The held-back update of `comm_id`, if any.
-    fn take_comm(&mut self, comm_id: &str, now: Instant) -> Option<Out> {
-        let i = self
-            .comm_pending
-            .iter()
-            .position(|(c, _, _)| c == comm_id)?;
-        let (comm_id, state, seq) = self.comm_pending.remove(i);
-        self.last_comm.insert(comm_id.clone(), now);
-        Some(Out::Comm(Record::CommMsg {
-            comm_id,
-            data: serde_json::json!({ "method": "update", "state": state, "buffer_paths": [] }),
-            seq,
-        }))
-    }
-
-    fn take_all_comms(&mut self, now: Instant) -> Vec<Out> {
-        let ids: Vec<String> = self
-            .comm_pending
-            .iter()
-            .map(|(c, _, _)| c.clone())
-            .collect();
-        ids.iter().filter_map(|c| self.take_comm(c, now)).collect()
     }
 
     /// What has become due by `now`.
@@ -185,40 +241,16 @@ impl Coalescer {
         {
             ready.extend(self.take_stream());
         }
-        let due: Vec<String> = self
-            .comm_pending
-            .iter()
-            .filter(|(c, _, _)| {
-                self.last_comm
-                    .get(c)
-                    .is_none_or(|t| now >= *t + COMM_INTERVAL)
-            })
-            .map(|(c, _, _)| c.clone())
-            .collect();
-        ready.extend(due.iter().filter_map(|c| self.take_comm(c, now)));
-        let last = &mut self.last_update;
-        self.pending.retain(|(id, data)| {
-            let due = last.get(id).is_none_or(|t| now >= *t + UPDATE_INTERVAL);
-            if due {
-                last.insert(id.clone(), now);
-                ready.push(Out::Update {
-                    id: id.clone(),
-                    data: data.clone(),
-                });
-            }
-            !due
-        });
+        ready.extend(self.comms.due(now).into_iter().map(comm_update));
+        ready.extend(self.updates.due(now).into_iter().map(display_update));
         ready
     }
 
     /// Everything held back (at the end of a cell).
     pub fn flush(&mut self, now: Instant) -> Vec<Out> {
         let mut ready: Vec<Out> = self.take_stream().into_iter().collect();
-        ready.extend(self.take_all_comms(now));
-        for (id, data) in self.pending.drain(..) {
-            self.last_update.insert(id.clone(), now);
-            ready.push(Out::Update { id, data });
-        }
+        ready.extend(self.comms.drain(now).into_iter().map(comm_update));
+        ready.extend(self.updates.drain(now).into_iter().map(display_update));
         ready
     }
 
