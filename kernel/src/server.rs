@@ -21,19 +21,21 @@ use crate::slot::Slot;
 
 /// A cell that ignores an interrupt this long is killed (its variables are lost).
 fn interrupt_grace() -> Duration {
-    let secs = std::env::var("PEFT_KERNEL_INTERRUPT_GRACE_S")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(10.0);
-    Duration::from_secs_f64(secs)
+    seconds_from_env("PEFT_KERNEL_INTERRUPT_GRACE_S", 10.0)
 }
 
 /// How long a shutdown waits for background runs to stop and save.
 fn background_grace() -> Duration {
-    let secs = std::env::var("PEFT_KERNEL_BACKGROUND_GRACE_S")
+    seconds_from_env("PEFT_KERNEL_BACKGROUND_GRACE_S", 120.0)
+}
+
+/// Seconds from the variable `name` (tests shorten the waits), else `default`.
+fn seconds_from_env(name: &str, default: f64) -> Duration {
+    let secs = std::env::var(name)
         .ok()
         .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(120.0);
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .unwrap_or(default);
     Duration::from_secs_f64(secs)
 }
 
