@@ -60,6 +60,10 @@ def main():
         # build), a type's own `evcxr_display` still wins (a table's HTML, a user's struct).
         reply, msgs, _ = execute(kc, 'vec![Some("a"), None]')
         check(text_result(msgs) == '[Some("a"), None]', msgs)
+        # The method is the prelude's (stock evcxr has none for a u8: error E0599).
+        reply, msgs, _ = execute(kc, "7u8.evcxr_display();")
+        check(reply["content"]["status"] == "ok", reply["content"])
+        check(text_result(msgs) == "7", msgs)
         reply, msgs, _ = execute(kc, 'Table::new(["col"]).row(["1"])')
         results = [m["content"]["data"] for _, m in msgs if m["msg_type"] == "execute_result"]
         check(results and "text/html" in results[0] and "<table" in results[0]["text/html"], msgs)
