@@ -38,7 +38,7 @@ pub use lora::{
 };
 pub use rmsnorm::rms_norm;
 pub use rope::rope;
-pub use swiglu::swiglu;
+pub use swiglu::{geglu, swiglu};
 pub use swiglu_lora::{swiglu_lora_linear, swiglu_lora_linear_with};
 pub mod nf4;
 pub mod q8_gemm;

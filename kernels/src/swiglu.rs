@@ -11,6 +11,55 @@ use crate::common::{cpu_dtype, dispatch_float, slice, Float};
 
 /// `silu(gate) ⊙ up` for two tensors of the same shape and dtype; both get gradients.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gated(gate, up, Gate::Silu)
+}
+
+/// `gelu_tanh(gate) ⊙ up` (Gemma's GeGLU, GELU's tanh approximation) with an exact backward
+/// (candle's `gelu` backward rounds its constants to six digits). Off the CPU: candle's ops.
+pub fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !gate.device().is_cpu() {
+        return gate.gelu()? * up;
+    }
+    gated(gate, up, Gate::GeluTanh)
+}
+
+/// The activation on the gate of a gated linear unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gate {
+    Silu,
+    GeluTanh,
+}
+
+impl Gate {
+    /// `(act(g), act'(g))`.
+    #[inline(always)]
+    fn eval<T: Float>(self, g: T) -> (T, T) {
+        let one = T::one();
+        match self {
+            Gate::Silu => {
+                let sig = one / (one + (-g).exp());
+                let silu = g * sig;
+                (silu, sig + silu * (one - sig))
+            }
+            Gate::GeluTanh => {
+                // 0.5·g·(1 + tanh(z)), z = √(2/π)·(g + 0.044715·g³); tanh from exp.
+                let c = T::from_f64((2.0 / std::f64::consts::PI).sqrt());
+                let a = T::from_f64(0.044715);
+                let half = T::from_f64(0.5);
+                let two = T::from_f64(2.0);
+                let z = c * (g + a * g * g * g);
+                let t = one - two / ((two * z).exp() + one);
+                let dz = c * (one + T::from_f64(3.0) * a * g * g);
+                (
+                    half * g * (one + t),
+                    half * (one + t) + half * g * (one - t * t) * dz,
+                )
+            }
+        }
+    }
+}
+
+fn gated(gate: &Tensor, up: &Tensor, act: Gate) -> Result<Tensor> {
     if gate.shape() != up.shape() || gate.dtype() != up.dtype() {
         bail!(
             "swiglu: gate {:?} {:?} vs up {:?} {:?}",
@@ -24,16 +73,23 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let compute = cpu_dtype(gate.device(), dtype);
     let g = gate.to_dtype(compute)?.contiguous()?;
     let u = up.to_dtype(compute)?.contiguous()?;
-    g.apply_op2(&u, SwiGlu)?.to_dtype(dtype)
+    g.apply_op2(&u, GatedUnit(act))?.to_dtype(dtype)
 }
 
 const BLOCK: usize = 4096;
 
-pub(crate) struct SwiGlu;
+/// `act(gate) ⊙ up` as one op.
+pub(crate) struct GatedUnit(pub Gate);
 
-impl CustomOp2 for SwiGlu {
+/// The SwiGLU op.
+pub(crate) const SWIGLU: GatedUnit = GatedUnit(Gate::Silu);
+
+impl CustomOp2 for GatedUnit {
     fn name(&self) -> &'static str {
-        "peft-swiglu"
+        match self.0 {
+            Gate::Silu => "peft-swiglu",
+            Gate::GeluTanh => "peft-geglu",
+        }
     }
 
     fn cpu_fwd(
@@ -43,19 +99,28 @@ impl CustomOp2 for SwiGlu {
         u: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Float>(g: &[T], u: &[T]) -> CpuStorage {
+        fn run<T: Float>(g: &[T], u: &[T], act: Gate) -> CpuStorage {
             let mut h = vec![T::zero(); g.len()];
             h.par_chunks_mut(BLOCK)
                 .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
                 .for_each(|(hb, (gb, ub))| {
                     for ((h, &g), &u) in hb.iter_mut().zip(gb).zip(ub) {
-                        *h = g / (T::one() + (-g).exp()) * u;
+                        *h = match act {
+                            // The division form keeps SwiGLU's forward as it was.
+                            Gate::Silu => g / (T::one() + (-g).exp()) * u,
+                            _ => act.eval(g).0 * u,
+                        };
                     }
                 });
             T::to_cpu_storage_owned(h)
         }
         let op = self.name();
-        let s = dispatch_float!(op, g.dtype(), run(slice(g, gl, op)?, slice(u, ul, op)?));
+        let act = self.0;
+        let s = dispatch_float!(
+            op,
+            g.dtype(),
+            run(slice(g, gl, op)?, slice(u, ul, op)?, act)
+        );
         Ok((s, gl.shape().clone()))
     }
 
@@ -67,6 +132,12 @@ impl CustomOp2 for SwiGlu {
         u: &candle_core::CudaStorage,
         ul: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.0 != Gate::Silu {
+            candle_core::bail!(
+                "{} has no CUDA kernel (geglu composes candle's ops there)",
+                self.name()
+            )
+        }
         Ok((crate::cuda::swiglu_fwd(g, gl, u, ul)?, gl.shape().clone()))
     }
 
@@ -77,14 +148,18 @@ impl CustomOp2 for SwiGlu {
         _h: &Tensor,
         dh: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dg, du) = swiglu_backward(g, u, dh)?;
+        let (dg, du) = gated_backward(g, u, dh, self.0)?;
         Ok((Some(dg), Some(du)))
     }
 }
 
 /// `(d_gate, d_up)` for `h = silu(gate) ⊙ up` and `dh`, without a graph.
 pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
-    let both = g.apply_op3_no_bwd(u, &dh.contiguous()?, &SwiGluBwd)?;
+    gated_backward(g, u, dh, Gate::Silu)
+}
+
+fn gated_backward(g: &Tensor, u: &Tensor, dh: &Tensor, act: Gate) -> Result<(Tensor, Tensor)> {
+    let both = g.apply_op3_no_bwd(u, &dh.contiguous()?, &GatedUnitBwd(act))?;
     Ok((
         both.get(0)?.reshape(g.shape())?,
         both.get(1)?.reshape(u.shape())?,
@@ -92,11 +167,14 @@ pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Te
 }
 
 /// `[d_gate, d_up]` stacked, from `(gate, up, dh)`.
-struct SwiGluBwd;
+struct GatedUnitBwd(Gate);
 
-impl CustomOp3 for SwiGluBwd {
+impl CustomOp3 for GatedUnitBwd {
     fn name(&self) -> &'static str {
-        "peft-swiglu-bwd"
+        match self.0 {
+            Gate::Silu => "peft-swiglu-bwd",
+            Gate::GeluTanh => "peft-geglu-bwd",
+        }
     }
 
     fn cpu_fwd(
@@ -108,7 +186,7 @@ impl CustomOp3 for SwiGluBwd {
         dh: &CpuStorage,
         dhl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Float>(g: &[T], u: &[T], dh: &[T]) -> CpuStorage {
+        fn run<T: Float>(g: &[T], u: &[T], dh: &[T], act: Gate) -> CpuStorage {
             let n = g.len();
             let mut out = vec![T::zero(); 2 * n];
             let (dg, du) = out.split_at_mut(n);
@@ -122,10 +200,9 @@ impl CustomOp3 for SwiGluBwd {
                 .for_each(|((dgb, dub), ((gb, ub), dhb))| {
                     for i in 0..gb.len() {
                         let (g, u, dh) = (gb[i], ub[i], dhb[i]);
-                        let sig = T::one() / (T::one() + (-g).exp());
-                        let silu = g * sig;
-                        dub[i] = dh * silu;
-                        dgb[i] = dh * u * (sig + silu * (T::one() - sig));
+                        let (a, da) = act.eval(g);
+                        dub[i] = dh * a;
+                        dgb[i] = dh * u * da;
                     }
                 });
             T::to_cpu_storage_owned(out)
@@ -134,7 +211,12 @@ impl CustomOp3 for SwiGluBwd {
         let s = dispatch_float!(
             op,
             g.dtype(),
-            run(slice(g, gl, op)?, slice(u, ul, op)?, slice(dh, dhl, op)?)
+            run(
+                slice(g, gl, op)?,
+                slice(u, ul, op)?,
+                slice(dh, dhl, op)?,
+                self.0
+            )
         );
         Ok((s, Shape::from((2, gl.shape().elem_count()))))
     }
@@ -149,6 +231,9 @@ impl CustomOp3 for SwiGluBwd {
         dh: &candle_core::CudaStorage,
         dhl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.0 != Gate::Silu {
+            candle_core::bail!("{} has no CUDA kernel", self.name())
+        }
         let out = crate::cuda::swiglu_bwd(g, gl, u, ul, dh, dhl)?;
         Ok((out, Shape::from((2, gl.shape().elem_count()))))
     }
@@ -177,6 +262,39 @@ mod tests {
             let (_, dur) = grad_of(&uv, &c, |u| gt.silu()? * u)?;
             assert_close("swiglu d_up", &du, &dur, 1e-6)?;
         }
+        Ok(())
+    }
+
+    /// GeGLU against the formula composed in f64 (exact constants), both gradients.
+    #[test]
+    fn geglu_matches_the_exact_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let gelu = |g: &Tensor| -> Result<Tensor> {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let inner = ((g + (g.powf(3.0)? * 0.044715)?)? * c)?;
+            (g * 0.5)? * (inner.tanh()? + 1.0)?
+        };
+        let g = Var::from_tensor(&Tensor::randn(0f64, 3., (3, 4, 37), &dev)?)?;
+        let u = Tensor::randn(0f64, 1., (3, 4, 37), &dev)?;
+        let c = Tensor::randn(0f64, 1., (3, 4, 37), &dev)?;
+        let (h, dg) = grad_of(&g, &c, |g| geglu(g, &u))?;
+        let (hr, dgr) = grad_of(&g, &c, |g| gelu(g)? * &u)?;
+        assert_close("geglu h", &h, &hr, 1e-12)?;
+        assert_close("geglu d_gate", &dg, &dgr, 1e-12)?;
+        let uv = Var::from_tensor(&u)?;
+        let gt = g.as_tensor().detach();
+        let (_, du) = grad_of(&uv, &c, |u| geglu(&gt, u))?;
+        let (_, dur) = grad_of(&uv, &c, |u| gelu(&gt)? * u)?;
+        assert_close("geglu d_up", &du, &dur, 1e-12)?;
+        // f32 agrees with candle's forward.
+        let g32 = g.as_tensor().to_dtype(DType::F32)?;
+        let u32 = u.to_dtype(DType::F32)?;
+        assert_close(
+            "geglu f32",
+            &geglu(&g32, &u32)?,
+            &(g32.gelu()? * &u32)?,
+            1e-5,
+        )?;
         Ok(())
     }
 }

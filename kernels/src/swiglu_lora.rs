@@ -14,7 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 
 use crate::common::cpu_dtype;
 use crate::lora::{FrozenOperand, LoraLinear};
-use crate::swiglu::SwiGlu;
+use crate::swiglu::SWIGLU;
 
 /// `(silu(gate) ⊙ up)·Wᵀ + scale·((silu(gate) ⊙ up)·Aᵀ)·Bᵀ` for `gate, up: [.., k]`,
 /// `w: [n, k]` (frozen), `a: [r, k]`, `b: [n, r]`. Returns `[.., n]` in `gate`'s dtype.
@@ -150,7 +150,7 @@ impl CustomOp3 for SwiGluLora {
         abl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         // `h` lives only for the two products.
-        let (h, shape) = SwiGlu.cpu_fwd(g, gl, u, ul)?;
+        let (h, shape) = SWIGLU.cpu_fwd(g, gl, u, ul)?;
         let (al, bl) = self.adapter_layouts(abl);
         self.lora
             .cpu_fwd(&h, &Layout::contiguous(shape), ab, &al, ab, &bl)
@@ -166,7 +166,7 @@ impl CustomOp3 for SwiGluLora {
         ab: &candle_core::CudaStorage,
         abl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (h, shape) = SwiGlu.cuda_fwd(g, gl, u, ul)?;
+        let (h, shape) = SWIGLU.cuda_fwd(g, gl, u, ul)?;
         let (al, bl) = self.adapter_layouts(abl);
         self.lora
             .cuda_fwd(&h, &Layout::contiguous(shape), ab, &al, ab, &bl)
@@ -181,7 +181,7 @@ impl CustomOp3 for SwiGluLora {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (r, k, n) = (self.r, self.k, self.n);
-        let h = g.detach().apply_op2_no_bwd(&u.detach(), &SwiGlu)?;
+        let h = g.detach().apply_op2_no_bwd(&u.detach(), &SWIGLU)?;
         let a = ab.narrow(0, 0, r * k)?.reshape((r, k))?;
         let b = ab.narrow(0, r * k, n * r)?.reshape((n, r))?;
         let inputs_tracked = g.track_op() || u.track_op();
@@ -193,7 +193,7 @@ impl CustomOp3 for SwiGluLora {
             (inputs_tracked, ab.track_op(), ab.track_op()),
         )?;
         let (dg, du) = match dh {
-            Some(dh) => SwiGlu.bwd(g, u, &h, &dh)?,
+            Some(dh) => SWIGLU.bwd(g, u, &h, &dh)?,
             None => (None, None),
         };
         let dab = match (da, db) {
