@@ -27,6 +27,8 @@ fn small_config() -> ModelConfig {
         tie_word_embeddings: false,
         bos_token_id: Some(1),
         eos_token_id: vec![2],
+        variant: Default::default(),
+        hf_config: None,
     }
 }
 
@@ -472,18 +474,23 @@ fn small_model_like(peft: &PeftModel) -> Model {
         .iter()
         .map(|l| {
             let p = |lin: &dyn peft_prelude::model::Linear| lin.base().clone();
+            let a = &l.self_attn;
+            let qkv = |i| a.qkv.separate(i).expect("separate q, k, v");
+            let gate_up = |i| l.mlp.gate_up.separate(i).expect("separate gate, up");
             peft_prelude::model::decoder::LayerWeights {
                 input_layernorm: l.input_layernorm.weight().clone(),
                 post_attention_layernorm: l.post_attention_layernorm.weight().clone(),
-                projections: [
-                    p(l.self_attn.q_proj.as_ref()),
-                    p(l.self_attn.k_proj.as_ref()),
-                    p(l.self_attn.v_proj.as_ref()),
-                    p(l.self_attn.o_proj.as_ref()),
-                    p(l.mlp.gate_proj.as_ref()),
-                    p(l.mlp.up_proj.as_ref()),
+                projections: vec![
+                    p(qkv(0)),
+                    p(qkv(1)),
+                    p(qkv(2)),
+                    p(a.o_proj.as_ref()),
+                    p(gate_up(0)),
+                    p(gate_up(1)),
                     p(l.mlp.down_proj.as_ref()),
                 ],
+                qk_norms: None,
+                feedforward_norms: None,
             }
         })
         .collect();

@@ -92,6 +92,8 @@ fn main() -> anyhow::Result<()> {
         tie_word_embeddings: false,
         bos_token_id: Some(1),
         eos_token_id: vec![2],
+        variant: Default::default(),
+        hf_config: None,
     };
     let rss_before = status_kb("VmRSS:");
     let source = RandomSource {

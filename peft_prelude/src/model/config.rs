@@ -5,15 +5,52 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use serde::{Deserialize, Serialize};
 
+use super::variant::{LayerKind, Variant};
 use crate::error::{read_json, Error, Result};
 
-/// The decoder families this crate implements. Both are the same network; they differ only in
-/// defaults (Mistral has a sliding window) and in how checkpoints name them.
+/// The decoder families this crate implements: one network, with the differences of each
+/// family in the config's [`Variant`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     Mistral,
     Llama,
+    Qwen2,
+    Qwen3,
+    Gemma2,
+    #[serde(rename = "gemma3_text")]
+    Gemma3,
+    Phi3,
+}
+
+impl Architecture {
+    /// The `model_type` transformers writes for it.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Mistral => "mistral",
+            Architecture::Llama => "llama",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Gemma2 => "gemma2",
+            Architecture::Gemma3 => "gemma3_text",
+            Architecture::Phi3 => "phi3",
+        }
+    }
+
+    /// transformers' model class for it.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Gemma2 => "Gemma2ForCausalLM",
+            Architecture::Gemma3 => "Gemma3ForCausalLM",
+            Architecture::Phi3 => "Phi3ForCausalLM",
+        }
+    }
+
+    const SUPPORTED: &'static str = "mistral, llama, qwen2, qwen3, gemma2, gemma3_text, phi3";
 }
 
 /// What the decoder needs to know. Field names follow Hugging Face's `config.json`.
@@ -36,6 +73,13 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Vec<u32>,
+    /// The family's differences from the Llama block (all off for Mistral and Llama).
+    #[serde(skip)]
+    pub variant: Variant,
+    /// The `config.json` the model was read from, which exports write back (with what they
+    /// change), so that settings this struct does not model survive a round trip.
+    #[serde(skip)]
+    pub hf_config: Option<serde_json::Value>,
 }
 
 /// `config.json` as written by transformers (v4 and v5), with only the keys we read.
@@ -100,86 +144,14 @@ impl ConfigProblem {
     }
 }
 
+mod family;
+pub mod gguf_config;
+
 fn default_max_positions() -> usize {
     4096
 }
 fn default_rms_eps() -> f64 {
     1e-6
-}
-
-/// RoPE variants a GGUF of the `llama` architecture can carry that this decoder does not
-/// implement: a scaling type (`{arch}.rope.scaling.type`, llama.cpp's linear / yarn / longrope),
-/// Llama 3's frequency factors (the `rope_freqs.weight` tensor), or rotation of only part of
-/// each head (`rope.dimension_count` below the head size). llama.cpp applies them; ignoring one
-/// would load the model "fine" with wrong logits.
-fn unsupported_gguf_rope(content: &gguf_file::Content, arch: &str) -> Option<String> {
-    let md = &content.metadata;
-    if let Some(v) = md.get(&format!("{arch}.rope.scaling.type")) {
-        let kind = v.to_string().map(String::as_str).unwrap_or("?");
-        if kind != "none" {
-            return Some(format!(
-                "{arch}.rope.scaling.type `{kind}` (only plain RoPE is implemented)"
-            ));
-        }
-    }
-    if let Some(f) = md
-        .get(&format!("{arch}.rope.scaling.factor"))
-        .and_then(|v| v.to_f32().ok())
-        .filter(|f| *f != 0.0 && *f != 1.0)
-    {
-        return Some(format!(
-            "{arch}.rope.scaling.factor {f} (only plain RoPE is implemented)"
-        ));
-    }
-    if content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Some(
-            "tensor rope_freqs.weight (Llama 3 RoPE frequency scaling is not implemented)".into(),
-        );
-    }
-    let get = |k: &str| md.get(&format!("{arch}.{k}")).and_then(|v| v.to_u32().ok());
-    if let (Some(rotated), Some(heads), Some(hidden)) = (
-        get("rope.dimension_count"),
-        get("attention.head_count"),
-        get("embedding_length"),
-    ) {
-        let head_dim = get("attention.key_length").unwrap_or(hidden / heads.max(1));
-        if rotated != head_dim {
-            return Some(format!(
-                "{arch}.rope.dimension_count {rotated} with heads of {head_dim} (partial rotation is not implemented)"
-            ));
-        }
-    }
-    None
-}
-
-/// A RoPE setting (`rope_scaling` or `rope_parameters`) other than plain RoPE, named; `None`
-/// when it is plain. Until scaled RoPE is implemented, running a model with its scaling
-/// ignored would give wrong logits silently (a Llama 3.1 with `llama3` scaling: 0.44 off).
-fn unsupported_rope(field: &str, value: &serde_json::Value) -> Option<String> {
-    let map = match value {
-        serde_json::Value::Null => return None,
-        serde_json::Value::Object(map) => map,
-        other => return Some(format!("{field} {other} (expected an object)")),
-    };
-    let kind = map.get("rope_type").or_else(|| map.get("type"));
-    match kind {
-        None | Some(serde_json::Value::Null) => {}
-        Some(serde_json::Value::String(k)) if k == "default" => {}
-        Some(k) => {
-            return Some(format!(
-                "{field}: rope_type {k} (only plain RoPE, \"default\", is implemented)"
-            ))
-        }
-    }
-    // Keys that change the rotation even under the default type.
-    for key in ["factor", "partial_rotary_factor", "mrope_section"] {
-        match map.get(key) {
-            None | Some(serde_json::Value::Null) => {}
-            Some(v) if key != "mrope_section" && v.as_f64() == Some(1.0) => {}
-            Some(v) => return Some(format!("{field}: {key} {v} (not implemented)")),
-        }
-    }
-    None
 }
 
 /// A `config.json` key outside the ones we read whose value changes what the network computes
@@ -205,16 +177,18 @@ fn unsupported_arithmetic(rest: &serde_json::Map<String, serde_json::Value>) -> 
     };
     let one = |v: &Value| v.is_null() || v.as_f64() == Some(1.0);
     // Keys whose "off" value is false / 0 / null.
-    const OFF_WHEN_ZERO: [&str; 11] = [
+    const OFF_WHEN_ZERO: [&str; 13] = [
+        "resid_pdrop",
+        "embd_pdrop",
         "attention_bias",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "query_pre_attn_scalar",
         "mlp_bias",
         "attention_dropout",
         "qkv_bias",
         "use_qk_norm",
         "qk_layernorm",
-        "attn_logit_softcapping",
-        "final_logit_softcapping",
-        "query_pre_attn_scalar",
         "no_rope_layers",
         "hidden_dropout",
     ];
@@ -228,32 +202,12 @@ fn unsupported_arithmetic(rest: &serde_json::Map<String, serde_json::Value>) -> 
     ];
     for key in OFF_WHEN_ZERO {
         if let Some(v) = rest.get(key).filter(|v| !off(v)) {
-            return Some(format!("{key} {v} (not implemented for mistral/llama)"));
+            return Some(format!("{key} {v} (not implemented)"));
         }
     }
     for key in NEUTRAL_WHEN_ONE {
         if let Some(v) = rest.get(key).filter(|v| !one(v)) {
             return Some(format!("{key} {v} (not implemented)"));
-        }
-    }
-    if let Some(types) = rest.get("layer_types").and_then(Value::as_array) {
-        // Per-layer attention kinds: only "every layer alike" is what sliding_window means here.
-        let mut kinds: Vec<&str> = types.iter().filter_map(Value::as_str).collect();
-        kinds.dedup();
-        if kinds.len() > 1
-            || kinds
-                .iter()
-                .any(|k| !matches!(*k, "full_attention" | "sliding_attention"))
-        {
-            return Some(format!(
-                "layer_types {} (layers of different attention kinds are not implemented)",
-                rest["layer_types"]
-            ));
-        }
-    }
-    if let Some(act) = rest.get("hidden_activation").filter(|v| !v.is_null()) {
-        if act.as_str() != Some("silu") {
-            return Some(format!("hidden_activation {act} (expected silu)"));
         }
     }
     None
@@ -263,8 +217,11 @@ impl ModelConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let raw: HfConfigJson = read_json(path)?;
-        let config = Self::from_hf(raw).map_err(|p| p.at(path))?;
+        let json: serde_json::Value = read_json(path)?;
+        let raw: HfConfigJson = serde_json::from_value(json.clone())
+            .map_err(|e| Error::corrupt(path, format!("invalid config: {e}")))?;
+        let mut config = Self::from_hf(raw).map_err(|p| p.at(path))?;
+        config.hf_config = Some(json);
         config.validated().map_err(|e| match e {
             Error::Config(what) => Error::corrupt(path, what),
             other => other,
@@ -284,9 +241,15 @@ impl ModelConfig {
         let architecture = match raw.model_type.as_deref() {
             Some("mistral") => Architecture::Mistral,
             Some("llama") => Architecture::Llama,
+            Some("qwen2") => Architecture::Qwen2,
+            Some("qwen3") => Architecture::Qwen3,
+            Some("gemma2") => Architecture::Gemma2,
+            Some("gemma3_text") => Architecture::Gemma3,
+            Some("phi3") => Architecture::Phi3,
             Some(other) => {
                 return Err(ConfigProblem::Unsupported(format!(
-                    "model_type `{other}` (supported: mistral, llama; architectures: {:?})",
+                    "model_type `{other}` (supported: {}; architectures: {:?})",
+                    Architecture::SUPPORTED,
                     raw.architectures.unwrap_or_default()
                 )))
             }
@@ -296,24 +259,6 @@ impl ModelConfig {
                 ))
             }
         };
-        if let Some(act) = raw.hidden_act.as_deref() {
-            if act != "silu" {
-                return Err(ConfigProblem::Unsupported(format!(
-                    "hidden_act `{act}` (expected silu)"
-                )));
-            }
-        }
-        for (field, value) in [
-            ("rope_scaling", &raw.rope_scaling),
-            ("rope_parameters", &raw.rope_parameters),
-        ] {
-            if let Some(problem) = value.as_ref().and_then(|v| unsupported_rope(field, v)) {
-                return Err(ConfigProblem::Unsupported(problem));
-            }
-        }
-        if let Some(problem) = unsupported_arithmetic(&raw.rest) {
-            return Err(ConfigProblem::Unsupported(problem));
-        }
         if let Some(q) = raw.quantization_config.as_ref() {
             // bitsandbytes 4-bit checkpoints load through `quant::bnb` (which checks the rest).
             let method = q
@@ -326,17 +271,15 @@ impl ModelConfig {
                 )));
             }
         }
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| {
-                raw.rope_parameters
-                    .as_ref()
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(|t| t.as_f64())
-            })
-            .unwrap_or(10_000.0);
         let heads = raw.num_attention_heads;
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads.max(1));
+        // The family reads (and takes out of `rest`) its own keys; what is left must not change
+        // the arithmetic.
+        let mut rest = raw.rest.clone();
+        let family = family::read(architecture, &raw, &mut rest)?;
+        if let Some(problem) = unsupported_arithmetic(&rest) {
+            return Err(ConfigProblem::Unsupported(problem));
+        }
         Ok(ModelConfig {
             architecture,
             vocab_size: raw.vocab_size,
@@ -347,9 +290,9 @@ impl ModelConfig {
             num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
             head_dim,
             max_position_embeddings: raw.max_position_embeddings,
-            rope_theta,
+            rope_theta: family.rope_theta,
             rms_norm_eps: raw.rms_norm_eps,
-            sliding_window: raw.sliding_window,
+            sliding_window: family.sliding_window,
             tie_word_embeddings: raw.tie_word_embeddings,
             bos_token_id: raw.bos_token_id,
             eos_token_id: match raw.eos_token_id {
@@ -357,93 +300,19 @@ impl ModelConfig {
                 Some(OneOrMany::One(id)) => vec![id],
                 Some(OneOrMany::Many(ids)) => ids,
             },
+            variant: family.variant,
+            hf_config: None,
         })
     }
 
-    /// Reads the `llama` architecture's metadata from a GGUF file. Mistral GGUFs use it too
-    /// (llama.cpp writes no sliding window for them, so none is applied, as llama.cpp does).
-    pub fn from_gguf(content: &gguf_file::Content, path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let md = &content.metadata;
-        let arch = md
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .ok_or_else(|| Error::corrupt(path, "GGUF has no general.architecture"))?;
-        if arch != "llama" && arch != "mistral" {
-            return Err(Error::unsupported(
-                path,
-                format!("GGUF architecture `{arch}` (supported: llama, mistral)"),
-            ));
-        }
-        let key = |k: &str| format!("{arch}.{k}");
-        let get_u32 = |k: &str| -> Result<Option<usize>> {
-            match md.get(&key(k)) {
-                None => Ok(None),
-                Some(v) => v
-                    .to_u32()
-                    .or_else(|_| v.to_u64().map(|x| x as u32))
-                    .map(|x| Some(x as usize))
-                    .map_err(|e| Error::corrupt(path, format!("metadata {}: {e}", key(k)))),
-            }
-        };
-        let require = |k: &str| -> Result<usize> {
-            get_u32(k)?.ok_or_else(|| Error::corrupt(path, format!("missing metadata {}", key(k))))
-        };
-        let get_f32 = |k: &str| -> Result<Option<f64>> {
-            match md.get(&key(k)) {
-                None => Ok(None),
-                Some(v) => v
-                    .to_f32()
-                    .map(|x| Some(x as f64))
-                    .map_err(|e| Error::corrupt(path, format!("metadata {}: {e}", key(k)))),
-            }
-        };
-        if let Some(problem) = unsupported_gguf_rope(content, arch) {
-            return Err(Error::unsupported(path, problem));
-        }
-        let hidden_size = require("embedding_length")?;
-        let heads = require("attention.head_count")?;
-        let kv_heads = get_u32("attention.head_count_kv")?.unwrap_or(heads);
-        let head_dim = match get_u32("attention.key_length")? {
-            Some(d) => d,
-            None => hidden_size / heads.max(1),
-        };
-        let vocab_size = match get_u32("vocab_size")? {
-            Some(v) => v,
-            None => match md.get("tokenizer.ggml.tokens") {
-                Some(gguf_file::Value::Array(tokens)) => tokens.len(),
-                _ => content
-                    .tensor_infos
-                    .get("token_embd.weight")
-                    .map(|t| t.shape.dims()[0])
-                    .ok_or_else(|| Error::corrupt(path, "cannot determine the vocabulary size"))?,
-            },
-        };
-        let token_id = |k: &str| -> Option<u32> { md.get(k).and_then(|v| v.to_u32().ok()) };
-        ModelConfig {
-            architecture: Architecture::Llama,
-            vocab_size,
-            hidden_size,
-            intermediate_size: require("feed_forward_length")?,
-            num_hidden_layers: require("block_count")?,
-            num_attention_heads: heads,
-            num_key_value_heads: kv_heads,
-            head_dim,
-            max_position_embeddings: get_u32("context_length")?.unwrap_or(4096),
-            rope_theta: get_f32("rope.freq_base")?.unwrap_or(10_000.0),
-            rms_norm_eps: get_f32("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
-            sliding_window: None,
-            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
-            bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-            eos_token_id: token_id("tokenizer.ggml.eos_token_id")
-                .into_iter()
-                .collect(),
-        }
-        .validated()
-        .map_err(|e| match e {
-            Error::Config(what) => Error::corrupt(path, what),
-            other => other,
-        })
+    /// Reads a GGUF file's metadata (see [`gguf_config`]); `read_vector` reads the small
+    /// tensors that carry RoPE factors.
+    pub fn from_gguf(
+        content: &gguf_file::Content,
+        path: impl AsRef<Path>,
+        read_vector: gguf_config::ReadVector<'_>,
+    ) -> Result<Self> {
+        gguf_config::from_gguf(content, path.as_ref(), read_vector)
     }
 
     /// Checks the invariants the decoder relies on.
@@ -472,10 +341,91 @@ impl ModelConfig {
         if !c.head_dim.is_multiple_of(2) {
             return fail(format!("head_dim ({}) must be even for RoPE", c.head_dim));
         }
+        let ropes = std::iter::once(&c.variant.rope_scaling)
+            .chain(c.variant.local_rope.as_ref().map(|(_, s)| s));
+        for scaling in ropes {
+            scaling
+                .check_rotary_dim(c.head_dim)
+                .map_err(Error::Config)?;
+        }
+        if !c.variant.layer_types.is_empty() && c.variant.layer_types.len() != c.num_hidden_layers {
+            return fail(format!(
+                "layer_types has {} entries for {} layers",
+                c.variant.layer_types.len(),
+                c.num_hidden_layers
+            ));
+        }
         if c.sliding_window == Some(0) {
             return fail("sliding_window must be positive".into());
         }
         Ok(self)
+    }
+
+    /// The projections of a decoder layer, in checkpoint order, each with the block it sits
+    /// in (`self_attn` or `mlp`).
+    pub fn projection_names(&self) -> &'static [(&'static str, &'static str)] {
+        const SEPARATE: [(&str, &str); 7] = [
+            ("self_attn", "q_proj"),
+            ("self_attn", "k_proj"),
+            ("self_attn", "v_proj"),
+            ("self_attn", "o_proj"),
+            ("mlp", "gate_proj"),
+            ("mlp", "up_proj"),
+            ("mlp", "down_proj"),
+        ];
+        const FUSED: [(&str, &str); 4] = [
+            ("self_attn", "qkv_proj"),
+            ("self_attn", "o_proj"),
+            ("mlp", "gate_up_proj"),
+            ("mlp", "down_proj"),
+        ];
+        match self.variant.fused_projections {
+            true => &FUSED,
+            false => &SEPARATE,
+        }
+    }
+
+    /// `[out, in]` of the projection named `name` (one of [`projection_names`](Self::projection_names)).
+    pub fn projection_shape(&self, name: &str) -> Option<[usize; 2]> {
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        Some(match name {
+            "q_proj" => [q, h],
+            "k_proj" | "v_proj" => [kv, h],
+            "qkv_proj" => [q + 2 * kv, h],
+            "o_proj" => [h, q],
+            "gate_proj" | "up_proj" => [i, h],
+            "gate_up_proj" => [2 * i, h],
+            "down_proj" => [h, i],
+            _ => return None,
+        })
+    }
+
+    /// How layer `layer` attends.
+    pub fn layer_kind(&self, layer: usize) -> LayerKind {
+        match self.variant.layer_types.get(layer) {
+            Some(kind) => *kind,
+            None if self.sliding_window.is_some() => LayerKind::Sliding,
+            None => LayerKind::Full,
+        }
+    }
+
+    /// The window of layer `layer`'s attention (`None`: plain causal).
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        match self.layer_kind(layer) {
+            LayerKind::Sliding => self.sliding_window,
+            LayerKind::Full => None,
+        }
+    }
+
+    /// The window a KV cache may trim its keys to: only when every layer slides.
+    pub fn cache_window(&self) -> Option<usize> {
+        self.variant
+            .layer_types
+            .is_empty()
+            .then_some(self.sliding_window)
+            .flatten()
     }
 
     /// Number of query heads per key/value head.
@@ -501,6 +451,8 @@ impl ModelConfig {
             tie_word_embeddings: false,
             bos_token_id: Some(1),
             eos_token_id: vec![2],
+            variant: Variant::default(),
+            hf_config: None,
         }
     }
 }

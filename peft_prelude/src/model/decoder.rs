@@ -17,6 +17,7 @@ use super::linear::{FrozenLinear, Linear};
 use super::mask::{attention_bias, mask_rows, segment_rows, AttentionLayout};
 use super::norm::RmsNorm;
 use super::rope::Rope;
+use super::variant::{Activation, LayerKind};
 use crate::error::{Error, Result};
 
 /// A module that adjusts a block's output given its input (bottleneck adapters hook in here).
@@ -37,22 +38,98 @@ pub trait TokenEmbedding: Send + Sync + std::fmt::Debug {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
-/// What every layer of one forward pass shares: the RoPE tables of the tokens' positions and
-/// the attention bias (`None`: every query sees every key).
-pub(crate) struct Pass {
+/// What the layers of one kind (full or sliding attention) share in a forward pass: the RoPE
+/// tables of the tokens' positions and the attention bias (`None`: every query sees every key).
+pub(crate) struct Tables {
     pub cos: Tensor,
     pub sin: Tensor,
     pub mask: Option<Tensor>,
 }
 
+/// What every layer of one forward pass shares: the tables of each layer kind the model has.
+pub(crate) struct Pass {
+    pub full: Option<Tables>,
+    pub sliding: Option<Tables>,
+}
+
+impl Pass {
+    fn tables(&self, kind: LayerKind) -> Result<&Tables> {
+        let tables = match kind {
+            LayerKind::Full => self.full.as_ref(),
+            LayerKind::Sliding => self.sliding.as_ref(),
+        };
+        tables.ok_or_else(|| Error::InvalidArgument(format!("no {kind:?} attention tables")))
+    }
+}
+
+/// Projections that read the same input: `N` modules, or one fused module whose output is
+/// theirs side by side (Phi-3's `qkv_proj` and `gate_up_proj`).
+#[derive(Debug)]
+pub enum Parallel<const N: usize> {
+    Separate([Box<dyn Linear>; N]),
+    Fused(Box<dyn Linear>),
+}
+
+impl<const N: usize> Parallel<N> {
+    /// Each projection's output for `x`, the fused output split into `widths`.
+    fn forward(&self, x: &Tensor, widths: [usize; N]) -> Result<[Tensor; N]> {
+        let outputs: Vec<Tensor> = match self {
+            Parallel::Separate(ps) => ps.iter().map(|p| p.forward(x)).collect::<Result<_>>()?,
+            Parallel::Fused(p) => {
+                let y = p.forward(x)?;
+                let mut start = 0;
+                let mut parts = Vec::with_capacity(N);
+                for w in widths {
+                    parts.push(y.narrow(D::Minus1, start, w)?.contiguous()?);
+                    start += w;
+                }
+                parts
+            }
+        };
+        Ok(outputs.try_into().expect("one output per projection"))
+    }
+
+    /// The `i`-th projection when they are separate modules.
+    pub fn separate(&self, i: usize) -> Option<&dyn Linear> {
+        match self {
+            Parallel::Separate(ps) => ps.get(i).map(|p| p.as_ref()),
+            Parallel::Fused(_) => None,
+        }
+    }
+
+    /// The module at `index` of the separate ones, or the fused one (`None`).
+    pub(crate) fn slot_mut(&mut self, index: Option<usize>) -> Option<&mut Box<dyn Linear>> {
+        match (self, index) {
+            (Parallel::Separate(ps), Some(i)) => ps.get_mut(i),
+            (Parallel::Fused(p), None) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The module at `index` of the separate ones, or the fused one (`None`).
+    pub(crate) fn slot(&self, index: Option<usize>) -> Option<&dyn Linear> {
+        match (self, index) {
+            (Parallel::Separate(ps), Some(i)) => ps.get(i).map(|p| p.as_ref()),
+            (Parallel::Fused(p), None) => Some(p.as_ref()),
+            _ => None,
+        }
+    }
+}
+
 /// Grouped-query self-attention.
 #[derive(Debug)]
 pub struct Attention {
-    pub q_proj: Box<dyn Linear>,
-    pub k_proj: Box<dyn Linear>,
-    pub v_proj: Box<dyn Linear>,
+    /// q, k and v.
+    pub qkv: Parallel<3>,
     pub o_proj: Box<dyn Linear>,
+    /// Per-head norms of the queries and keys before RoPE (Qwen 3, Gemma 3).
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     shape: HeadShape,
+    /// What scores are multiplied by (`head_dim^-1/2` unless the family says otherwise).
+    scale: f64,
+    /// `cap · tanh(score / cap)` before the mask (Gemma 2).
+    softcap: Option<f64>,
 }
 
 impl Attention {
@@ -61,7 +138,7 @@ impl Attention {
     fn heads(
         &self,
         h: &Tensor,
-        pass: &Pass,
+        pass: &Tables,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, _) = h.dims3()?;
@@ -73,9 +150,18 @@ impl Attention {
         let split = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?)
         };
-        let q = split(self.q_proj.forward(h)?, heads)?;
-        let k = split(self.k_proj.forward(h)?, kv_heads)?;
-        let v = split(self.v_proj.forward(h)?, kv_heads)?;
+        let [q, k, v] = self
+            .qkv
+            .forward(h, [heads * d, kv_heads * d, kv_heads * d])?;
+        let mut q = split(q, heads)?;
+        let mut k = split(k, kv_heads)?;
+        let v = split(v, kv_heads)?;
+        if let Some(norm) = &self.q_norm {
+            q = norm.forward(&q.contiguous()?)?;
+        }
+        if let Some(norm) = &self.k_norm {
+            k = norm.forward(&k.contiguous()?)?;
+        }
         // The fused RoPE reads the transposed views directly and returns contiguous tensors.
         let q = Rope::apply(&q, &pass.cos, &pass.sin)?;
         let k = Rope::apply(&k, &pass.cos, &pass.sin)?;
@@ -89,17 +175,14 @@ impl Attention {
         &self,
         x: &Tensor,
         norm: &RmsNorm,
-        pass: &Pass,
+        pass: &Tables,
     ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-        if !peft_kernels::lora_qkv::applies(x) {
+        if self.q_norm.is_some() || self.k_norm.is_some() || !peft_kernels::lora_qkv::applies(x) {
             return Ok(None);
         }
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-        let (Some(q), Some(k), Some(v)) = (
-            self.q_proj.fused_lora(rows),
-            self.k_proj.fused_lora(rows),
-            self.v_proj.fused_lora(rows),
-        ) else {
+        let lora = |i: usize| self.qkv.separate(i).and_then(|p| p.fused_lora(rows));
+        let (Some(q), Some(k), Some(v)) = (lora(0), lora(1), lora(2)) else {
             return Ok(None);
         };
         Ok(Some(peft_kernels::lora_qkv::lora_qkv(
@@ -118,7 +201,7 @@ impl Attention {
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        pass: &Pass,
+        pass: &Tables,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, _, t, d) = q.dims4()?;
@@ -130,7 +213,10 @@ impl Attention {
         // (repeat_interleave), so view q as [b, kv_heads, groups · t, d].
         let groups = self.shape.heads / self.shape.kv_heads;
         let q = q.reshape((b, self.shape.kv_heads, groups * t, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
+        if let Some(cap) = self.softcap {
+            return soft_capped_attention(&q, &k, &v, pass.mask.as_ref(), groups, self.scale, cap);
+        }
+        let scale = self.scale;
         // Keeps q, k, v, the output and one log-sum-exp per query for the backward, not the
         // [queries, keys] scores and probabilities.
         Ok(peft_kernels::attention::attention(
@@ -157,20 +243,62 @@ impl Attention {
     }
 }
 
-/// The SwiGLU MLP.
+/// Attention with Gemma 2's soft-capped scores, composed from differentiable ops (the fused
+/// kernel has no cap): `softmax(cap · tanh(scale · q·kᵀ / cap) + mask) · v`, for `q` viewed as
+/// `[b, kv_heads, groups · t, d]`; returns `[b, t, heads · d]` like the kernel.
+fn soft_capped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    groups: usize,
+    scale: f64,
+    cap: f64,
+) -> Result<Tensor> {
+    let (b, kv_heads, gt, d) = q.dims4()?;
+    let s = k.dim(2)?;
+    let t = gt / groups;
+    let acc = super::norm::accumulation_dtype(q.dtype());
+    let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?.to_dtype(acc)?;
+    let scores = ((scores / cap)?.tanh()? * cap)?;
+    let scores = match mask {
+        Some(m) => scores
+            .reshape((b, kv_heads, groups, t, s))?
+            .broadcast_add(&m.to_dtype(acc)?.unsqueeze(1)?)?
+            .reshape((b, kv_heads, gt, s))?,
+        None => scores,
+    };
+    // A softmax of differentiable ops (candle's fused one has no backward).
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let out = probs.to_dtype(v.dtype())?.matmul(&v.contiguous()?)?;
+    Ok(out
+        .reshape((b, kv_heads * groups, t, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, t, kv_heads * groups * d))?)
+}
+
+/// The gated MLP: SwiGLU, or GeGLU for Gemma.
 #[derive(Debug)]
 pub struct Mlp {
-    pub gate_proj: Box<dyn Linear>,
-    pub up_proj: Box<dyn Linear>,
+    /// gate and up.
+    pub gate_up: Parallel<2>,
     pub down_proj: Box<dyn Linear>,
+    activation: Activation,
+    intermediate_size: usize,
 }
 
 impl Mlp {
-    /// `down(silu(gate(x)) * up(x))`, the middle fused into the down projection.
+    /// `down(act(gate(x)) * up(x))`; for SwiGLU the middle is fused into the down projection.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward_swiglu(&gate, &up)
+        let i = self.intermediate_size;
+        let [gate, up] = self.gate_up.forward(x, [i, i])?;
+        match self.activation {
+            Activation::Silu => self.down_proj.forward_swiglu(&gate, &up),
+            Activation::GeluTanh => self.down_proj.forward(&peft_kernels::geglu(&gate, &up)?),
+        }
     }
 
     /// `residual + forward(norm(residual))` as one op where `peft_kernels::lora_mlp` applies
@@ -178,15 +306,13 @@ impl Mlp {
     /// nor the down projection's output for the backward, and over 8-bit integer bases keeps
     /// the gate and up activations as 8-bit blocks. `None`: compose.
     pub fn forward_block(&self, residual: &Tensor, norm: &RmsNorm) -> Result<Option<Tensor>> {
-        if !peft_kernels::lora_mlp::applies(residual) {
+        if self.activation != Activation::Silu || !peft_kernels::lora_mlp::applies(residual) {
             return Ok(None);
         }
         let rows = residual.elem_count() / residual.dim(D::Minus1)?.max(1);
-        let (Some(g), Some(u), Some(d)) = (
-            self.gate_proj.fused_lora(rows),
-            self.up_proj.fused_lora(rows),
-            self.down_proj.fused_lora(rows),
-        ) else {
+        let lora = |i: usize| self.gate_up.separate(i).and_then(|p| p.fused_lora(rows));
+        let (Some(g), Some(u), Some(d)) = (lora(0), lora(1), self.down_proj.fused_lora(rows))
+        else {
             return Ok(None);
         };
         let int8 = [&g, &u, &d]
@@ -201,14 +327,21 @@ impl Mlp {
     }
 }
 
-/// One pre-norm block: `x + attention(norm(x))`, then `x + mlp(norm(x))`.
+/// One pre-norm block: `x + attention(norm(x))`, then `x + mlp(norm(x))`. With Gemma's
+/// sandwich norms: `x + post_norm(attention(norm(x)))`, then `x + post_ff_norm(mlp(pre_ff_norm(x)))`.
 #[derive(Debug)]
 pub struct DecoderLayer {
     /// Its place in the stack (the KV cache's layer).
     pub index: usize,
+    /// Full or sliding-window attention.
+    pub kind: LayerKind,
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
+    /// The MLP's input norm, or (with sandwich norms) the attention output's norm.
     pub post_attention_layernorm: RmsNorm,
+    /// Sandwich norms only: the MLP's input norm and its output's norm.
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    pub post_feedforward_layernorm: Option<RmsNorm>,
     pub mlp: Mlp,
     /// Applied to the attention block's output.
     pub attn_adapter: Option<Box<dyn BlockAdapter>>,
@@ -223,14 +356,51 @@ impl DecoderLayer {
         pass: &Pass,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let x = self.attention_block(x, pass, cache)?;
+        let tables = pass.tables(self.kind)?;
+        if self.pre_feedforward_layernorm.is_some() {
+            return self.sandwich_forward(x, tables, cache);
+        }
+        let x = self.attention_block(x, tables, cache)?;
         self.mlp_block(&x)
+    }
+
+    /// Gemma's block: every sublayer's output is normed before the residual add.
+    fn sandwich_forward(
+        &self,
+        x: &Tensor,
+        tables: &Tables,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let missing = || Error::InvalidArgument("sandwich norms are incomplete".into());
+        let h = self.input_layernorm.forward(x)?;
+        let heads = self
+            .self_attn
+            .heads(&h, tables, cache.map(|c| (c, self.index)))?;
+        let mut out = self.self_attn.o_proj.forward(&heads)?;
+        if let Some(adapter) = &self.attn_adapter {
+            out = adapter.forward(&h, &out)?;
+        }
+        let x = (x + self.post_attention_layernorm.forward(&out)?)?;
+        let pre = self
+            .pre_feedforward_layernorm
+            .as_ref()
+            .ok_or_else(missing)?;
+        let post = self
+            .post_feedforward_layernorm
+            .as_ref()
+            .ok_or_else(missing)?;
+        let h = pre.forward(&x)?;
+        let mut out = self.mlp.forward(&h)?;
+        if let Some(adapter) = &self.mlp_adapter {
+            out = adapter.forward(&h, &out)?;
+        }
+        Ok((&x + post.forward(&out)?)?)
     }
 
     fn attention_block(
         &self,
         x: &Tensor,
-        pass: &Pass,
+        pass: &Tables,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let attn = &self.self_attn;
@@ -281,8 +451,14 @@ pub struct ModelWeights {
 pub struct LayerWeights {
     pub input_layernorm: Tensor,
     pub post_attention_layernorm: Tensor,
-    /// q, k, v, o, gate, up, down, each `[out, in]` (dense or quantized).
-    pub projections: [FrozenLinear; 7],
+    /// Each `[out, in]` (dense or quantized), with its bias, in the order of
+    /// [`ModelConfig::projection_names`]: q, k, v, o, gate, up, down, or Phi-3's qkv, o,
+    /// gate_up, down.
+    pub projections: Vec<FrozenLinear>,
+    /// Per-head query and key norms `[head_dim]` (Qwen 3, Gemma 3).
+    pub qk_norms: Option<(Tensor, Tensor)>,
+    /// Gemma's pre- and post-feed-forward norms `[hidden]`.
+    pub feedforward_norms: Option<(Tensor, Tensor)>,
 }
 
 /// The decoder.
@@ -294,7 +470,10 @@ pub struct Model {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Box<dyn Linear>,
+    /// RoPE of full-attention layers (of every layer, unless `local_rope`).
     rope: Rope,
+    /// RoPE of sliding-window layers where it differs (Gemma 3).
+    local_rope: Option<Rope>,
     device: Device,
 }
 
@@ -313,56 +492,116 @@ impl Model {
     pub fn new(config: ModelConfig, weights: ModelWeights) -> Result<Self> {
         crate::threads::settle_thread_count();
         let device = weights.embed_tokens.device().clone();
+        let v = &config.variant;
         let eps = config.rms_norm_eps;
+        // Gemma stores norm weights as offsets from one; the decoder keeps `1 + w`.
+        let norm = |w: Tensor| -> Result<RmsNorm> {
+            let w = if v.norm_unit_offset { (w + 1.0)? } else { w };
+            Ok(RmsNorm::new(w, eps))
+        };
         let shape = HeadShape {
             heads: config.num_attention_heads,
             kv_heads: config.num_key_value_heads,
             head_dim: config.head_dim,
         };
-        let layers = weights
-            .layers
-            .into_iter()
-            .enumerate()
-            .map(|(index, l)| {
-                let [q, k, v, o, gate, up, down] =
-                    l.projections.map(|w| -> Box<dyn Linear> { Box::new(w) });
-                DecoderLayer {
-                    index,
-                    input_layernorm: RmsNorm::new(l.input_layernorm, eps),
-                    self_attn: Attention {
-                        q_proj: q,
-                        k_proj: k,
-                        v_proj: v,
-                        o_proj: o,
-                        shape,
-                    },
-                    post_attention_layernorm: RmsNorm::new(l.post_attention_layernorm, eps),
-                    mlp: Mlp {
-                        gate_proj: gate,
-                        up_proj: up,
-                        down_proj: down,
-                    },
-                    attn_adapter: None,
-                    mlp_adapter: None,
-                }
-            })
-            .collect();
+        let scale = 1.0
+            / v.query_pre_attn_scalar
+                .unwrap_or(config.head_dim as f64)
+                .sqrt();
+        let mut layers = Vec::with_capacity(weights.layers.len());
+        let fused = config.variant.fused_projections;
+        for (index, l) in weights.layers.into_iter().enumerate() {
+            let expected = config.projection_names().len();
+            if l.projections.len() != expected {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {index} has {} projections, expected {expected}",
+                    l.projections.len()
+                )));
+            }
+            let mut ps = l
+                .projections
+                .into_iter()
+                .map(|w| -> Box<dyn Linear> { Box::new(w) });
+            let mut next = || ps.next().expect("counted above");
+            let (qkv, o, gate_up, down) = match fused {
+                true => (
+                    Parallel::Fused(next()),
+                    next(),
+                    Parallel::Fused(next()),
+                    next(),
+                ),
+                false => (
+                    Parallel::Separate([next(), next(), next()]),
+                    next(),
+                    Parallel::Separate([next(), next()]),
+                    next(),
+                ),
+            };
+            let (q_norm, k_norm) = match l.qk_norms {
+                Some((qn, kn)) => (Some(norm(qn)?), Some(norm(kn)?)),
+                None => (None, None),
+            };
+            let (pre_ff, post_ff) = match l.feedforward_norms {
+                Some((pre, post)) => (Some(norm(pre)?), Some(norm(post)?)),
+                None => (None, None),
+            };
+            layers.push(DecoderLayer {
+                index,
+                kind: config.layer_kind(index),
+                input_layernorm: norm(l.input_layernorm)?,
+                self_attn: Attention {
+                    qkv,
+                    o_proj: o,
+                    q_norm,
+                    k_norm,
+                    shape,
+                    scale,
+                    softcap: v.attn_logit_softcapping,
+                },
+                post_attention_layernorm: norm(l.post_attention_layernorm)?,
+                pre_feedforward_layernorm: pre_ff,
+                post_feedforward_layernorm: post_ff,
+                mlp: Mlp {
+                    gate_up,
+                    down_proj: down,
+                    activation: v.activation,
+                    intermediate_size: config.intermediate_size,
+                },
+                attn_adapter: None,
+                mlp_adapter: None,
+            });
+        }
         let lm_head = weights
             .lm_head
             .unwrap_or_else(|| weights.embed_tokens.clone());
         let rope = Rope::new(
             config.head_dim,
             config.rope_theta,
+            v.rope_scaling.clone(),
             config.max_position_embeddings,
             &device,
         )?;
+        let local_rope = v
+            .local_rope
+            .as_ref()
+            .map(|(theta, scaling)| {
+                Rope::new(
+                    config.head_dim,
+                    *theta,
+                    scaling.clone(),
+                    config.max_position_embeddings,
+                    &device,
+                )
+            })
+            .transpose()?;
         Ok(Model {
             embed_tokens: weights.embed_tokens.detach(),
             embed_override: None,
             layers,
-            norm: RmsNorm::new(weights.norm, eps),
+            norm: norm(weights.norm)?,
             lm_head: Box::new(FrozenLinear::new(lm_head, None)),
             rope,
+            local_rope,
             device,
             config,
         })
@@ -375,7 +614,16 @@ impl Model {
 
     /// The general forward pass (see [`Forward`]).
     pub fn forward_with(&self, args: Forward<'_>) -> Result<Tensor> {
-        self.lm_head.forward(&self.hidden_states(args)?)
+        self.logits_of(&self.hidden_states(args)?)
+    }
+
+    /// The head applied to final-norm hidden states (with Gemma 2's logit soft-capping).
+    pub fn logits_of(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(hidden)?;
+        match self.config.variant.final_logit_softcapping {
+            Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
+            None => Ok(logits),
+        }
     }
 
     /// Logits `[batch, vocab]` of the last position only (what decoding needs; the head runs
@@ -383,8 +631,7 @@ impl Model {
     pub fn forward_last(&self, args: Forward<'_>) -> Result<Tensor> {
         let hidden = self.hidden_states(args)?;
         let t = hidden.dim(1)?;
-        self.lm_head
-            .forward(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+        self.logits_of(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]` (what the head is applied to).
@@ -437,6 +684,11 @@ impl Model {
                 e.to_dtype(self.dtype())?
             }
         };
+        let x = match self.config.variant.scale_embeddings {
+            // Gemma: times sqrt(hidden), rounded to the activations' dtype as transformers does.
+            true => (x * self.embedding_scale()?)?,
+            false => x,
+        };
         let (batch, seq, _) = x.dims3()?;
         if seq == 0 {
             return Err(Error::InvalidArgument("empty input sequence".into()));
@@ -460,23 +712,42 @@ impl Model {
                 Tensor::from_vec(row, (1, seq), &self.device)?
             }
         };
-        let (cos, sin) = self.rope.tables(&positions)?;
-        let mask = attention_bias(
-            &AttentionLayout {
-                batch,
-                seq,
-                cache_start: cache.as_deref().map_or(0, |c| c.start()),
-                past,
-                window: self.config.sliding_window,
-                cached_key_mask: cache.as_deref().and_then(|c| c.key_mask()),
-                new_key_mask: new_mask.as_ref(),
-                segments: segments.as_ref(),
-            },
-            &self.device,
-        )?;
+        let tables = |kind: LayerKind| -> Result<Tables> {
+            let rope = match kind {
+                LayerKind::Sliding => self.local_rope.as_ref().unwrap_or(&self.rope),
+                LayerKind::Full => &self.rope,
+            };
+            let (cos, sin) = rope.tables(&positions)?;
+            let mask = attention_bias(
+                &AttentionLayout {
+                    batch,
+                    seq,
+                    cache_start: cache.as_deref().map_or(0, |c| c.start()),
+                    past,
+                    window: match kind {
+                        LayerKind::Sliding => self.config.sliding_window,
+                        LayerKind::Full => None,
+                    },
+                    cached_key_mask: cache.as_deref().and_then(|c| c.key_mask()),
+                    new_key_mask: new_mask.as_ref(),
+                    segments: segments.as_ref(),
+                },
+                &self.device,
+            )?;
+            Ok(Tables { cos, sin, mask })
+        };
+        let has = |kind: LayerKind| self.layers.iter().any(|l| l.kind == kind);
+        let pass = Pass {
+            full: has(LayerKind::Full)
+                .then(|| tables(LayerKind::Full))
+                .transpose()?,
+            sliding: has(LayerKind::Sliding)
+                .then(|| tables(LayerKind::Sliding))
+                .transpose()?,
+        };
         Ok(Prepared {
             x,
-            pass: Pass { cos, sin, mask },
+            pass,
             cache,
             new_mask,
             batch,
@@ -520,7 +791,7 @@ impl Model {
 
     /// A fresh cache for decoding with this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len(), self.config.sliding_window)
+        KvCache::new(self.layers.len(), self.config.cache_window())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -531,6 +802,18 @@ impl Model {
     /// the way a GGUF runtime does. Only the masks depend on it.
     pub fn set_sliding_window(&mut self, window: Option<usize>) {
         self.config.sliding_window = window;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.kind = self.config.layer_kind(i);
+        }
+    }
+
+    /// Gemma's embedding multiplier `sqrt(hidden_size)`, rounded to the model's dtype.
+    fn embedding_scale(&self) -> Result<f64> {
+        let scale = (self.config.hidden_size as f64).sqrt();
+        Ok(Tensor::new(scale, &Device::Cpu)?
+            .to_dtype(self.dtype())?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?)
     }
 
     pub fn device(&self) -> &Device {
@@ -595,7 +878,24 @@ impl Model {
     /// Number of parameters of the base model (embeddings, norms, projections, head).
     pub fn num_parameters(&self) -> usize {
         let c = &self.config;
-        let norms = (2 * self.layers.len() + 1) * c.hidden_size;
+        let norms: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| {
+                let a = &l.self_attn;
+                [
+                    Some(&l.input_layernorm),
+                    Some(&l.post_attention_layernorm),
+                    l.pre_feedforward_layernorm.as_ref(),
+                    l.post_feedforward_layernorm.as_ref(),
+                    a.q_norm.as_ref(),
+                    a.k_norm.as_ref(),
+                ]
+            })
+            .flatten()
+            .map(|n| n.weight().elem_count())
+            .sum::<usize>()
+            + c.hidden_size;
         let linears: usize = self
             .linear_paths()
             .iter()

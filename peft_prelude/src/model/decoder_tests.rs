@@ -23,6 +23,8 @@ fn tiny_config() -> ModelConfig {
         tie_word_embeddings: true,
         bos_token_id: Some(1),
         eos_token_id: vec![2],
+        variant: Default::default(),
+        hf_config: None,
     }
 }
 
@@ -75,6 +77,70 @@ fn check_against_finite_differences(name: &str, f: &dyn Fn(&Tensor) -> Tensor, x
     );
 }
 
+/// A tiny model with every family switch on: q/k/v/o biases, per-head q/k norms, (1 + w)
+/// norms, GeGLU, scaled embeddings, sandwich norms, both soft-caps, a query scalar, mixed
+/// full and sliding layers with their own RoPE.
+/// `fused`: Phi-3's `qkv_proj` and `gate_up_proj` instead of separate projections.
+fn tiny_variant_model(fused: bool) -> Model {
+    use crate::model::rope_scaling::RopeScaling;
+    use crate::model::variant::{Activation, AttentionBias, LayerKind, Variant};
+    let mut config = tiny_config();
+    config.variant = Variant {
+        attention_bias: AttentionBias::QkvO,
+        qk_norm: true,
+        norm_unit_offset: true,
+        activation: Activation::GeluTanh,
+        scale_embeddings: true,
+        sandwich_norms: true,
+        attn_logit_softcapping: Some(3.0),
+        final_logit_softcapping: Some(5.0),
+        query_pre_attn_scalar: Some(6.0),
+        layer_types: vec![LayerKind::Sliding, LayerKind::Full, LayerKind::Sliding],
+        rope_scaling: RopeScaling::Linear { factor: 2.0 },
+        local_rope: Some((100.0, RopeScaling::Default)),
+        fused_projections: fused,
+    };
+    let weights = ModelWeights::random(&config, 0.3, DType::F64, &Device::Cpu).unwrap();
+    Model::new(config, weights).unwrap()
+}
+
+#[test]
+fn gradients_are_exact_through_every_family_switch() {
+    for fused in [false, true] {
+        let model = tiny_variant_model(fused);
+        let h = model.config.hidden_size;
+        let x = Tensor::randn(0f64, 1., (1, 6, h), &Device::Cpu).unwrap();
+        check_against_finite_differences(
+            &format!("whole variant model (fused projections: {fused})"),
+            &|x: &Tensor| model.forward_with(Forward::embeds(x)).unwrap(),
+            &x,
+        );
+    }
+}
+
+#[test]
+fn kv_cache_reproduces_full_forward_with_every_family_switch() {
+    let model = tiny_variant_model(true);
+    let ids = Tensor::new(&[[3u32, 7, 1, 9, 4, 4, 8, 2, 5]], &Device::Cpu).unwrap();
+    let full = model.forward(&ids).unwrap();
+    let mut cache = model.new_cache();
+    for t in 0..9 {
+        let step = model
+            .forward_last(Forward::ids(&ids.narrow(1, t, 1).unwrap()).with_cache(&mut cache))
+            .unwrap();
+        let want = full.narrow(1, t, 1).unwrap().squeeze(1).unwrap();
+        let d = (step - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-9, "step {t}: {d}");
+    }
+}
+
 #[test]
 fn gradient_reaches_the_input_of_every_layer_exactly() {
     let model = tiny_model();
@@ -95,7 +161,11 @@ fn gradient_reaches_the_input_of_every_layer_exactly() {
     let mask = attention_bias(&layout, &Device::Cpu).unwrap();
     assert!(mask.is_some(), "6 tokens with a window of 4 need a mask");
     let mask = mask.map(|m| m.to_dtype(DType::F64).unwrap());
-    let pass = Pass { cos, sin, mask };
+    // Every layer of the tiny Mistral slides.
+    let pass = Pass {
+        full: None,
+        sliding: Some(Tables { cos, sin, mask }),
+    };
     for (i, layer) in model.layers.iter().enumerate() {
         let x = Tensor::randn(0f64, 1., (b, t, h), &Device::Cpu).unwrap();
         let f = |x: &Tensor| layer.forward(x, &pass, None).unwrap();

@@ -1,6 +1,8 @@
-//! GGUF checkpoints of the `llama` architecture (what llama.cpp writes for Mistral and Llama):
-//! metadata → [`ModelConfig`], tensors by GGUF name → Hugging Face names, with llama.cpp's q/k
-//! row permutation undone so that the weights (and adapters trained on them) are in HF order.
+//! GGUF checkpoints as llama.cpp's converter writes them (`llama` for Mistral and Llama,
+//! `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3`): metadata → [`ModelConfig`], tensors by GGUF
+//! name → Hugging Face names, with the converter's changes undone (the `llama` architecture's
+//! q/k row permutation, Gemma's `1 +` on norms) so that the weights (and adapters trained on
+//! them) are in HF order and convention.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -84,7 +86,15 @@ impl GgufFile {
     }
 
     pub fn config(&self) -> Result<ModelConfig> {
-        ModelConfig::from_gguf(&self.content, &self.path)
+        let read_vector = |name: &str| -> Result<Option<Vec<f64>>> {
+            if !self.content.tensor_infos.contains_key(name) {
+                return Ok(None);
+            }
+            let t = self.qtensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+            let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            Ok(Some(v))
+        };
+        ModelConfig::from_gguf(&self.content, &self.path, &read_vector)
     }
 
     /// Reads one tensor as a quantized `QTensor`.
@@ -117,52 +127,101 @@ impl GgufFile {
 /// A GGUF file seen as a [`WeightSource`] with Hugging Face tensor names.
 pub struct GgufSource<'a> {
     file: &'a GgufFile,
-    /// HF name → (GGUF name, heads for un-permuting q/k rows)
-    names: HashMap<String, (String, Option<usize>)>,
+    /// HF name → where it is in the file and how to bring it back to HF's convention.
+    names: HashMap<String, (String, Restore)>,
+}
+
+/// What undoes a converter's change to a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restore {
+    Nothing,
+    /// llama.cpp's q/k row permutation of the `llama` architecture, for this many heads.
+    Unpermute(usize),
+    /// Gemma's norms are stored as `1 + w` (the converter adds the one); HF stores `w`.
+    SubtractOne,
 }
 
 impl<'a> GgufSource<'a> {
     pub fn new(file: &'a GgufFile, config: &ModelConfig) -> Self {
+        use super::config::Architecture as A;
+        let arch = config.architecture;
+        // Only the `llama` architecture's converter permutes q/k rows.
+        let permuted = matches!(arch, A::Llama | A::Mistral);
+        let norm = match config.variant.norm_unit_offset {
+            true => Restore::SubtractOne,
+            false => Restore::Nothing,
+        };
         let mut names = HashMap::new();
-        let mut add = |hf: String, gguf: String, heads: Option<usize>| {
-            names.insert(hf, (gguf, heads));
+        let mut add = |hf: String, gguf: String, restore: Restore| {
+            names.insert(hf, (gguf, restore));
         };
         add(
             "model.embed_tokens.weight".into(),
             "token_embd.weight".into(),
-            None,
+            Restore::Nothing,
         );
         add(
             "model.norm.weight".into(),
             "output_norm.weight".into(),
-            None,
+            norm,
         );
-        add("lm_head.weight".into(), "output.weight".into(), None);
+        add(
+            "lm_head.weight".into(),
+            "output.weight".into(),
+            Restore::Nothing,
+        );
+        let rows = |heads: usize| match permuted {
+            true => Restore::Unpermute(heads),
+            false => Restore::Nothing,
+        };
+        // llama.cpp's name of each HF module of a layer.
+        let mut modules = vec![
+            (
+                "self_attn.q_proj",
+                "attn_q",
+                rows(config.num_attention_heads),
+            ),
+            (
+                "self_attn.k_proj",
+                "attn_k",
+                rows(config.num_key_value_heads),
+            ),
+            ("self_attn.v_proj", "attn_v", Restore::Nothing),
+            ("self_attn.qkv_proj", "attn_qkv", Restore::Nothing),
+            ("self_attn.o_proj", "attn_output", Restore::Nothing),
+            ("mlp.gate_proj", "ffn_gate", Restore::Nothing),
+            ("mlp.up_proj", "ffn_up", Restore::Nothing),
+            // Phi-3's fused gate and up are llama.cpp's `ffn_up`, twice as tall.
+            ("mlp.gate_up_proj", "ffn_up", Restore::Nothing),
+            ("mlp.down_proj", "ffn_down", Restore::Nothing),
+            ("input_layernorm", "attn_norm", norm),
+            ("self_attn.q_norm", "attn_q_norm", norm),
+            ("self_attn.k_norm", "attn_k_norm", norm),
+        ];
+        if config.variant.sandwich_norms {
+            modules.extend([
+                ("post_attention_layernorm", "post_attention_norm", norm),
+                ("pre_feedforward_layernorm", "ffn_norm", norm),
+                ("post_feedforward_layernorm", "post_ffw_norm", norm),
+            ]);
+        } else {
+            modules.push(("post_attention_layernorm", "ffn_norm", norm));
+        }
         for l in 0..config.num_hidden_layers {
-            let hf = |s: &str| format!("model.layers.{l}.{s}.weight");
-            let gg = |s: &str| format!("blk.{l}.{s}.weight");
-            add(
-                hf("self_attn.q_proj"),
-                gg("attn_q"),
-                Some(config.num_attention_heads),
-            );
-            add(
-                hf("self_attn.k_proj"),
-                gg("attn_k"),
-                Some(config.num_key_value_heads),
-            );
-            add(hf("self_attn.v_proj"), gg("attn_v"), None);
-            add(hf("self_attn.o_proj"), gg("attn_output"), None);
-            add(hf("mlp.gate_proj"), gg("ffn_gate"), None);
-            add(hf("mlp.up_proj"), gg("ffn_up"), None);
-            add(hf("mlp.down_proj"), gg("ffn_down"), None);
-            add(hf("input_layernorm"), gg("attn_norm"), None);
-            add(hf("post_attention_layernorm"), gg("ffn_norm"), None);
+            for (hf, gguf, restore) in &modules {
+                for kind in ["weight", "bias"] {
+                    add(
+                        format!("model.layers.{l}.{hf}.{kind}"),
+                        format!("blk.{l}.{gguf}.{kind}"),
+                        *restore,
+                    );
+                }
+            }
         }
         GgufSource { file, names }
     }
 
-    fn gguf_name(&self, hf_name: &str) -> Option<&(String, Option<usize>)> {
+    fn gguf_name(&self, hf_name: &str) -> Option<&(String, Restore)> {
         self.names.get(hf_name)
     }
 }
@@ -195,7 +254,7 @@ impl WeightSource for GgufSource<'_> {
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        let (g, heads) = self.gguf_name(name).ok_or_else(|| Error::MissingTensor {
+        let (g, restore) = self.gguf_name(name).ok_or_else(|| Error::MissingTensor {
             path: self.file.path.clone(),
             name: name.to_string(),
         })?;
@@ -204,9 +263,10 @@ impl WeightSource for GgufSource<'_> {
             .file
             .qtensor(g, &Device::Cpu)?
             .dequantize(&Device::Cpu)?;
-        let w = match heads {
-            Some(n) => unpermute_rows(&w, *n)?,
-            None => w,
+        let w = match restore {
+            Restore::Unpermute(n) => unpermute_rows(&w, *n)?,
+            Restore::SubtractOne => (w - 1.0)?,
+            Restore::Nothing => w,
         };
         Ok(w.to_dtype(dtype)?.to_device(device)?)
     }
@@ -220,7 +280,7 @@ impl WeightSource for GgufSource<'_> {
         if quantization != Quantization::KeepGguf {
             return Ok(None);
         }
-        let Some((g, heads)) = self.gguf_name(name) else {
+        let Some((g, restore)) = self.gguf_name(name) else {
             return Ok(None);
         };
         let Some(info) = self.file.content.tensor_infos.get(g) else {
@@ -234,10 +294,11 @@ impl WeightSource for GgufSource<'_> {
             return Ok(None);
         }
         let q = self.file.qtensor(g, &Device::Cpu)?;
-        let q = match heads {
-            Some(n) => GgmlWeight::unpermute_rows(&q, *n)
+        let q = match restore {
+            Restore::Unpermute(n) => GgmlWeight::unpermute_rows(&q, *n)
                 .map_err(|e| Error::corrupt(&self.file.path, format!("tensor `{g}`: {e}")))?,
-            None => q,
+            // Only norms (kept dense) are offset.
+            Restore::SubtractOne | Restore::Nothing => q,
         };
         Ok(Some(Arc::new(GgmlWeight::new(q, dtype)?)))
     }

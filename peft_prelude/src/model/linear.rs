@@ -145,6 +145,12 @@ impl FrozenLinear {
         }
     }
 
+    /// The same projection with `bias` added to its output (`None`: no bias).
+    pub fn with_bias(mut self, bias: Option<Tensor>) -> Self {
+        self.bias = bias.map(|b| b.detach());
+        self
+    }
+
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }

@@ -1,4 +1,4 @@
-//! The Mistral/Llama decoder and its loaders.
+//! The decoder (Mistral, Llama, Qwen 2/3, Gemma 2/3) and its loaders.
 
 pub mod cache;
 pub mod causal_lm;
@@ -13,6 +13,8 @@ mod mask;
 pub mod norm;
 pub mod paths;
 pub mod rope;
+pub mod rope_scaling;
+pub mod variant;
 pub mod weights;
 
 pub use cache::KvCache;

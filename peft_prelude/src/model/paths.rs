@@ -8,25 +8,22 @@ use super::decoder::Model;
 use super::linear::{FrozenLinear, Linear};
 use crate::error::{Error, Result};
 
-/// The seven projections of a decoder block, by their Hugging Face names.
-pub const ATTENTION_PROJECTIONS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
-pub const MLP_PROJECTIONS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+/// The projections of a decoder block, by their Hugging Face names (Phi-3 fuses q, k, v into
+/// `qkv_proj` and gate, up into `gate_up_proj`).
+pub const ATTENTION_PROJECTIONS: [&str; 5] = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"];
+pub const MLP_PROJECTIONS: [&str; 4] = ["gate_proj", "up_proj", "gate_up_proj", "down_proj"];
 
 impl Model {
     /// Hugging Face module paths of every linear layer, in checkpoint order
     /// (`model.layers.0.self_attn.q_proj`, …, `lm_head`).
     pub fn linear_paths(&self) -> Vec<String> {
-        let mut paths = Vec::with_capacity(self.layers().len() * 7 + 1);
+        let names = self.config().projection_names();
+        let mut paths = Vec::with_capacity(self.layers().len() * names.len() + 1);
         for i in 0..self.layers().len() {
             paths.extend(
-                ATTENTION_PROJECTIONS
+                names
                     .iter()
-                    .map(|n| format!("model.layers.{i}.self_attn.{n}")),
-            );
-            paths.extend(
-                MLP_PROJECTIONS
-                    .iter()
-                    .map(|n| format!("model.layers.{i}.mlp.{n}")),
+                    .map(|(block, name)| format!("model.layers.{i}.{block}.{name}")),
             );
         }
         paths.push("lm_head".to_string());
@@ -70,16 +67,15 @@ impl Model {
             LinearPath::Head => return Some(self.lm_head()),
             LinearPath::Layer(i, name) => (self.layers().get(i)?, name),
         };
-        Some(match name {
-            "q_proj" => layer.self_attn.q_proj.as_ref(),
-            "k_proj" => layer.self_attn.k_proj.as_ref(),
-            "v_proj" => layer.self_attn.v_proj.as_ref(),
-            "o_proj" => layer.self_attn.o_proj.as_ref(),
-            "gate_proj" => layer.mlp.gate_proj.as_ref(),
-            "up_proj" => layer.mlp.up_proj.as_ref(),
-            "down_proj" => layer.mlp.down_proj.as_ref(),
-            _ => return None,
-        })
+        let (a, m) = (&layer.self_attn, &layer.mlp);
+        match name {
+            "o_proj" => Some(a.o_proj.as_ref()),
+            "down_proj" => Some(m.down_proj.as_ref()),
+            _ => match Slot::of(name)? {
+                Slot::Qkv(i) => a.qkv.slot(i),
+                Slot::GateUp(i) => m.gate_up.slot(i),
+            },
+        }
     }
 
     fn slot_mut(&mut self, path: &str) -> Option<&mut Box<dyn Linear>> {
@@ -87,16 +83,15 @@ impl Model {
             LinearPath::Head => return Some(self.lm_head_mut()),
             LinearPath::Layer(i, name) => (self.layers_mut().get_mut(i)?, name),
         };
-        Some(match name {
-            "q_proj" => &mut layer.self_attn.q_proj,
-            "k_proj" => &mut layer.self_attn.k_proj,
-            "v_proj" => &mut layer.self_attn.v_proj,
-            "o_proj" => &mut layer.self_attn.o_proj,
-            "gate_proj" => &mut layer.mlp.gate_proj,
-            "up_proj" => &mut layer.mlp.up_proj,
-            "down_proj" => &mut layer.mlp.down_proj,
-            _ => return None,
-        })
+        let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+        match name {
+            "o_proj" => Some(&mut a.o_proj),
+            "down_proj" => Some(&mut m.down_proj),
+            _ => match Slot::of(name)? {
+                Slot::Qkv(i) => a.qkv.slot_mut(i),
+                Slot::GateUp(i) => m.gate_up.slot_mut(i),
+            },
+        }
     }
 
     /// An `UnknownModule` error listing the paths closest to `path`.
@@ -117,6 +112,28 @@ impl Model {
                 .map(|(_, p)| p)
                 .collect(),
         }
+    }
+}
+
+/// Where a parallel projection sits: its index among the separate ones, or `None` for the
+/// fused one.
+enum Slot {
+    Qkv(Option<usize>),
+    GateUp(Option<usize>),
+}
+
+impl Slot {
+    fn of(name: &str) -> Option<Slot> {
+        Some(match name {
+            "q_proj" => Slot::Qkv(Some(0)),
+            "k_proj" => Slot::Qkv(Some(1)),
+            "v_proj" => Slot::Qkv(Some(2)),
+            "qkv_proj" => Slot::Qkv(None),
+            "gate_proj" => Slot::GateUp(Some(0)),
+            "up_proj" => Slot::GateUp(Some(1)),
+            "gate_up_proj" => Slot::GateUp(None),
+            _ => return None,
+        })
     }
 }
 

@@ -3,52 +3,93 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::rope_scaling::RopeScaling;
 use crate::error::{Error, Result};
 
+/// The rotation of one kind of layer: its inverse frequencies (scaled as the config says) and
+/// the factor yarn and longrope put on cos and sin. Tables are built for the positions of each
+/// pass, so nothing is sized by `max_position_embeddings` (131,072 for Llama 3.1).
 #[derive(Debug, Clone)]
 pub struct Rope {
-    /// `[max_positions, head_dim]`: `cos(pos · inv_freq)` repeated for both halves.
-    cos: Tensor,
-    sin: Tensor,
+    head_dim: usize,
+    theta: f64,
+    scaling: RopeScaling,
+    /// The inverse frequencies and attention factor when they do not depend on the length.
+    fixed: Option<(Vec<f32>, f32)>,
+    max_positions: usize,
+    device: Device,
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, theta: f64, max_positions: usize, device: &Device) -> Result<Self> {
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
-            .collect();
-        let mut angles = Vec::with_capacity(max_positions * head_dim);
-        for pos in 0..max_positions {
-            for _ in 0..2 {
-                angles.extend(inv_freq.iter().map(|f| pos as f32 * f));
-            }
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        scaling: RopeScaling,
+        max_positions: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut rope = Rope {
+            head_dim,
+            theta,
+            scaling,
+            fixed: None,
+            max_positions,
+            device: device.clone(),
+        };
+        if !rope.scaling.depends_on_length() {
+            rope.fixed = Some(rope.frequencies(max_positions));
         }
-        let angles = Tensor::from_vec(angles, (max_positions, head_dim), device)?;
-        Ok(Rope {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
-        })
+        Ok(rope)
     }
 
     pub fn max_positions(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
+        self.max_positions
+    }
+
+    /// Inverse frequencies (f32, as transformers keeps them) and the attention factor for a
+    /// pass over positions `0..seq_len`.
+    fn frequencies(&self, seq_len: usize) -> (Vec<f32>, f32) {
+        let (inv_freq, factor) = self.scaling.inv_freq(self.head_dim, self.theta, seq_len);
+        (inv_freq.iter().map(|f| *f as f32).collect(), factor as f32)
     }
 
     /// cos/sin for `positions: [b, t]` (u32), shaped `[b, 1, t, head_dim]` to broadcast over heads.
     pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
-        let flat = positions.flatten_all()?;
-        let max = flat.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
-        if max >= self.max_positions() {
+        let flat = positions
+            .flatten_all()?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?;
+        let max = flat.iter().copied().max().unwrap_or(0) as usize;
+        if max >= self.max_positions {
             return Err(Error::InvalidArgument(format!(
                 "position {max} is beyond the model's max_position_embeddings ({})",
-                self.max_positions()
+                self.max_positions
             )));
         }
-        let d = self.cos.dim(1)?;
-        let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, t, d))?;
-        let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, t, d))?;
+        let owned;
+        let (inv_freq, factor) = match &self.fixed {
+            Some((f, a)) => (f, *a),
+            None => {
+                owned = self.frequencies(max + 1);
+                (&owned.0, owned.1)
+            }
+        };
+        let d = self.head_dim;
+        let mut cos = Vec::with_capacity(flat.len() * d);
+        let mut sin = Vec::with_capacity(flat.len() * d);
+        for &pos in &flat {
+            for _ in 0..2 {
+                for f in inv_freq {
+                    // The angle in f32, as transformers computes it.
+                    let angle = pos as f32 * f;
+                    cos.push(angle.cos() * factor);
+                    sin.push(angle.sin() * factor);
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, 1, t, d), &self.device)?;
+        let sin = Tensor::from_vec(sin, (b, 1, t, d), &self.device)?;
         Ok((cos, sin))
     }
 

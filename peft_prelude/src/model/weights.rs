@@ -11,7 +11,6 @@ use std::sync::Arc;
 use super::config::ModelConfig;
 use super::decoder::{LayerWeights, ModelWeights};
 use super::linear::FrozenLinear;
-use super::paths::{ATTENTION_PROJECTIONS, MLP_PROJECTIONS};
 use crate::error::{Error, Result};
 use crate::quant::{bnb, Nf4Weight, Quantization, QuantizedWeight};
 
@@ -62,18 +61,7 @@ pub fn load_model_weights_quantized(
     quantization: Quantization,
 ) -> Result<ModelWeights> {
     let c = config;
-    let q_out = c.num_attention_heads * c.head_dim;
-    let kv_out = c.num_key_value_heads * c.head_dim;
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let proj_shapes = [
-        [q_out, h],
-        [kv_out, h],
-        [kv_out, h],
-        [h, q_out],
-        [i, h],
-        [i, h],
-        [h, i],
-    ];
+    let h = c.hidden_size;
     let get = |name: &str, expected: &[usize]| -> Result<Tensor> {
         if !source.contains(name) {
             return Err(Error::MissingTensor {
@@ -95,33 +83,48 @@ pub fn load_model_weights_quantized(
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        let names: Vec<String> = ATTENTION_PROJECTIONS
-            .iter()
-            .map(|n| format!("{p}.self_attn.{n}.weight"))
-            .chain(
-                MLP_PROJECTIONS
-                    .iter()
-                    .map(|n| format!("{p}.mlp.{n}.weight")),
-            )
-            .collect();
-        let mut projections = Vec::with_capacity(7);
-        for (name, shape) in names.iter().zip(proj_shapes.iter()) {
-            projections.push(load_projection(
+        let mut projections = Vec::with_capacity(c.projection_names().len());
+        for (block, short) in c.projection_names() {
+            let module = format!("{p}.{block}.{short}");
+            let shape = c
+                .projection_shape(short)
+                .expect("every projection name has a shape");
+            let bias = match c.variant.attention_bias.covers(short) {
+                true => Some(get(&format!("{module}.bias"), &shape[..1])?),
+                false => None,
+            };
+            let linear = load_projection(
                 source,
-                name,
-                shape,
+                &format!("{module}.weight"),
+                &shape,
                 dtype,
                 device,
                 quantization,
                 &get,
-            )?);
+            )?;
+            projections.push(linear.with_bias(bias));
         }
+        let d = c.head_dim;
+        let qk_norms = match c.variant.qk_norm {
+            true => Some((
+                get(&format!("{p}.self_attn.q_norm.weight"), &[d])?,
+                get(&format!("{p}.self_attn.k_norm.weight"), &[d])?,
+            )),
+            false => None,
+        };
+        let feedforward_norms = match c.variant.sandwich_norms {
+            true => Some((
+                get(&format!("{p}.pre_feedforward_layernorm.weight"), &[h])?,
+                get(&format!("{p}.post_feedforward_layernorm.weight"), &[h])?,
+            )),
+            false => None,
+        };
         layers.push(LayerWeights {
             input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
             post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            projections: projections
-                .try_into()
-                .expect("exactly seven projections were pushed"),
+            projections,
+            qk_norms,
+            feedforward_norms,
         });
     }
     let embed_tokens = get("model.embed_tokens.weight", &[c.vocab_size, h])?;
@@ -306,24 +309,37 @@ impl ModelWeights {
         let norm = |n: usize| -> Result<Tensor> {
             Ok((Tensor::randn(0f32, 0.1, n, device)? + 1.0)?.to_dtype(dtype)?)
         };
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let q_out = c.num_attention_heads * c.head_dim;
-        let kv_out = c.num_key_value_heads * c.head_dim;
+        let h = c.hidden_size;
+        let v = &c.variant;
+        // Gemma's norms store offsets from one.
+        let norm = |n: usize| -> Result<Tensor> {
+            let w = norm(n)?;
+            Ok(if v.norm_unit_offset { (w - 1.0)? } else { w })
+        };
         let layers = (0..c.num_hidden_layers)
             .map(|_| {
+                let mut projections = Vec::with_capacity(c.projection_names().len());
+                for (_, name) in c.projection_names() {
+                    let shape = c.projection_shape(name).expect("known projection");
+                    let bias = v
+                        .attention_bias
+                        .covers(name)
+                        .then(|| randn(&shape[..1]))
+                        .transpose()?;
+                    projections.push(FrozenLinear::new(randn(&shape)?, bias));
+                }
                 Ok(LayerWeights {
                     input_layernorm: norm(h)?,
                     post_attention_layernorm: norm(h)?,
-                    projections: [
-                        randn(&[q_out, h])?,
-                        randn(&[kv_out, h])?,
-                        randn(&[kv_out, h])?,
-                        randn(&[h, q_out])?,
-                        randn(&[i, h])?,
-                        randn(&[i, h])?,
-                        randn(&[h, i])?,
-                    ]
-                    .map(|w| FrozenLinear::new(w, None)),
+                    projections,
+                    qk_norms: v
+                        .qk_norm
+                        .then(|| Ok::<_, Error>((norm(c.head_dim)?, norm(c.head_dim)?)))
+                        .transpose()?,
+                    feedforward_norms: v
+                        .sandwich_norms
+                        .then(|| Ok::<_, Error>((norm(h)?, norm(h)?)))
+                        .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

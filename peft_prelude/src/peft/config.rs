@@ -122,20 +122,14 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
-    /// The Unsloth/Colab setting: rank `r`, alpha, all seven projections.
+    /// The Unsloth/Colab setting: rank `r`, alpha, every projection of every decoder layer
+    /// (q, k, v, o, gate, up, down; Phi-3's fused qkv and gate_up): PEFT's `all-linear`, which
+    /// leaves out the output head, so the same line serves every model family.
     pub fn all_projections(r: usize, lora_alpha: f64) -> Self {
         LoraConfig {
             r,
             lora_alpha,
-            target_modules: Some(TargetModules::names(&[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ])),
+            target_modules: Some(TargetModules::all_linear()),
             ..Default::default()
         }
     }

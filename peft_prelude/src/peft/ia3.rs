@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
 
-use super::config::{Ia3Config, TargetModules};
+use super::config::Ia3Config;
 use super::inject::{each_linear, each_linear_mut, target_paths, wrap};
 use super::switch::AdapterSwitch;
-use super::targets::Matcher;
+use super::targets::{default_targets, DefaultFor, Matcher};
 use crate::error::{Error, Result};
 use crate::model::{FrozenLinear, Linear, Model};
 
@@ -163,14 +163,15 @@ pub(crate) fn add(
     name: &str,
     c: &Ia3Config,
 ) -> Result<()> {
-    let targets = c
-        .target_modules
-        .clone()
-        .unwrap_or_else(|| TargetModules::names(&["k_proj", "v_proj", "down_proj"]));
-    let feedforward = c
-        .feedforward_modules
-        .clone()
-        .unwrap_or_else(|| TargetModules::names(&["down_proj"]));
+    let arch = model.config().architecture;
+    let targets = match &c.target_modules {
+        Some(t) => t.clone(),
+        None => default_targets(DefaultFor::Ia3, arch)?,
+    };
+    let feedforward = match &c.feedforward_modules {
+        Some(t) => t.clone(),
+        None => default_targets(DefaultFor::Ia3Feedforward, arch)?,
+    };
     let ff = Matcher::new(&feedforward)?;
     let paths = target_paths(model, &targets, c.exclude_modules.as_ref(), None)?;
     for path in paths {

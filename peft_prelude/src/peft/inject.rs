@@ -4,7 +4,6 @@
 use super::config::{LayerIndices, TargetModules};
 use super::targets::select;
 use crate::error::{Error, Result};
-use crate::model::paths::{ATTENTION_PROJECTIONS, MLP_PROJECTIONS};
 use crate::model::{Linear, Model};
 
 /// The projection paths of `model` that `targets` names (minus `exclude`, within `layers`);
@@ -19,11 +18,12 @@ pub(crate) fn target_paths(
         if name.contains('.') {
             return model.unknown_module(name);
         }
-        // A bare name like "q_prj": suggest among the short names.
-        let short: Vec<String> = ATTENTION_PROJECTIONS
+        // A bare name like "q_prj": suggest among the model's short names.
+        let short: Vec<String> = model
+            .config()
+            .projection_names()
             .iter()
-            .chain(MLP_PROJECTIONS.iter())
-            .map(|s| s.to_string())
+            .map(|(_, s)| s.to_string())
             .chain(["lm_head".to_string()])
             .collect();
         let mut close: Vec<String> = short.iter().filter(|s| similar(name, s)).cloned().collect();

@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex, Weak};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
-use super::config::{LoraConfig, LoraInit, TargetModules};
+use super::config::{LoraConfig, LoraInit};
 use super::inject::{each_linear, each_linear_mut, target_paths, wrap};
 use super::switch::AdapterSwitch;
-use super::targets::pattern_value;
+use super::targets::{default_targets, pattern_value, DefaultFor};
 use crate::error::{Error, Result};
 use crate::model::linear::FrozenWeight;
 use crate::model::{FrozenLinear, Linear, Model};
@@ -76,10 +76,10 @@ pub(crate) fn add(
             )))
         }
     };
-    let targets = c
-        .target_modules
-        .clone()
-        .unwrap_or_else(|| TargetModules::names(&["q_proj", "v_proj"]));
+    let targets = match &c.target_modules {
+        Some(t) => t.clone(),
+        None => default_targets(DefaultFor::Lora, model.config().architecture)?,
+    };
     let paths = target_paths(
         model,
         &targets,

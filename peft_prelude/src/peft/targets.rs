@@ -4,6 +4,7 @@ use regex::Regex;
 
 use super::config::{LayerIndices, TargetModules};
 use crate::error::{Error, Result};
+use crate::model::Architecture;
 
 /// A compiled `target_modules` / `exclude_modules` rule.
 #[derive(Debug)]
@@ -37,6 +38,37 @@ impl Matcher {
             Matcher::AllLinear => path != "lm_head",
         }
     }
+}
+
+/// PEFT's default target modules of a method for a model family (its
+/// `TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING`), used when a config names none. Phi-3
+/// has no entry there (its projections are fused): PEFT asks for `target_modules`, so do we.
+pub fn default_targets(method: DefaultFor, architecture: Architecture) -> Result<TargetModules> {
+    use Architecture::*;
+    let names: &[&str] = match (method, architecture) {
+        (_, Phi3) => {
+            return Err(Error::Config(format!(
+                "{method:?} has no default target_modules for {} (PEFT has none either): name \
+                 them, e.g. [\"qkv_proj\", \"o_proj\", \"gate_up_proj\", \"down_proj\"] or \
+                 \"all-linear\"",
+                architecture.model_type()
+            )))
+        }
+        (DefaultFor::Lora, _) => &["q_proj", "v_proj"],
+        (DefaultFor::Ia3, Mistral | Llama) => &["k_proj", "v_proj", "down_proj"],
+        (DefaultFor::Ia3, Qwen2 | Qwen3 | Gemma2 | Gemma3) => &["q_proj", "v_proj", "down_proj"],
+        (DefaultFor::Ia3Feedforward, _) => &["down_proj"],
+    };
+    Ok(TargetModules::names(names))
+}
+
+/// Which default [`default_targets`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultFor {
+    Lora,
+    Ia3,
+    /// IA³'s `feedforward_modules`.
+    Ia3Feedforward,
 }
 
 /// The layer index in `model.layers.{i}.…`, if any.

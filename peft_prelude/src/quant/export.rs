@@ -69,29 +69,56 @@ impl<'a> ExportSource<'a> {
         &self.embed_tokens
     }
 
-    /// Every tensor of a Hugging Face checkpoint but the projections: embedding, norms.
-    fn non_projection_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Every tensor of a Hugging Face checkpoint but the projections' weights: embedding,
+    /// norms (Gemma's as offsets from one, as its checkpoints store them), projection biases.
+    fn non_projection_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let model = self.model;
+        let offset = model.config().variant.norm_unit_offset;
+        let norm = |n: &crate::model::norm::RmsNorm| -> Result<Tensor> {
+            Ok(if offset {
+                (n.weight() - 1.0)?
+            } else {
+                n.weight().clone()
+            })
+        };
         let mut out = vec![
             (
                 "model.embed_tokens.weight".to_string(),
                 self.embed_tokens.clone(),
             ),
-            (
-                "model.norm.weight".to_string(),
-                self.model.final_norm().weight().clone(),
-            ),
+            ("model.norm.weight".to_string(), norm(model.final_norm())?),
         ];
-        for (i, layer) in self.model.layers().iter().enumerate() {
-            out.push((
-                format!("model.layers.{i}.input_layernorm.weight"),
-                layer.input_layernorm.weight().clone(),
-            ));
-            out.push((
-                format!("model.layers.{i}.post_attention_layernorm.weight"),
-                layer.post_attention_layernorm.weight().clone(),
-            ));
+        for (i, layer) in model.layers().iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &layer.self_attn;
+            for (name, n) in [
+                ("input_layernorm", Some(&layer.input_layernorm)),
+                (
+                    "post_attention_layernorm",
+                    Some(&layer.post_attention_layernorm),
+                ),
+                (
+                    "pre_feedforward_layernorm",
+                    layer.pre_feedforward_layernorm.as_ref(),
+                ),
+                (
+                    "post_feedforward_layernorm",
+                    layer.post_feedforward_layernorm.as_ref(),
+                ),
+                ("self_attn.q_norm", a.q_norm.as_ref()),
+                ("self_attn.k_norm", a.k_norm.as_ref()),
+            ] {
+                if let Some(n) = n {
+                    out.push((format!("{p}.{name}.weight"), norm(n)?));
+                }
+            }
         }
-        out
+        for path in model.linear_paths() {
+            if let Some(bias) = model.linear(&path)?.base().bias() {
+                out.push((format!("{path}.bias"), bias.clone()));
+            }
+        }
+        Ok(out)
     }
 
     /// The projection paths a checkpoint stores (a tied head is the embedding).
@@ -132,7 +159,7 @@ pub fn write_hf_16bit(
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (name, t) in source.non_projection_tensors() {
+    for (name, t) in source.non_projection_tensors()? {
         tensors.insert(name, t.to_dtype(dtype)?);
     }
     for path in source.projection_paths() {
@@ -158,7 +185,7 @@ pub fn write_bnb_4bit(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let dtype = source.model.dtype();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (name, t) in source.non_projection_tensors() {
+    for (name, t) in source.non_projection_tensors()? {
         tensors.insert(name, t.to_dtype(dtype)?.to_device(&Device::Cpu)?);
     }
     for path in source.projection_paths() {
@@ -302,35 +329,43 @@ fn hf_config_json(
     quantization: Option<serde_json::Value>,
 ) -> serde_json::Value {
     let c = model.config();
-    let (model_type, class) = match c.architecture {
-        Architecture::Mistral => ("mistral", "MistralForCausalLM"),
-        _ => ("llama", "LlamaForCausalLM"),
+    // The config the model came from, where there is one: it carries every setting of the
+    // family (RoPE scaling, layer types, soft-capping) in the family's own spelling.
+    let mut config = match &c.hf_config {
+        Some(source) => source.clone(),
+        None => serde_json::json!({
+            "architectures": [c.architecture.class_name()],
+            "model_type": c.architecture.model_type(),
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "max_position_embeddings": c.max_position_embeddings,
+            "rope_theta": c.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "rms_norm_eps": c.rms_norm_eps,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "bos_token_id": c.bos_token_id,
+            "eos_token_id": c.eos_token_id.first(),
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "mlp_bias": false,
+        }),
     };
-    let mut config = serde_json::json!({
-        "architectures": [class],
-        "model_type": model_type,
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads,
-        "head_dim": c.head_dim,
-        "max_position_embeddings": c.max_position_embeddings,
-        "rope_theta": c.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-        "rms_norm_eps": c.rms_norm_eps,
-        "sliding_window": c.sliding_window,
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "bos_token_id": c.bos_token_id,
-        "eos_token_id": c.eos_token_id.first(),
-        "hidden_act": "silu",
-        "attention_bias": false,
-        "mlp_bias": false,
-        "torch_dtype": torch_dtype(dtype),
-    });
-    if let Some(q) = quantization {
-        config["quantization_config"] = q;
+    // What the model is now, whatever the source said.
+    config["sliding_window"] = serde_json::json!(c.sliding_window);
+    config["torch_dtype"] = serde_json::json!(torch_dtype(dtype));
+    config["dtype"] = serde_json::json!(torch_dtype(dtype));
+    match quantization {
+        Some(q) => config["quantization_config"] = q,
+        None => {
+            if let Some(map) = config.as_object_mut() {
+                map.remove("quantization_config");
+            }
+        }
     }
     config
 }
@@ -432,6 +467,17 @@ pub fn write_gguf(
 ) -> Result<()> {
     let path = path.as_ref();
     let c = source.model.config();
+    if !matches!(c.architecture, Architecture::Mistral | Architecture::Llama) {
+        return Err(Error::unsupported(
+            path,
+            format!(
+                "GGUF export of a {} model (this writer knows llama.cpp's llama architecture; \
+                 save a 16-bit Hugging Face directory and convert it with llama.cpp's \
+                 convert_hf_to_gguf.py)",
+                c.architecture.model_type()
+            ),
+        ));
+    }
     if let Some(window) = c.sliding_window.filter(|w| *w < c.max_position_embeddings) {
         eprintln!(
             "Warning: GGUF's llama architecture has no sliding window (llama.cpp attends to every \
