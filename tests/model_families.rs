@@ -466,3 +466,47 @@ fn family_tokenizers_match_the_tokenizers_library() {
         );
     }
 }
+
+/// Our GGUF export of every family, read back: llama.cpp's architecture names and tensor
+/// conventions (the `llama` q/k permutation, Gemma's `1 +` on norms, Phi-3's fused tensors and
+/// RoPE factors, Llama 3's `rope_freqs`) round-trip, so the reloaded F16 file answers as the
+/// model did, within f16 rounding. (Gemma's files are read with llama.cpp's attention scale,
+/// which GGUF cannot override: the export warns when the model's differs, as the fixtures'
+/// does, so Gemma is compared with the converter's file of the same weights instead.)
+#[test]
+fn gguf_exports_of_every_family_read_back() {
+    for family in ["llama3", "qwen2", "qwen3", "phi3", "gemma2"] {
+        let model = load(family);
+        let tokenizer = peft_prelude::tokenizer::Tokenizer::from_file(fixture(&format!(
+            "families/{family}/tokenizer.json"
+        )))
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("peft-gguf-{family}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.F16.gguf");
+        peft_prelude::quant::export::save_gguf(
+            &model,
+            &path,
+            peft_prelude::quant::export::GgufExport::F16,
+            &tokenizer,
+        )
+        .unwrap_or_else(|e| panic!("{family}: {e}"));
+        let back = Pretrained::from_gguf(&path, &LoadOptions::default()).unwrap();
+        let x = ids(&reference(family), "a.input_ids");
+        let got = back.model.forward(&x).unwrap();
+        let want = match family {
+            "gemma2" => load_gguf(family, "model-f32.gguf")
+                .model
+                .forward(&x)
+                .unwrap(),
+            _ => model.forward(&x).unwrap(),
+        };
+        let diff = max_abs_diff(&got, &want);
+        eprintln!("{family}: F16 export read back, max |diff| {diff:e}");
+        assert!(
+            diff < 2e-2,
+            "{family}: the exported GGUF answers {diff} away"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

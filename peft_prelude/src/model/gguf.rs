@@ -131,9 +131,9 @@ pub struct GgufSource<'a> {
     names: HashMap<String, (String, Restore)>,
 }
 
-/// What undoes a converter's change to a tensor.
+/// What undoes a converter's change to a tensor (and, inverted, what an export applies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Restore {
+pub(crate) enum Restore {
     Nothing,
     /// llama.cpp's q/k row permutation of the `llama` architecture, for this many heads.
     Unpermute(usize),
@@ -141,83 +141,106 @@ enum Restore {
     SubtractOne,
 }
 
-impl<'a> GgufSource<'a> {
-    pub fn new(file: &'a GgufFile, config: &ModelConfig) -> Self {
-        use super::config::Architecture as A;
-        let arch = config.architecture;
-        // Only the `llama` architecture's converter permutes q/k rows.
-        let permuted = matches!(arch, A::Llama | A::Mistral);
-        let norm = match config.variant.norm_unit_offset {
-            true => Restore::SubtractOne,
-            false => Restore::Nothing,
-        };
-        let mut names = HashMap::new();
-        let mut add = |hf: String, gguf: String, restore: Restore| {
-            names.insert(hf, (gguf, restore));
-        };
-        add(
-            "model.embed_tokens.weight".into(),
-            "token_embd.weight".into(),
-            Restore::Nothing,
-        );
-        add(
-            "model.norm.weight".into(),
-            "output_norm.weight".into(),
-            norm,
-        );
-        add(
-            "lm_head.weight".into(),
-            "output.weight".into(),
-            Restore::Nothing,
-        );
-        let rows = |heads: usize| match permuted {
-            true => Restore::Unpermute(heads),
-            false => Restore::Nothing,
-        };
-        // llama.cpp's name of each HF module of a layer.
-        let mut modules = vec![
-            (
-                "self_attn.q_proj",
-                "attn_q",
-                rows(config.num_attention_heads),
-            ),
-            (
-                "self_attn.k_proj",
-                "attn_k",
-                rows(config.num_key_value_heads),
-            ),
-            ("self_attn.v_proj", "attn_v", Restore::Nothing),
-            ("self_attn.qkv_proj", "attn_qkv", Restore::Nothing),
-            ("self_attn.o_proj", "attn_output", Restore::Nothing),
-            ("mlp.gate_proj", "ffn_gate", Restore::Nothing),
-            ("mlp.up_proj", "ffn_up", Restore::Nothing),
-            // Phi-3's fused gate and up are llama.cpp's `ffn_up`, twice as tall.
-            ("mlp.gate_up_proj", "ffn_up", Restore::Nothing),
-            ("mlp.down_proj", "ffn_down", Restore::Nothing),
-            ("input_layernorm", "attn_norm", norm),
-            ("self_attn.q_norm", "attn_q_norm", norm),
-            ("self_attn.k_norm", "attn_k_norm", norm),
-        ];
-        if config.variant.sandwich_norms {
-            modules.extend([
-                ("post_attention_layernorm", "post_attention_norm", norm),
-                ("pre_feedforward_layernorm", "ffn_norm", norm),
-                ("post_feedforward_layernorm", "post_ffw_norm", norm),
-            ]);
-        } else {
-            modules.push(("post_attention_layernorm", "ffn_norm", norm));
-        }
-        for l in 0..config.num_hidden_layers {
-            for (hf, gguf, restore) in &modules {
-                for kind in ["weight", "bias"] {
-                    add(
-                        format!("model.layers.{l}.{hf}.{kind}"),
-                        format!("blk.{l}.{gguf}.{kind}"),
-                        *restore,
-                    );
-                }
+/// One tensor's Hugging Face name, its llama.cpp name, and the converter's change to it.
+#[derive(Debug, Clone)]
+pub(crate) struct TensorName {
+    pub hf: String,
+    pub gguf: String,
+    pub restore: Restore,
+    /// The layer it belongs to (`None`: embedding, final norm, head).
+    pub layer: Option<usize>,
+}
+
+/// Every tensor a checkpoint of `config`'s family may hold, by both names: what the loader
+/// maps and what the GGUF export writes (a name the model lacks is skipped by both).
+pub(crate) fn tensor_names(config: &ModelConfig) -> Vec<TensorName> {
+    use super::config::Architecture as A;
+    // Only the `llama` architecture's converter permutes q/k rows.
+    let permuted = matches!(config.architecture, A::Llama | A::Mistral);
+    let norm = match config.variant.norm_unit_offset {
+        true => Restore::SubtractOne,
+        false => Restore::Nothing,
+    };
+    let rows = |heads: usize| match permuted {
+        true => Restore::Unpermute(heads),
+        false => Restore::Nothing,
+    };
+    let mut names = vec![];
+    let mut add = |hf: String, gguf: &str, restore: Restore, layer: Option<usize>| {
+        names.push(TensorName {
+            hf,
+            gguf: gguf.to_string(),
+            restore,
+            layer,
+        });
+    };
+    add(
+        "model.embed_tokens.weight".into(),
+        "token_embd.weight",
+        Restore::Nothing,
+        None,
+    );
+    add("model.norm.weight".into(), "output_norm.weight", norm, None);
+    add(
+        "lm_head.weight".into(),
+        "output.weight",
+        Restore::Nothing,
+        None,
+    );
+    // llama.cpp's name of each HF module of a layer.
+    let mut modules = vec![
+        (
+            "self_attn.q_proj",
+            "attn_q",
+            rows(config.num_attention_heads),
+        ),
+        (
+            "self_attn.k_proj",
+            "attn_k",
+            rows(config.num_key_value_heads),
+        ),
+        ("self_attn.v_proj", "attn_v", Restore::Nothing),
+        ("self_attn.qkv_proj", "attn_qkv", Restore::Nothing),
+        ("self_attn.o_proj", "attn_output", Restore::Nothing),
+        ("mlp.gate_proj", "ffn_gate", Restore::Nothing),
+        ("mlp.up_proj", "ffn_up", Restore::Nothing),
+        // Phi-3's fused gate and up are llama.cpp's `ffn_up`, twice as tall.
+        ("mlp.gate_up_proj", "ffn_up", Restore::Nothing),
+        ("mlp.down_proj", "ffn_down", Restore::Nothing),
+        ("input_layernorm", "attn_norm", norm),
+        ("self_attn.q_norm", "attn_q_norm", norm),
+        ("self_attn.k_norm", "attn_k_norm", norm),
+    ];
+    if config.variant.sandwich_norms {
+        modules.extend([
+            ("post_attention_layernorm", "post_attention_norm", norm),
+            ("pre_feedforward_layernorm", "ffn_norm", norm),
+            ("post_feedforward_layernorm", "post_ffw_norm", norm),
+        ]);
+    } else {
+        modules.push(("post_attention_layernorm", "ffn_norm", norm));
+    }
+    for l in 0..config.num_hidden_layers {
+        for (hf, gguf, restore) in &modules {
+            for kind in ["weight", "bias"] {
+                add(
+                    format!("model.layers.{l}.{hf}.{kind}"),
+                    &format!("blk.{l}.{gguf}.{kind}"),
+                    *restore,
+                    Some(l),
+                );
             }
         }
+    }
+    names
+}
+
+impl<'a> GgufSource<'a> {
+    pub fn new(file: &'a GgufFile, config: &ModelConfig) -> Self {
+        let names = tensor_names(config)
+            .into_iter()
+            .map(|n| (n.hf, (n.gguf, n.restore)))
+            .collect();
         GgufSource { file, names }
     }
 

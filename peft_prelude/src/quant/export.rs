@@ -9,18 +9,16 @@
 //! touching the model.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::quantized::gguf_file::Value;
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::nf4_weight::Nf4Weight;
 use crate::error::{Error, Result};
-use crate::model::config::Architecture;
-use crate::model::gguf::permute_rows;
 use crate::model::Model;
 use crate::peft::io::{replace_atomically, write_atomic};
+
+pub use super::gguf_export::{gguf_file_in, save_gguf, write_gguf, GgufExport};
 use crate::quant::Absmax;
 use crate::tokenizer::Tokenizer;
 
@@ -64,6 +62,11 @@ impl<'a> ExportSource<'a> {
         (self.linear)(path)
     }
 
+    /// The model whose configuration and norms are written.
+    pub fn model(&self) -> &'a Model {
+        self.model
+    }
+
     /// The token embedding table written.
     pub fn embed_tokens(&self) -> &Tensor {
         &self.embed_tokens
@@ -71,7 +74,7 @@ impl<'a> ExportSource<'a> {
 
     /// Every tensor of a Hugging Face checkpoint but the projections' weights: embedding,
     /// norms (Gemma's as offsets from one, as its checkpoints store them), projection biases.
-    fn non_projection_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+    pub(crate) fn non_projection_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let model = self.model;
         let offset = model.config().variant.norm_unit_offset;
         let norm = |n: &crate::model::norm::RmsNorm| -> Result<Tensor> {
@@ -122,7 +125,7 @@ impl<'a> ExportSource<'a> {
     }
 
     /// The projection paths a checkpoint stores (a tied head is the embedding).
-    fn projection_paths(&self) -> Vec<String> {
+    pub(crate) fn projection_paths(&self) -> Vec<String> {
         let tied = self.model.config().tie_word_embeddings;
         self.model
             .linear_paths()
@@ -368,229 +371,4 @@ fn hf_config_json(
         }
     }
     config
-}
-
-/// The tensor types of a GGUF export, as llama.cpp names its file types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GgufExport {
-    F16,
-    Q8_0,
-    /// llama.cpp's Q4_K_M mix: Q4_K projections, Q6_K for the value and down projections of
-    /// the layers `use_more_bits` picks and for the head (or a tied embedding); a row that is
-    /// not a multiple of 256 falls back as llama.cpp does (Q4_K → Q5_0, Q6_K → Q8_0).
-    Q4KM,
-}
-
-impl GgufExport {
-    /// Unsloth's `quantization_method` names (`"f16"`, `"q8_0"`, `"q4_k_m"`, and its aliases
-    /// `"not_quantized"`, `"fast_quantized"`, `"quantized"`), case-insensitive.
-    pub fn from_name(name: &str) -> Result<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "f16" | "not_quantized" => Ok(GgufExport::F16),
-            "q8_0" | "fast_quantized" => Ok(GgufExport::Q8_0),
-            "q4_k_m" | "quantized" => Ok(GgufExport::Q4KM),
-            other => Err(Error::InvalidArgument(format!(
-                "GGUF quantization `{other}` (supported: f16, q8_0, q4_k_m; or Unsloth's not_quantized, fast_quantized, quantized)"
-            ))),
-        }
-    }
-
-    /// llama.cpp's name of the file type (`Q4_K_M`), as used in file names.
-    pub fn name(self) -> &'static str {
-        match self {
-            GgufExport::F16 => "F16",
-            GgufExport::Q8_0 => "Q8_0",
-            GgufExport::Q4KM => "Q4_K_M",
-        }
-    }
-
-    /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_*`).
-    fn file_type(self) -> u32 {
-        match self {
-            GgufExport::F16 => 1,
-            GgufExport::Q8_0 => 7,
-            GgufExport::Q4KM => 15,
-        }
-    }
-
-    /// The type of a tensor of row length `cols`: `role` says which rule of the mix applies.
-    fn tensor_type(self, role: Role, cols: usize) -> GgmlDType {
-        let wanted = match (self, role) {
-            (GgufExport::F16, _) => return GgmlDType::F16,
-            (GgufExport::Q8_0, _) => return GgmlDType::Q8_0,
-            (GgufExport::Q4KM, Role::Head | Role::MoreBits) => GgmlDType::Q6K,
-            (GgufExport::Q4KM, Role::Plain) => GgmlDType::Q4K,
-        };
-        if cols.is_multiple_of(256) {
-            wanted
-        } else if wanted == GgmlDType::Q6K {
-            GgmlDType::Q8_0
-        } else {
-            GgmlDType::Q5_0
-        }
-    }
-}
-
-/// Which of llama.cpp's Q4_K_M rules a tensor falls under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    /// The output head, or the embedding when it is also the head.
-    Head,
-    /// `attn_v` / `ffn_down` of a layer `use_more_bits` picks.
-    MoreBits,
-    Plain,
-}
-
-/// llama.cpp's `use_more_bits(i_layer, n_layers)`: the first and last eighth of the layers and
-/// every third in between get more bits for their value and down projections.
-fn use_more_bits(layer: usize, layers: usize) -> bool {
-    layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2
-}
-
-/// Writes `model` as a GGUF of the `llama` architecture, q/k rows in llama.cpp's order, with
-/// the tokenizer's `tokenizer.*` metadata ([`Tokenizer::gguf_metadata`]).
-pub fn save_gguf(
-    model: &Model,
-    path: impl AsRef<Path>,
-    kind: GgufExport,
-    tokenizer: &Tokenizer,
-) -> Result<()> {
-    write_gguf(&ExportSource::of(model), path, kind, tokenizer)
-}
-
-/// [`save_gguf`] from any [`ExportSource`].
-pub fn write_gguf(
-    source: &ExportSource<'_>,
-    path: impl AsRef<Path>,
-    kind: GgufExport,
-    tokenizer: &Tokenizer,
-) -> Result<()> {
-    let path = path.as_ref();
-    let c = source.model.config();
-    if !matches!(c.architecture, Architecture::Mistral | Architecture::Llama) {
-        return Err(Error::unsupported(
-            path,
-            format!(
-                "GGUF export of a {} model (this writer knows llama.cpp's llama architecture; \
-                 save a 16-bit Hugging Face directory and convert it with llama.cpp's \
-                 convert_hf_to_gguf.py)",
-                c.architecture.model_type()
-            ),
-        ));
-    }
-    if let Some(window) = c.sliding_window.filter(|w| *w < c.max_position_embeddings) {
-        eprintln!(
-            "Warning: GGUF's llama architecture has no sliding window (llama.cpp attends to every \
-             earlier token): this model's window of {window} tokens is dropped, which changes \
-             nothing for sequences of up to {window} tokens."
-        );
-    }
-    let mut metadata: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String("llama".into())),
-        ("general.name".into(), Value::String("merged".into())),
-        ("general.file_type".into(), Value::U32(kind.file_type())),
-        ("general.quantization_version".into(), Value::U32(2)),
-    ];
-    let u32_of = |x: usize| Value::U32(x as u32);
-    for (key, value) in [
-        ("block_count", u32_of(c.num_hidden_layers)),
-        ("context_length", u32_of(c.max_position_embeddings)),
-        ("embedding_length", u32_of(c.hidden_size)),
-        ("feed_forward_length", u32_of(c.intermediate_size)),
-        ("attention.head_count", u32_of(c.num_attention_heads)),
-        ("attention.head_count_kv", u32_of(c.num_key_value_heads)),
-        ("attention.key_length", u32_of(c.head_dim)),
-        ("attention.value_length", u32_of(c.head_dim)),
-        ("rope.dimension_count", u32_of(c.head_dim)),
-        ("rope.freq_base", Value::F32(c.rope_theta as f32)),
-        (
-            "attention.layer_norm_rms_epsilon",
-            Value::F32(c.rms_norm_eps as f32),
-        ),
-        ("vocab_size", u32_of(c.vocab_size)),
-    ] {
-        metadata.push((format!("llama.{key}"), value));
-    }
-    metadata.extend(tokenizer.gguf_metadata()?);
-
-    let quantize = |t: &Tensor, dtype: GgmlDType| -> Result<QTensor> {
-        let t = t
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?
-            .contiguous()?;
-        Ok(QTensor::quantize(&t, dtype)?)
-    };
-    let hidden = c.hidden_size;
-    let embed_role = if c.tie_word_embeddings {
-        Role::Head
-    } else {
-        Role::Plain
-    };
-    let mut tensors: Vec<(String, QTensor)> = vec![
-        (
-            "token_embd.weight".into(),
-            quantize(&source.embed_tokens, kind.tensor_type(embed_role, hidden))?,
-        ),
-        (
-            "output_norm.weight".into(),
-            quantize(source.model.final_norm().weight(), GgmlDType::F32)?,
-        ),
-    ];
-    if !c.tie_word_embeddings {
-        let head = source.linear_weight("lm_head")?;
-        tensors.push((
-            "output.weight".into(),
-            quantize(&head, kind.tensor_type(Role::Head, hidden))?,
-        ));
-    }
-    let names = [
-        ("self_attn.q_proj", "attn_q", Some(c.num_attention_heads)),
-        ("self_attn.k_proj", "attn_k", Some(c.num_key_value_heads)),
-        ("self_attn.v_proj", "attn_v", None),
-        ("self_attn.o_proj", "attn_output", None),
-        ("mlp.gate_proj", "ffn_gate", None),
-        ("mlp.up_proj", "ffn_up", None),
-        ("mlp.down_proj", "ffn_down", None),
-    ];
-    let layers = source.model.layers();
-    for (i, layer) in layers.iter().enumerate() {
-        tensors.push((
-            format!("blk.{i}.attn_norm.weight"),
-            quantize(layer.input_layernorm.weight(), GgmlDType::F32)?,
-        ));
-        tensors.push((
-            format!("blk.{i}.ffn_norm.weight"),
-            quantize(layer.post_attention_layernorm.weight(), GgmlDType::F32)?,
-        ));
-        for (hf, gg, heads) in names {
-            let w = source.linear_weight(&format!("model.layers.{i}.{hf}"))?;
-            let w = match heads {
-                Some(n) => permute_rows(&w.to_dtype(DType::F32)?, n)?,
-                None => w,
-            };
-            let role = if matches!(gg, "attn_v" | "ffn_down") && use_more_bits(i, layers.len()) {
-                Role::MoreBits
-            } else {
-                Role::Plain
-            };
-            let cols = w.dim(1)?;
-            tensors.push((
-                format!("blk.{i}.{gg}.weight"),
-                quantize(&w, kind.tensor_type(role, cols))?,
-            ));
-        }
-    }
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    replace_atomically(path, |tmp| {
-        let mut file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-        gguf_file::write(&mut file, &md, &ts)
-            .map_err(|e| Error::corrupt(path, format!("writing GGUF: {e}")))
-    })
-}
-
-/// `dir/model.{Q}.gguf`, the file [`write_gguf`] writes for a directory export.
-pub fn gguf_file_in(dir: impl AsRef<Path>, kind: GgufExport) -> PathBuf {
-    let dir = dir.as_ref();
-    dir.join(format!("model.{}.gguf", kind.name()))
 }

@@ -16,6 +16,7 @@ pub mod bnb;
 pub mod dynamic_map;
 pub mod export;
 pub mod ggml;
+pub mod gguf_export;
 pub mod nf4;
 pub mod nf4_weight;
 
