@@ -510,3 +510,70 @@ fn gguf_exports_of_every_family_read_back() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// The families' official chat templates (Llama 3.1 and 3.2 with their tools branches and
+/// `strftime_now` date, Gemma 2 and 3 with `raise_exception` on role order, Qwen 2.5 and 3 with
+/// thinking, Phi-3) render as transformers renders them, at the instant the fixture pinned,
+/// errors included. Cases whose messages carry more than a role and a text (tool calls,
+/// structured content) or whose tool schemas need key order kept are left to later: a
+/// `ChatMessage` holds a role and a string, and our JSON maps sort their keys.
+#[test]
+fn family_chat_templates_render_as_transformers() {
+    use peft_prelude::tokenizer::{ChatMessage, Tokenizer};
+    let all = peft_tests::json_fixture("families/chat_templates.json");
+    // The instant transformers rendered at (what `strftime_now` returns).
+    std::env::set_var(
+        "SOURCE_DATE_EPOCH",
+        all["now_unix"].as_u64().unwrap().to_string(),
+    );
+    // A tokenizer without special tokens of its own: each case brings its bos and eos.
+    let base = Tokenizer::from_file(fixture("families/qwen2/tokenizer.json")).unwrap();
+    let mut checked = 0;
+    for (name, t) in all["templates"].as_object().unwrap() {
+        let mut tok = base.clone();
+        tok.set_chat_template(t["chat_template"].as_str().unwrap());
+        for case in t["cases"].as_array().unwrap() {
+            if !case["plain_messages"].as_bool().unwrap_or(false)
+                || case["key_order_sensitive"].as_bool().unwrap_or(false)
+            {
+                continue;
+            }
+            let messages: Vec<ChatMessage> = case["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())
+                })
+                .collect();
+            let mut extra = serde_json::Map::new();
+            if let Some(kwargs) = case["kwargs"].as_object() {
+                extra.extend(kwargs.clone());
+            }
+            if let Some(tools) = case.get("tools") {
+                extra.insert("tools".into(), tools.clone());
+            }
+            for token in ["bos_token", "eos_token"] {
+                if let Some(s) = case[token].as_str() {
+                    extra.insert(token.into(), s.into());
+                }
+            }
+            let generation = case["add_generation_prompt"].as_bool().unwrap();
+            let got = tok.apply_chat_template_with(&messages, generation, &extra);
+            let what = format!("{name} / {}", case["name"]);
+            match case["error"].as_str() {
+                Some(error) => {
+                    let msg = got.expect_err(&what).to_string();
+                    assert!(msg.contains(error), "{what}: {msg}");
+                }
+                None => assert_eq!(
+                    got.unwrap_or_else(|e| panic!("{what}: {e}")),
+                    case["rendered"].as_str().unwrap(),
+                    "{what}"
+                ),
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 60, "only {checked} cases checked");
+}

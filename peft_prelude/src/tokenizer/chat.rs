@@ -216,11 +216,19 @@ fn write_json(
     Ok(())
 }
 
-/// `strftime_now(format)` in UTC, with the common `strftime` directives.
+/// `strftime_now(format)` in UTC (at `SOURCE_DATE_EPOCH` when set), with the common
+/// `strftime` directives.
 fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    // `SOURCE_DATE_EPOCH` (the reproducible-builds convention) pins "now": renderings, and
+    // the tests against transformers' at a fixed instant, do not change with the day.
+    let pinned = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let secs = pinned.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    });
     strftime(&format, secs)
 }
 
