@@ -99,6 +99,12 @@ def check_panel(page, when):
     return facts
 
 
+def finished(facts):
+    """Whether the panel's progress shows its last step ("… 24/24 …")."""
+    m = re.search(r"(\d+)/(\d+) \[", facts["text"])
+    return bool(m) and m.group(1) == m.group(2)
+
+
 def panel_step(facts):
     """The step the panel's progress text shows ("… 5/16 …"), None before the first."""
     m = re.search(r"(\d+)/(\d+) \[", facts["text"])
@@ -184,7 +190,7 @@ with sync_playwright() as p:
     log(f"all cells ran in {time.time() - started:.0f} s: {states}")
     assert steered, "the panel was never seen while the run trained"
     facts = check_panel(page, "after the run")
-    assert "16/16" in facts["text"], f"the panel's progress did not reach the last step: {facts['text']!r}"
+    assert finished(facts), f"the panel's progress did not reach the last step: {facts['text']!r}"
     for name in ["pause", "stop", "sample"]:
         assert panel_cell(page).get_by_role("button", name=name).is_disabled(), f"{name} still enabled after the run"
     screenshot_panel(page, f"{out_dir}/panel.png")
@@ -197,7 +203,7 @@ with sync_playwright() as p:
     deadline = time.time() + 60
     while True:
         facts = panel_facts(page)
-        if facts and facts["widgets"] > 0 and "16/16" in facts["text"]:
+        if facts and facts["widgets"] > 0 and finished(facts):
             break
         assert time.time() < deadline, f"after a reload the panel is not rendered: {facts}"
         time.sleep(2)

@@ -164,12 +164,12 @@ fn rewrite_gguf(
 #[test]
 fn gguf_of_another_architecture_is_refused() {
     let dir = scratch("gguf-arch");
-    let path = dir.join("qwen.gguf");
+    let path = dir.join("falcon.gguf");
     rewrite_gguf(
         &path,
         &[(
             "general.architecture",
-            gguf_file::Value::String("qwen2".into()),
+            gguf_file::Value::String("falcon".into()),
         )],
         None,
     );
@@ -177,7 +177,7 @@ fn gguf_of_another_architecture_is_refused() {
     assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(
-        msg.contains(&path.display().to_string()) && msg.contains("qwen2"),
+        msg.contains(&path.display().to_string()) && msg.contains("falcon"),
         "{msg}"
     );
     fs::remove_dir_all(dir).unwrap();
