@@ -78,6 +78,19 @@ fn gated(gate: &Tensor, up: &Tensor, act: Gate) -> Result<Tensor> {
 
 const BLOCK: usize = 4096;
 
+/// `act(g) ⊙ u`, the activation a closure so that each one gets its own (vectorised) loop.
+fn gated_forward<T: Float>(g: &[T], u: &[T], act: impl Fn(T) -> T + Sync) -> CpuStorage {
+    let mut h = vec![T::zero(); g.len()];
+    h.par_chunks_mut(BLOCK)
+        .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
+        .for_each(|(hb, (gb, ub))| {
+            for ((h, &g), &u) in hb.iter_mut().zip(gb).zip(ub) {
+                *h = act(g) * u;
+            }
+        });
+    T::to_cpu_storage_owned(h)
+}
+
 /// `act(gate) ⊙ up` as one op.
 pub(crate) struct GatedUnit(pub Gate);
 
@@ -100,19 +113,12 @@ impl CustomOp2 for GatedUnit {
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Float>(g: &[T], u: &[T], act: Gate) -> CpuStorage {
-            let mut h = vec![T::zero(); g.len()];
-            h.par_chunks_mut(BLOCK)
-                .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
-                .for_each(|(hb, (gb, ub))| {
-                    for ((h, &g), &u) in hb.iter_mut().zip(gb).zip(ub) {
-                        *h = match act {
-                            // The division form keeps SwiGLU's forward as it was.
-                            Gate::Silu => g / (T::one() + (-g).exp()) * u,
-                            _ => act.eval(g).0 * u,
-                        };
-                    }
-                });
-            T::to_cpu_storage_owned(h)
+            // One loop per activation: a `match` inside the element loop kept it from
+            // vectorising (SwiGLU's forward lost ~1% of decoding time).
+            match act {
+                Gate::Silu => gated_forward(g, u, |g| g / (T::one() + (-g).exp())),
+                Gate::GeluTanh => gated_forward(g, u, |g| Gate::GeluTanh.eval(g).0),
+            }
         }
         let op = self.name();
         let act = self.0;
@@ -187,6 +193,17 @@ impl CustomOp3 for GatedUnitBwd {
         dhl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Float>(g: &[T], u: &[T], dh: &[T], act: Gate) -> CpuStorage {
+            match act {
+                Gate::Silu => gated_backward_with(g, u, dh, |g| Gate::Silu.eval(g)),
+                Gate::GeluTanh => gated_backward_with(g, u, dh, |g| Gate::GeluTanh.eval(g)),
+            }
+        }
+        fn gated_backward_with<T: Float>(
+            g: &[T],
+            u: &[T],
+            dh: &[T],
+            eval: impl Fn(T) -> (T, T) + Sync,
+        ) -> CpuStorage {
             let n = g.len();
             let mut out = vec![T::zero(); 2 * n];
             let (dg, du) = out.split_at_mut(n);
@@ -200,7 +217,7 @@ impl CustomOp3 for GatedUnitBwd {
                 .for_each(|((dgb, dub), ((gb, ub), dhb))| {
                     for i in 0..gb.len() {
                         let (g, u, dh) = (gb[i], ub[i], dhb[i]);
-                        let (a, da) = act.eval(g);
+                        let (a, da) = eval(g);
                         dub[i] = dh * a;
                         dgb[i] = dh * u * da;
                     }
