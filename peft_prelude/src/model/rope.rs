@@ -28,6 +28,9 @@ impl Rope {
         max_positions: usize,
         device: &Device,
     ) -> Result<Self> {
+        // A configuration built by hand skips `ModelConfig::validated`: refuse here what
+        // `inv_freq` cannot compute rather than panic in the first forward pass.
+        scaling.check_rotary_dim(head_dim).map_err(Error::Config)?;
         let mut rope = Rope {
             head_dim,
             theta,
