@@ -58,6 +58,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+scripts/prune-build-cache.sh
 echo "== the test binaries and the kernel (the same features as the test run, so nothing twice)"
 cargo test --workspace --no-run
 echo "== the kernel's build cache (the first time compiles candle and the prelude for evcxr)"

@@ -19,9 +19,24 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
 
 scripts/setup-tests.sh || exit 1
+
+# Everything the tests write to a temporary directory (Rust's temp_dir, Python's tempfile,
+# mktemp) lands in one directory per run, removed at the end: a machine that keeps its disk
+# between runs must not fill up with what killed or failed tests left behind.
+base_tmp="${TMPDIR:-/tmp}"
+find "$base_tmp" -maxdepth 1 -name 'peft-test-run.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
+TMPDIR="$(mktemp -d "$base_tmp/peft-test-run.XXXXXX")"
+export TMPDIR
+trap 'rm -rf "$TMPDIR"' EXIT
+free_mb=$(df -Pm "$TMPDIR" | awk 'NR == 2 { print $4 }')
+if [ "${free_mb:-0}" -lt 8192 ]; then
+  echo "scripts/test.sh: warning: only ${free_mb} MB free on $(df -P "$TMPDIR" | awk 'NR == 2 { print $6 }'); the tests write a few GB" >&2
+fi
+
 if [ "${1:-}" = "--" ]; then
   shift
-  exec cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@"
+  exit
 fi
 
 failed=()
