@@ -62,7 +62,7 @@ pub enum Error {
     #[error("hub: {0}")]
     Hub(String),
 
-    #[error(transparent)]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
 }
 
@@ -95,6 +95,34 @@ impl Error {
             what: what.into(),
         }
     }
+}
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is
+/// set (a notebook user reads the message, not candle's stack).
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_message(inner))
+        }
+        candle_core::Error::WithPath { inner, path } => {
+            format!("{}: {}", path.display(), candle_message(inner))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Runs `f`, turning a panic inside it (a dependency's, reached through a loader) into an
+/// `Err` with the panic's message, so a bad file costs an error, never the process.
+pub fn contain_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        format!("its reader failed ({msg})")
+    })
 }
 
 /// Reads a whole file, naming it in the error.

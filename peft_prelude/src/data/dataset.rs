@@ -77,7 +77,7 @@ impl Dataset {
                     )),
                 })
                 .collect::<Result<_>>()?;
-            return Ok(Dataset { rows });
+            return Dataset { rows }.non_empty(path);
         }
         let mut rows = vec![];
         for (i, line) in text.lines().enumerate() {
@@ -100,11 +100,14 @@ impl Dataset {
                 }
             }
         }
-        Ok(Dataset { rows })
+        Dataset { rows }.non_empty(path)
     }
 
     /// A data file by its extension: `.parquet` through [`from_parquet_file`](Self::from_parquet_file),
     /// anything else as JSON / JSONL.
+    ///
+    /// A file without a single record is an error naming it (training on it could only fail
+    /// later, further from the cause).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         if path
@@ -114,6 +117,14 @@ impl Dataset {
             Self::from_parquet_file(path)
         } else {
             Self::from_json_file(path)
+        }
+    }
+
+    fn non_empty(self, path: &Path) -> Result<Self> {
+        if self.rows.is_empty() {
+            Err(Error::corrupt(path, "no records (an empty dataset)"))
+        } else {
+            Ok(self)
         }
     }
 
@@ -141,7 +152,7 @@ impl Dataset {
                 }
             }
         }
-        Ok(Dataset { rows: out })
+        Dataset { rows: out }.non_empty(path)
     }
 
     /// A dataset repository on the hub (e.g. `yahma/alpaca-cleaned` with

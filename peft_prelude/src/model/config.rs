@@ -327,10 +327,59 @@ impl ModelConfig {
             ("num_attention_heads", c.num_attention_heads),
             ("num_key_value_heads", c.num_key_value_heads),
             ("head_dim", c.head_dim),
+            ("max_position_embeddings", c.max_position_embeddings),
         ] {
             if value == 0 {
                 return fail(format!("{name} must be positive"));
             }
+        }
+        // Stated limits, far above any released model (the largest have a vocabulary of about
+        // 2^18, a hidden size of 2^14, 2^7 layers): a file asking for more is corrupt or
+        // hostile, and is refused before any size derived from it is allocated or multiplied.
+        for (name, value, limit) in [
+            ("vocab_size", c.vocab_size, 1usize << 24),
+            ("hidden_size", c.hidden_size, 1 << 17),
+            ("intermediate_size", c.intermediate_size, 1 << 20),
+            ("num_hidden_layers", c.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", c.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", c.num_key_value_heads, 1 << 12),
+            ("head_dim", c.head_dim, 1 << 12),
+            (
+                "max_position_embeddings",
+                c.max_position_embeddings,
+                1 << 27,
+            ),
+        ] {
+            if value > limit {
+                return fail(format!("{name} is {value}, above the limit of {limit}"));
+            }
+        }
+        if c.num_attention_heads * c.head_dim > 1 << 20 {
+            return fail(format!(
+                "num_attention_heads x head_dim is {} x {}, above the limit of 2^20",
+                c.num_attention_heads, c.head_dim
+            ));
+        }
+        // Every released model uses a base of 10^4 or more; below 1, RoPE's frequencies grow
+        // instead of falling, and a subnormal base overflows them.
+        if !(c.rope_theta.is_finite() && c.rope_theta >= 1.0) {
+            return fail(format!(
+                "rope_theta must be at least 1, got {}",
+                c.rope_theta
+            ));
+        }
+        if let Some((theta, _)) = &c.variant.local_rope {
+            if !(theta.is_finite() && *theta >= 1.0) {
+                return fail(format!(
+                    "rope_local_base_freq must be at least 1, got {theta}"
+                ));
+            }
+        }
+        if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
+            return fail(format!(
+                "rms_norm_eps must be a non-negative number, got {}",
+                c.rms_norm_eps
+            ));
         }
         if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
             return fail(format!(

@@ -44,32 +44,30 @@ pub struct GgufFile {
 }
 
 impl GgufFile {
-    /// Parses the header and checks that every tensor lies inside the file.
+    /// Parses the header and checks the tensor table as llama.cpp does: a power-of-two
+    /// alignment, at most four non-zero dimensions per tensor, sizes that fit in 63 bits, and
+    /// tensors packed one after another (each at the aligned end of the previous one) inside
+    /// the file. A table that lies (an offset into another tensor, a type changed to a smaller
+    /// one, a dimension of 2^63) is refused here, naming the tensor, before anything is read.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader)
-            .map_err(|e| Error::corrupt(&path, format!("not a valid GGUF file: {e}")))?;
-        for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            if elems % block != 0 {
-                return Err(Error::corrupt(
+        // candle's reader divides by the file's alignment and multiplies its dimensions
+        // unchecked: a panic there is a corrupt file, not a dead kernel.
+        let content = crate::error::contain_panic(|| gguf_file::Content::read(&mut reader))
+            .map_err(|panic| Error::corrupt(&path, format!("not a valid GGUF file: {panic}")))?
+            .map_err(|e| {
+                Error::corrupt(
                     &path,
-                    format!("tensor `{name}` has {elems} elements, not a multiple of its {block}-element blocks"),
-                ));
-            }
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
-            if end > file_len {
-                return Err(Error::corrupt(
-                    &path,
-                    format!("truncated: tensor `{name}` ends at byte {end}, the file has {file_len} bytes"),
-                ));
-            }
-        }
+                    format!(
+                        "not a valid GGUF file: {}",
+                        crate::error::candle_message(&e)
+                    ),
+                )
+            })?;
+        check_tensor_table(&content, &path, file_len)?;
         Ok(GgufFile {
             path,
             content,
@@ -286,6 +284,7 @@ impl WeightSource for GgufSource<'_> {
             .file
             .qtensor(g, &Device::Cpu)?
             .dequantize(&Device::Cpu)?;
+        super::weights::check_finite(&w, &self.file.path, g)?;
         let w = match restore {
             Restore::Unpermute(n) => unpermute_rows(&w, *n)?,
             Restore::SubtractOne => (w - 1.0)?,
@@ -345,4 +344,90 @@ pub fn permute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))?)
+}
+
+/// The byte size of a tensor of `dims` elements of type `dtype`, with every product checked.
+fn tensor_bytes(dims: &[usize], dtype: GgmlDType) -> std::result::Result<u64, String> {
+    if dims.is_empty() || dims.len() > 4 {
+        return Err(format!("{} dimensions (1 to 4 expected)", dims.len()));
+    }
+    if dims.contains(&0) {
+        return Err(format!("a zero dimension in {dims:?}"));
+    }
+    let elems = dims
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+        .filter(|&n| n <= i64::MAX as u64)
+        .ok_or_else(|| format!("dimensions {dims:?} overflow 63 bits"))?;
+    let block = dtype.block_size() as u64;
+    if elems % block != 0 {
+        return Err(format!(
+            "{elems} elements, not a multiple of its {block}-element blocks"
+        ));
+    }
+    (elems / block)
+        .checked_mul(dtype.type_size() as u64)
+        .filter(|&n| n <= i64::MAX as u64)
+        .ok_or_else(|| format!("dimensions {dims:?} overflow 63 bits"))
+}
+
+/// llama.cpp's rules for the tensor table (see [`GgufFile::open`]).
+fn check_tensor_table(content: &gguf_file::Content, path: &Path, file_len: u64) -> Result<()> {
+    let alignment = match content.metadata.get("general.alignment") {
+        None => 32,
+        // llama.cpp reads it as a u32 and refuses any other type.
+        Some(gguf_file::Value::U32(v)) => u64::from(*v),
+        Some(_) => {
+            return Err(Error::corrupt(
+                path,
+                "general.alignment is not a u32 (llama.cpp refuses other types)",
+            ))
+        }
+    };
+    if alignment == 0 || !alignment.is_power_of_two() {
+        return Err(Error::corrupt(
+            path,
+            format!("general.alignment is {alignment}, not a power of two"),
+        ));
+    }
+    let mut tensors = Vec::with_capacity(content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        let bytes = tensor_bytes(info.shape.dims(), info.ggml_dtype)
+            .map_err(|what| Error::corrupt(path, format!("tensor `{name}`: {what}")))?;
+        tensors.push((info.offset, bytes, name));
+    }
+    tensors.sort();
+    let data_len = file_len.saturating_sub(content.tensor_data_offset);
+    let mut expected = 0u64;
+    for (offset, bytes, name) in tensors {
+        if offset != expected {
+            let why = if offset < expected {
+                "overlaps the tensor before it"
+            } else if offset % alignment != 0 {
+                "is not aligned"
+            } else {
+                "leaves a gap after the tensor before it"
+            };
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "tensor `{name}` at data offset {offset} {why} (expected offset {expected})"
+                ),
+            ));
+        }
+        let end = offset
+            .checked_add(bytes)
+            .filter(|&e| e <= data_len)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    path,
+                    format!(
+                        "truncated: tensor `{name}` ends at byte {}, the file has {file_len} bytes",
+                        content.tensor_data_offset as u128 + offset as u128 + bytes as u128
+                    ),
+                )
+            })?;
+        expected = end.div_ceil(alignment) * alignment;
+    }
+    Ok(())
 }

@@ -184,8 +184,12 @@ impl Pretrained {
             struct Index {
                 weight_map: std::collections::BTreeMap<String, String>,
             }
-            let index: Index = crate::error::read_json(&index)?;
-            let mut shards: Vec<&String> = index.weight_map.values().collect();
+            let index_data: Index = crate::error::read_json(&index)?;
+            let mut shards: Vec<&str> = index_data
+                .weight_map
+                .values()
+                .map(|name| super::weights::shard_name(&index, name))
+                .collect::<Result<_>>()?;
             shards.sort();
             shards.dedup();
             for shard in shards {

@@ -29,7 +29,7 @@ pub(crate) fn attention_bias(l: &AttentionLayout<'_>, device: &Device) -> Result
     let keys = kept + l.seq;
     let padded = l.cached_key_mask.is_some() || l.new_key_mask.is_some() || l.segments.is_some();
     let visible = |q_slot: usize, k_slot: usize| {
-        k_slot <= q_slot && l.window.is_none_or(|w| k_slot + w > q_slot)
+        k_slot <= q_slot && l.window.is_none_or(|w| k_slot.saturating_add(w) > q_slot)
     };
     let everything_visible = !padded
         && (0..l.seq).all(|t| {

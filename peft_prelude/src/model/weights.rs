@@ -178,6 +178,47 @@ fn load_projection(
     }
 }
 
+/// Refuses a weight with an infinite or NaN value: a file damaged on disk or in transit, which
+/// would otherwise load and turn every output into NaN. (A finite value gives `x - x = 0`
+/// exactly; one pass, one temporary of the tensor's size.)
+pub fn check_finite(t: &Tensor, path: &Path, name: &str) -> Result<()> {
+    if !t.dtype().is_float() {
+        return Ok(());
+    }
+    let total = t
+        .sub(t)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if total == 0.0 {
+        Ok(())
+    } else {
+        Err(Error::corrupt(
+            path,
+            format!("tensor `{name}` holds infinite or NaN values (a damaged file?)"),
+        ))
+    }
+}
+
+/// A shard name from `model.safetensors.index.json`, refused when it could name a file outside
+/// the model directory (an absolute path, `..`, an empty name): hub repositories are untrusted
+/// input. Symbolic links inside the directory are followed (the hub's cache is made of them).
+pub fn shard_name<'a>(index: &Path, name: &'a str) -> Result<&'a str> {
+    use std::path::Component;
+    let inside = !name.is_empty()
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+    if inside {
+        Ok(name)
+    } else {
+        Err(Error::corrupt(
+            index,
+            format!("shard `{name}` is not a file name inside the model directory"),
+        ))
+    }
+}
+
 /// `model.safetensors`, or the shards listed in `model.safetensors.index.json`, memory-mapped.
 pub struct SafetensorsSource {
     files: Vec<PathBuf>,
@@ -197,7 +238,15 @@ impl SafetensorsSource {
             let st = safetensors::SafeTensors::deserialize(&mmap)
                 .map_err(|e| Error::corrupt(file, format!("not a valid safetensors file: {e}")))?;
             for name in st.names() {
-                owner.insert(name.to_string(), idx);
+                if let Some(first) = owner.insert(name.to_string(), idx) {
+                    return Err(Error::corrupt(
+                        file,
+                        format!(
+                            "tensor `{name}` is also in {} (which one is meant?)",
+                            files[first].display()
+                        ),
+                    ));
+                }
             }
         }
         // SAFETY: as above.
@@ -228,8 +277,11 @@ impl SafetensorsSource {
             let mut files: Vec<PathBuf> = index_data
                 .weight_map
                 .values()
-                .map(|f| dir.join(f))
-                .collect();
+                .map(|f| Ok(dir.join(shard_name(&index, f)?)))
+                .collect::<Result<_>>()?;
+            if files.is_empty() {
+                return Err(Error::corrupt(&index, "weight_map lists no shards"));
+            }
             files.sort();
             files.dedup();
             for f in &files {
@@ -294,6 +346,7 @@ impl WeightSource for SafetensorsSource {
             .tensors
             .load(name, device)
             .map_err(|e| Error::corrupt(self.file_of(name), format!("tensor `{name}`: {e}")))?;
+        check_finite(&t, &self.file_of(name), name)?;
         Ok(t.to_dtype(dtype)?)
     }
 }

@@ -514,7 +514,85 @@ impl PeftConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let value: Value = read_json(path)?;
-        Self::from_json(&value).map_err(|what| Error::corrupt(path, what))
+        let config = Self::from_json(&value).map_err(|what| Error::corrupt(path, what))?;
+        config
+            .check_limits()
+            .map_err(|what| Error::corrupt(path, what))?;
+        Ok(config)
+    }
+
+    /// Every size a configuration asks for, against stated limits far above any real adapter
+    /// (ranks of 2^16, 2^16 virtual tokens): a file asking for more is corrupt or hostile, and
+    /// is refused before anything sized by it is allocated or multiplied.
+    pub fn check_limits(&self) -> std::result::Result<(), String> {
+        const RANK: usize = 1 << 16;
+        const WIDTH: usize = 1 << 17;
+        let at_most = |name: &str, v: usize, limit: usize| {
+            if v > limit {
+                Err(format!("{name} is {v}, above the limit of {limit}"))
+            } else {
+                Ok(())
+            }
+        };
+        let positive_width = |name: &str, v: Option<usize>| match v {
+            Some(0) => Err(format!("{name} must be positive")),
+            Some(v) => at_most(name, v, WIDTH),
+            None => Ok(()),
+        };
+        // Scales (alpha / r, a bottleneck's scaling) beyond 10^6 overflow a forward pass.
+        let finite = |name: &str, v: f64| {
+            if v.is_finite() && v.abs() <= 1e6 {
+                Ok(())
+            } else {
+                Err(format!("{name} must be a number within ±10^6, got {v}"))
+            }
+        };
+        let prompt = |p: &PromptLearningCommon| -> std::result::Result<(), String> {
+            at_most("num_virtual_tokens", p.num_virtual_tokens, RANK)?;
+            positive_width("token_dim", p.token_dim)?;
+            at_most(
+                "num_transformer_submodules",
+                p.num_transformer_submodules.unwrap_or(1),
+                2,
+            )?;
+            at_most(
+                "num_attention_heads",
+                p.num_attention_heads.unwrap_or(1),
+                1 << 12,
+            )?;
+            at_most("num_layers", p.num_layers.unwrap_or(1), 1 << 12)
+        };
+        match self {
+            PeftConfig::Lora(c) => {
+                at_most("r", c.r, RANK)?;
+                for (k, v) in &c.rank_pattern {
+                    at_most(&format!("rank_pattern[{k}]"), *v, RANK)?;
+                }
+                finite("lora_alpha", c.lora_alpha)?;
+                for (k, v) in &c.alpha_pattern {
+                    finite(&format!("alpha_pattern[{k}]"), *v)?;
+                }
+                Ok(())
+            }
+            PeftConfig::Ia3(_) => Ok(()),
+            PeftConfig::PromptTuning(c) => prompt(&c.prompt),
+            PeftConfig::PTuning(c) => {
+                prompt(&c.prompt)?;
+                positive_width("encoder_hidden_size", c.encoder_hidden_size)?;
+                at_most("encoder_num_layers", c.encoder_num_layers, 64)
+            }
+            PeftConfig::PrefixTuning(c) => {
+                prompt(&c.prompt)?;
+                positive_width("encoder_hidden_size", c.encoder_hidden_size)
+            }
+            PeftConfig::Bottleneck(c) => {
+                if c.reduction_factor == 0 {
+                    return Err("reduction_factor must be positive".into());
+                }
+                at_most("reduction_factor", c.reduction_factor, WIDTH)?;
+                finite("scaling", c.scaling)
+            }
+        }
     }
 }
 

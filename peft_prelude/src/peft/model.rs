@@ -349,6 +349,7 @@ impl PeftModel {
     /// add virtual tokens or prefixes; bottleneck adapters hook into the decoder blocks.
     pub fn add_adapter(&mut self, name: &str, config: impl Into<PeftConfig>) -> Result<()> {
         let mut config = config.into();
+        config.check_limits().map_err(Error::Config)?;
         if self.configs.contains_key(name) {
             return Err(Error::InvalidArgument(format!(
                 "an adapter named `{name}` exists already"
@@ -683,7 +684,16 @@ impl PeftModel {
         super::prompt::check_config_fits(&config, &self.model, &config_path)?;
         let weights_path = dir.join("adapter_model.safetensors");
         let tensors = super::io::read_safetensors(&weights_path)?;
-        self.add_adapter(name, config)?;
+        // A configuration the model cannot take is the file's fault: name it.
+        self.add_adapter(name, config).map_err(|e| match e {
+            Error::Config(what) | Error::InvalidArgument(what) => {
+                Error::corrupt(&config_path, what)
+            }
+            Error::UnknownModule { .. } | Error::Candle(_) => {
+                Error::corrupt(&config_path, e.to_string())
+            }
+            other => other,
+        })?;
         let result = self.load_state_dict(name, &tensors, &weights_path);
         if result.is_err() {
             self.delete_adapter(name);

@@ -35,7 +35,7 @@ use candle_core::quantized::gguf_file::Value as GgufValue;
 use serde::{Deserialize, Serialize};
 use tokenizers::processors::PostProcessorWrapper;
 
-use crate::error::{read_file, read_json, Error, Result};
+use crate::error::{contain_panic, read_file, read_json, Error, Result};
 
 pub use stream::TokenStream;
 
@@ -125,15 +125,29 @@ impl Tokenizer {
             path.push("tokenizer.json");
         }
         let bytes = read_file(&path)?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::corrupt(&path, format!("not a valid tokenizer.json: {e}")))?;
-        let mut tok = Self::from_tokenizers(inner);
+        // `tokenizers` panics on some malformed files (a decoder's syntax error, merges longer
+        // than any token, a template naming a missing token), at load or at the first encode:
+        // build and probe it here, where a panic is contained and the file is named.
+        let mut tok = contain_panic(|| -> Result<Self> {
+            let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+                .map_err(|e| Error::corrupt(&path, format!("not a valid tokenizer.json: {e}")))?;
+            let tok = Self::from_tokenizers(inner);
+            tok.probe()
+                .map_err(|e| Error::corrupt(&path, e.to_string()))?;
+            Ok(tok)
+        })
+        .map_err(|panic| Error::corrupt(&path, format!("not a valid tokenizer.json: {panic}")))??;
 
         let dir = path.parent().unwrap_or(Path::new("."));
         let config_path = dir.join("tokenizer_config.json");
         if config_path.is_file() {
             let config: serde_json::Value = read_json(&config_path)?;
-            tok.apply_config(&config, &config_path)?;
+            contain_panic(|| -> Result<()> {
+                tok.apply_config(&config, &config_path)?;
+                tok.probe()
+                    .map_err(|e| Error::corrupt(&config_path, e.to_string()))
+            })
+            .map_err(|panic| Error::corrupt(&config_path, panic))??;
         }
         if let Some(template) = read_sibling_template(dir)? {
             tok.chat_template = Some(template);
@@ -152,8 +166,18 @@ impl Tokenizer {
         path: impl AsRef<Path>,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let built = gguf::build(content, path)?;
-        let mut tok = Self::from_tokenizers(built.inner);
+        let (built, mut tok) = contain_panic(|| -> Result<_> {
+            let mut built = gguf::build(content, path)?;
+            let inner = std::mem::replace(
+                &mut built.inner,
+                tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default()),
+            );
+            let tok = Self::from_tokenizers(inner);
+            tok.probe()
+                .map_err(|e| Error::corrupt(path, e.to_string()))?;
+            Ok((built, tok))
+        })
+        .map_err(|panic| Error::corrupt(path, format!("unusable tokenizer metadata: {panic}")))??;
         // The metadata is authoritative; the guesses only stay when a key is absent.
         if let Some(bos) = resolve_id(&tok.inner, built.bos_id, path, gguf::BOS_KEY)? {
             tok.bos = Some(bos);
@@ -207,18 +231,27 @@ impl Tokenizer {
     /// Token ids of `text`; with `add_special_tokens`, the post-processor's BOS/EOS are added.
     /// Special tokens written in the text (`<|im_start|>`, `</s>`) always map to their ids.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
+        let encoding = contain_panic(|| self.inner.encode(text, add_special_tokens))
+            .map_err(|panic| Error::Tokenizer(format!("encoding failed: {panic}")))?
             .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`. Ids outside the vocabulary are skipped (as `tokenizers` does).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
+        contain_panic(|| self.inner.decode(ids, skip_special_tokens))
+            .map_err(|panic| Error::Tokenizer(format!("decoding failed: {panic}")))?
             .map_err(|e| Error::Tokenizer(format!("decoding failed: {e}")))
+    }
+
+    /// Encodes and decodes a short text with and without special tokens: the checks a loader
+    /// runs so that a tokenizer that cannot work fails at load, naming its file.
+    fn probe(&self) -> Result<()> {
+        for special in [true, false] {
+            let ids = self.encode("Hello, wörld 12 ▁", special)?;
+            self.decode(&ids, !special)?;
+        }
+        Ok(())
     }
 
     /// An incremental decoder for generated ids; see [`TokenStream`].

@@ -505,54 +505,93 @@ impl<O: Objective> Trainer<O> {
 
     /// Continues from a checkpoint written by [`save_checkpoint`](Self::save_checkpoint):
     /// parameters, optimizer moments, step, and the data order (derived from the step).
+    /// Everything is read and checked before anything is changed: a damaged checkpoint is an
+    /// error that names its file and leaves this trainer as it was.
     pub fn resume_from_checkpoint(&mut self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
-        let params = crate::peft::io::read_safetensors(dir.join("trainable.safetensors"))?;
+        let params_file = dir.join("trainable.safetensors");
+        let params = crate::peft::io::read_safetensors(&params_file)?;
         let moments_file = dir.join("optimizer.safetensors");
         let moments = crate::peft::io::read_safetensors(&moments_file)?;
-        let state: serde_json::Value = crate::error::read_json(&dir.join("trainer_state.json"))?;
-        let mut restored = vec![];
-        for (name, var) in self.optimizer.params() {
-            let t = params.get(name).ok_or_else(|| Error::MissingTensor {
-                path: dir.join("trainable.safetensors"),
-                name: name.clone(),
+        let state_file = dir.join("trainer_state.json");
+        let state: serde_json::Value = crate::error::read_json(&state_file)?;
+        let get = |file: &PathBuf,
+                   tensors: &BTreeMap<String, Tensor>,
+                   key: String,
+                   var: &Var|
+         -> Result<Tensor> {
+            let t = tensors.get(&key).ok_or_else(|| Error::MissingTensor {
+                path: file.clone(),
+                name: key.clone(),
             })?;
             if t.dims() != var.dims() {
                 return Err(Error::ShapeMismatch {
-                    path: dir.join("trainable.safetensors"),
-                    name: name.clone(),
+                    path: file.clone(),
+                    name: key,
                     expected: var.dims().to_vec(),
                     got: t.dims().to_vec(),
                 });
             }
-            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
-            let get = |k: String| -> Result<Tensor> {
-                moments.get(&k).cloned().ok_or(Error::MissingTensor {
-                    path: moments_file.clone(),
-                    name: k,
-                })
-            };
+            crate::model::weights::check_finite(t, file, &key)?;
+            Ok(t.to_dtype(var.dtype())?.to_device(var.device())?)
+        };
+        let mut values = vec![];
+        let mut restored = vec![];
+        for (name, var) in self.optimizer.params() {
+            values.push(get(&params_file, &params, name.clone(), var)?);
             restored.push(Moments {
-                exp_avg: get(format!("{name}.exp_avg"))?.to_device(var.device())?,
-                exp_avg_sq: get(format!("{name}.exp_avg_sq"))?.to_device(var.device())?,
+                exp_avg: get(&moments_file, &moments, format!("{name}.exp_avg"), var)?,
+                exp_avg_sq: get(&moments_file, &moments, format!("{name}.exp_avg_sq"), var)?,
             });
         }
-        let bad = |k: &str| {
-            Error::corrupt(
-                dir.join("trainer_state.json"),
-                format!("missing or invalid `{k}`"),
-            )
+        // Steps beyond 2^40 are a damaged file, not a run (a step a millisecond for 30 years).
+        let count = |k: &str| {
+            state[k]
+                .as_u64()
+                .filter(|&n| n <= 1 << 40)
+                .map(|n| n as usize)
+                .ok_or_else(|| {
+                    Error::corrupt(
+                        &state_file,
+                        format!("missing or invalid `{k}` (a step count up to 2^40 expected)"),
+                    )
+                })
         };
-        let optimizer_steps = state["optimizer_steps"]
-            .as_u64()
-            .ok_or_else(|| bad("optimizer_steps"))? as usize;
+        let optimizer_steps = count("optimizer_steps")?;
+        let global_step = count("global_step")?;
+        if global_step > self.schedule.total_steps {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the checkpoint is at step {global_step}, beyond this run's {} steps (set max_steps higher to continue it)",
+                state_file.display(),
+                self.schedule.total_steps
+            )));
+        }
+        let epoch = match &state["epoch"] {
+            serde_json::Value::Null => 0.0,
+            v => v
+                .as_f64()
+                .filter(|e| e.is_finite() && *e >= 0.0)
+                .ok_or_else(|| {
+                    Error::corrupt(
+                        &state_file,
+                        "invalid `epoch` (a non-negative number expected)",
+                    )
+                })?,
+        };
+        let log_history = serde_json::from_value(state["log_history"].clone()).map_err(|e| {
+            Error::corrupt(
+                &state_file,
+                format!("missing or invalid `log_history`: {e}"),
+            )
+        })?;
+        // Checked: now apply.
+        for ((_, var), value) in self.optimizer.params().iter().zip(&values) {
+            var.set(value)?;
+        }
         self.optimizer.restore(restored, optimizer_steps)?;
-        self.state.global_step = state["global_step"]
-            .as_u64()
-            .ok_or_else(|| bad("global_step"))? as usize;
-        self.state.epoch = state["epoch"].as_f64().unwrap_or(0.0);
-        self.state.log_history =
-            serde_json::from_value(state["log_history"].clone()).map_err(|_| bad("log_history"))?;
+        self.state.global_step = global_step;
+        self.state.epoch = epoch;
+        self.state.log_history = log_history;
         Ok(())
     }
 }

@@ -131,6 +131,13 @@ pub(super) fn from_gguf(
         },
     };
     let layers = meta.require("block_count")?;
+    // Checked here, before the per-layer pattern is built from it (validated() checks the rest).
+    if layers > 1 << 12 {
+        return Err(meta.bad(
+            "block_count",
+            format!("{layers} layers, above the limit of 4096"),
+        ));
+    }
     let context = meta.u32("context_length")?.unwrap_or(4096);
     let rope_scaling = rope_scaling(&meta, context, read_vector)?;
     let window = meta.u32("attention.sliding_window")?.filter(|w| *w > 0);
