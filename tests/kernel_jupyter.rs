@@ -78,6 +78,11 @@ fn kernel_protocol() {
 }
 
 #[test]
+fn kernel_survives_a_dying_cell() {
+    run_script("dying_cell.py");
+}
+
+#[test]
 fn kernel_widgets() {
     run_script("widgets.py");
 }

@@ -61,6 +61,54 @@ pub fn describe(error: &Error) -> CellError {
     }
 }
 
+/// What a notebook user reads when the cell's process died: what happened, in words, and what
+/// it cost. `status` is evcxr's message ("… Subprocess terminated with status: signal: 11
+/// (SIGSEGV)"); `crash_note` the line the process wrote as it died, if any (Rust's allocation
+/// failure and stack overflow reports, evcxr's crash handler's "Segmentation fault.").
+pub fn termination(status: &str, crash_note: Option<&str>) -> String {
+    let note = crash_note.unwrap_or("");
+    let signal = |name: &str| status.contains(&format!("({name})"));
+    let what = if note.contains("has overflowed its stack") {
+        "The cell overflowed its stack (a recursion too deep, or a large array on the stack)"
+            .to_string()
+    } else if note.contains("memory allocation of") {
+        format!("The cell ran out of memory ({note})")
+    } else if note.contains("Segmentation fault.") || note.contains("Bus error.") {
+        concat!(
+            "The cell's process crashed with a segmentation fault ",
+            "(an invalid memory access, in unsafe code or a native library)"
+        )
+        .to_string()
+    } else if signal("SIGSEGV") {
+        // evcxr's crash handler runs on the stack that faulted: when it cannot even print, the
+        // stack itself was exhausted.
+        concat!(
+            "The cell overflowed its stack (a segmentation fault its crash handler could not ",
+            "report: most often a recursion too deep)"
+        )
+        .to_string()
+    } else if signal("SIGKILL") {
+        "The cell's process was killed (SIGKILL: the system's out-of-memory killer, or kill -9)"
+            .to_string()
+    } else if signal("SIGABRT") {
+        "The cell's process aborted (std::process::abort, or a failure Rust cannot unwind from)"
+            .to_string()
+    } else if status.contains("exit status") {
+        "The cell's process exited (std::process::exit)".to_string()
+    } else {
+        "The cell's process ended".to_string()
+    };
+    let status = status
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    format!(
+        "{what}.\nAll variables were lost. The kernel is still running and the prelude stays loaded: re-run the cells that define what you need.\n({status})"
+    )
+}
+
 /// Source lines of a span with carets under it, as rustc prints them.
 /// `span`: (start line, start column, end line, end column), 1-based, end column exclusive.
 fn spanned_lines(
@@ -102,6 +150,43 @@ pub fn plain(error: &Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_dying_process_is_named_by_what_killed_it() {
+        use super::termination;
+        let sig = |n: &str| format!("Subprocess terminated with status: signal: {n} (core dumped)");
+        let stack = termination(
+            &sig("6 (SIGABRT)"),
+            Some("thread 'main' has overflowed its stack"),
+        );
+        assert!(
+            stack.starts_with("The cell overflowed its stack"),
+            "{stack}"
+        );
+        let oom = termination(
+            &sig("6 (SIGABRT)"),
+            Some("memory allocation of 70368744177664 bytes failed"),
+        );
+        assert!(
+            oom.contains("ran out of memory (memory allocation of 70368744177664"),
+            "{oom}"
+        );
+        let abort = termination(&sig("6 (SIGABRT)"), None);
+        assert!(abort.contains("aborted"), "{abort}");
+        let segv = termination(&sig("6 (SIGABRT)"), Some("Segmentation fault."));
+        assert!(segv.contains("segmentation fault"), "{segv}");
+        let silent = termination(&sig("11 (SIGSEGV)"), None);
+        assert!(silent.contains("overflowed its stack"), "{silent}");
+        let killed = termination(
+            "Subprocess terminated with status: signal: 9 (SIGKILL)",
+            None,
+        );
+        assert!(killed.contains("out-of-memory killer"), "{killed}");
+        for m in [stack, oom, abort, segv, silent, killed] {
+            assert!(m.contains("All variables were lost"), "{m}");
+            assert!(m.contains("(Subprocess terminated with status"), "{m}");
+        }
+    }
+
     #[test]
     fn carets_sit_under_the_span() {
         let lines = vec!["let x = y + 1;".to_string()];

@@ -280,6 +280,10 @@ impl Executor {
                 }
                 Outcome::Ok
             }
+            Err(evcxr::Error::SubprocessTerminated(status)) => Outcome::Error(CellError::new(
+                "ProcessTerminated",
+                &crate::errors::termination(&status, report.crash_note.as_deref()),
+            )),
             Err(e) => Outcome::Error(describe(&e)),
         }
     }

@@ -269,6 +269,9 @@ pub struct CellReport {
     /// When a `?` in the cell returned an error (evcxr reports that as success too): the
     /// last line the cell wrote to stderr before it, i.e. the end of the error's message.
     pub early_return: Option<String>,
+    /// The first line the cell wrote to stderr that tells how a process dies ("memory
+    /// allocation of … failed", evcxr's "Segmentation fault.", "… has overflowed its stack").
+    pub crash_note: Option<String>,
 }
 
 /// The forwarder thread's handle.
@@ -336,6 +339,34 @@ impl PanicWatch {
     }
 }
 
+/// The lines a dying cell process writes before it goes (Rust's allocation failure and stack
+/// overflow reports, evcxr's crash handler).
+const CRASH_MARKERS: [&str; 5] = [
+    "memory allocation of ",
+    "has overflowed its stack",
+    "Segmentation fault.",
+    "Bus error.",
+    "Illegal instruction.",
+];
+
+/// Remembers the first crash marker line of a cell.
+#[derive(Debug, Default)]
+struct CrashWatch {
+    note: Option<String>,
+}
+
+impl CrashWatch {
+    fn line(&mut self, line: &str) {
+        if self.note.is_none() && CRASH_MARKERS.iter().any(|m| line.contains(m)) {
+            self.note = Some(line.trim().to_string());
+        }
+    }
+
+    fn take(&mut self) -> Option<String> {
+        self.note.take()
+    }
+}
+
 /// Watches stderr for the cell process's note that a `?` returned an error
 /// ([`crate::early_return::STDERR_MARKER`]); remembers the line before it as the message.
 #[derive(Debug, Default)]
@@ -372,10 +403,14 @@ fn forward(
     let mut coalescer = Coalescer::default();
     let mut panic = PanicWatch::default();
     let mut early = EarlyReturnWatch::default();
+    let mut crash = CrashWatch::default();
     let emit = |outs: Vec<Out>, sink: &mut dyn Sink| outs.into_iter().for_each(|o| sink.emit(o));
     // Background threads of the cell process write their records to stderr (read at all
     // times; stdout only while a cell runs).
-    let on_stderr = |line: String, panic: &mut PanicWatch, early: &mut EarlyReturnWatch| {
+    let on_stderr = |line: String,
+                     panic: &mut PanicWatch,
+                     early: &mut EarlyReturnWatch,
+                     crash: &mut CrashWatch| {
         if line.contains(peft_protocol::MARKER) {
             return parse_stdout_lines(&line)
                 .into_iter()
@@ -392,6 +427,7 @@ fn forward(
             return vec![];
         }
         panic.line(&line);
+        crash.line(&line);
         vec![Out::Stream {
             name: "stderr".into(),
             text: format!("{line}\n"),
@@ -409,7 +445,7 @@ fn forward(
             },
             recv(stderr) -> line => match line {
                 Ok(line) => {
-                    for out in on_stderr(line, &mut panic, &mut early) {
+                    for out in on_stderr(line, &mut panic, &mut early, &mut crash) {
                         emit(coalescer.push(out, Instant::now()), &mut sink)
                     }
                 }
@@ -426,7 +462,7 @@ fn forward(
                     }
                 }
                 while let Ok(line) = stderr.try_recv() {
-                    for out in on_stderr(line, &mut panic, &mut early) {
+                    for out in on_stderr(line, &mut panic, &mut early, &mut crash) {
                         emit(coalescer.push(out, Instant::now()), &mut sink);
                     }
                 }
@@ -434,6 +470,7 @@ fn forward(
                 let _ = reply.send(CellReport {
                     panic: panic.take(),
                     early_return: early.take(),
+                    crash_note: crash.take(),
                 });
             },
             default(Duration::from_millis(20)) => emit(coalescer.tick(Instant::now()), &mut sink),
