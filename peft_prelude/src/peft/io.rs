@@ -30,6 +30,7 @@ pub fn replace_atomically(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    remove_stale_temporaries(dir, &format!(".{name}.tmp-"));
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = write(&tmp).and_then(|()| {
         let sync_and_rename = || -> std::io::Result<()> {
@@ -42,6 +43,46 @@ pub fn replace_atomically(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Removes what writers killed mid-save left in `dir`: entries named `{prefix}{pid}` whose
+/// process is gone (a live one may be another kernel writing the same file).
+pub fn remove_stale_temporaries(dir: &Path, prefix: &str) {
+    remove_stale_temporaries_matching(
+        dir,
+        |name| Some((String::new(), name.strip_prefix(prefix)?.parse().ok()?)),
+        |path, _| {
+            let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
+        },
+    );
+}
+
+/// For each entry of `dir` that `parse` reads as (a tag, a writer's process id) whose process
+/// is gone, calls `handle(path, tag)`.
+pub fn remove_stale_temporaries_matching(
+    dir: &Path,
+    parse: impl Fn(&str) -> Option<(String, u32)>,
+    handle: impl Fn(&Path, &str),
+) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((tag, pid)) = parse(&name) else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            handle(&entry.path(), &tag);
+        }
+    }
+}
+
+/// Whether a process of that id runs (Linux: `/proc/{pid}`; elsewhere assumed alive, so
+/// nothing is removed).
+fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.is_dir() || proc.join(pid.to_string()).exists()
 }
 
 /// Saves tensors as safetensors with PEFT's metadata (`{"format": "pt"}`), atomically.

@@ -189,8 +189,12 @@ pub fn write_gguf(
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     replace_atomically(path, |tmp| {
         let mut file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-        gguf_file::write(&mut file, &md, &ts)
-            .map_err(|e| Error::corrupt(path, format!("writing GGUF: {e}")))
+        gguf_file::write(&mut file, &md, &ts).map_err(|e| {
+            Error::corrupt(
+                path,
+                format!("writing GGUF: {}", crate::error::candle_message(&e)),
+            )
+        })
     })
 }
 

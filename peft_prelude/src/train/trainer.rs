@@ -444,10 +444,66 @@ impl<O: Objective> Trainer<O> {
             .args
             .output_dir
             .join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
+        self.recover_interrupted_checkpoints();
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        if let Err(e) = self.write_checkpoint_files(&tmp, step) {
+            // A full disk or a bad output directory: leave nothing half-written behind.
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        // Replacing a checkpoint of the same step: the old one is moved aside before the new
+        // one takes its name, and removed after, so a kill leaves one of them whole.
+        let old = self
+            .args
+            .output_dir
+            .join(format!(".checkpoint-{step}.old-{}", std::process::id()));
+        let replacing = final_dir.exists();
+        if replacing {
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(&final_dir, &old).map_err(|e| Error::io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        if replacing {
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        self.prune_checkpoints()?;
+        Ok(final_dir)
+    }
+
+    /// Tidies what a process killed while saving checkpoints left behind: its temporary
+    /// directories go; a checkpoint it had moved aside to replace comes back if the new one
+    /// never took its name.
+    fn recover_interrupted_checkpoints(&self) {
+        let dir = &self.args.output_dir;
+        crate::peft::io::remove_stale_temporaries_matching(
+            dir,
+            |name| {
+                let rest = name.strip_prefix(".checkpoint-")?;
+                let (step, pid) = rest
+                    .split_once(".tmp-")
+                    .or_else(|| rest.split_once(".old-"))?;
+                Some((step.to_string(), pid.parse().ok()?))
+            },
+            |path, step| {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let home = dir.join(format!("checkpoint-{step}"));
+                if name.contains(".old-") && !home.exists() {
+                    let _ = std::fs::rename(path, home);
+                } else {
+                    let _ = std::fs::remove_dir_all(path);
+                }
+            },
+        );
+    }
+
+    /// The files of a checkpoint, written into `tmp`.
+    fn write_checkpoint_files(&self, tmp: &Path, step: usize) -> Result<()> {
         let adapter = self.model.active_adapter();
-        self.model.save_adapter(&adapter, &tmp)?;
+        self.model.save_adapter(&adapter, tmp)?;
         let params: Vec<(String, Tensor)> = self
             .optimizer
             .params()
@@ -476,10 +532,7 @@ impl<O: Objective> Trainer<O> {
         let json =
             serde_json::to_vec_pretty(&state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         crate::peft::io::write_atomic(tmp.join("trainer_state.json"), &json)?;
-        let _ = std::fs::remove_dir_all(&final_dir);
-        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-        self.prune_checkpoints()?;
-        Ok(final_dir)
+        Ok(())
     }
 
     fn prune_checkpoints(&self) -> Result<()> {
