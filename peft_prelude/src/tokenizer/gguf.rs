@@ -239,9 +239,29 @@ pub(super) fn sentencepiece_merges(tokens: &[&str], scores: &[f32]) -> Vec<(Stri
         piece: u32,
         split: usize,
     }
+    // A half is another piece of the vocabulary, so no half is longer (in bytes) than the
+    // longest other piece: splits outside that window cannot match. Without this bound a
+    // single huge piece (a hostile file) costs time quadratic in its length.
+    let (mut longest, mut second) = (0usize, 0usize);
+    for t in tokens {
+        if t.len() > longest {
+            second = longest;
+            longest = t.len();
+        } else if t.len() > second {
+            second = t.len();
+        }
+    }
     let mut candidates = Vec::new();
     let mut local = Vec::new();
     for (piece, (&text, &score)) in tokens.iter().zip(scores).enumerate() {
+        let max_half = if text.len() == longest {
+            second
+        } else {
+            longest
+        };
+        if text.len() > 2 * max_half {
+            continue;
+        }
         // NaN would break the total order the sort needs; -0.0 must tie with 0.0 as in Python.
         let score = if score.is_nan() {
             f32::NEG_INFINITY
@@ -251,6 +271,12 @@ pub(super) fn sentencepiece_merges(tokens: &[&str], scores: &[f32]) -> Vec<(Stri
         let total_chars = text.chars().count();
         local.clear();
         for (left_chars, (split, _)) in text.char_indices().enumerate().skip(1) {
+            if split > max_half {
+                break;
+            }
+            if text.len() - split > max_half {
+                continue;
+            }
             let (left, right) = text.split_at(split);
             if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right)) {
                 local.push((
@@ -536,6 +562,15 @@ mod tests {
             byte_level_bpe(&tokens, &merges, "mystery", None, path),
             Err(Error::Unsupported { what, .. }) if what.contains("`mystery`")
         ));
+    }
+
+    #[test]
+    fn a_huge_piece_is_skipped_without_changing_the_merges() {
+        let huge = "a".repeat(200_000);
+        let tokens = ["a", "b", "ab", huge.as_str()];
+        // (Quadratic before the bound: 7 s for this piece; the fuzzer's timeout watches time.)
+        let merges = sentencepiece_merges(&tokens, &[0.0, 0.0, -1.0, -2.0]);
+        assert_eq!(merges, [("a".to_string(), "b".to_string())]);
     }
 
     #[test]
