@@ -431,3 +431,26 @@ fn gguf_rope_settings_load_or_are_refused_by_name() {
     Pretrained::from_gguf(&path, &LoadOptions::default()).expect("rope.scaling.type none loads");
     fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn a_layer_count_below_the_layers_present_is_refused() {
+    // A config that under-counts the layers would load a model with layers silently dropped.
+    let dir = scratch_model_dir("layer-count");
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&fs::read(&config_path).unwrap()).unwrap();
+    let layers = config["num_hidden_layers"].as_u64().unwrap();
+    config["num_hidden_layers"] = (layers - 1).into();
+    fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let err = load_dir(&dir);
+    assert_names(
+        &err,
+        &config_path,
+        &format!(
+            "belongs to layer {}, but num_hidden_layers is {}",
+            layers - 1,
+            layers - 1
+        ),
+    );
+    fs::remove_dir_all(dir).unwrap();
+}

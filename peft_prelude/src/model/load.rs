@@ -121,6 +121,13 @@ impl Pretrained {
         crate::threads::settle_thread_count();
         let file = GgufFile::open(path)?;
         let config = file.config()?;
+        super::weights::check_layer_count(
+            file.content().tensor_infos.keys().map(String::as_str),
+            "blk.",
+            config.num_hidden_layers,
+            file.path(),
+            "block_count",
+        )?;
         let weights = load_model_weights_quantized(
             &config,
             &GgufSource::new(&file, &config),
@@ -221,6 +228,13 @@ fn load_dir_weights(
 ) -> Result<ModelWeights> {
     BnbConfig::from_config_json(dir.join("config.json"))?;
     let source = SafetensorsSource::open(SafetensorsSource::files_in_dir(dir)?)?;
+    super::weights::check_layer_count(
+        source.names(),
+        "model.layers.",
+        config.num_hidden_layers,
+        &dir.join("config.json"),
+        "num_hidden_layers",
+    )?;
     load_model_weights_quantized(
         config,
         &source,

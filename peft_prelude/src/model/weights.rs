@@ -200,6 +200,34 @@ pub fn check_finite(t: &Tensor, path: &Path, name: &str) -> Result<()> {
     }
 }
 
+/// Refuses a checkpoint holding tensors of layers beyond `layers` (`{prefix}{N}.…` with
+/// N ≥ layers): a config or GGUF header that under-counts the layers would otherwise load a
+/// model with layers silently dropped.
+pub fn check_layer_count<'a>(
+    names: impl Iterator<Item = &'a str>,
+    prefix: &str,
+    layers: usize,
+    path: &Path,
+    field: &str,
+) -> Result<()> {
+    for name in names {
+        let Some(index) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if index >= layers {
+            return Err(Error::corrupt(
+                path,
+                format!("tensor `{name}` belongs to layer {index}, but {field} is {layers}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A shard name from `model.safetensors.index.json`, refused when it could name a file outside
 /// the model directory (an absolute path, `..`, an empty name): hub repositories are untrusted
 /// input. Symbolic links inside the directory are followed (the hub's cache is made of them).
@@ -304,6 +332,13 @@ impl SafetensorsSource {
                 "no model.safetensors or model.safetensors.index.json in the model directory",
             ),
         ))
+    }
+}
+
+impl SafetensorsSource {
+    /// Every tensor name in the checkpoint.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.owner.keys().map(String::as_str)
     }
 }
 
