@@ -368,6 +368,17 @@ impl ModelConfig {
                 c.rope_theta
             ));
         }
+        // Gemma's caps are 50 and 30 and its scalar the head size: beyond f32's reach (cast to
+        // infinity, the cap turns every score into NaN) a value is not a model.
+        for (name, value) in [
+            ("attn_logit_softcapping", c.variant.attn_logit_softcapping),
+            ("final_logit_softcapping", c.variant.final_logit_softcapping),
+            ("query_pre_attn_scalar", c.variant.query_pre_attn_scalar),
+        ] {
+            if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0 && *v <= 1e6)) {
+                return fail(format!("{name} must be in (0, 10^6], got {v:e}"));
+            }
+        }
         if let Some((theta, _)) = &c.variant.local_rope {
             if !(theta.is_finite() && *theta >= 1.0) {
                 return fail(format!(
