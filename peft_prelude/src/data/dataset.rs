@@ -131,8 +131,16 @@ impl Dataset {
     /// A Parquet file (as the hub's converted dataset splits): one row per record, columns
     /// as fields (strings, numbers, booleans, lists and structs become JSON values).
     pub fn from_parquet_file(path: impl AsRef<Path>) -> Result<Self> {
-        use parquet::file::reader::{FileReader, SerializedFileReader};
         let path = path.as_ref();
+        // The parquet reader panics on some damaged files (negative column offsets, a missing
+        // dictionary, short bit-packed runs): contained here, a bad file is an error.
+        crate::error::contain_panic(|| Self::read_parquet(path)).map_err(|panic| {
+            Error::corrupt(path, format!("not a readable Parquet file: {panic}"))
+        })?
+    }
+
+    fn read_parquet(path: &Path) -> Result<Self> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let reader = SerializedFileReader::new(file)
             .map_err(|e| Error::corrupt(path, format!("not a readable Parquet file: {e}")))?;
