@@ -182,14 +182,11 @@ fn verify(kind: &str, out: &Path) -> Result<String, String> {
     }
 }
 
-struct Rng(u64);
+/// Kill moments in [0, n) from the prelude's seeded generator.
+struct Rng(peft_prelude::rng::Rng);
 impl Rng {
     fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
+        self.0.next_u64() % n
     }
 }
 
@@ -241,7 +238,7 @@ fn full_disk_test(kind: &str, out: &Path) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(out);
     std::fs::create_dir_all(out).unwrap();
     // A good save first (a kill after one whole save).
-    kill_test(kind, out, 1, &mut Rng(1))?;
+    kill_test(kind, out, 1, &mut Rng(peft_prelude::rng::Rng::new(1)))?;
     let before = verify(kind, out)?;
     let c = child(&["--full", kind, out.to_str().unwrap()])
         .stdout(Stdio::piped())
@@ -398,7 +395,7 @@ fn main() {
         .and_then(|i| a.get(i + 1)?.parse().ok())
         .unwrap_or(12);
     let work = std::env::temp_dir().join(format!("peft-crash-safety-{}", std::process::id()));
-    let mut rng = Rng(0xC0FFEE);
+    let mut rng = Rng(peft_prelude::rng::Rng::new(0xC0FFEE));
     let mut failures = vec![];
     for kind in KINDS {
         if let Err(e) = kill_test(kind, &work.join(kind), kills, &mut rng) {

@@ -2,19 +2,16 @@
 //! extreme value) and ones that know the format (every count, length, offset, dimension and
 //! type id of a GGUF header; any node of a JSON document; a safetensors header's JSON).
 
-/// A small deterministic generator (splitmix64): a case is reproduced from its seed alone.
-pub struct Rng(u64);
+/// The prelude's seeded generator (splitmix64) with the helpers a mutator needs: a case is
+/// reproduced from its seed alone.
+pub struct Rng(peft_prelude::rng::Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Rng(peft_prelude::rng::Rng::new(seed ^ 0x9E37_79B9_7F4A_7C15))
     }
     pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     pub fn below(&mut self, n: usize) -> usize {
         if n == 0 {
