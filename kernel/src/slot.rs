@@ -116,6 +116,53 @@ fn seed_from(warm: &Path, slot: &Slot) {
     }
 }
 
+/// Procedural macros (and the parsers they use) in the prelude's dependency graph: they only
+/// run inside the compiler, so they are built unoptimised (a fifth of the time at opt-level 3,
+/// and expansion is no slower to notice). Listed by name because a name outranks `"*"` in
+/// cargo's profile overrides; a name cargo does not find only costs a warning, so the list
+/// follows the prelude's graph (the workspace's Cargo.toml holds the same for its builds).
+const PROC_MACRO_CRATES: &[&str] = &[
+    "bytemuck_derive",
+    "darling_core",
+    "darling_macro",
+    "derive_builder_core",
+    "derive_builder_macro",
+    "displaydoc",
+    "dyn-stack-macros",
+    "macro_rules_attribute-proc_macro",
+    "monostate-impl",
+    "paste",
+    "pastey",
+    "proc-macro2",
+    "quote",
+    "rustversion",
+    "seq-macro",
+    "serde_derive",
+    "syn",
+    "synstructure",
+    "thiserror-impl",
+    "yoke-derive",
+    "zerocopy-derive",
+    "zerofrom-derive",
+    "zeroize_derive",
+    "zerovec-derive",
+];
+
+/// The slot's cargo configuration: dependencies fully optimised and without the debug
+/// assertions and overflow checks evcxr's profile turns on (a 135M-parameter forward pass is
+/// unusable with them), procedural macros unoptimised.
+fn slot_cargo_config() -> String {
+    let mut config = String::from(
+        "[profile.dev.package.\"*\"]\nopt-level = 3\ndebug-assertions = false\noverflow-checks = false\n",
+    );
+    for name in PROC_MACRO_CRATES {
+        config.push_str(&format!(
+            "\n[profile.dev.package.{name:?}]\nopt-level = 0\n"
+        ));
+    }
+    config
+}
+
 /// Recorded in each slot, so that a slot built with another linking mode is rebuilt.
 const LINKING_MODE: &str = "static+prelude-dylib";
 
@@ -142,15 +189,10 @@ fn prepare(slot: &Slot, workspace_lock: Option<&Path>) -> Result<()> {
         fs::write(&mode_file, LINKING_MODE)?;
     }
     // Cargo merges config files from the build directory's ancestors; evcxr owns the one in
-    // the build directory itself. Dependencies are compiled fully optimised and without the
-    // debug assertions and overflow checks evcxr's profile turns on (a 135M-parameter forward
-    // pass is unusable with them); user cells keep evcxr's settings.
+    // the build directory itself. User cells keep evcxr's settings.
     let cargo_dir = slot.dir.join(".cargo");
     fs::create_dir_all(&cargo_dir)?;
-    fs::write(
-        cargo_dir.join("config.toml"),
-        "[profile.dev.package.\"*\"]\nopt-level = 3\ndebug-assertions = false\noverflow-checks = false\n",
-    )?;
+    fs::write(cargo_dir.join("config.toml"), slot_cargo_config())?;
     // Refreshed whenever the workspace's lock file changes, so the prelude is built against
     // the same dependency versions as the workspace (and its tests).
     if let Some(lock) = workspace_lock.filter(|l| l.is_file()) {
