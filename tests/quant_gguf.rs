@@ -133,3 +133,55 @@ fn lora_gradients_on_a_gguf_base_match_the_dense_base() {
     // Only the forward's Q8 activation rounding separates them.
     assert!(worst < 0.02 * scale, "{worst} vs {scale}");
 }
+
+/// Our decoding kernel reads each block format the way candle (and so GGML) lays it out: a
+/// weight quantized by candle, run through `GgmlWeight`'s few-row path, equals candle's own
+/// quantized matmul (both round the activations to 8 bits per block of 32, GGML's way) up to
+/// the precision of the activation scales, and the dense product within that rounding.
+#[test]
+fn the_decoding_kernel_reads_every_block_format_as_candle_writes_it() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::Device;
+    use peft_prelude::quant::{GgmlWeight, QuantizedWeight};
+    let dev = Device::Cpu;
+    let (n, k) = (70, 256);
+    let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, k), &dev).unwrap();
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+    ] {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let candle = x.apply_op1_no_bwd(&q).unwrap().to_vec2::<f32>().unwrap();
+        let dense_w = q.dequantize(&dev).unwrap();
+        let dense = x.matmul(&dense_w.t().unwrap()).unwrap();
+        let dense = dense.to_vec2::<f32>().unwrap();
+        let ours = GgmlWeight::new(q, DType::F32).unwrap();
+        assert!(
+            ours.block_format().is_some(),
+            "{dtype:?} runs on our kernel"
+        );
+        let got = ours.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let (wd, xs) = (
+            dense_w.to_vec2::<f32>().unwrap(),
+            x.to_vec2::<f32>().unwrap(),
+        );
+        for o in 0..n {
+            let (g, c, d) = (got[0][o], candle[0][o], dense[0][o]);
+            // candle keeps each activation block's scale in f16 (as GGML's Q8 blocks do), we
+            // in f32: a relative 2^-11 of each block's share, far below what a misread bit of
+            // a weight would move.
+            let scale: f32 = (0..k).map(|i| (wd[o][i] * xs[0][i]).abs()).sum();
+            assert!(
+                (g - c).abs() <= 1e-3 * (1.0 + scale),
+                "{dtype:?} output {o}: ours {g}, candle's {c}"
+            );
+            assert!(
+                (g - d).abs() <= 0.5,
+                "{dtype:?} output {o}: ours {g}, dense {d}"
+            );
+        }
+    }
+}

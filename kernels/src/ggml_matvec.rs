@@ -1,5 +1,5 @@
 //! `y = x · Wᵀ` for a few rows of f32 `x` (decoding) against a weight stored in GGML's
-//! Q4_0, Q4_1 or Q8_0 blocks, read straight from the packed bytes, or dense in f32.
+//! Q4_0, Q4_1, Q5_0 or Q8_0 blocks, read straight from the packed bytes, or dense in f32.
 //!
 //! Decoding streams each weight row once per call. For the block formats the activations are
 //! rounded to 8 bits per 32-element block first (as GGML's own dot products do) so each block
@@ -7,8 +7,10 @@
 //! where the CPU has it, AVX2 `vpmaddubsw` otherwise, chosen at run time. Dequantizing to f32
 //! and multiplying there costs several instructions per weight and made decoding
 //! compute-bound at a quarter of the memory bandwidth. The offset terms (Q4_1's `m`, Q4_0's
-//! `−8·d`) use the exact f32 sums of the activations, so only the product term sees the
-//! rounding. Rows are split over the rayon threads.
+//! `−8·d`, Q5_0's `−16·d`) use the sums of the rounded activations, as GGML does: the rounding
+//! error then multiplies the weight itself, `d·q + m`. (Exact sums looked more accurate but put
+//! the error on the unsigned code `d·q` instead, twice candle's error against the dense product
+//! for Q4_0 on random weights.) Rows are split over the rayon threads.
 
 use half::f16;
 use rayon::prelude::*;
@@ -28,17 +30,22 @@ pub enum BlockFormat {
     Q4_1,
     /// `{ d: f16, qs: [i8; 32] }`: `d · q`.
     Q8_0,
+    /// `{ d: f16, qh: u32, qs: [u8; 16] }`: `d · (q − 16)` with `q` = nibble | bit `i` of
+    /// `qh` << 4, low nibbles first (llama.cpp's Q4_K_M keeps most tensors of a model whose
+    /// rows are not a multiple of 256 in it).
+    Q5_0,
 }
 
 impl BlockFormat {
     pub const BLOCK: usize = 32;
 
-    /// The format for a const-generic tag (0, 1, 2 in declaration order).
+    /// The format for a const-generic tag (0, 1, 2, 3 in declaration order).
     const fn from_tag(tag: u8) -> Self {
         match tag {
             0 => BlockFormat::Q4_0,
             1 => BlockFormat::Q4_1,
-            _ => BlockFormat::Q8_0,
+            2 => BlockFormat::Q8_0,
+            _ => BlockFormat::Q5_0,
         }
     }
 
@@ -48,6 +55,7 @@ impl BlockFormat {
             BlockFormat::Q4_0 => 18,
             BlockFormat::Q4_1 => 20,
             BlockFormat::Q8_0 => 34,
+            BlockFormat::Q5_0 => 22,
         }
     }
 }
@@ -237,7 +245,7 @@ fn dot_f32_lanes(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `x` rounded to 8 bits per 32-element block, the form the integer dot products read:
-/// `x ≈ d · q` with `d = max|x| / 127`, plus each block's exact sum for the offset terms.
+/// `x ≈ d · q` with `d = max|x| / 127`, plus each block's sum `d · Σq` for the offset terms.
 struct Q8Rows {
     /// Values per row.
     k: usize,
@@ -258,12 +266,14 @@ impl Q8Rows {
         {
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            // GGML's own rounding (`1 / d`, not `127 / amax`), so a kept file decodes as
+            // llama.cpp and candle decode it.
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             for (qv, xv) in qs.iter_mut().zip(xs) {
                 *qv = (xv * inv).round() as i8;
             }
             d.push(scale);
-            sum.push(xs.iter().sum());
+            sum.push(scale * qs.iter().map(|&q| q as i32).sum::<i32>() as f32);
         }
         Q8Rows { k, q, d, sum }
     }
@@ -305,12 +315,22 @@ fn dot_generic(format: BlockFormat, row: &[u8], x: &[i8], dx: &[f32], sx: &[f32]
                     acc += blk[2 + j] as i8 as i32 * xs[j] as i32;
                 }
             }
+            BlockFormat::Q5_0 => {
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                let qs = &blk[6..];
+                for j in 0..16 {
+                    let lo = (qs[j] & 0x0F) as u32 | ((qh >> j) & 1) << 4;
+                    let hi = (qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+                    acc += lo as i32 * xs[j] as i32 + hi as i32 * xs[j + 16] as i32;
+                }
+            }
         }
         total += d * d_x * acc as f32;
         total += match format {
             BlockFormat::Q4_0 => -8.0 * d * s_x,
             BlockFormat::Q4_1 => scale(blk, 2) * s_x,
             BlockFormat::Q8_0 => 0.0,
+            BlockFormat::Q5_0 => -16.0 * d * s_x,
         };
     }
     total
@@ -333,6 +353,24 @@ mod x86 {
                 _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
             }
             BlockFormat::Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
+            BlockFormat::Q5_0 => {
+                let packed = _mm_loadu_si128(blk.add(6) as *const __m128i);
+                let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+                let nibbles = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+                // Byte i gets 0x10 where bit i of qh is set: spread qh's byte i/8 over
+                // bytes i, test bit i%8 of each.
+                let qh = (blk.add(2) as *const u32).read_unaligned() as i32;
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(qh),
+                    _mm256_setr_epi8(
+                        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                        3, 3, 3, 3, 3, 3, 3,
+                    ),
+                );
+                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+                _mm256_or_si256(nibbles, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+            }
         }
     }
 
@@ -380,6 +418,7 @@ mod x86 {
             BlockFormat::Q4_0 => -8.0 * d * sx,
             BlockFormat::Q4_1 => f16_at(blk, 2) * sx,
             BlockFormat::Q8_0 => 0.0,
+            BlockFormat::Q5_0 => -16.0 * d * sx,
         }
     }
 
@@ -494,6 +533,10 @@ mod x86 {
                         _mm_fmadd_ps(four_f16(&w, b * bytes + 2), _mm_set1_ps(sx[b]), offsets);
                 }
                 BlockFormat::Q8_0 => {}
+                BlockFormat::Q5_0 => {
+                    let d = four_f16(&w, b * bytes);
+                    offsets = _mm_fmadd_ps(d, _mm_set1_ps(-16.0 * sx[b]), offsets);
+                }
             }
         }
         let mut off = [0f32; 4];
@@ -557,6 +600,7 @@ mod x86 {
             BlockFormat::Q4_0 => rows_of::<VNNI, 0>(rows, xq, m, out),
             BlockFormat::Q4_1 => rows_of::<VNNI, 1>(rows, xq, m, out),
             BlockFormat::Q8_0 => rows_of::<VNNI, 2>(rows, xq, m, out),
+            BlockFormat::Q5_0 => rows_of::<VNNI, 3>(rows, xq, m, out),
         }
     }
 
@@ -631,6 +675,20 @@ mod tests {
                         dense.push(d * q as i8 as f32);
                     }
                 }
+                BlockFormat::Q5_0 => {
+                    let qh = (lcg(&mut st) as u32) ^ ((lcg(&mut st) as u32) << 16);
+                    let qs: Vec<u8> = (0..16).map(|_| (lcg(&mut st) % 256) as u8).collect();
+                    bytes.extend_from_slice(&qh.to_le_bytes());
+                    bytes.extend_from_slice(&qs);
+                    let mut block = [0f32; 32];
+                    for j in 0..16 {
+                        let lo = (qs[j] & 15) as u32 + ((qh >> j) & 1) * 16;
+                        let hi = (qs[j] >> 4) as u32 + ((qh >> (j + 16)) & 1) * 16;
+                        block[j] = d * (lo as f32 - 16.0);
+                        block[j + 16] = d * (hi as f32 - 16.0);
+                    }
+                    dense.extend_from_slice(&block);
+                }
             }
         }
         (bytes, dense)
@@ -650,7 +708,12 @@ mod tests {
     #[test]
     fn every_format_matches_the_dequantized_product() {
         let (n, k) = (150, 96);
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        for format in [
+            BlockFormat::Q4_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q8_0,
+            BlockFormat::Q5_0,
+        ] {
             let (w, dense) = random_matrix(format, n, k, 7);
             for m in [1, 3] {
                 let mut st = 99;
@@ -679,13 +742,11 @@ mod tests {
                             (got - want_exact).abs() <= bound + 1e-4,
                             "{format:?} m={m} [{r}, {o}]: {got} vs exact {want_exact} (bound {bound})"
                         );
-                        // Q8_0 has no offset term: all of it sees the rounded x.
-                        if format == BlockFormat::Q8_0 {
-                            assert!(
-                                (got - want_rounded).abs() < 1e-4 * (1.0 + want_rounded.abs()),
-                                "{format:?} m={m} [{r}, {o}]: {got} vs {want_rounded}"
-                            );
-                        }
+                        // Every term, offsets included, sees the rounded x.
+                        assert!(
+                            (got - want_rounded).abs() < 1e-4 * (1.0 + want_rounded.abs()),
+                            "{format:?} m={m} [{r}, {o}]: {got} vs {want_rounded}"
+                        );
                     }
                 }
             }
@@ -695,7 +756,12 @@ mod tests {
     #[test]
     fn the_simd_paths_agree_with_the_scalar_one() {
         let (n, k) = (9, 32 * 7);
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        for format in [
+            BlockFormat::Q4_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q8_0,
+            BlockFormat::Q5_0,
+        ] {
             let (w, _) = random_matrix(format, n, k, 3);
             let mut st = 11;
             // Extreme activations too: a block of zeros and a block at ±max.

@@ -1,7 +1,7 @@
 //! A GGUF tensor (Q4_0, Q4_1, Q4_K, Q8_0 …) kept quantized as a frozen projection.
 //!
 //! For a few rows (decoding) the forward reads the packed blocks directly: our kernel for
-//! Q4_0/Q4_1/Q8_0 (f32 activations), candle's quantized matmul for the other types (which
+//! Q4_0/Q4_1/Q5_0/Q8_0 (f32 activations), candle's quantized matmul for the other types (which
 //! quantizes the activations to Q8 inside, so results differ slightly from a dense matmul of
 //! the dequantized weight); for batches (training, prefill) the layer is dequantized transiently and multiplied
 //! by the f32 GEMM. The backward dequantizes the layer transiently for `dx = dy · W` and
@@ -49,11 +49,12 @@ impl GgmlWeight {
     }
 
     /// The formats our decoding kernel reads directly.
-    fn block_format(&self) -> Option<BlockFormat> {
+    pub fn block_format(&self) -> Option<BlockFormat> {
         match self.qtensor.dtype() {
             GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
             GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+            GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
             _ => None,
         }
     }
