@@ -208,16 +208,25 @@ fn kill_test(kind: &str, out: &Path, kills: u32, rng: &mut Rng) -> Result<(), St
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(c.stdout.take().unwrap()).lines();
-        // The first kill waits for one whole save; later ones strike anywhere.
+        // The first kill waits for one whole save (its "saved" line: the trainer's progress
+        // line comes first, and a kill right after it found no save on a loaded machine);
+        // later ones strike anywhere.
         if k == 0 {
-            lines.next();
+            for line in lines.by_ref() {
+                if line.map_or(true, |l| l.starts_with("saved")) {
+                    break;
+                }
+            }
         }
         let delay = Duration::from_millis(rng.below(400));
         let t0 = Instant::now();
         std::thread::sleep(delay);
         c.kill().unwrap();
         c.wait().unwrap();
-        let saved = lines.map_while(Result::ok).count();
+        let saved = lines
+            .map_while(Result::ok)
+            .filter(|l| l.starts_with("saved"))
+            .count();
         saves_seen += saved;
         let what = verify(kind, out).map_err(|e| {
             format!(
