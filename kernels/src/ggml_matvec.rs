@@ -17,8 +17,9 @@ use rayon::prelude::*;
 
 /// How far ahead of the block being read the kernels ask for weight bytes. Decoding streams
 /// each weight once, and on the 2-core Xeon this project is built on the hardware prefetchers
-/// left the loop waiting on memory: Q4_1 decoding ran at 73 tokens/s without this and 115-120
-/// with it (1, 2, 3, 4, 5, 6 and 8 KiB tried: 95, 110, 118, 118, 118, 117, 110).
+/// left the loop waiting on memory: Q4_1 decoding ran at 72-73 tokens/s without this and
+/// 106-122 with it (medians of 3 over 2-4 rounds: 1 KiB 95-97, 2 KiB 107-113, 3 KiB 118-119,
+/// 4 KiB 114-122, 5 KiB 115-118, 6 KiB 115-133, 8 KiB 110-130).
 const PREFETCH_BYTES: usize = 4096;
 
 /// The block formats this kernel reads (32 elements per block, as GGML lays them out).

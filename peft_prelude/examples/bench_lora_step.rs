@@ -48,13 +48,7 @@ fn main() -> anyhow::Result<()> {
     let mut protected = true;
     let mut checkpointing = Checkpointing::Off;
     let mut base = "dense-f32".to_string();
-    let mut model_path = format!(
-        "{}/SmolLM2-135M-Instruct.Q4_1.gguf",
-        std::env::var("PEFT_MODELS_DIR").unwrap_or_else(|_| format!(
-            "{}/.cache/peft-models",
-            std::env::var("HOME").unwrap_or_default()
-        ))
-    );
+    let mut model_path = peft_prelude::setup::smollm2().display().to_string();
     while let Some(a) = args.next() {
         let mut value = || {
             args.next()

@@ -18,15 +18,10 @@ use peft_prelude::train::causal_lm_loss;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let model_path = args.next().filter(|s| !s.is_empty()).unwrap_or_else(|| {
-        let dir = std::env::var("PEFT_MODELS_DIR").unwrap_or_else(|_| {
-            format!(
-                "{}/.cache/peft-models",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        });
-        format!("{dir}/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let model_path = args
+        .next()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| peft_prelude::setup::smollm2().display().to_string());
     let batch: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(4);
     let seq: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(256);
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(2);

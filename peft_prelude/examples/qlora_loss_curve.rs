@@ -65,15 +65,9 @@ fn mean_and_error(runs: &[Vec<f64>]) -> Vec<(f64, f64)> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let model = std::env::args().nth(1).unwrap_or_else(|| {
-        let dir = std::env::var("PEFT_MODELS_DIR").unwrap_or_else(|_| {
-            format!(
-                "{}/.cache/peft-models",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        });
-        format!("{dir}/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let model = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| peft_prelude::setup::smollm2().display().to_string());
     let seeds: usize = std::env::args()
         .nth(2)
         .map(|s| s.parse())
