@@ -504,7 +504,8 @@ mod x86 {
         let mut offsets = _mm_setzero_ps();
         for b in 0..n {
             let xv = _mm256_loadu_si256(x.as_ptr().add(b * 32) as *const __m256i);
-            let scales = _mm_mul_ps(four_f16(&w, b * bytes), _mm_set1_ps(dx[b]));
+            let d = four_f16(&w, b * bytes);
+            let scales = _mm_mul_ps(d, _mm_set1_ps(dx[b]));
             let lanes = [
                 _mm_shuffle_ps::<0x00>(scales, scales),
                 _mm_shuffle_ps::<0x55>(scales, scales),
@@ -526,7 +527,6 @@ mod x86 {
             }
             match format {
                 BlockFormat::Q4_0 => {
-                    let d = four_f16(&w, b * bytes);
                     offsets = _mm_fmadd_ps(d, _mm_set1_ps(-8.0 * sx[b]), offsets);
                 }
                 BlockFormat::Q4_1 => {
@@ -535,7 +535,6 @@ mod x86 {
                 }
                 BlockFormat::Q8_0 => {}
                 BlockFormat::Q5_0 => {
-                    let d = four_f16(&w, b * bytes);
                     offsets = _mm_fmadd_ps(d, _mm_set1_ps(-16.0 * sx[b]), offsets);
                 }
             }
