@@ -49,6 +49,8 @@ apt_install() {
 }
 missing=()
 command -v c++ >/dev/null || missing+=(g++)
+# The hub tests download from a local stand-in through curl, as users download from the hub.
+command -v curl >/dev/null || missing+=(curl)
 command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]} (apt)"
@@ -61,5 +63,9 @@ fi
 scripts/prune-build-cache.sh
 echo "== the test binaries and the kernel (the same features as the test run, so nothing twice)"
 cargo test --workspace --no-run
+# The Parquet reader the prelude runs (tools/parquet-rows), built with the workspace's
+# dependencies; scripts/test.sh points PEFT_PARQUET_READER at it. (A user's first Parquet file
+# builds it into ~/.cache/peft-tools instead; tests/datasets.rs covers that path too.)
+cargo build -p peft-parquet-rows
 echo "== the kernel's build cache (the first time compiles candle and the prelude for evcxr)"
 "$CARGO_TARGET_DIR/debug/peft-kernel" warm

@@ -17,6 +17,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/peft-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # Two cores: build with both, keep the test binaries from fighting over them.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
+# The Parquet reader that scripts/setup-tests.sh builds beside the test binaries.
+export PEFT_PARQUET_READER="${PEFT_PARQUET_READER:-$CARGO_TARGET_DIR/debug/peft-parquet-rows}"
 
 scripts/setup-tests.sh || exit 1
 

@@ -36,3 +36,64 @@ fn a_file_that_is_not_parquet_is_named_in_the_error() {
     assert!(missing.to_string().contains("nope.parquet"), "{missing}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The user's path to the Parquet reader: built by cargo into `~/.cache/peft-tools` the first
+/// time (nothing to do when it is there and current), then the same rows as the copy the test
+/// scripts build with the workspace.
+#[test]
+fn the_parquet_reader_builds_on_first_use_and_reads_the_same_rows() {
+    let built = peft_prelude::data::parquet::built_reader().unwrap();
+    assert!(built.is_file(), "{}", built.display());
+    let out = std::process::Command::new(&built)
+        .arg(fixture("data/records.zstd.parquet"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let want = Dataset::from_json_file(fixture("data/records.jsonl")).unwrap();
+    assert_eq!(rows.len(), want.len());
+    for (got, want) in rows.iter().zip(want.rows()) {
+        assert_eq!(got.as_object().unwrap(), want);
+    }
+    // A damaged file makes the tool exit with the reader's reason, not a crash of ours.
+    let dir = std::env::temp_dir().join(format!("peft-datasets-built-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.parquet");
+    std::fs::write(&bad, b"PAR1 not really PAR1").unwrap();
+    let out = std::process::Command::new(&built)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stderr.is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_jsonl_file_with_one_record_is_one_row() {
+    let dir = std::env::temp_dir().join(format!("peft-datasets-one-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let one = dir.join("one.jsonl");
+    std::fs::write(
+        &one,
+        "{\"instruction\": \"Label\", \"output\": \"positive\"}\n",
+    )
+    .unwrap();
+    let data = Dataset::from_file(&one).unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data.text(0, "output").unwrap(), "positive");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use peft_prelude::data::Dataset;
 use peft_prelude::model::{HubOptions, LoadOptions, Pretrained};
 use peft_prelude::Error;
 use peft_tests::fixture;
@@ -61,8 +62,8 @@ fn fake_hub_cache(repo: &str) -> PathBuf {
 fn hub_repo_from_the_cache_offline() {
     let cache = fake_hub_cache("test-org/tiny-mistral");
     let hub = HubOptions {
-        cache_dir: cache.clone(),
         offline: true,
+        ..HubOptions::with_cache_dir(&cache)
     };
     let p =
         Pretrained::from_hub_with("test-org/tiny-mistral", &hub, &LoadOptions::default()).unwrap();
@@ -81,6 +82,246 @@ fn hub_repo_from_the_cache_offline() {
         msg.contains("test-org/not-cached") && msg.contains("offline"),
         "{msg}"
     );
+    fs::remove_dir_all(cache).unwrap();
+}
+
+/// A stand-in for the hub on a local port, answering as huggingface.co does: small files
+/// with `X-Repo-Commit` and a weak `ETag`; large ones (the weights) as a redirect to a CDN
+/// path carrying `X-Linked-Etag`; a gated repository only with the right bearer token.
+struct FakeHub {
+    endpoint: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+const FAKE_COMMIT: &str = "c0ffee0000000000000000000000000000000001";
+const FAKE_TOKEN: &str = "hf_test_secret";
+
+impl FakeHub {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let base = endpoint.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                reader.read_line(&mut request_line).unwrap();
+                let mut authorized = false;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap() == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    authorized |= line
+                        .trim()
+                        .eq_ignore_ascii_case(&format!("authorization: Bearer {FAKE_TOKEN}"));
+                }
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
+                seen.lock().unwrap().push(path.clone());
+                let (status, headers, body) = Self::answer(&base, &path, authorized);
+                let mut head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    body.len()
+                );
+                for (k, v) in headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body);
+            }
+        });
+        FakeHub { endpoint, requests }
+    }
+
+    fn answer(
+        base: &str,
+        path: &str,
+        authorized: bool,
+    ) -> (&'static str, Vec<(String, String)>, Vec<u8>) {
+        let hub = |etag: String| {
+            vec![
+                ("X-Repo-Commit".to_string(), FAKE_COMMIT.to_string()),
+                ("ETag".to_string(), etag),
+            ]
+        };
+        if let Some(file) = path.strip_prefix("/cdn/") {
+            let body = fs::read(fixture("tiny-mistral").join(file)).unwrap();
+            return ("200 OK", vec![("ETag".into(), "\"cdn-etag\"".into())], body);
+        }
+        let (repo, file) = match path.split_once("/resolve/main/") {
+            Some(parts) => parts,
+            None => return ("404 Not Found", vec![], b"not found".to_vec()),
+        };
+        match repo {
+            "/test-org/tiny-mistral" | "/test-org/gated-mistral" => {
+                if repo.contains("gated") && !authorized {
+                    return ("401 Unauthorized", vec![], b"gated".to_vec());
+                }
+                let Ok(body) = fs::read(fixture("tiny-mistral").join(file)) else {
+                    return (
+                        "404 Not Found",
+                        hub("\"none\"".into()),
+                        b"entry not found".to_vec(),
+                    );
+                };
+                if file == "model.safetensors" {
+                    let mut headers = hub("\"ignored\"".into());
+                    headers.push(("X-Linked-Etag".into(), "\"5eed5afe7e2050f\"".into()));
+                    headers.push(("Location".into(), format!("{base}/cdn/{file}")));
+                    ("302 Found", headers, vec![])
+                } else {
+                    (
+                        "200 OK",
+                        hub(format!("W/\"{}-{}\"", body.len(), file.len())),
+                        body,
+                    )
+                }
+            }
+            "/datasets/test-org/moods" if file == "train.jsonl" => (
+                "200 OK",
+                hub("W/\"moods\"".into()),
+                b"{\"instruction\": \"Label\", \"input\": \"great\", \"output\": \"positive\"}\n"
+                    .to_vec(),
+            ),
+            _ => ("404 Not Found", vec![], b"repository not found".to_vec()),
+        }
+    }
+
+    fn options(&self, cache: &std::path::Path, token: Option<&str>) -> HubOptions {
+        HubOptions {
+            cache_dir: cache.to_path_buf(),
+            offline: false,
+            endpoint: self.endpoint.clone(),
+            token: token.map(str::to_string),
+        }
+    }
+
+    fn request_count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+}
+
+/// What a user does on a machine with a network: load a hub repository that is not cached.
+/// The files land in huggingface_hub's layout (blobs named by etag, a relative symlink per
+/// file in the commit's snapshot, refs/main), and a second load touches no network.
+#[test]
+fn hub_repo_downloaded_into_the_shared_cache() {
+    let hub = FakeHub::start();
+    let cache = scratch("hub-download");
+    let options = hub.options(&cache, None);
+    let p = Pretrained::from_hub_with("test-org/tiny-mistral", &options, &LoadOptions::default())
+        .unwrap();
+    let ids = Tensor::new(&[[1u32, 415, 2936, 9060, 285, 1142]], &Device::Cpu).unwrap();
+    assert_eq!(
+        max_diff(&p.model.forward(&ids).unwrap(), &reference_logits()),
+        0.0
+    );
+    let repo = cache.join("models--test-org--tiny-mistral");
+    assert_eq!(
+        fs::read_to_string(repo.join("refs/main")).unwrap(),
+        FAKE_COMMIT
+    );
+    let weights = repo
+        .join("snapshots")
+        .join(FAKE_COMMIT)
+        .join("model.safetensors");
+    assert_eq!(
+        fs::read_link(&weights).unwrap(),
+        PathBuf::from("../../blobs/5eed5afe7e2050f")
+    );
+    assert_eq!(
+        fs::read(&weights).unwrap(),
+        fs::read(fixture("tiny-mistral/model.safetensors")).unwrap()
+    );
+    let blobs: Vec<String> = fs::read_dir(repo.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        blobs.iter().all(|b| !b.starts_with('.')),
+        "temporary files left: {blobs:?}"
+    );
+    assert!(hub
+        .requests
+        .lock()
+        .unwrap()
+        .contains(&"/cdn/model.safetensors".to_string()));
+
+    let before = hub.request_count();
+    Pretrained::from_hub_with("test-org/tiny-mistral", &options, &LoadOptions::default()).unwrap();
+    assert_eq!(
+        hub.request_count(),
+        before,
+        "a cached repository was fetched again"
+    );
+
+    // A dataset repository: its own folder prefix and URL.
+    let data = Dataset::from_hub_with("test-org/moods", "train.jsonl", &options).unwrap();
+    assert_eq!(data.len(), 1);
+    assert!(cache.join("datasets--test-org--moods/refs/main").is_file());
+    fs::remove_dir_all(cache).unwrap();
+}
+
+#[test]
+fn hub_errors_name_the_repository_and_what_to_do() {
+    let hub = FakeHub::start();
+    let cache = scratch("hub-errors");
+
+    // Gated: refused without the token, with a hint; loaded with it.
+    let err = Pretrained::from_hub_with(
+        "test-org/gated-mistral",
+        &hub.options(&cache, None),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Hub(_)), "{err:?}");
+    assert!(
+        msg.contains("test-org/gated-mistral") && msg.contains("HF_TOKEN"),
+        "{msg}"
+    );
+    Pretrained::from_hub_with(
+        "test-org/gated-mistral",
+        &hub.options(&cache, Some(FAKE_TOKEN)),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+
+    // Missing repository or file.
+    let err = Dataset::from_hub_with("test-org/none", "train.json", &hub.options(&cache, None))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("dataset test-org/none") && msg.contains("train.json") && msg.contains("404"),
+        "{msg}"
+    );
+
+    // Nothing listening: an error, not a hang or a panic, and no partial file in the cache.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = HubOptions {
+        endpoint: format!("http://{}", closed.local_addr().unwrap()),
+        ..hub.options(&cache, None)
+    };
+    drop(closed);
+    let err =
+        Pretrained::from_hub_with("test-org/other", &dead, &LoadOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, Error::Hub(_)) && err.to_string().contains("test-org/other"),
+        "{err}"
+    );
+    let leftovers: Vec<_> = fs::read_dir(cache.join("models--test-org--other/blobs"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     fs::remove_dir_all(cache).unwrap();
 }
 

@@ -127,7 +127,6 @@ const PROC_MACRO_CRATES: &[&str] = &[
     "darling_macro",
     "derive_builder_core",
     "derive_builder_macro",
-    "displaydoc",
     "dyn-stack-macros",
     "macro_rules_attribute-proc_macro",
     "monostate-impl",
@@ -145,7 +144,6 @@ const PROC_MACRO_CRATES: &[&str] = &[
     "zerocopy-derive",
     "zerofrom-derive",
     "zeroize_derive",
-    "zerovec-derive",
 ];
 
 /// The slot's cargo configuration: dependencies fully optimised and without the debug

@@ -8,6 +8,7 @@
 //! | [`data`] | JSON/JSONL/hub datasets, Alpaca template, tokenization, loss masks, padding, packing |
 //! | [`train`] | losses, AdamW, schedules, SFT and DPO trainers |
 //! | [`quant`] | NF4 (bitsandbytes-exact, double quantization), bnb-4bit checkpoints, GGUF-quantized frozen projections |
+//! | [`hub`] | the Hugging Face hub cache, shared with Python; downloads through `curl` |
 //! | [`generate`] | sampling, KV-cached decoding, streamers |
 //! | [`notebook`] | display handles, progress, live plots, token streaming, interrupt check |
 //! | [`prelude`] | one glob import for notebook cells |
@@ -18,6 +19,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod grads;
+pub mod hub;
 pub mod model;
 pub mod notebook;
 pub mod peft;

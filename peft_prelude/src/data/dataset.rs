@@ -39,15 +39,22 @@ impl Dataset {
     }
 
     /// A `.json` file holding an array of objects (or `{"data"|"train": [...]}`), or a `.jsonl`
-    /// file with one object per line. The format is detected from the content.
+    /// file with one object per line. The format is detected from the content, except that a
+    /// `.jsonl` (or `.ndjson`) file is always read as lines.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = read_file(path)?;
         let text = std::str::from_utf8(&bytes)
             .map_err(|e| Error::corrupt(path, format!("not UTF-8: {e}")))?;
         let trimmed = text.trim_start();
-        if trimmed.starts_with('[')
-            || (trimmed.starts_with('{') && serde_json::from_str::<Value>(text).is_ok())
+        // A `.jsonl` file is JSON lines even when it holds one record (which as a whole is
+        // also one JSON object).
+        let lines_by_name = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("ndjson"));
+        if !lines_by_name
+            && (trimmed.starts_with('[')
+                || (trimmed.starts_with('{') && serde_json::from_str::<Value>(text).is_ok()))
         {
             let value: Value = serde_json::from_str(text)
                 .map_err(|e| Error::corrupt(path, format!("invalid JSON: {e}")))?;
@@ -130,63 +137,23 @@ impl Dataset {
 
     /// A Parquet file (as the hub's converted dataset splits): one row per record, columns
     /// as fields (strings, numbers, booleans, lists and structs become JSON values).
+    /// The reader is a small tool built with cargo the first time (see [`super::parquet`]).
     pub fn from_parquet_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        // The parquet reader panics on some damaged files (negative column offsets, a missing
-        // dictionary, short bit-packed runs): contained here, a bad file is an error.
-        crate::error::contain_panic(|| Self::read_parquet(path)).map_err(|panic| {
-            Error::corrupt(path, format!("not a readable Parquet file: {panic}"))
-        })?
-    }
-
-    fn read_parquet(path: &Path) -> Result<Self> {
-        use parquet::file::reader::{FileReader, SerializedFileReader};
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let reader = SerializedFileReader::new(file)
-            .map_err(|e| Error::corrupt(path, format!("not a readable Parquet file: {e}")))?;
-        let rows = reader
-            .get_row_iter(None)
-            .map_err(|e| Error::corrupt(path, format!("cannot read the rows: {e}")))?;
-        let mut out = Vec::new();
-        for (i, row) in rows.enumerate() {
-            let row = row.map_err(|e| Error::corrupt(path, format!("row {i}: {e}")))?;
-            match row.to_json_value() {
-                Value::Object(m) => out.push(m),
-                other => {
-                    return Err(Error::corrupt(
-                        path,
-                        format!("row {i} is not a record: {other}"),
-                    ))
-                }
-            }
-        }
-        Dataset { rows: out }.non_empty(path)
+        let rows = super::parquet::read_rows(path)?;
+        Dataset { rows }.non_empty(path)
     }
 
     /// A dataset repository on the hub (e.g. `yahma/alpaca-cleaned` with
     /// `alpaca_data_cleaned.json`, or a `.parquet` split), through the standard Hugging Face
     /// cache.
     pub fn from_hub(repo: &str, file: &str) -> Result<Self> {
-        let options = crate::model::HubOptions::from_env();
-        let cache = hf_hub::Cache::new(options.cache_dir.clone());
-        let repo_ref = hf_hub::Repo::new(repo.to_string(), hf_hub::RepoType::Dataset);
-        if let Some(path) = cache.repo(repo_ref.clone()).get(file) {
-            return Self::from_file(path);
-        }
-        if options.offline {
-            return Err(Error::Hub(format!(
-                "dataset {repo}: `{file}` is not in the cache at {} and the hub is offline",
-                options.cache_dir.display()
-            )));
-        }
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-            .with_progress(false)
-            .build()
-            .map_err(|e| Error::Hub(format!("{repo}: {e}")))?;
-        let path = api
-            .repo(repo_ref)
-            .get(file)
-            .map_err(|e| Error::Hub(format!("dataset {repo}: cannot fetch `{file}`: {e}")))?;
+        Self::from_hub_with(repo, file, &crate::hub::HubOptions::from_env())
+    }
+
+    /// [`Dataset::from_hub`] with an explicit cache, endpoint and token.
+    pub fn from_hub_with(repo: &str, file: &str, hub: &crate::hub::HubOptions) -> Result<Self> {
+        let path = crate::hub::HubRepo::new(hub, crate::hub::RepoKind::Dataset, repo).get(file)?;
         Self::from_file(path)
     }
 

@@ -3,6 +3,7 @@
 pub mod alpaca;
 pub mod collate;
 pub mod dataset;
+pub mod parquet;
 pub mod tokenize;
 
 pub use alpaca::{alpaca_prompt, format_alpaca, ALPACA_TEMPLATE};

@@ -12,6 +12,8 @@ use super::linear::FrozenLinear;
 use super::weights::{load_model_weights_quantized, SafetensorsSource, WeightSource};
 use crate::error::{Error, Result};
 use crate::generate::GenerationConfig;
+pub use crate::hub::{hub_cache_dir, HubOptions};
+use crate::hub::{HubRepo, RepoKind};
 use crate::quant::bnb::BnbConfig;
 use crate::quant::Quantization;
 use crate::tokenizer::Tokenizer;
@@ -171,12 +173,12 @@ impl Pretrained {
 
     /// [`Pretrained::from_hub`] with an explicit cache directory and offline switch.
     pub fn from_hub_with(repo: &str, hub: &HubOptions, options: &LoadOptions) -> Result<Self> {
-        let hub = Hub::new(hub);
         if let Some((repo_id, file)) = split_gguf(repo) {
-            let path = hub.get(repo_id, file)?;
+            let path = HubRepo::new(hub, RepoKind::Model, repo_id).get(file)?;
             return Self::from_gguf(path, options);
         }
-        let config = hub.get(repo, "config.json")?;
+        let hub = HubRepo::new(hub, RepoKind::Model, repo);
+        let config = hub.get("config.json")?;
         let dir = config
             .parent()
             .ok_or_else(|| {
@@ -185,8 +187,8 @@ impl Pretrained {
                 ))
             })?
             .to_path_buf();
-        if hub.get(repo, "model.safetensors").is_err() {
-            let index = hub.get(repo, "model.safetensors.index.json")?;
+        if hub.get("model.safetensors").is_err() {
+            let index = hub.get("model.safetensors.index.json")?;
             #[derive(serde::Deserialize)]
             struct Index {
                 weight_map: std::collections::BTreeMap<String, String>,
@@ -200,12 +202,12 @@ impl Pretrained {
             shards.sort();
             shards.dedup();
             for shard in shards {
-                hub.get(repo, shard)?;
+                hub.get(shard)?;
             }
         }
-        hub.get(repo, "tokenizer.json")?;
+        hub.get("tokenizer.json")?;
         for optional in ["tokenizer_config.json", "generation_config.json"] {
-            let _ = hub.get(repo, optional);
+            let _ = hub.get(optional);
         }
         Self::from_dir(dir, options)
     }
@@ -250,78 +252,4 @@ fn split_gguf(repo: &str) -> Option<(&str, &str)> {
     }
     let (repo_id, file) = repo.rsplit_once('/')?;
     repo_id.contains('/').then_some((repo_id, file))
-}
-
-/// Where hub files are cached and whether the network may be used.
-#[derive(Debug, Clone)]
-pub struct HubOptions {
-    /// The `hub` folder of the Hugging Face cache.
-    pub cache_dir: PathBuf,
-    /// Never download; a file missing from the cache is an error.
-    pub offline: bool,
-}
-
-impl HubOptions {
-    /// The same cache as Python's huggingface_hub, offline when `HF_HUB_OFFLINE` is set.
-    pub fn from_env() -> Self {
-        HubOptions {
-            cache_dir: hub_cache_dir(),
-            offline: hub_offline(),
-        }
-    }
-}
-
-/// The `hub` folder of the Hugging Face cache: `$HF_HUB_CACHE`, `$HF_HOME/hub`, or
-/// `~/.cache/huggingface/hub` (the same rules as Python's huggingface_hub).
-pub fn hub_cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
-        return PathBuf::from(dir);
-    }
-    if let Some(home) = std::env::var_os("HF_HOME") {
-        return PathBuf::from(home).join("hub");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    home.join(".cache").join("huggingface").join("hub")
-}
-
-fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
-        .unwrap_or(false)
-}
-
-/// Files of hub repositories: from the cache when present, downloaded otherwise.
-struct Hub {
-    cache: hf_hub::Cache,
-    offline: bool,
-}
-
-impl Hub {
-    fn new(options: &HubOptions) -> Self {
-        Hub {
-            cache: hf_hub::Cache::new(options.cache_dir.clone()),
-            offline: options.offline,
-        }
-    }
-
-    fn get(&self, repo: &str, file: &str) -> Result<PathBuf> {
-        if let Some(path) = self.cache.model(repo.to_string()).get(file) {
-            return Ok(path);
-        }
-        if self.offline {
-            return Err(Error::Hub(format!(
-                "{repo}: `{file}` is not in the cache at {} and the hub is offline (HF_HUB_OFFLINE)",
-                self.cache.path().display()
-            )));
-        }
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(self.cache.clone())
-            .with_progress(false)
-            .build()
-            .map_err(|e| Error::Hub(format!("{repo}: {e}")))?;
-        api.model(repo.to_string())
-            .get(file)
-            .map_err(|e| Error::Hub(format!("{repo}: cannot fetch `{file}`: {e}")))
-    }
 }
