@@ -146,16 +146,36 @@ const PROC_MACRO_CRATES: &[&str] = &[
     "zeroize_derive",
 ];
 
+/// Dependencies whose speed no cell notices, built with less optimisation (first build, issue
+/// 20): gemm's complex-number kernels (candle has no complex dtype), chat-template rendering,
+/// chart drawing and font layout, and the zip reader of candle's `.npy`/`.pth` loaders.
+const COLD_CRATES: &[(&str, u8)] = &[
+    ("gemm-c32", 0),
+    ("gemm-c64", 0),
+    ("gemm-f64", 1),
+    ("minijinja", 1),
+    ("plotters", 1),
+    ("ttf-parser", 1),
+    ("owned_ttf_parser", 1),
+    ("ab_glyph", 1),
+    ("ab_glyph_rasterizer", 1),
+    ("zip", 1),
+];
+
 /// The slot's cargo configuration: dependencies fully optimised and without the debug
 /// assertions and overflow checks evcxr's profile turns on (a 135M-parameter forward pass is
-/// unusable with them), procedural macros unoptimised.
+/// unusable with them), procedural macros unoptimised, [`COLD_CRATES`] at their levels.
 fn slot_cargo_config() -> String {
     let mut config = String::from(
         "[profile.dev.package.\"*\"]\nopt-level = 3\ndebug-assertions = false\noverflow-checks = false\n",
     );
-    for name in PROC_MACRO_CRATES {
+    let levels = PROC_MACRO_CRATES
+        .iter()
+        .map(|name| (*name, 0))
+        .chain(COLD_CRATES.iter().copied());
+    for (name, level) in levels {
         config.push_str(&format!(
-            "\n[profile.dev.package.{name:?}]\nopt-level = 0\n"
+            "\n[profile.dev.package.{name:?}]\nopt-level = {level}\n"
         ));
     }
     config
