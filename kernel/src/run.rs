@@ -94,6 +94,12 @@ pub fn run(input: &Path, output: &Path, slot: &Slot, allow_errors: bool) -> Resu
     let comms = Arc::new(Comms::new(&slot.state_dir()));
     let mut forwarder = None;
     let start = Instant::now();
+    if !slot.is_warm() {
+        eprintln!(
+            "peft-kernel run: compiling candle and the prelude into {} (the first time only: several minutes)",
+            slot.dir.display()
+        );
+    }
     let mut engine = Engine::start(slot, &prelude_path(), |o| {
         forwarder = Some(Forwarder::spawn(
             o.stdout,
