@@ -1,6 +1,6 @@
 //! Parquet files, read by `tools/parquet-rows` in a child process.
 //!
-//! The Parquet reader and its codecs (zstd's C library among them) were a ninth of the
+//! The Parquet reader and its codecs (zstd's C library among them) were an eighth of the
 //! prelude's first build in the kernel's cache (issue 20), for one corner: the hub's datasets
 //! converted to Parquet. The prelude instead builds that small tool with cargo the first time a
 //! Parquet file is read (about a minute on 2 cores, once per machine) and reads its JSON lines.
@@ -67,13 +67,18 @@ pub fn reader_binary() -> Result<PathBuf> {
 }
 
 /// `~/.cache/peft-tools/release/peft-parquet-rows` (`$PEFT_TOOLS_DIR` replaces the folder),
-/// built, or rebuilt when its source is newer than the binary.
+/// built, or rebuilt when its source or manifest is newer than the binary.
 pub fn built_reader() -> Result<PathBuf> {
     let target_dir = tools_dir();
     let binary = target_dir.join("release").join(PACKAGE);
-    let source = tool_source().join("src/main.rs");
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let fresh = match (modified(&binary), modified(&source)) {
+    // Its code and its manifest (a new parquet version); not the workspace's lock file, which
+    // changes with every dependency of every crate.
+    let written = ["src/main.rs", "Cargo.toml"]
+        .iter()
+        .filter_map(|f| modified(&tool_source().join(f)))
+        .max();
+    let fresh = match (modified(&binary), written) {
         (Some(built), Some(written)) => built >= written,
         (Some(_), None) => true,
         (None, _) => false,

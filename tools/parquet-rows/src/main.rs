@@ -1,8 +1,8 @@
 //! `peft-parquet-rows FILE`: every row of a Parquet file as one JSON object per line on stdout
 //! (columns as fields; strings, numbers, booleans, lists and structs as JSON values).
 //!
-//! The prelude runs this instead of linking the Parquet reader: parquet and its codecs were a
-//! ninth of the prelude's first build in the kernel's cache, which every user pays, for one
+//! The prelude runs this instead of linking the Parquet reader: parquet and its codecs were an
+//! eighth of the prelude's first build in the kernel's cache, which every user pays, for one
 //! corner (hub datasets converted to Parquet). `peft_prelude::data::parquet` builds it the
 //! first time a Parquet file is read.
 //!
