@@ -161,8 +161,12 @@ impl FakeHub {
             Some(parts) => parts,
             None => return ("404 Not Found", vec![], b"not found".to_vec()),
         };
+        if repo == "/test-org/broken-mistral" && file == "model.safetensors" {
+            // A failure that is not "no such file" (curl does not retry a 410).
+            return ("410 Gone", hub("\"gone\"".into()), b"gone".to_vec());
+        }
         match repo {
-            "/test-org/tiny-mistral" | "/test-org/gated-mistral" => {
+            "/test-org/tiny-mistral" | "/test-org/gated-mistral" | "/test-org/broken-mistral" => {
                 if repo.contains("gated") && !authorized {
                     return ("401 Unauthorized", vec![], b"gated".to_vec());
                 }
@@ -295,6 +299,20 @@ fn hub_errors_name_the_repository_and_what_to_do() {
         &LoadOptions::default(),
     )
     .unwrap();
+
+    // The weights fail for another reason than absence: that error, not the sharded index's
+    // 404 that trying the index next would give.
+    let err = Pretrained::from_hub_with(
+        "test-org/broken-mistral",
+        &hub.options(&cache, None),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("410") && !msg.contains("index"),
+        "{msg}"
+    );
 
     // Missing repository or file.
     let err = Dataset::from_hub_with("test-org/none", "train.json", &hub.options(&cache, None))

@@ -167,7 +167,27 @@ impl<'a> HubRepo<'a> {
                 self.options.cache_dir.display()
             )));
         }
-        self.download(file)
+        self.download(file).map_err(|failed| failed.error)
+    }
+
+    /// [`Self::get`] for a file the repository may not have (the single `model.safetensors` of
+    /// a sharded checkpoint, an optional config): `None` when the hub answers 404, or offline
+    /// when it is not cached. Any other failure (network, a gated repository) is an error, so
+    /// it is not mistaken for the file's absence.
+    pub fn get_if_exists(&self, file: &str) -> Result<Option<PathBuf>> {
+        if let Some(path) = self.cached(file) {
+            return Ok(Some(path));
+        }
+        if self.options.offline {
+            return Ok(None);
+        }
+        match self.download(file) {
+            Ok(path) => Ok(Some(path)),
+            Err(DownloadFailed {
+                status: Some(404), ..
+            }) => Ok(None),
+            Err(failed) => Err(failed.error),
+        }
     }
 
     fn url(&self, file: &str) -> String {
@@ -187,9 +207,9 @@ impl<'a> HubRepo<'a> {
 
     /// Fetches `file` into `blobs/<etag>` (through a temporary file, renamed when complete),
     /// points `snapshots/<commit>/<file>` at it and records the commit in `refs/<revision>`.
-    fn download(&self, file: &str) -> Result<PathBuf> {
+    fn download(&self, file: &str) -> std::result::Result<PathBuf, DownloadFailed> {
         let blobs = self.folder().join("blobs");
-        std::fs::create_dir_all(&blobs).map_err(|e| Error::io(&blobs, e))?;
+        std::fs::create_dir_all(&blobs).map_err(|e| DownloadFailed::from(Error::io(&blobs, e)))?;
         let stamp = format!(
             "{}-{}",
             std::process::id(),
@@ -203,14 +223,22 @@ impl<'a> HubRepo<'a> {
         let result = self.fetch(file, &partial, &headers);
         let header_text = std::fs::read_to_string(&headers).unwrap_or_default();
         let _ = std::fs::remove_file(&headers);
-        let placed = result.and_then(|()| self.place(file, &partial, &header_text));
+        let placed = result.and_then(|()| {
+            self.place(file, &partial, &header_text)
+                .map_err(DownloadFailed::from)
+        });
         let _ = std::fs::remove_file(&partial);
         placed
     }
 
     /// Runs curl: redirects followed (the hub sends large files to its CDN; curl drops the
     /// token when the host changes), every response's headers kept for [`Self::place`].
-    fn fetch(&self, file: &str, partial: &Path, headers: &Path) -> Result<()> {
+    fn fetch(
+        &self,
+        file: &str,
+        partial: &Path,
+        headers: &Path,
+    ) -> std::result::Result<(), DownloadFailed> {
         let url = self.url(file);
         let mut command = Command::new("curl");
         command
@@ -261,7 +289,10 @@ impl<'a> HubRepo<'a> {
             Some(code) => format!("{url}: HTTP {code}"),
             None => format!("{url}: {}", String::from_utf8_lossy(&output.stderr).trim()),
         };
-        Err(self.hub_error(format!("cannot fetch `{file}`: {why}")))
+        Err(DownloadFailed {
+            status,
+            error: self.hub_error(format!("cannot fetch `{file}`: {why}")),
+        })
     }
 
     /// Moves a complete download into the cache layout, named by the hub's headers: the
@@ -286,6 +317,21 @@ impl<'a> HubRepo<'a> {
         std::fs::create_dir_all(refs_dir).map_err(|e| Error::io(refs_dir, e))?;
         crate::peft::io::write_atomic(&refs, meta.commit.as_bytes())?;
         Ok(pointer)
+    }
+}
+
+/// A failed download, with the HTTP status when the server answered (404: no such file).
+struct DownloadFailed {
+    status: Option<u16>,
+    error: Error,
+}
+
+impl From<Error> for DownloadFailed {
+    fn from(error: Error) -> Self {
+        DownloadFailed {
+            status: None,
+            error,
+        }
     }
 }
 

@@ -187,7 +187,7 @@ impl Pretrained {
                 ))
             })?
             .to_path_buf();
-        if hub.get("model.safetensors").is_err() {
+        if hub.get_if_exists("model.safetensors")?.is_none() {
             let index = hub.get("model.safetensors.index.json")?;
             #[derive(serde::Deserialize)]
             struct Index {
@@ -207,7 +207,7 @@ impl Pretrained {
         }
         hub.get("tokenizer.json")?;
         for optional in ["tokenizer_config.json", "generation_config.json"] {
-            let _ = hub.get(optional);
+            hub.get_if_exists(optional)?;
         }
         Self::from_dir(dir, options)
     }
