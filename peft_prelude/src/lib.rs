@@ -15,6 +15,11 @@
 //! | [`setup`] | where things are: the GPU, the models folder, the example data |
 //! | [`threads`] | the process's thread count, decided once (candle re-probes it per matmul) |
 
+// Public functions generic only for convenience (`impl AsRef<Path>`, `impl Into<..>`) are
+// thin shims over a non-generic body. A notebook cell is its own crate, compiled at
+// opt-level 2, where rustc re-instantiates every generic body the cell calls (upstream
+// instances are not shared at that level): a cell calling `Pretrained::load` spent 4.5 s
+// compiling the loader before it ran (issue 20).
 pub mod data;
 pub mod error;
 pub mod generate;

@@ -42,7 +42,10 @@ impl Dataset {
     /// file with one object per line. The format is detected from the content, except that a
     /// `.jsonl` (or `.ndjson`) file is always read as lines.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        Self::from_json_path(path.as_ref())
+    }
+
+    fn from_json_path(path: &Path) -> Result<Self> {
         let bytes = read_file(path)?;
         let text = std::str::from_utf8(&bytes)
             .map_err(|e| Error::corrupt(path, format!("not UTF-8: {e}")))?;
@@ -116,7 +119,10 @@ impl Dataset {
     /// A file without a single record is an error naming it (training on it could only fail
     /// later, further from the cause).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        Self::from_path(path.as_ref())
+    }
+
+    fn from_path(path: &Path) -> Result<Self> {
         if path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
@@ -139,7 +145,10 @@ impl Dataset {
     /// as fields (strings, numbers, booleans, lists and structs become JSON values).
     /// The reader is a small tool built with cargo the first time (see [`super::parquet`]).
     pub fn from_parquet_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        Self::from_parquet_path(path.as_ref())
+    }
+
+    fn from_parquet_path(path: &Path) -> Result<Self> {
         let rows = super::parquet::read_rows(path)?;
         Dataset { rows }.non_empty(path)
     }

@@ -216,7 +216,10 @@ fn unsupported_arithmetic(rest: &serde_json::Map<String, serde_json::Value>) -> 
 impl ModelConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        Self::from_json_path(path.as_ref())
+    }
+
+    fn from_json_path(path: &Path) -> Result<Self> {
         let json: serde_json::Value = read_json(path)?;
         let raw: HfConfigJson = serde_json::from_value(json.clone())
             .map_err(|e| Error::corrupt(path, format!("invalid config: {e}")))?;

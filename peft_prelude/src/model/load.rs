@@ -67,7 +67,10 @@ impl Pretrained {
     /// Loads from a GGUF file, a model directory, or (if neither exists) a hub repo id.
     /// A hub GGUF is named `repo_id/file.gguf` (e.g. `org/Model-GGUF/model.Q4_K_M.gguf`).
     pub fn load(source: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
-        let path = source.as_ref();
+        Self::load_path(source.as_ref(), options)
+    }
+
+    fn load_path(path: &Path, options: &LoadOptions) -> Result<Self> {
         let source = &*path.to_string_lossy();
         if path.is_dir() {
             return Self::from_dir(path, options);
@@ -95,9 +98,12 @@ impl Pretrained {
     /// A Hugging Face model directory: config.json, model.safetensors (or a sharded index),
     /// tokenizer.json, generation_config.json when present.
     pub fn from_dir(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        Self::from_dir_path(dir.as_ref(), options)
+    }
+
+    fn from_dir_path(dir: &Path, options: &LoadOptions) -> Result<Self> {
         // Before candle's first op (its thread pools read the settings once).
         crate::threads::settle_thread_count();
-        let dir = dir.as_ref();
         let config = ModelConfig::from_json_file(dir.join("config.json"))?;
         let weights = load_dir_weights(dir, &config, options)?;
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
@@ -119,6 +125,10 @@ impl Pretrained {
     /// A GGUF file of the `llama` architecture; quantized weights are dequantized at load
     /// unless `options.quantization` is [`Quantization::KeepGguf`].
     pub fn from_gguf(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        Self::from_gguf_path(path.as_ref(), options)
+    }
+
+    fn from_gguf_path(path: &Path, options: &LoadOptions) -> Result<Self> {
         // Before candle's first op (its thread pools read the settings once).
         crate::threads::settle_thread_count();
         let file = GgufFile::open(path)?;
@@ -215,7 +225,10 @@ impl Pretrained {
 
 /// The model (no tokenizer) of a Hugging Face directory, e.g. a bitsandbytes 4-bit checkpoint.
 pub fn load_model_from_dir(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Model> {
-    let dir = dir.as_ref();
+    load_model_from_dir_path(dir.as_ref(), options)
+}
+
+fn load_model_from_dir_path(dir: &Path, options: &LoadOptions) -> Result<Model> {
     let config = ModelConfig::from_json_file(dir.join("config.json"))?;
     let weights = load_dir_weights(dir, &config, options)?;
     Model::new(config, weights)

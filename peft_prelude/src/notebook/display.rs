@@ -225,7 +225,10 @@ impl Table {
     /// model configuration. Nested values are shown as JSON.
     /// The files of a directory with their sizes (what a save wrote), sorted by name.
     pub fn of_files(dir: impl AsRef<std::path::Path>) -> crate::Result<Self> {
-        let dir = dir.as_ref();
+        Self::of_files_in(dir.as_ref())
+    }
+
+    fn of_files_in(dir: &std::path::Path) -> crate::Result<Self> {
         let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
             .map_err(|e| crate::Error::io(dir, e))?
             .flatten()

@@ -37,6 +37,10 @@ pub struct PeftModel {
 
 /// Wraps `model` and adds `config` as the adapter "default" (Hugging Face's `get_peft_model`).
 pub fn get_peft_model(model: Model, config: impl Into<PeftConfig>) -> Result<PeftModel> {
+    get_peft_model_with(model, config.into())
+}
+
+fn get_peft_model_with(model: Model, config: PeftConfig) -> Result<PeftModel> {
     let mut peft = PeftModel::new(model);
     peft.add_adapter(DEFAULT_ADAPTER, config)?;
     Ok(peft)
@@ -348,7 +352,10 @@ impl PeftModel {
     /// Adds an adapter. LoRA and IA³ wrap the targeted projections; prompt-learning methods
     /// add virtual tokens or prefixes; bottleneck adapters hook into the decoder blocks.
     pub fn add_adapter(&mut self, name: &str, config: impl Into<PeftConfig>) -> Result<()> {
-        let mut config = config.into();
+        self.add_adapter_config(name, config.into())
+    }
+
+    fn add_adapter_config(&mut self, name: &str, mut config: PeftConfig) -> Result<()> {
         config.check_limits().map_err(Error::Config)?;
         if self.configs.contains_key(name) {
             return Err(Error::InvalidArgument(format!(
@@ -641,11 +648,15 @@ impl PeftModel {
     /// (`default` into `dir`, others into `dir/<name>`, as PEFT does). Each file is written
     /// to a temporary name and renamed, so a crash never leaves a half-written adapter.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.save_pretrained_at(dir.as_ref())
+    }
+
+    fn save_pretrained_at(&self, dir: &Path) -> Result<()> {
         for name in self.configs.keys() {
             let target = if name == DEFAULT_ADAPTER {
-                dir.as_ref().to_path_buf()
+                dir.to_path_buf()
             } else {
-                dir.as_ref().join(name)
+                dir.join(name)
             };
             self.save_adapter(name, &target)?;
         }
@@ -654,7 +665,10 @@ impl PeftModel {
 
     /// Saves one adapter into `dir`.
     pub fn save_adapter(&self, adapter: &str, dir: impl AsRef<Path>) -> Result<()> {
-        let dir = dir.as_ref();
+        self.save_adapter_at(adapter, dir.as_ref())
+    }
+
+    fn save_adapter_at(&self, adapter: &str, dir: &Path) -> Result<()> {
         let mut config = self
             .configs
             .get(adapter)
@@ -671,6 +685,10 @@ impl PeftModel {
 
     /// Loads a saved adapter (ours or Python PEFT's) onto `model` as "default".
     pub fn from_pretrained(model: Model, dir: impl AsRef<Path>) -> Result<Self> {
+        Self::from_pretrained_at(model, dir.as_ref())
+    }
+
+    fn from_pretrained_at(model: Model, dir: &Path) -> Result<Self> {
         let mut peft = PeftModel::new(model);
         peft.load_adapter(dir, DEFAULT_ADAPTER)?;
         Ok(peft)
@@ -678,7 +696,10 @@ impl PeftModel {
 
     /// Loads a saved adapter under `name`.
     pub fn load_adapter(&mut self, dir: impl AsRef<Path>, name: &str) -> Result<()> {
-        let dir = dir.as_ref();
+        self.load_adapter_at(dir.as_ref(), name)
+    }
+
+    fn load_adapter_at(&mut self, dir: &Path, name: &str) -> Result<()> {
         let config_path = dir.join("adapter_config.json");
         let config = PeftConfig::from_file(&config_path)?;
         super::prompt::check_config_fits(&config, &self.model, &config_path)?;

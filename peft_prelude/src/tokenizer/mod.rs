@@ -120,7 +120,11 @@ impl Tokenizer {
     /// template post-processor disagrees, the post-processor is rebuilt to follow the config
     /// (as `transformers`' Llama tokenizers do).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let mut path = path.as_ref().to_path_buf();
+        Self::from_path(path.as_ref())
+    }
+
+    fn from_path(path: &Path) -> Result<Self> {
+        let mut path = path.to_path_buf();
         if path.is_dir() {
             path.push("tokenizer.json");
         }
@@ -402,7 +406,11 @@ impl Tokenizer {
     /// [`Tokenizer::from_file`] read it back with the same ids, whatever this tokenizer was
     /// loaded from (a GGUF included).
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        export::save_pretrained(self, dir.as_ref())
+        self.save_pretrained_at(dir.as_ref())
+    }
+
+    fn save_pretrained_at(&self, dir: &Path) -> Result<()> {
+        export::save_pretrained(self, dir)
     }
 
     /// The `tokenizer.*` metadata llama.cpp reads from a GGUF: the original file's when the

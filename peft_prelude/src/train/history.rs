@@ -70,7 +70,10 @@ impl RunHistory {
 
     /// Every run saved under `output_dir`, oldest first.
     pub fn load_all(output_dir: impl AsRef<Path>) -> Result<Vec<RunHistory>> {
-        let output_dir = output_dir.as_ref();
+        Self::load_all_in(output_dir.as_ref())
+    }
+
+    fn load_all_in(output_dir: &Path) -> Result<Vec<RunHistory>> {
         let dir = output_dir.join("runs");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Ok(vec![]);
