@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 use peft_prelude::model::load::load_model_from_dir;
 use peft_prelude::model::weights::{SafetensorsSource, WeightSource};
-use peft_prelude::model::{FrozenLinear, LoadOptions, Model};
+use peft_prelude::model::{Forward, FrozenLinear, LoadOptions, Model};
 use peft_prelude::peft::lora::LoraLinear;
 use peft_prelude::peft::{get_peft_model, LoraConfig, LoraInit};
 use peft_prelude::quant::nf4::{double_quantize, quantize_blocks};
@@ -175,6 +175,31 @@ fn bnb_checkpoint_gives_the_reference_logits() {
     let dense = dequantized_copy(&model).forward(&input_ids()).unwrap();
     let worst = assert_logits_match(&dense, &reference(), "dequantized_dense", None, TOL);
     println!("dequantized dense vs reference: max diff {worst:e}");
+}
+
+/// Decoding with the KV cache, one token at a time, runs the NF4 projections through the row
+/// kernel on the packed codes (and, for the down projection's 160-column rows, which are not
+/// whole blocks, the dequantizing row path); every step's logits must match the full forward of
+/// the same model with its projections dequantized to dense weights.
+#[test]
+fn cached_decoding_matches_the_dequantized_model() {
+    let model = bnb_model();
+    let ids = input_ids().narrow(0, 0, 1).unwrap();
+    let t = ids.dim(1).unwrap();
+    let dense = dequantized_copy(&model).forward(&ids).unwrap();
+    let mut cache = model.new_cache();
+    for i in 0..t {
+        let step = ids.narrow(1, i, 1).unwrap();
+        let logits = model
+            .forward_last(Forward::ids(&step).with_cache(&mut cache))
+            .unwrap();
+        let want = dense.narrow(1, i, 1).unwrap().squeeze(1).unwrap();
+        let diff = max_abs_diff(&logits, &want);
+        assert!(
+            diff <= TOL * (1.0 + max_abs(&want)),
+            "step {i}: cached NF4 decoding differs from the dequantized model by {diff}"
+        );
+    }
 }
 
 #[test]

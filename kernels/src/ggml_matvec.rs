@@ -123,7 +123,7 @@ pub fn matmul_t_f32(
 /// `task(first_row, out)`; two tasks per thread: a decoding call is short, so fewer, larger
 /// tasks than rayon's default splitting keep the scheduling cost (wake-ups, yields) below the
 /// work.
-fn rows_times(m: usize, n: usize, task: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+pub(crate) fn rows_times(m: usize, n: usize, task: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     if m == 0 || n == 0 {
         return vec![0f32; m * n];
     }

@@ -6,7 +6,7 @@
 
 /// From this many input rows on (training batches, prefill) a frozen or quantized layer runs
 /// as one GEMM (dequantizing a quantized layer first); below it (decoding) the row kernels of
-/// [`ggml_matvec`] and the tiled NF4 kernel stream the weight once instead.
+/// [`ggml_matvec`] and [`nf4_matvec`] stream the weight once instead.
 pub const GEMM_MIN_ROWS: usize = 16;
 
 pub mod adamw;
@@ -41,4 +41,5 @@ pub use rope::rope;
 pub use swiglu::{geglu, swiglu};
 pub use swiglu_lora::{swiglu_lora_linear, swiglu_lora_linear_with};
 pub mod nf4;
+pub mod nf4_matvec;
 pub mod q8_gemm;

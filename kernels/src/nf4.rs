@@ -82,7 +82,37 @@ impl Absmax {
 
     /// Every block's absmax as f32.
     pub fn decode(&self) -> Vec<f32> {
-        (0..self.len()).map(|b| self.get(b)).collect()
+        self.decode_range(0..self.len())
+    }
+
+    /// The absmax of blocks `range` (within `0..len()`), the same values as [`get`](Self::get)
+    /// without its division per block: decoding reads a row's scales this way per token.
+    pub fn decode_range(&self, range: std::ops::Range<usize>) -> Vec<f32> {
+        match self {
+            Absmax::Plain(v) => v[range].to_vec(),
+            Absmax::Nested {
+                codes,
+                code_map,
+                nested_absmax,
+                nested_blocksize,
+                offset,
+            } => {
+                let mut out = Vec::with_capacity(range.len());
+                let mut b = range.start;
+                while b < range.end {
+                    let group = b / nested_blocksize;
+                    let end = ((group + 1) * nested_blocksize).min(range.end);
+                    let nested = nested_absmax[group];
+                    out.extend(
+                        codes[b..end]
+                            .iter()
+                            .map(|&c| code_map[c as usize] * nested + offset),
+                    );
+                    b = end;
+                }
+                out
+            }
+        }
     }
 
     /// Bytes held.
@@ -338,6 +368,9 @@ impl Nf4Matrix {
         if m == 0 || n == 0 || k == 0 {
             return vec![0f32; m * n];
         }
+        if m <= crate::nf4_matvec::MAX_INPUT_ROWS && crate::nf4_matvec::fits(self.blocksize, k) {
+            return self.forward_rows(packed, x, m);
+        }
         if m <= GEMV_MAX_ROWS {
             return self.forward_gemv(packed, x, m);
         }
@@ -377,8 +410,26 @@ impl Nf4Matrix {
         y
     }
 
-    /// Few input rows (decoding): each task dequantizes one weight row at a time and dots it
-    /// with every input row; nothing larger than a row is materialised.
+    /// Few input rows (decoding, batched generation) when rows are whole blocks of 32: the
+    /// row kernel of [`crate::nf4_matvec`] multiplies the packed codes directly, each task a
+    /// range of weight rows with their block scales decoded first.
+    fn forward_rows(&self, packed: &[u8], x: &[f32], m: usize) -> Vec<f32> {
+        use crate::nf4_matvec::{rows, Isa, SplitInput};
+        let (n, k) = (self.rows, self.cols);
+        let (half, blocks) = (k / 2, k / self.blocksize);
+        let split = SplitInput::new(x, m, k);
+        let isa = Isa::detect();
+        crate::ggml_matvec::rows_times(m, n, |r0, out| {
+            let count = out.len() / m;
+            let scales = self.absmax.decode_range(r0 * blocks..(r0 + count) * blocks);
+            let codes = &packed[r0 * half..(r0 + count) * half];
+            rows(isa, &self.code, self.blocksize, codes, &scales, &split, out);
+        })
+    }
+
+    /// Few input rows of a matrix whose rows are not whole blocks of 32: each task
+    /// dequantizes one weight row at a time and dots it with every input row; nothing larger
+    /// than a row is materialised.
     fn forward_gemv(&self, packed: &[u8], x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
         let rows_per_task = (16_384 / k.max(1)).max(1);

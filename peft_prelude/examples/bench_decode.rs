@@ -5,7 +5,8 @@
 //! ```
 //! MODEL defaults to the SmolLM2-135M-Instruct GGUF fetched by `scripts/fetch-smollm2.sh`.
 //! BASE: `dense-f32` (default: every weight dequantized to f32 at load) or `gguf-kept` (the
-//! projections stay in the file's GGML types and run as quantized matmuls on Q8 activations).
+//! projections stay in the file's GGML types and run as quantized matmuls on Q8 activations)
+//! or `nf4` (bitsandbytes' NF4 with double quantization, as `load_in_4bit` in the notebook).
 //! Thread count: `RAYON_NUM_THREADS` (default: all cores).
 
 use std::time::Instant;
@@ -27,7 +28,8 @@ fn main() -> anyhow::Result<()> {
     let quantization = match base.as_str() {
         "dense-f32" => Quantization::None,
         "gguf-kept" => Quantization::KeepGguf,
-        other => anyhow::bail!("BASE is dense-f32 or gguf-kept, got {other}"),
+        "nf4" => Quantization::QLORA,
+        other => anyhow::bail!("BASE is dense-f32, gguf-kept or nf4, got {other}"),
     };
 
     let t0 = Instant::now();

@@ -18,8 +18,9 @@ pub fn quantize_blocks(data: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
     let mids = midpoints(&NF4_CODE);
     let code_of = |v: f32, inv: f32| -> u8 {
         let s = (v * inv).clamp(-1.0, 1.0);
-        // torch.bucketize(right=False): the number of midpoints strictly below the value.
-        mids.iter().filter(|&&m| m < s).count() as u8
+        // torch.bucketize(right=False): the number of midpoints strictly below the value
+        // (the midpoints ascend, so a binary search counts them).
+        mids.partition_point(|&m| m < s) as u8
     };
     let absmax: Vec<f32> = data
         .par_chunks(blocksize)
@@ -197,7 +198,7 @@ fn lookup_table(code: &[f32]) -> Vec<u8> {
     (0..65536u32)
         .map(|i| {
             let x = -1.0f32 + 2.0f32 * i as f32 / 65535.0f32;
-            mids.iter().filter(|&&m| m < x).count() as u8
+            mids.partition_point(|&m| m < x) as u8
         })
         .collect()
 }
@@ -212,6 +213,15 @@ mod tests {
         assert_eq!(absmax, vec![1.0, 0.25]);
         // -1 → 0, 1 → 15, 0 → 7, 0.5 → 12 (nearest to 0.5626 vs 0.4407); 0.25/0.25 = 1 → 15.
         assert_eq!(packed, vec![0x0F, 0x7C, 0xF0]);
+    }
+
+    /// The binary searches in `quantize_blocks` and `lookup_table` count the midpoints below
+    /// a value only if the code books ascend.
+    #[test]
+    fn both_code_books_ascend() {
+        for code in [NF4_CODE.to_vec(), dynamic_map_signed()] {
+            assert!(code.windows(2).all(|w| w[0] < w[1]), "{code:?}");
+        }
     }
 
     #[test]
