@@ -334,7 +334,11 @@ mod tests {
             .collect();
         let weight = |r: usize, c: usize| {
             let byte = packed[(r * k + c) / 2];
-            let q = if c.is_multiple_of(2) { byte >> 4 } else { byte & 15 };
+            let q = if c.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 15
+            };
             (code[q as usize] * scales[(r * k + c) / blocksize]) as f64
         };
         for m in 1..=MAX_INPUT_ROWS {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::history::{LogEntry, RunHistory};
-use super::trainer::{Between, Monitor, Objective, TrainOutput, Trainer};
+use super::trainer::{Between, Monitor, Objective, TrainOutput, Trainer, TrainerCore};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationConfig};
 use crate::model::CausalLm;
@@ -151,84 +151,13 @@ impl<O: Objective + Send + 'static> Trainer<O> {
     /// (progress, loss curve, learning rate, pause, stop, a prompt to sample from). Get the
     /// trainer back with [`RunHandle::wait`].
     pub fn spawn(self) -> Result<RunHandle<O>> {
-        let name = self.args.run_name();
-        let exclusive = Exclusive::take(&name)?;
-        let shared = Arc::new(Shared {
-            commands: Mutex::new(Commands::default()),
-            wake: Condvar::new(),
-            status: Mutex::new(RunStatus {
-                run: name.clone(),
-                state: RunState::Running,
-                step: self.state().global_step,
-                total_steps: self.total_steps(),
-                loss: None,
-                learning_rate: None,
-                error: None,
-            }),
-            history: Mutex::new(self.state().log_history.clone()),
-        });
-        let panel = Panel::new(&name, self.args.learning_rate, Arc::clone(&shared));
-        notebook::show(&panel);
-        let marker = RunMarker::create(&name);
-        let mut monitor = WidgetMonitor {
-            panel: panel.clone(),
-            progress: ProgressBar::detached(self.total_steps() as u64, &format!("training {name}")),
-            plot: LinePlot::new("training loss").y_label("loss"),
-            last_plot: None,
-            shared: Arc::clone(&shared),
-        };
-        for e in &self.state().log_history {
-            monitor.plot.add_point(&name, e.step as f64, e.loss);
-        }
-        let thread_shared = Arc::clone(&shared);
+        let launch = Launch::prepare(&self.core)?;
+        let (shared, panel) = (Arc::clone(&launch.shared), launch.monitor.panel.clone());
         let thread = std::thread::Builder::new()
-            .name(format!("training {name}"))
+            .name(format!("training {}", launch.name))
             .spawn(move || {
-                notebook::mark_background_thread();
-                let _exclusive = exclusive;
-                let _marker = marker;
                 let mut trainer = self;
-                let interrupts_at_start = notebook::interrupt_count();
-                let shared = thread_shared;
-                let mut between =
-                    |t: &mut Trainer<O>| between_steps(t, &shared, interrupts_at_start);
-                let result = trainer.run(usize::MAX, &mut monitor, &mut between);
-                let (state, error) = match &result {
-                    Ok(out) if out.interrupted => (RunState::Interrupted, None),
-                    Ok(_) if trainer.state().global_step >= trainer.total_steps() => {
-                        (RunState::Finished, None)
-                    }
-                    Ok(_) => {
-                        let asked = lock(&shared.commands).stop;
-                        if asked {
-                            (RunState::Stopped, None)
-                        } else {
-                            (RunState::Interrupted, None)
-                        }
-                    }
-                    Err(e) => (RunState::Failed, Some(e.to_string())),
-                };
-                // Stopped early: keep a checkpoint when the run keeps checkpoints.
-                let early = matches!(state, RunState::Stopped | RunState::Interrupted);
-                if early && trainer.args.save_steps.is_some() {
-                    if let Err(e) = trainer.save_checkpoint() {
-                        eprintln!("could not save a checkpoint of the stopped run: {e}");
-                    }
-                }
-                {
-                    let mut status = lock(&shared.status);
-                    status.state = state;
-                    status.error = error;
-                    status.step = trainer.state().global_step;
-                }
-                monitor.finished(state, &result);
-                // Unanswered sample requests learn the run ended.
-                let pending = std::mem::take(&mut lock(&shared.commands).samples);
-                for r in pending {
-                    let _ = r.reply.send(Err(Error::InvalidArgument(
-                        "the run ended before the sample was generated".into(),
-                    )));
-                }
+                launch.run(&mut trainer.core, &mut trainer.objective);
                 trainer
             })
             .map_err(|e| {
@@ -242,9 +171,113 @@ impl<O: Objective + Send + 'static> Trainer<O> {
     }
 }
 
+/// A background run made ready before its thread starts (the panel shown, the slot claimed),
+/// and the thread's work: the non-generic part of [`Trainer::spawn`].
+struct Launch {
+    name: String,
+    exclusive: Exclusive,
+    marker: RunMarker,
+    shared: Arc<Shared>,
+    monitor: WidgetMonitor,
+}
+
+impl Launch {
+    fn prepare(core: &TrainerCore) -> Result<Self> {
+        let name = core.args.run_name();
+        let exclusive = Exclusive::take(&name)?;
+        let shared = Arc::new(Shared {
+            commands: Mutex::new(Commands::default()),
+            wake: Condvar::new(),
+            status: Mutex::new(RunStatus {
+                run: name.clone(),
+                state: RunState::Running,
+                step: core.state().global_step,
+                total_steps: core.total_steps(),
+                loss: None,
+                learning_rate: None,
+                error: None,
+            }),
+            history: Mutex::new(core.state().log_history.clone()),
+        });
+        let panel = Panel::new(&name, core.args.learning_rate, Arc::clone(&shared));
+        notebook::show(&panel);
+        let marker = RunMarker::create(&name);
+        let mut monitor = WidgetMonitor {
+            panel,
+            progress: ProgressBar::detached(core.total_steps() as u64, &format!("training {name}")),
+            plot: LinePlot::new("training loss").y_label("loss"),
+            last_plot: None,
+            shared: Arc::clone(&shared),
+        };
+        for e in &core.state().log_history {
+            monitor.plot.add_point(&name, e.step as f64, e.loss);
+        }
+        Ok(Launch {
+            name,
+            exclusive,
+            marker,
+            shared,
+            monitor,
+        })
+    }
+
+    /// The training thread: the loop with the run's commands between steps, then its end
+    /// state, a checkpoint when stopped early, and answers to samples left waiting.
+    fn run(self, core: &mut TrainerCore, objective: &mut dyn Objective) {
+        let Launch {
+            exclusive: _exclusive,
+            marker: _marker,
+            shared,
+            mut monitor,
+            ..
+        } = self;
+        notebook::mark_background_thread();
+        let interrupts_at_start = notebook::interrupt_count();
+        let mut between = |t: &mut TrainerCore, o: &mut dyn Objective| {
+            between_steps(t, o, &shared, interrupts_at_start)
+        };
+        let result = core.run(objective, usize::MAX, &mut monitor, &mut between);
+        let (state, error) = match &result {
+            Ok(out) if out.interrupted => (RunState::Interrupted, None),
+            Ok(_) if core.state().global_step >= core.total_steps() => (RunState::Finished, None),
+            Ok(_) => {
+                let asked = lock(&shared.commands).stop;
+                if asked {
+                    (RunState::Stopped, None)
+                } else {
+                    (RunState::Interrupted, None)
+                }
+            }
+            Err(e) => (RunState::Failed, Some(e.to_string())),
+        };
+        // Stopped early: keep a checkpoint when the run keeps checkpoints.
+        let early = matches!(state, RunState::Stopped | RunState::Interrupted);
+        if early && core.args.save_steps.is_some() {
+            if let Err(e) = core.save_checkpoint() {
+                eprintln!("could not save a checkpoint of the stopped run: {e}");
+            }
+        }
+        {
+            let mut status = lock(&shared.status);
+            status.state = state;
+            status.error = error;
+            status.step = core.state().global_step;
+        }
+        monitor.finished(state, &result);
+        // Unanswered sample requests learn the run ended.
+        let pending = std::mem::take(&mut lock(&shared.commands).samples);
+        for r in pending {
+            let _ = r.reply.send(Err(Error::InvalidArgument(
+                "the run ended before the sample was generated".into(),
+            )));
+        }
+    }
+}
+
 /// Between two steps of a background run: settings, samples, pause, stop, interrupts.
-fn between_steps<O: Objective>(
-    t: &mut Trainer<O>,
+fn between_steps(
+    t: &mut TrainerCore,
+    objective: &mut dyn Objective,
     shared: &Shared,
     interrupts_at_start: u64,
 ) -> Result<Between> {
@@ -265,13 +298,13 @@ fn between_steps<O: Objective>(
             problems.extend(t.set_learning_rate(lr).err());
         }
         if let Some(n) = max_steps {
-            problems.extend(t.set_max_steps(n).err());
+            problems.extend(t.set_max_steps(n, objective.units()).err());
         }
         if let Some(n) = logging {
-            t.set_logging_steps(n);
+            t.args.logging_steps = n;
         }
         if let Some(e) = eval {
-            t.set_eval_steps(e);
+            t.args.eval_steps = e;
         }
         {
             let mut status = lock(&shared.status);
@@ -299,8 +332,8 @@ fn between_steps<O: Objective>(
 }
 
 /// Greedy text from the current adapter (dropout off), `stream` receiving it as it comes.
-fn sample<O>(
-    t: &mut Trainer<O>,
+fn sample(
+    t: &mut TrainerCore,
     prompt: &str,
     max_new_tokens: usize,
     mut stream: Option<TextSink>,

@@ -291,10 +291,10 @@ impl Trainer<Dpo> {
         };
         let mut trainer = Trainer::with_objective(model, tokenizer, args, objective)?;
         if trainer.objective.config.precompute_ref_log_probs {
-            let batch = trainer.args.per_device_train_batch_size;
+            let batch = trainer.core.args.per_device_train_batch_size;
             trainer
                 .objective
-                .precompute_reference(&trainer.model, batch)?;
+                .precompute_reference(&trainer.core.model, batch)?;
         }
         Ok(trainer)
     }

@@ -73,8 +73,8 @@ impl Trainer<Sft> {
 
     /// Adds an evaluation set (its loss is logged every `eval_steps`).
     pub fn with_eval_dataset(mut self, dataset: &Dataset) -> Result<Self> {
-        let options = tokenize_options(&self.args);
-        self.objective.eval = Some(tokenize_dataset(dataset, &self.tokenizer, &options)?);
+        let options = tokenize_options(&self.core.args);
+        self.objective.eval = Some(tokenize_dataset(dataset, &self.core.tokenizer, &options)?);
         Ok(self)
     }
 }

@@ -137,6 +137,15 @@ pub struct TrainerState {
 
 /// A model, its optimizer and schedule, and an objective: see the module documentation.
 pub struct Trainer<O> {
+    pub(crate) core: TrainerCore,
+    pub(crate) objective: O,
+}
+
+/// Everything of a trainer but its objective, and the loop itself, which takes the objective
+/// as `&mut dyn Objective`. The methods of [`Trainer`] only forward here: a notebook cell is a
+/// crate compiled at opt-level 2, where rustc compiles anew every generic body the cell
+/// calls; a `train()` generic over the objective made each training cell compile the loop.
+pub(crate) struct TrainerCore {
     pub(crate) model: PeftModel,
     pub(crate) tokenizer: Tokenizer,
     pub(crate) args: TrainingArgs,
@@ -147,8 +156,12 @@ pub struct Trainer<O> {
     state: TrainerState,
     /// Shows the loss curve of every `train()` call of this trainer.
     plot: Option<LinePlot>,
-    pub(crate) objective: O,
 }
+
+/// What runs before each step of [`TrainerCore::run`] (a background run's commands); it may
+/// stop the run.
+pub(crate) type BetweenSteps<'a> =
+    dyn FnMut(&mut TrainerCore, &mut dyn Objective) -> Result<Between> + 'a;
 
 impl<O: Objective> Trainer<O> {
     /// The loop around `objective` for the model's active adapter (how a new trainer is
@@ -160,6 +173,113 @@ impl<O: Objective> Trainer<O> {
         args: TrainingArgs,
         objective: O,
     ) -> Result<Self> {
+        let core = TrainerCore::new(model, tokenizer, args, objective.units())?;
+        Ok(Trainer { core, objective })
+    }
+
+    /// Trains until `max_steps` / `num_train_epochs` are done, or until the notebook's
+    /// interrupt: then it stops after the current step, keeping every update (call `train()`
+    /// again to continue).
+    pub fn train(&mut self) -> Result<TrainOutput> {
+        self.core.train_steps(&mut self.objective, usize::MAX)
+    }
+
+    /// Like [`train`](Self::train) but stops after at most `steps` more optimizer steps
+    /// (the schedule still spans the whole run).
+    pub fn train_steps(&mut self, steps: usize) -> Result<TrainOutput> {
+        self.core.train_steps(&mut self.objective, steps)
+    }
+
+    /// Changes the peak learning rate for the rest of the run (the schedule keeps its shape:
+    /// warmup and decay continue from the current step with the new peak).
+    pub fn set_learning_rate(&mut self, learning_rate: f64) -> Result<()> {
+        self.core.set_learning_rate(learning_rate)
+    }
+
+    /// Changes where the run ends (optimizer steps in all); the schedule is stretched to it.
+    pub fn set_max_steps(&mut self, max_steps: usize) -> Result<()> {
+        self.core.set_max_steps(max_steps, self.objective.units())
+    }
+
+    /// Log every `steps` steps (0: never).
+    pub fn set_logging_steps(&mut self, steps: usize) {
+        self.core.args.logging_steps = steps;
+    }
+
+    /// Evaluate every `steps` steps (`None`: never).
+    pub fn set_eval_steps(&mut self, steps: Option<usize>) {
+        self.core.args.eval_steps = steps;
+    }
+
+    /// One optimizer step: gradients, clipping, the scheduled learning rate, the update,
+    /// logging, evaluation and checkpoint when due. Returns the step's log entry and the
+    /// samples and tokens it saw. A non-finite loss is an error that leaves the adapter as
+    /// it was before the step.
+    pub fn step(&mut self) -> Result<(LogEntry, usize, usize)> {
+        self.core.step(&mut self.objective)
+    }
+
+    /// The evaluation loss (token-weighted mean over the evaluation set).
+    pub fn evaluate(&mut self) -> Result<f64> {
+        self.core.evaluate(&mut self.objective)
+    }
+
+    pub fn model(&self) -> &PeftModel {
+        &self.core.model
+    }
+
+    pub fn model_mut(&mut self) -> &mut PeftModel {
+        &mut self.core.model
+    }
+
+    pub fn into_model(self) -> PeftModel {
+        self.core.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.core.tokenizer
+    }
+
+    pub fn args(&self) -> &TrainingArgs {
+        &self.core.args
+    }
+
+    pub fn state(&self) -> &TrainerState {
+        &self.core.state
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.core.schedule.total_steps
+    }
+
+    /// This run's log so far.
+    pub fn history(&self) -> RunHistory {
+        self.core.history()
+    }
+
+    /// Writes `output_dir/checkpoint-{step}`: the adapter in PEFT's format, the raw trainable
+    /// parameters, the optimizer moments and the trainer state. Written to a temporary
+    /// directory and renamed, so a checkpoint is complete or absent. Returns its path.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        self.core.save_checkpoint()
+    }
+
+    /// Continues from a checkpoint written by [`save_checkpoint`](Self::save_checkpoint):
+    /// parameters, optimizer moments, step, and the data order (derived from the step).
+    /// Everything is read and checked before anything is changed: a damaged checkpoint is an
+    /// error that names its file and leaves this trainer as it was.
+    pub fn resume_from_checkpoint(&mut self, dir: impl AsRef<Path>) -> Result<()> {
+        self.core.resume_from_checkpoint(dir.as_ref())
+    }
+}
+
+impl TrainerCore {
+    fn new(
+        model: PeftModel,
+        tokenizer: Tokenizer,
+        args: TrainingArgs,
+        units: usize,
+    ) -> Result<Self> {
         let args = args.validated()?;
         check_writable(&args.output_dir)?;
         let params = model.trainable_vars();
@@ -168,8 +288,7 @@ impl<O: Objective> Trainer<O> {
                 "the model has no trainable parameters: add an adapter first".into(),
             ));
         }
-        let units = objective.units();
-        Ok(Trainer {
+        Ok(TrainerCore {
             optimizer: args.optimizer(params)?,
             schedule: args.schedule(units),
             order: BatchOrder::new(units, args.per_device_train_batch_size, args.seed),
@@ -178,20 +297,11 @@ impl<O: Objective> Trainer<O> {
             model,
             tokenizer,
             args,
-            objective,
         })
     }
 
-    /// Trains until `max_steps` / `num_train_epochs` are done, or until the notebook's
-    /// interrupt: then it stops after the current step, keeping every update (call `train()`
-    /// again to continue).
-    pub fn train(&mut self) -> Result<TrainOutput> {
-        self.train_steps(usize::MAX)
-    }
-
-    /// Like [`train`](Self::train) but stops after at most `steps` more optimizer steps
-    /// (the schedule still spans the whole run).
-    pub fn train_steps(&mut self, steps: usize) -> Result<TrainOutput> {
+    /// A foreground run of at most `steps` steps, drawn in the cell.
+    fn train_steps(&mut self, objective: &mut dyn Objective, steps: usize) -> Result<TrainOutput> {
         super::background::Exclusive::check_free()?;
         let mut plot = self
             .plot
@@ -201,7 +311,9 @@ impl<O: Objective> Trainer<O> {
             progress: None,
             plot: &mut plot,
         };
-        let result = self.run(steps, &mut monitor, &mut |_| Ok(Between::Continue));
+        let result = self.run(objective, steps, &mut monitor, &mut |_, _| {
+            Ok(Between::Continue)
+        });
         self.plot = Some(plot);
         result
     }
@@ -211,9 +323,10 @@ impl<O: Objective> Trainer<O> {
     /// every update, on the notebook's interrupt.
     pub(crate) fn run(
         &mut self,
+        objective: &mut dyn Objective,
         steps: usize,
         monitor: &mut dyn Monitor,
-        between: &mut dyn FnMut(&mut Self) -> Result<Between>,
+        between: &mut BetweenSteps<'_>,
     ) -> Result<TrainOutput> {
         let start = Instant::now();
         let first_step = self.state.global_step;
@@ -231,7 +344,7 @@ impl<O: Objective> Trainer<O> {
             if self.state.global_step >= stop_at {
                 break;
             }
-            match between(self) {
+            match between(self, objective) {
                 Ok(Between::Continue) => {}
                 Ok(Between::Stop) => break,
                 Err(e) => {
@@ -244,7 +357,7 @@ impl<O: Objective> Trainer<O> {
                 break;
             }
             self.model.train();
-            let (entry, step_samples, step_tokens) = match self.step() {
+            let (entry, step_samples, step_tokens) = match self.step(objective) {
                 Ok(done) => done,
                 Err(e) => {
                     outcome = Err(e);
@@ -254,8 +367,7 @@ impl<O: Objective> Trainer<O> {
             samples += step_samples;
             tokens += step_tokens;
             losses.push(entry.loss);
-            let plotted: Vec<(&str, f64)> = self
-                .objective
+            let plotted: Vec<(&str, f64)> = objective
                 .plotted_metrics()
                 .iter()
                 .filter_map(|&name| entry.metrics.get(name).map(|&v| (name, v)))
@@ -284,9 +396,7 @@ impl<O: Objective> Trainer<O> {
         })
     }
 
-    /// Changes the peak learning rate for the rest of the run (the schedule keeps its shape:
-    /// warmup and decay continue from the current step with the new peak).
-    pub fn set_learning_rate(&mut self, learning_rate: f64) -> Result<()> {
+    pub(crate) fn set_learning_rate(&mut self, learning_rate: f64) -> Result<()> {
         if !(learning_rate.is_finite() && learning_rate > 0.0) {
             return Err(Error::InvalidArgument(format!(
                 "the learning rate must be positive, got {learning_rate}"
@@ -297,8 +407,7 @@ impl<O: Objective> Trainer<O> {
         Ok(())
     }
 
-    /// Changes where the run ends (optimizer steps in all); the schedule is stretched to it.
-    pub fn set_max_steps(&mut self, max_steps: usize) -> Result<()> {
+    pub(crate) fn set_max_steps(&mut self, max_steps: usize, units: usize) -> Result<()> {
         if max_steps <= self.state.global_step {
             return Err(Error::InvalidArgument(format!(
                 "max_steps {max_steps} is not after the current step {}",
@@ -306,25 +415,11 @@ impl<O: Objective> Trainer<O> {
             )));
         }
         self.args.max_steps = max_steps as i64;
-        self.schedule = self.args.schedule(self.objective.units());
+        self.schedule = self.args.schedule(units);
         Ok(())
     }
 
-    /// Log every `steps` steps (0: never).
-    pub fn set_logging_steps(&mut self, steps: usize) {
-        self.args.logging_steps = steps;
-    }
-
-    /// Evaluate every `steps` steps (`None`: never).
-    pub fn set_eval_steps(&mut self, steps: Option<usize>) {
-        self.args.eval_steps = steps;
-    }
-
-    /// One optimizer step: gradients, clipping, the scheduled learning rate, the update,
-    /// logging, evaluation and checkpoint when due. Returns the step's log entry and the
-    /// samples and tokens it saw. A non-finite loss is an error that leaves the adapter as
-    /// it was before the step.
-    pub fn step(&mut self) -> Result<(LogEntry, usize, usize)> {
+    fn step(&mut self, objective: &mut dyn Objective) -> Result<(LogEntry, usize, usize)> {
         let started = Instant::now();
         let accum = self.args.gradient_accumulation_steps;
         let base = self.state.global_step * accum;
@@ -337,9 +432,7 @@ impl<O: Objective> Trainer<O> {
             .iter()
             .map(|(_, v)| v.clone())
             .collect();
-        let mut result = self
-            .objective
-            .step(&self.model, &micro_batches, &params, &self.args)?;
+        let mut result = objective.step(&self.model, &micro_batches, &params, &self.args)?;
         if !result.loss.is_finite() {
             return Err(Error::InvalidArgument(format!(
                 "the loss is {} at step {} (lower the learning rate, check the data); the adapter is left as it was before this step",
@@ -368,7 +461,7 @@ impl<O: Objective> Trainer<O> {
             .eval_steps
             .is_some_and(|every| every > 0 && entry.step.is_multiple_of(every))
         {
-            if let Some(loss) = self.objective.evaluate(&self.model, &self.args) {
+            if let Some(loss) = objective.evaluate(&self.model, &self.args) {
                 entry.eval_loss = Some(loss?);
                 self.model.train();
             }
@@ -387,9 +480,8 @@ impl<O: Objective> Trainer<O> {
         Ok((entry, result.samples, result.tokens))
     }
 
-    /// The evaluation loss (token-weighted mean over the evaluation set).
-    pub fn evaluate(&mut self) -> Result<f64> {
-        self.objective
+    fn evaluate(&mut self, objective: &mut dyn Objective) -> Result<f64> {
+        objective
             .evaluate(&self.model, &self.args)
             .unwrap_or_else(|| {
                 Err(Error::InvalidArgument(
@@ -398,46 +490,22 @@ impl<O: Objective> Trainer<O> {
             })
     }
 
-    pub fn model(&self) -> &PeftModel {
-        &self.model
-    }
-
-    pub fn model_mut(&mut self) -> &mut PeftModel {
-        &mut self.model
-    }
-
-    pub fn into_model(self) -> PeftModel {
-        self.model
-    }
-
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
-    pub fn args(&self) -> &TrainingArgs {
-        &self.args
-    }
-
-    pub fn state(&self) -> &TrainerState {
-        &self.state
-    }
-
-    pub fn total_steps(&self) -> usize {
+    pub(crate) fn total_steps(&self) -> usize {
         self.schedule.total_steps
     }
 
-    /// This run's log so far.
-    pub fn history(&self) -> RunHistory {
+    pub(crate) fn state(&self) -> &TrainerState {
+        &self.state
+    }
+
+    fn history(&self) -> RunHistory {
         RunHistory {
             name: self.args.run_name(),
             entries: self.state.log_history.clone(),
         }
     }
 
-    /// Writes `output_dir/checkpoint-{step}`: the adapter in PEFT's format, the raw trainable
-    /// parameters, the optimizer moments and the trainer state. Written to a temporary
-    /// directory and renamed, so a checkpoint is complete or absent. Returns its path.
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+    pub(crate) fn save_checkpoint(&self) -> Result<PathBuf> {
         let step = self.state.global_step;
         let final_dir = self.args.output_dir.join(format!("checkpoint-{step}"));
         let tmp = self
@@ -556,12 +624,7 @@ impl<O: Objective> Trainer<O> {
         Ok(())
     }
 
-    /// Continues from a checkpoint written by [`save_checkpoint`](Self::save_checkpoint):
-    /// parameters, optimizer moments, step, and the data order (derived from the step).
-    /// Everything is read and checked before anything is changed: a damaged checkpoint is an
-    /// error that names its file and leaves this trainer as it was.
-    pub fn resume_from_checkpoint(&mut self, dir: impl AsRef<Path>) -> Result<()> {
-        let dir = dir.as_ref();
+    fn resume_from_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let params_file = dir.join("trainable.safetensors");
         let params = crate::peft::io::read_safetensors(&params_file)?;
         let moments_file = dir.join("optimizer.safetensors");
