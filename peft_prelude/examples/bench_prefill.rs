@@ -4,7 +4,7 @@
 //! cargo run --release -p peft_prelude --example bench_prefill -- [MODEL] [BASE] [PROMPT_TOKENS] [RUNS]
 //! ```
 //! MODEL defaults to the SmolLM2-135M-Instruct GGUF fetched by `scripts/fetch-smollm2.sh`.
-//! BASE: `dense-f32` (default) or `gguf-kept`, as in `bench_decode`. PROMPT_TOKENS defaults to
+//! BASE: `dense-f32` (default), `gguf-kept` or `nf4`, as in `bench_decode`. PROMPT_TOKENS defaults to
 //! 512 (llama.cpp's `llama-bench -p 512`): one prompt, batch 1, through the KV cache, timed to
 //! the logits of its last token. The second line is batched generation as evaluation during
 //! training runs it: 8 different prompts, left-padded into one batch, 64 new greedy tokens each
@@ -35,7 +35,8 @@ fn main() -> anyhow::Result<()> {
     let quantization = match base.as_str() {
         "dense-f32" => Quantization::None,
         "gguf-kept" => Quantization::KeepGguf,
-        other => anyhow::bail!("BASE is dense-f32 or gguf-kept, got {other}"),
+        "nf4" => Quantization::QLORA,
+        other => anyhow::bail!("BASE is dense-f32, gguf-kept or nf4, got {other}"),
     };
     let p = Pretrained::load(
         &model_path,
