@@ -250,7 +250,7 @@ fn dot_f32_lanes(a: &[f32], b: &[f32]) -> f32 {
 
 /// `x` rounded to 8 bits per 32-element block, the form the integer dot products read:
 /// `x ≈ d · q` with `d = max|x| / 127`, plus each block's sum `d · Σq` for the offset terms.
-struct Q8Rows {
+pub(crate) struct Q8Rows {
     /// Values per row.
     k: usize,
     q: Vec<i8>,
@@ -260,7 +260,7 @@ struct Q8Rows {
 
 impl Q8Rows {
     /// `x: [rows, k]` row-major; `k` a multiple of 32.
-    fn quantize(x: &[f32], k: usize) -> Self {
+    pub(crate) fn quantize(x: &[f32], k: usize) -> Self {
         let blocks = x.len() / BlockFormat::BLOCK;
         let mut q = vec![0i8; x.len()];
         let (mut d, mut sum) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
@@ -283,7 +283,7 @@ impl Q8Rows {
     }
 
     /// Input row `r`: its values, block scales and block sums.
-    fn row(&self, r: usize) -> (&[i8], &[f32], &[f32]) {
+    pub(crate) fn row(&self, r: usize) -> (&[i8], &[f32], &[f32]) {
         let blocks = self.k / BlockFormat::BLOCK;
         (
             &self.q[r * self.k..(r + 1) * self.k],

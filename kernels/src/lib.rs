@@ -19,6 +19,7 @@ mod cuda;
 pub mod fast_exp;
 pub mod frozen;
 pub mod ggml_matvec;
+pub mod kquant_matvec;
 pub mod launch;
 pub mod lora;
 pub mod lora_mlp;

@@ -1,7 +1,8 @@
 //! A GGUF tensor (Q4_0, Q4_1, Q4_K, Q8_0 …) kept quantized as a frozen projection.
 //!
-//! For a few rows (decoding) the forward reads the packed blocks directly: our kernel for
-//! Q4_0/Q4_1/Q5_0/Q8_0 (f32 activations), candle's quantized matmul for the other types (which
+//! For a few rows (decoding) the forward reads the packed blocks directly: our kernels for
+//! Q4_0/Q4_1/Q5_0/Q8_0 and Q4_K/Q6_K (f32 activations rounded to 8 bits per 32, as GGML
+//! does), candle's quantized matmul for the other types (which
 //! quantizes the activations to Q8 inside, so results differ slightly from a dense matmul of
 //! the dequantized weight); for batches (training, prefill) the layer is dequantized transiently and multiplied
 //! by the f32 GEMM. The backward dequantizes the layer transiently for `dx = dy · W` and
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 use peft_kernels::ggml_matvec::BlockFormat;
+use peft_kernels::kquant_matvec::SuperFormat;
 
 use super::QuantizedWeight;
 use crate::error::{Error, Result};
@@ -55,6 +57,15 @@ impl GgmlWeight {
             GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
             GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
+            _ => None,
+        }
+    }
+
+    /// The super-block formats our decoding kernel reads directly.
+    pub fn super_format(&self) -> Option<SuperFormat> {
+        match self.qtensor.dtype() {
+            GgmlDType::Q4K => Some(SuperFormat::Q4K),
+            GgmlDType::Q6K => Some(SuperFormat::Q6K),
             _ => None,
         }
     }
@@ -121,18 +132,26 @@ impl QuantizedWeight for GgmlWeight {
             // does not round the activations to Q8).
             let w = self.qtensor.dequantize(x32.device())?;
             peft_kernels::frozen::matmul_t(&x32.detach(), &w)?
-        } else if let (Some(format), true) = (self.block_format(), x32.device().is_cpu()) {
-            // Decoding: our kernel streams the packed rows once (bandwidth-bound).
+        } else if x32.device().is_cpu()
+            && (self.block_format().is_some() || self.super_format().is_some())
+        {
+            // Decoding: our kernels stream the packed rows once.
             let (out_dims, xs) = {
                 let mut d = x32.dims().to_vec();
                 *d.last_mut().expect("rank >= 1") = out_f;
                 (d, x32.flatten_all()?.to_vec1::<f32>()?)
             };
             let data = self.qtensor.data()?;
-            let y = peft_kernels::ggml_matvec::matmul_t(&xs, rows, in_f, &data, out_f, format)
-                .map_err(|e| {
-                    Error::InvalidArgument(format!("{:?} layer: {e}", self.ggml_dtype()))
-                })?;
+            let y = match (self.block_format(), self.super_format()) {
+                (Some(format), _) => {
+                    peft_kernels::ggml_matvec::matmul_t(&xs, rows, in_f, &data, out_f, format)
+                }
+                (None, Some(format)) => {
+                    peft_kernels::kquant_matvec::matmul_t(&xs, rows, in_f, &data, out_f, format)
+                }
+                (None, None) => unreachable!("checked above"),
+            }
+            .map_err(|e| Error::InvalidArgument(format!("{:?} layer: {e}", self.ggml_dtype())))?;
             Tensor::from_vec(y, out_dims, x32.device())?
         } else {
             // Other types: candle's integer-dot kernels on Q8 activations, never dense.
