@@ -15,6 +15,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use crate::decode_isa::Level;
+
 /// How far ahead of the block being read the kernels ask for weight bytes. Decoding streams
 /// each weight once, and on the 2-core Xeon this project is built on the hardware prefetchers
 /// left the loop waiting on memory: Q4_1 decoding ran at 72-73 tokens/s without this and
@@ -132,14 +134,13 @@ fn rows_f32(w: &[f32], k: usize, x: &[f32], m: usize, out: &mut [f32]) {
     }
 }
 
-/// Whether the f32 rows run on the AVX-512 kernel (`PEFT_F32_ISA=avx2` forces the AVX2 one,
+/// Whether the f32 rows run on the AVX-512 kernel (`PEFT_DECODE_ISA=avx2` takes the AVX2 rows,
 /// as a stand-in for CPUs without AVX-512).
 #[cfg(target_arch = "x86_64")]
 fn f32_rows_avx512() -> bool {
     static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVX512.get_or_init(|| {
-        std::is_x86_feature_detected!("avx512f")
-            && std::env::var("PEFT_F32_ISA").map_or(true, |v| v != "avx2")
+        std::is_x86_feature_detected!("avx512f") && crate::decode_isa::cap() >= Level::Avx512
     })
 }
 
@@ -205,10 +206,24 @@ impl Isa {
         isas
     }
 
-    /// The fastest of [`Isa::supported`].
+    /// Its level for [`crate::decode_isa::cap`].
+    fn level(self) -> Level {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni => Level::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Level::Avx2,
+            Isa::Generic => Level::Generic,
+        }
+    }
+
+    /// The fastest of [`Isa::supported`] within [`crate::decode_isa::cap`].
     fn detect() -> Self {
-        *Self::supported()
-            .last()
+        let cap = crate::decode_isa::cap();
+        Self::supported()
+            .into_iter()
+            .rev()
+            .find(|isa| isa.level() <= cap)
             .expect("Generic is always supported")
     }
 
@@ -238,7 +253,10 @@ impl Isa {
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && crate::decode_isa::cap() >= Level::Avx2
+        {
             // SAFETY: the CPU supports the features the function is compiled for.
             return unsafe { dot_f32_avx2(a, b) };
         }

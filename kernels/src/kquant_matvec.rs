@@ -10,6 +10,7 @@
 
 use half::f16;
 
+use crate::decode_isa::Level;
 use crate::ggml_matvec::{rows_times, Q8Rows};
 
 /// The super-block formats this kernel reads.
@@ -179,9 +180,21 @@ impl Isa {
         isas
     }
 
+    /// The fastest of [`Isa::supported`] within [`crate::decode_isa::cap`].
     fn detect() -> Self {
-        *Self::supported()
-            .last()
+        let cap = crate::decode_isa::cap();
+        Self::supported()
+            .into_iter()
+            .rev()
+            .find(|isa| {
+                cap >= match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Vnni => Level::Avx512,
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => Level::Avx2,
+                    Isa::Generic => Level::Generic,
+                }
+            })
             .expect("Generic is always supported")
     }
 

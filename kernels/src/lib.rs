@@ -16,6 +16,7 @@ mod common;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod decode_isa;
 pub mod fast_exp;
 pub mod frozen;
 pub mod ggml_matvec;

@@ -12,6 +12,8 @@
 //! elements ([`SplitInput`]), so the high nibbles of a run of bytes meet one contiguous run
 //! of inputs and the low nibbles the other: no shuffle of the weights is needed.
 
+use crate::decode_isa::Level;
+
 /// Most input rows a call takes (each is a register accumulator per lane group).
 pub const MAX_INPUT_ROWS: usize = 8;
 
@@ -47,10 +49,21 @@ impl Isa {
         isas
     }
 
-    /// The fastest of [`Isa::supported`].
+    /// The fastest of [`Isa::supported`] within [`crate::decode_isa::cap`].
     pub fn detect() -> Self {
-        *Self::supported()
-            .last()
+        let cap = crate::decode_isa::cap();
+        Self::supported()
+            .into_iter()
+            .rev()
+            .find(|isa| {
+                cap >= match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => Level::Avx512,
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => Level::Avx2,
+                    Isa::Generic => Level::Generic,
+                }
+            })
             .expect("Generic is always supported")
     }
 }
