@@ -362,10 +362,12 @@ const M_CHUNK: usize = 64;
 pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &Q8Matrix) -> Result<Vec<f32>, Q8Error> {
     check_len("activation", m * w.cols, x.len())?;
     let n = w.rows;
-    let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 {
-        return Ok(y);
+        return Ok(vec![0f32; m * n]);
     }
+    // Not zeroed: every element is stored below, and zeroing a fresh output of a few MB per
+    // product (calloc re-using freed memory clears it) showed as `memset` in the step.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let xq = Q8Rows::quantize(isa, x, m, w.cols);
     let out = SendPtr(y.as_mut_ptr());
     // Work items: (column panel of up to NR tiles) × (chunk of rows); each writes its own
@@ -377,10 +379,14 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &Q8Matrix) -> Result<Vec<
         let rows = c * M_CHUNK..((c + 1) * M_CHUNK).min(m);
         let tiles = p * NR..((p + 1) * NR).min(w.tiles);
         let out = &out;
-        // SAFETY: each work item writes only y[rows, columns of `tiles`], disjoint from every
-        // other item's, and y outlives the parallel loop.
+        // SAFETY: each work item writes only y[rows, columns of `tiles`] (within the
+        // capacity), disjoint from every other item's, and y outlives the parallel loop.
         unsafe { panel(isa, &xq, w, rows, tiles, out.0, n) }
     });
+    // SAFETY: the work items cover every row chunk times every column panel, and each panel
+    // stores every row of its chunk and every column below n of its tiles (all three
+    // implementations), so all m·n elements are initialized.
+    unsafe { y.set_len(m * n) };
     Ok(y)
 }
 
