@@ -176,9 +176,9 @@ pub(crate) fn rows_times(m: usize, n: usize, task: impl Fn(usize, &mut [f32]) + 
     out
 }
 
-/// The instruction set the block kernels run with, detected once per call.
+/// The instruction set the block kernels (and [`crate::kquant_matvec`]'s) run with.
 #[derive(Clone, Copy, Debug)]
-enum Isa {
+pub(crate) enum Isa {
     #[cfg(target_arch = "x86_64")]
     Vnni,
     #[cfg(target_arch = "x86_64")]
@@ -188,7 +188,7 @@ enum Isa {
 
 impl Isa {
     /// Every instruction set this CPU can run the kernels with, plainest first.
-    fn supported() -> Vec<Self> {
+    pub(crate) fn supported() -> Vec<Self> {
         #[allow(unused_mut)]
         let mut isas = vec![Isa::Generic];
         #[cfg(target_arch = "x86_64")]
@@ -217,14 +217,18 @@ impl Isa {
         }
     }
 
-    /// The fastest of [`Isa::supported`] within [`crate::decode_isa::cap`].
-    fn detect() -> Self {
-        let cap = crate::decode_isa::cap();
-        Self::supported()
-            .into_iter()
-            .rev()
-            .find(|isa| isa.level() <= cap)
-            .expect("Generic is always supported")
+    /// The fastest of [`Isa::supported`] within [`crate::decode_isa::cap`], found once per
+    /// process (decoding asks for it in every matvec).
+    pub(crate) fn detect() -> Self {
+        static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let cap = crate::decode_isa::cap();
+            Self::supported()
+                .into_iter()
+                .rev()
+                .find(|isa| isa.level() <= cap)
+                .expect("Generic is always supported")
+        })
     }
 
     /// Weight rows `rows[0..]` times every input row of `xq` into `out: [rows, m]`.
@@ -384,7 +388,7 @@ fn dot_generic(format: BlockFormat, row: &[u8], x: &[i8], dx: &[f32], sx: &[f32]
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{BlockFormat, Q8Rows, PREFETCH_BYTES};
     use std::arch::x86_64::*;
 
@@ -431,7 +435,7 @@ mod x86 {
     /// with VNNI, else u8·i8 pairs summed to i16 (at most 2·128·127: no saturation) and
     /// then to i32.
     #[inline(always)]
-    unsafe fn int_dot<const VNNI: bool>(w: __m256i, x: __m256i) -> __m256i {
+    pub(crate) unsafe fn int_dot<const VNNI: bool>(w: __m256i, x: __m256i) -> __m256i {
         if VNNI {
             _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
         } else {

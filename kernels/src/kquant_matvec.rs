@@ -10,8 +10,7 @@
 
 use half::f16;
 
-use crate::decode_isa::Level;
-use crate::ggml_matvec::{rows_times, Q8Rows};
+use crate::ggml_matvec::{rows_times, Isa, Q8Rows};
 
 /// The super-block formats this kernel reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +68,7 @@ pub fn matmul_t(
             let row = &w[o * row_bytes..(o + 1) * row_bytes];
             for (r, y) in slot.iter_mut().enumerate() {
                 let (q, d, sum) = xq.row(r);
-                *y = isa.dot(format, row, q, d, sum);
+                *y = dot(isa, format, row, q, d, sum);
             }
         }
     }))
@@ -151,65 +150,19 @@ fn dot_generic(format: SuperFormat, row: &[u8], x: &[i8], dx: &[f32], sx: &[f32]
     total
 }
 
-/// The instruction set the kernel runs with (as in [`crate::ggml_matvec`]).
-#[derive(Clone, Copy, Debug)]
-enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Vnni,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Generic,
-}
-
-impl Isa {
-    fn supported() -> Vec<Self> {
-        #[allow(unused_mut)]
-        let mut isas = vec![Isa::Generic];
+/// One row's dot product on `isa` (the 32-element kernels' instruction sets: the same CPU
+/// features, and the same `PEFT_DECODE_ISA` cap).
+fn dot(isa: Isa, format: SuperFormat, row: &[u8], x: &[i8], dx: &[f32], sx: &[f32]) -> f32 {
+    let blocks = row.len() / format.block_bytes();
+    assert!(x.len() >= blocks * 256 && dx.len() >= blocks * 8 && sx.len() >= blocks * 8);
+    match isa {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
-            isas.push(Isa::Avx2);
-            if std::is_x86_feature_detected!("avx512vnni")
-                && std::is_x86_feature_detected!("avx512vl")
-            {
-                isas.push(Isa::Vnni);
-            }
-        }
-        isas
-    }
-
-    /// The fastest of [`Isa::supported`] within [`crate::decode_isa::cap`].
-    fn detect() -> Self {
-        let cap = crate::decode_isa::cap();
-        Self::supported()
-            .into_iter()
-            .rev()
-            .find(|isa| {
-                cap >= match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Vnni => Level::Avx512,
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => Level::Avx2,
-                    Isa::Generic => Level::Generic,
-                }
-            })
-            .expect("Generic is always supported")
-    }
-
-    fn dot(self, format: SuperFormat, row: &[u8], x: &[i8], dx: &[f32], sx: &[f32]) -> f32 {
-        let blocks = row.len() / format.block_bytes();
-        assert!(x.len() >= blocks * 256 && dx.len() >= blocks * 8 && sx.len() >= blocks * 8);
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `supported` found the features; the lengths are checked above.
-            Isa::Vnni => unsafe { x86::dot_vnni(format, row, x, dx, sx) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx2 => unsafe { x86::dot_avx2(format, row, x, dx, sx) },
-            Isa::Generic => dot_generic(format, row, x, dx, sx),
-        }
+        // SAFETY: `Isa::supported` found the features; the lengths are checked above.
+        Isa::Vnni => unsafe { x86::dot_vnni(format, row, x, dx, sx) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::dot_avx2(format, row, x, dx, sx) },
+        Isa::Generic => dot_generic(format, row, x, dx, sx),
     }
 }
 
@@ -218,20 +171,11 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{f16_at, scale_min, SuperFormat};
+    // 8 lanes of 32-bit sums of `w · x`, each lane four consecutive elements.
+    use crate::ggml_matvec::x86::int_dot;
 
     /// Bytes ahead that the weights are prefetched (as in the 32-element kernel).
     const PREFETCH_BYTES: usize = 4096;
-
-    /// 8 lanes of 32-bit sums of `w · x` (unsigned `w`, signed `x`), each lane four
-    /// consecutive elements.
-    #[inline(always)]
-    unsafe fn int_dot<const VNNI: bool>(w: __m256i, x: __m256i) -> __m256i {
-        if VNNI {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
-        } else {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
-        }
-    }
 
     #[inline(always)]
     unsafe fn sum8(v: __m256) -> f32 {
@@ -472,8 +416,14 @@ mod tests {
                 for o in 0..n {
                     for r in 0..2 {
                         let (q, d, sum) = xq.row(r);
-                        let got =
-                            isa.dot(format, &w[o * row_bytes..(o + 1) * row_bytes], q, d, sum);
+                        let got = dot(
+                            isa,
+                            format,
+                            &w[o * row_bytes..(o + 1) * row_bytes],
+                            q,
+                            d,
+                            sum,
+                        );
                         let want: f64 = (0..k)
                             .map(|i| dense[o * k + i] * (q[i] as f64 * d[i / 32] as f64))
                             .sum();

@@ -49,22 +49,28 @@ impl Isa {
         isas
     }
 
-    /// The fastest of [`Isa::supported`] within [`crate::decode_isa::cap`].
+    /// The fastest of [`Isa::supported`] within [`crate::decode_isa::cap`], found once per
+    /// process (decoding asks for it in every matvec).
     pub fn detect() -> Self {
-        let cap = crate::decode_isa::cap();
-        Self::supported()
-            .into_iter()
-            .rev()
-            .find(|isa| {
-                cap >= match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => Level::Avx512,
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => Level::Avx2,
-                    Isa::Generic => Level::Generic,
-                }
-            })
-            .expect("Generic is always supported")
+        static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let cap = crate::decode_isa::cap();
+            Self::supported()
+                .into_iter()
+                .rev()
+                .find(|isa| cap >= isa.level())
+                .expect("Generic is always supported")
+        })
+    }
+
+    fn level(self) -> Level {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Level::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Level::Avx2,
+            Isa::Generic => Level::Generic,
+        }
     }
 }
 
