@@ -1,7 +1,7 @@
 //! Prompt processing (prefill) and batched generation throughput, as JSON lines.
 //!
 //! ```text
-//! cargo run --release -p peft_prelude --example bench_prefill -- [MODEL] [BASE] [PROMPT_TOKENS] [RUNS]
+//! cargo run --release -p peft_prelude --example bench_prefill -- [MODEL] [BASE] [PROMPT_TOKENS] [RUNS] [prefill-only]
 //! ```
 //! MODEL defaults to the SmolLM2-135M-Instruct GGUF fetched by `scripts/fetch-smollm2.sh`.
 //! BASE: `dense-f32` (default), `gguf-kept` or `nf4`, as in `bench_decode`. PROMPT_TOKENS defaults to
@@ -9,6 +9,7 @@
 //! the logits of its last token. The second line is batched generation as evaluation during
 //! training runs it: 8 different prompts, left-padded into one batch, 64 new greedy tokens each
 //! (EOS ignored so every row makes all 64), tokens/s over the whole call (prefill included).
+//! `prefill-only` skips the generation line (to profile the prompt alone).
 //! Thread count: `RAYON_NUM_THREADS` (default: all cores).
 
 use std::time::Instant;
@@ -32,6 +33,11 @@ fn main() -> anyhow::Result<()> {
     let base = args.next().unwrap_or_else(|| "dense-f32".into());
     let prompt_tokens: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(512);
     let runs: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let prefill_only = match args.next().as_deref() {
+        None => false,
+        Some("prefill-only") => true,
+        Some(other) => anyhow::bail!("the fifth argument is `prefill-only`, got {other}"),
+    };
     let quantization = match base.as_str() {
         "dense-f32" => Quantization::None,
         "gguf-kept" => Quantization::KeepGguf,
@@ -72,6 +78,9 @@ fn main() -> anyhow::Result<()> {
             "prompt_tokens_per_s_all": prefill_rates,
         })
     );
+    if prefill_only {
+        return Ok(());
+    }
 
     // Batched generation: 8 prompts of different lengths (12 to 47 words).
     let words: Vec<&str> = TEXT.split_whitespace().collect();
