@@ -25,6 +25,7 @@
 //! A value the user set for any of these variables (`MALLOC_MMAP_THRESHOLD_`,
 //! `MALLOC_TRIM_THRESHOLD_` for the allocator) is kept.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Once;
 
 static SETTLED: Once = Once::new();
@@ -73,6 +74,63 @@ fn tune_allocator() {
     }
 }
 
+/// Runs `f` on a worker of rayon's pool while the other workers, instead of going to sleep
+/// between `f`'s parallel loops, wait for its tasks spinning (they run whatever tasks appear,
+/// `f`'s or anyone's, and stop when `f` returns).
+///
+/// Decoding one token runs ~200 short parallel loops (one per matvec) separated by
+/// single-threaded work; an idle rayon worker parks after a few dozen yields, so each loop
+/// paid a futex wake-up: scheduler and wake-up code were ~15% of a Q4_1 decoding profile.
+/// llama.cpp's thread pool spins between operations for the same reason.
+///
+/// `f` runs inline in a `join` whose other half is the first spinner, so that half is queued
+/// behind `f` on `f`'s worker for another worker to take (a spinner queued ahead of `f` would
+/// run `f` nested inside its own loop, on the same worker, and help nobody). Further spinners,
+/// for pools of more than two threads, are detached tasks that nobody waits for. A spinner
+/// that finds itself on the worker running `f` (taken up while `f` waits inside one of its
+/// loops) stops at once, so no worker waits for a spinner that waits for it.
+pub fn on_pool_with_spinning_helpers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    struct State {
+        done: AtomicBool,
+        owner: AtomicUsize,
+    }
+    const NOBODY: usize = usize::MAX;
+    impl State {
+        fn spin(&self) {
+            let here = rayon::current_thread_index().unwrap_or(NOBODY);
+            while !self.done.load(Ordering::Acquire) && self.owner.load(Ordering::Acquire) != here {
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+    /// Ends the spinning however `f` ends (a panic included).
+    struct Finish<'a>(&'a State);
+    impl Drop for Finish<'_> {
+        fn drop(&mut self) {
+            self.0.done.store(true, Ordering::Release);
+        }
+    }
+    let state = std::sync::Arc::new(State {
+        done: AtomicBool::new(false),
+        owner: AtomicUsize::new(NOBODY),
+    });
+    let run = || {
+        let _finish = Finish(&state);
+        state.owner.store(
+            rayon::current_thread_index().unwrap_or(NOBODY),
+            Ordering::Release,
+        );
+        for _ in 2..rayon::current_num_threads() {
+            let state = state.clone();
+            rayon::spawn(move || state.spin());
+        }
+        f()
+    };
+    rayon::join(run, || state.spin()).0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +142,24 @@ mod tests {
         assert!(n >= 1);
         assert_eq!(candle_core::utils::get_num_threads(), n);
         assert!(std::env::var("CANDLE_NUM_THREADS").is_ok_and(|v| !v.is_empty()));
+    }
+
+    #[test]
+    fn spinning_helpers_run_the_loops_and_stop() {
+        use rayon::prelude::*;
+        for round in 0..200u64 {
+            let (sum, on_pool) = on_pool_with_spinning_helpers(|| {
+                let sum: u64 = (0..1000u64).into_par_iter().map(|i| i * round).sum();
+                (sum, rayon::current_thread_index().is_some())
+            });
+            assert_eq!(sum, 499_500 * round);
+            assert!(on_pool, "f ran off the pool");
+        }
+        // A panic in f reaches the caller and the helpers still stop: the pool serves the
+        // next call.
+        let caught = std::panic::catch_unwind(|| on_pool_with_spinning_helpers(|| panic!("f")));
+        assert!(caught.is_err());
+        let sum: u64 = on_pool_with_spinning_helpers(|| (0..10u64).into_par_iter().sum());
+        assert_eq!(sum, 45);
     }
 }
