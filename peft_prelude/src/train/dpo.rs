@@ -401,6 +401,12 @@ impl Objective for Dpo {
         params: &[Var],
         _args: &TrainingArgs,
     ) -> Result<StepResult> {
+        if rayon::current_thread_index().is_none() {
+            // On the pool with spinning helpers, as `sft::batch_gradients`.
+            return crate::threads::on_pool_with_spinning_helpers(|| {
+                self.step(model, micro_batches, params, _args)
+            });
+        }
         let accum = micro_batches.len().max(1);
         let device = model.device().clone();
         let mut out = StepResult {
