@@ -88,8 +88,18 @@ impl Absmax {
     /// The absmax of blocks `range` (within `0..len()`), the same values as [`get`](Self::get)
     /// without its division per block: decoding reads a row's scales this way per token.
     pub fn decode_range(&self, range: std::ops::Range<usize>) -> Vec<f32> {
+        let mut out = vec![0f32; range.len()];
+        self.decode_range_into(range.start, &mut out);
+        out
+    }
+
+    /// [`decode_range`](Self::decode_range) of the blocks `first..first + out.len()` into
+    /// `out` (decoding's tasks reuse one buffer per thread: a fresh one per task made two
+    /// threads contend for the allocator's lock).
+    pub fn decode_range_into(&self, first: usize, out: &mut [f32]) {
+        let range = first..first + out.len();
         match self {
-            Absmax::Plain(v) => v[range].to_vec(),
+            Absmax::Plain(v) => out.copy_from_slice(&v[range]),
             Absmax::Nested {
                 codes,
                 code_map,
@@ -97,20 +107,16 @@ impl Absmax {
                 nested_blocksize,
                 offset,
             } => {
-                let mut out = Vec::with_capacity(range.len());
                 let mut b = range.start;
                 while b < range.end {
                     let group = b / nested_blocksize;
                     let end = ((group + 1) * nested_blocksize).min(range.end);
                     let nested = nested_absmax[group];
-                    out.extend(
-                        codes[b..end]
-                            .iter()
-                            .map(|&c| code_map[c as usize] * nested + offset),
-                    );
+                    for (o, &c) in out[b - first..end - first].iter_mut().zip(&codes[b..end]) {
+                        *o = code_map[c as usize] * nested + offset;
+                    }
                     b = end;
                 }
-                out
             }
         }
     }
@@ -419,11 +425,18 @@ impl Nf4Matrix {
         let (half, blocks) = (k / 2, k / self.blocksize);
         let split = SplitInput::new(x, m, k);
         let isa = Isa::detect();
+        thread_local! {
+            static SCALES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         crate::ggml_matvec::rows_times(m, n, |r0, out| {
             let count = out.len() / m;
-            let scales = self.absmax.decode_range(r0 * blocks..(r0 + count) * blocks);
             let codes = &packed[r0 * half..(r0 + count) * half];
-            rows(isa, &self.code, self.blocksize, codes, &scales, &split, out);
+            SCALES.with_borrow_mut(|scales| {
+                // `rows` runs no parallel loop, so nothing re-enters this borrow.
+                scales.resize(count * blocks, 0.0);
+                self.absmax.decode_range_into(r0 * blocks, scales);
+                rows(isa, &self.code, self.blocksize, codes, scales, &split, out);
+            })
         })
     }
 
