@@ -644,9 +644,10 @@ impl Model {
             // Decoding: run the pass on a pool worker, so every parallel loop inside (hundreds
             // per token) joins from within the pool instead of waking the workers from outside
             // and putting this thread to sleep (a third of decoding time), with the other
-            // workers spinning between the loops instead of parking. Not for training:
-            // activations allocated on a worker and freed on this thread grow a second malloc
-            // arena (peak RSS 2.9 -> 4.5 GB on SmolLM2).
+            // workers spinning between the loops instead of parking. (A training step runs
+            // on the pool too, from `sft::batch_gradients`: its activations, freed off the
+            // thread that made them, once grew a second malloc arena, peak RSS 2.9 -> 4.5 GB
+            // on SmolLM2; the single arena `crate::threads` sets keeps them in one heap.)
             return crate::threads::on_pool_with_spinning_helpers(|| self.hidden_states(args));
         }
         let Prepared {
