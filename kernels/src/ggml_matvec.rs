@@ -304,7 +304,8 @@ crate::rows::multiversion! {
         let mut sum = 0i32;
         for (q, &x) in qs.iter_mut().zip(xs) {
             // `max`/`min` return the other operand for a NaN, so the conversion below always
-            // sees a value in range.
+            // sees a value in range (`clamp` would pass the NaN on).
+            #[allow(clippy::manual_clamp)]
             let v = (x * inv).max(-128.0).min(128.0);
             // SAFETY: `v` is finite and within i32's range.
             let t = unsafe { v.to_int_unchecked::<i32>() }; // toward zero
