@@ -27,6 +27,13 @@ pub fn cap() -> Level {
     })
 }
 
+/// The last of `supported` (ordered plainest first) whose level is within [`cap`]: what a
+/// kernel family's `Isa::detect` runs with.
+pub(crate) fn fastest<I: Copy>(supported: Vec<I>, level: impl Fn(I) -> Level) -> Option<I> {
+    let cap = cap();
+    supported.into_iter().rev().find(|&isa| level(isa) <= cap)
+}
+
 fn parse(v: &str) -> Option<Level> {
     match v.to_ascii_lowercase().as_str() {
         "avx512" => Some(Level::Avx512),

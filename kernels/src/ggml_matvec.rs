@@ -222,11 +222,7 @@ impl Isa {
     pub(crate) fn detect() -> Self {
         static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *DETECTED.get_or_init(|| {
-            let cap = crate::decode_isa::cap();
-            Self::supported()
-                .into_iter()
-                .rev()
-                .find(|isa| isa.level() <= cap)
+            crate::decode_isa::fastest(Self::supported(), Self::level)
                 .expect("Generic is always supported")
         })
     }
@@ -748,6 +744,8 @@ pub(crate) mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn block_rounding_is_c_roundf() {
         // Halves (ties go away from zero), values next to them, the block's extremes, zero.
@@ -759,17 +757,15 @@ mod tests {
         xs.extend([127.0, -127.0, 0.0, -0.0, 0.49999997, -0.49999997]);
         xs.resize(xs.len().next_multiple_of(32), 0.3);
         let mut qs = vec![0i8; xs.len()];
-        let sum = super::round_block(&xs, 1.0, &mut qs);
+        let sum = round_block(&xs, 1.0, &mut qs);
         for (&x, &q) in xs.iter().zip(&qs) {
             assert_eq!(q, x.round() as i8, "round({x})");
         }
         assert_eq!(sum, qs.iter().map(|&q| q as i32).sum::<i32>());
         let mut nan = [0i8; 2];
-        super::round_block(&[f32::NAN, 1.0], 1.0, &mut nan);
+        round_block(&[f32::NAN, 1.0], 1.0, &mut nan);
         assert_eq!(nan, [-127, 1]);
     }
-
-    use super::*;
 
     fn lcg(state: &mut u64) -> u64 {
         *state = state

@@ -54,11 +54,7 @@ impl Isa {
     pub fn detect() -> Self {
         static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *DETECTED.get_or_init(|| {
-            let cap = crate::decode_isa::cap();
-            Self::supported()
-                .into_iter()
-                .rev()
-                .find(|isa| cap >= isa.level())
+            crate::decode_isa::fastest(Self::supported(), Self::level)
                 .expect("Generic is always supported")
         })
     }
