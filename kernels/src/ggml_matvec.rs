@@ -22,7 +22,7 @@ use crate::decode_isa::Level;
 /// left the loop waiting on memory: Q4_1 decoding ran at 72-73 tokens/s without this and
 /// 106-122 with it (medians of 3 over 2-4 rounds: 1 KiB 95-97, 2 KiB 107-113, 3 KiB 118-119,
 /// 4 KiB 114-122, 5 KiB 115-118, 6 KiB 115-133, 8 KiB 110-130).
-const PREFETCH_BYTES: usize = 4096;
+pub(crate) const PREFETCH_BYTES: usize = 4096;
 
 /// The block formats this kernel reads (32 elements per block, as GGML lays them out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,17 +153,30 @@ fn f32_rows_avx512() -> bool {
 /// two rounds, tokens/s, 2 then 8 tasks per thread): Q4_1 125 -> 155-165, Q8_0 96-100 ->
 /// 110-112, Q4_K_M 93-100 -> 101-102, NF4 81-87 -> 85-89, dense f32 unchanged (31-34).
 pub(crate) fn rows_times(m: usize, n: usize, task: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    rows_times_in(m, n, 1, task)
+}
+
+/// [`rows_times`] with every task's first row a multiple of `granule` and its `out` a whole
+/// number of `granule` rows (the last task's may run past `n`; those rows are dropped).
+pub(crate) fn rows_times_in(
+    m: usize,
+    n: usize,
+    granule: usize,
+    task: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     if m == 0 || n == 0 {
         return vec![0f32; m * n];
     }
-    let tasks = (rayon::current_num_threads() * 8).clamp(1, n.div_ceil(16));
-    let rows_per_task = n.div_ceil(tasks);
+    let granules = n.div_ceil(granule);
+    let tasks = (rayon::current_num_threads() * 8).clamp(1, n.div_ceil(16).min(granules));
+    let rows_per_task = granules.div_ceil(tasks) * granule;
     // Written transposed ([n, m]) so each task owns one contiguous range; m is small.
-    let mut out_t = vec![0f32; n * m];
+    let mut out_t = vec![0f32; granules * granule * m];
     out_t
         .par_chunks_mut(rows_per_task * m)
         .enumerate()
         .for_each(|(t, chunk)| task(t * rows_per_task, chunk));
+    out_t.truncate(n * m);
     if m == 1 {
         return out_t;
     }
@@ -322,6 +335,8 @@ pub(crate) struct Q8Rows {
     q: Vec<i8>,
     d: Vec<f32>,
     sum: Vec<f32>,
+    /// `Σq` per block, exact (the tiled Q8_0 kernel's offset).
+    q_sum: Vec<i32>,
 }
 
 impl Q8Rows {
@@ -330,6 +345,7 @@ impl Q8Rows {
         let blocks = x.len() / BlockFormat::BLOCK;
         let mut q = vec![0i8; x.len()];
         let (mut d, mut sum) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+        let mut q_sums = Vec::with_capacity(blocks);
         for (xs, qs) in x
             .chunks_exact(BlockFormat::BLOCK)
             .zip(q.chunks_exact_mut(BlockFormat::BLOCK))
@@ -342,8 +358,21 @@ impl Q8Rows {
             let q_sum = round_block(xs, inv, qs);
             d.push(scale);
             sum.push(scale * q_sum as f32);
+            q_sums.push(q_sum);
         }
-        Q8Rows { k, q, d, sum }
+        Q8Rows {
+            k,
+            q,
+            d,
+            sum,
+            q_sum: q_sums,
+        }
+    }
+
+    /// Input row `r`'s exact block sums `Σq`.
+    pub(crate) fn q_sums(&self, r: usize) -> &[i32] {
+        let blocks = self.k / BlockFormat::BLOCK;
+        &self.q_sum[r * blocks..(r + 1) * blocks]
     }
 
     /// Input row `r`: its values, block scales and block sums.

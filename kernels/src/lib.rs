@@ -20,6 +20,7 @@ pub mod decode_isa;
 pub mod fast_exp;
 pub mod frozen;
 pub mod ggml_matvec;
+pub mod ggml_tiles;
 pub mod kquant_matvec;
 pub mod launch;
 pub mod lora;

@@ -74,7 +74,10 @@ impl<const N: usize> Parallel<N> {
     /// Each projection's output for `x`, the fused output split into `widths`.
     fn forward(&self, x: &Tensor, widths: [usize; N]) -> Result<[Tensor; N]> {
         let outputs: Vec<Tensor> = match self {
-            Parallel::Separate(ps) => ps.iter().map(|p| p.forward(x)).collect::<Result<_>>()?,
+            Parallel::Separate(ps) => match crate::quant::ggml::forward_together(ps, x)? {
+                Some(ys) => ys,
+                None => ps.iter().map(|p| p.forward(x)).collect::<Result<_>>()?,
+            },
             Parallel::Fused(p) => {
                 let y = p.forward(x)?;
                 let mut start = 0;

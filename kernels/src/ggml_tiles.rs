@@ -1,0 +1,742 @@
+//! GGML Q4_0, Q4_1 and Q8_0 weights regrouped at load for decoding with AVX-512 VNNI: the
+//! blocks of 16 consecutive rows side by side, so one 512-bit `vpdpbusd` multiplies four
+//! weights of each of the 16 rows by the same four (broadcast) activations, and its 16
+//! 32-bit lanes are 16 output rows' partial sums.
+//!
+//! [`crate::ggml_matvec`] reads GGML's own layout, one row at a time: every 32-weight block
+//! costs a 256-bit unpack, a dot product, its own scale conversion and a multiply-add into a
+//! vector that is summed across lanes at the end of the row, about ten instructions per 32
+//! multiply-adds. Here a tile (16 rows × 32 columns) costs about thirty for 512: the scales of
+//! the 16 rows convert in one instruction, and no lane is ever summed across. llama.cpp's CPU
+//! backend repacks its Q4_0 weights for the same reason (the idea carries over, the code is
+//! ours).
+//!
+//! A tile of Q4_0/Q4_1 is five 64-byte lines: four of codes, then the 16 rows' `d` (f16) and,
+//! for Q4_1, their `m`. Code line `c`'s 32-bit lane `r` is bytes `4c..4c+4` of row `r`'s
+//! block, unchanged: their low nibbles are elements `4c..4c+4` and their high nibbles elements
+//! `16+4c..20+4c`. Q8_0's tile is eight code lines (lane `r` of line `c`: row `r`'s elements
+//! `4c..4c+4`, stored `+128` so they are the unsigned operand `vpdpbusd` wants; the kernel
+//! takes `128·Σx` back off exactly, in integers) and one line of `d`. Tiles of one row group
+//! follow each other along the row, then the next group. Rows past the weight's last (a
+//! partial last group) are zero and their outputs dropped. Regrouping is a permutation of
+//! bytes: [`TiledBlocks::to_blocks`] gives the file's bytes back exactly.
+
+use half::f16;
+
+use crate::ggml_matvec::{BlockFormat, Q8Rows};
+
+/// Rows per tile.
+pub const TILE_ROWS: usize = 16;
+const LINE: usize = 64;
+
+/// One 64-byte line, aligned so a tile's loads never straddle two cache lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; LINE]);
+
+/// A `[rows, cols]` weight of GGML blocks in the tiled layout of the module's description.
+pub struct TiledBlocks {
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
+    lines: Vec<Line>,
+}
+
+impl std::fmt::Debug for TiledBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TiledBlocks")
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
+    }
+}
+
+/// Code lines per tile (the scale line follows them).
+const fn code_lines(format: BlockFormat) -> usize {
+    match format {
+        BlockFormat::Q8_0 => 8,
+        _ => 4,
+    }
+}
+
+impl TiledBlocks {
+    /// Whether `format` has a tiled form.
+    pub fn supports(format: BlockFormat) -> bool {
+        matches!(
+            format,
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q8_0
+        )
+    }
+
+    /// Whether decoding on this CPU (within `PEFT_DECODE_ISA`) runs faster tiled: it has
+    /// AVX-512 VNNI, which the tiled kernel is written for.
+    pub fn preferred() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            matches!(
+                crate::ggml_matvec::Isa::detect(),
+                crate::ggml_matvec::Isa::Vnni
+            )
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// Regroups `[rows, cols]` GGML blocks (`rows · cols / 32` blocks of `format`, row-major).
+    pub fn from_blocks(
+        format: BlockFormat,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, String> {
+        if !Self::supports(format) {
+            return Err(format!("{format:?} has no tiled layout"));
+        }
+        if !cols.is_multiple_of(BlockFormat::BLOCK) {
+            return Err(format!(
+                "{cols} columns are not a whole number of 32-element blocks"
+            ));
+        }
+        let nb = cols / BlockFormat::BLOCK;
+        let bb = format.block_bytes();
+        if bytes.len() != rows * nb * bb {
+            return Err(format!(
+                "{} bytes for a [{rows}, {cols}] {format:?} weight (expected {})",
+                bytes.len(),
+                rows * nb * bb
+            ));
+        }
+        let groups = rows.div_ceil(TILE_ROWS);
+        let per_tile = code_lines(format) + 1;
+        let mut lines = vec![Line([0; LINE]); groups * nb * per_tile];
+        for (t, tile) in lines.chunks_exact_mut(per_tile).enumerate() {
+            let (g, b) = (t / nb, t % nb);
+            for r in 0..TILE_ROWS.min(rows - g * TILE_ROWS) {
+                let row = g * TILE_ROWS + r;
+                let blk = &bytes[(row * nb + b) * bb..][..bb];
+                let (scales, codes) = tile.split_last_mut().expect("per_tile > 0");
+                scales.0[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+                match format {
+                    BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                        if format == BlockFormat::Q4_1 {
+                            scales.0[32 + 2 * r..34 + 2 * r].copy_from_slice(&blk[2..4]);
+                        }
+                        let qs = &blk[bb - 16..];
+                        for (c, line) in codes.iter_mut().enumerate() {
+                            line.0[4 * r..4 * r + 4].copy_from_slice(&qs[4 * c..4 * c + 4]);
+                        }
+                    }
+                    BlockFormat::Q8_0 => {
+                        let qs = &blk[2..];
+                        for (c, line) in codes.iter_mut().enumerate() {
+                            for j in 0..4 {
+                                line.0[4 * r + j] = qs[4 * c + j] ^ 0x80;
+                            }
+                        }
+                    }
+                    BlockFormat::Q5_0 => unreachable!("checked by supports"),
+                }
+            }
+        }
+        Ok(TiledBlocks {
+            format,
+            rows,
+            cols,
+            lines,
+        })
+    }
+
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
+
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held (the file's size plus the padding of a partial last group and of the
+    /// scale lines).
+    pub fn size_in_bytes(&self) -> usize {
+        self.lines.len() * LINE
+    }
+
+    fn blocks_per_row(&self) -> usize {
+        self.cols / BlockFormat::BLOCK
+    }
+
+    /// Row `row`'s block `b` in GGML's layout, written into `out` (`block_bytes` long).
+    fn block_into(&self, row: usize, b: usize, out: &mut [u8]) {
+        let per_tile = code_lines(self.format) + 1;
+        let (g, r) = (row / TILE_ROWS, row % TILE_ROWS);
+        let tile = &self.lines[(g * self.blocks_per_row() + b) * per_tile..][..per_tile];
+        let (scales, codes) = tile.split_last().expect("per_tile > 0");
+        let bb = self.format.block_bytes();
+        out[0..2].copy_from_slice(&scales.0[2 * r..2 * r + 2]);
+        match self.format {
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                if self.format == BlockFormat::Q4_1 {
+                    out[2..4].copy_from_slice(&scales.0[32 + 2 * r..34 + 2 * r]);
+                }
+                let qs = &mut out[bb - 16..bb];
+                for (c, line) in codes.iter().enumerate() {
+                    qs[4 * c..4 * c + 4].copy_from_slice(&line.0[4 * r..4 * r + 4]);
+                }
+            }
+            BlockFormat::Q8_0 => {
+                for (c, line) in codes.iter().enumerate() {
+                    for j in 0..4 {
+                        out[2 + 4 * c + j] = line.0[4 * r + j] ^ 0x80;
+                    }
+                }
+            }
+            BlockFormat::Q5_0 => unreachable!("never tiled"),
+        }
+    }
+
+    /// The weight in GGML's own layout, byte for byte as it was given to
+    /// [`from_blocks`](Self::from_blocks) (for saving, and for candle's kernels).
+    pub fn to_blocks(&self) -> Vec<u8> {
+        let (nb, bb) = (self.blocks_per_row(), self.format.block_bytes());
+        let mut out = vec![0u8; self.rows * nb * bb];
+        for (i, blk) in out.chunks_exact_mut(bb).enumerate() {
+            self.block_into(i / nb, i % nb, blk);
+        }
+        out
+    }
+
+    /// The weight as f32 `[rows, cols]`, row-major, rows in parallel (training batches and
+    /// prefill multiply by it with the f32 GEMM).
+    pub fn dequantize(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (nb, cols) = (self.blocks_per_row(), self.cols);
+        let mut out = vec![0f32; self.rows * cols];
+        let per_tile = code_lines(self.format) + 1;
+        out.par_chunks_mut(cols * TILE_ROWS)
+            .enumerate()
+            .for_each(|(g, group)| {
+                for b in 0..nb {
+                    let tile = &self.lines[(g * nb + b) * per_tile..][..per_tile];
+                    let (scales, codes) = tile.split_last().expect("per_tile > 0");
+                    let f16_at =
+                        |at: usize| f16::from_le_bytes([scales.0[at], scales.0[at + 1]]).to_f32();
+                    for (r, row) in group.chunks_exact_mut(cols).enumerate() {
+                        let d = f16_at(2 * r);
+                        let dst = &mut row[b * 32..b * 32 + 32];
+                        match self.format {
+                            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                                let (scale, offset) = if self.format == BlockFormat::Q4_1 {
+                                    (d, f16_at(32 + 2 * r))
+                                } else {
+                                    (d, -8.0 * d)
+                                };
+                                for (c, line) in codes.iter().enumerate() {
+                                    for j in 0..4 {
+                                        let q = line.0[4 * r + j];
+                                        dst[4 * c + j] = (q & 0x0F) as f32 * scale + offset;
+                                        dst[16 + 4 * c + j] = (q >> 4) as f32 * scale + offset;
+                                    }
+                                }
+                            }
+                            BlockFormat::Q8_0 => {
+                                for (c, line) in codes.iter().enumerate() {
+                                    for j in 0..4 {
+                                        let q = (line.0[4 * r + j] ^ 0x80) as i8;
+                                        dst[4 * c + j] = q as f32 * d;
+                                    }
+                                }
+                            }
+                            BlockFormat::Q5_0 => unreachable!("never tiled"),
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    /// `y = x · Wᵀ` for `x: [m, cols]` row-major (decoding: a few rows), `y: [m, rows]`; the
+    /// activations rounded to 8 bits per 32 as [`crate::ggml_matvec::matmul_t`] rounds them,
+    /// and the same sums to the last rounding of the accumulation order.
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Result<Vec<f32>, String> {
+        if x.len() != m * self.cols {
+            return Err(format!(
+                "{} inputs for {m} rows of {} features",
+                x.len(),
+                self.cols
+            ));
+        }
+        let xq = Q8Rows::quantize(x, self.cols);
+        let vnni = Self::preferred();
+        Ok(crate::ggml_matvec::rows_times_in(
+            m,
+            self.rows,
+            TILE_ROWS,
+            |first, out| {
+                self.groups_into(first / TILE_ROWS, &xq, m, out, vnni);
+            },
+        ))
+    }
+
+    /// [`matmul_t`](Self::matmul_t) for several weights that read the same input (a layer's
+    /// q, k and v, or gate and up): the input is rounded once and all the weights' row
+    /// groups are split over the threads in one parallel call, not one call each (decoding
+    /// pays the hand-off to the other threads per call). Returns each weight's `y: [m, rows]`.
+    pub fn matmul_t_many(
+        weights: &[&TiledBlocks],
+        x: &[f32],
+        m: usize,
+    ) -> Result<Vec<Vec<f32>>, String> {
+        let Some(first) = weights.first() else {
+            return Ok(Vec::new());
+        };
+        let cols = first.cols;
+        if let Some(w) = weights.iter().find(|w| w.cols != cols) {
+            return Err(format!(
+                "weights of {} and {} input features cannot share an input",
+                cols, w.cols
+            ));
+        }
+        if x.len() != m * cols {
+            return Err(format!(
+                "{} inputs for {m} rows of {cols} features",
+                x.len()
+            ));
+        }
+        let xq = Q8Rows::quantize(x, cols);
+        let vnni = Self::preferred();
+        // Weight i's groups are global groups starts[i]..starts[i + 1].
+        let mut starts = vec![0usize];
+        for w in weights {
+            starts.push(starts.last().expect("non-empty") + w.rows.div_ceil(TILE_ROWS));
+        }
+        let total = *starts.last().expect("non-empty");
+        let y = crate::ggml_matvec::rows_times_in(m, total * TILE_ROWS, TILE_ROWS, |first, out| {
+            let (mut g, end) = (
+                first / TILE_ROWS,
+                first / TILE_ROWS + out.len() / (TILE_ROWS * m),
+            );
+            let mut out = out;
+            while g < end {
+                let i = starts.partition_point(|&s| s <= g) - 1;
+                let here = end.min(starts[i + 1]) - g;
+                let (mine, rest) = std::mem::take(&mut out).split_at_mut(here * TILE_ROWS * m);
+                weights[i].groups_into(g - starts[i], &xq, m, mine, vnni);
+                out = rest;
+                g += here;
+            }
+        });
+        let width = total * TILE_ROWS;
+        Ok(weights
+            .iter()
+            .zip(&starts)
+            .map(|(w, &s)| {
+                (0..m)
+                    .flat_map(|r| &y[r * width + s * TILE_ROWS..][..w.rows])
+                    .copied()
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Row groups `g0..` (as many as `out: [16·groups, m]` holds) times every input row.
+    fn groups_into(&self, g0: usize, xq: &Q8Rows, m: usize, out: &mut [f32], vnni: bool) {
+        let nb = self.blocks_per_row();
+        let per_tile = code_lines(self.format) + 1;
+        for (i, slot) in out.chunks_mut(TILE_ROWS * m).enumerate() {
+            let tiles = &self.lines[(g0 + i) * nb * per_tile..][..nb * per_tile];
+            let mut r = 0;
+            while r < m {
+                let count = (m - r).min(4);
+                let mut y = [[0f32; TILE_ROWS]; 4];
+                if vnni {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `preferred` found AVX-512 VNNI; `tiles` holds `nb` tiles.
+                    unsafe {
+                        x86::group(self.format, tiles, nb, xq, r, count, &mut y)
+                    };
+                } else {
+                    group_generic(self.format, tiles, nb, xq, r, count, &mut y);
+                }
+                for (j, ys) in y.iter().enumerate().take(count) {
+                    for (o, &v) in ys.iter().enumerate() {
+                        if let Some(dst) = slot.get_mut(o * m + r + j) {
+                            *dst = v;
+                        }
+                    }
+                }
+                r += count;
+            }
+        }
+    }
+}
+
+/// The reference for one row group: the same integer sums and the same f32 operations in
+/// the same order as the vector kernel, lane by lane.
+fn group_generic(
+    format: BlockFormat,
+    tiles: &[Line],
+    nb: usize,
+    xq: &Q8Rows,
+    r0: usize,
+    count: usize,
+    y: &mut [[f32; TILE_ROWS]; 4],
+) {
+    let per_tile = code_lines(format) + 1;
+    for (j, yj) in y.iter_mut().enumerate().take(count) {
+        let (x, dx, sx) = xq.row(r0 + j);
+        let q_sum = xq.q_sums(r0 + j);
+        for b in 0..nb {
+            let (scales, codes) = tiles[b * per_tile..(b + 1) * per_tile]
+                .split_last()
+                .expect("per_tile > 0");
+            let xs = &x[b * 32..b * 32 + 32];
+            for (r, acc) in yj.iter_mut().enumerate() {
+                let f16_at = |at: usize| f16::from_le_bytes([scales.0[at], scales.0[at + 1]]);
+                let d = f16_at(2 * r).to_f32();
+                let mut s = 0i32;
+                for (c, line) in codes.iter().enumerate() {
+                    for t in 0..4 {
+                        let q = line.0[4 * r + t];
+                        match format {
+                            BlockFormat::Q8_0 => s += q as i32 * xs[4 * c + t] as i32,
+                            _ => {
+                                s += (q & 0x0F) as i32 * xs[4 * c + t] as i32;
+                                s += (q >> 4) as i32 * xs[16 + 4 * c + t] as i32;
+                            }
+                        }
+                    }
+                }
+                if format == BlockFormat::Q8_0 {
+                    s -= 128 * q_sum[b];
+                }
+                *acc = (s as f32).mul_add(d * dx[b], *acc);
+                match format {
+                    BlockFormat::Q4_0 => *acc = d.mul_add(-8.0 * sx[b], *acc),
+                    BlockFormat::Q4_1 => *acc = f16_at(32 + 2 * r).to_f32().mul_add(sx[b], *acc),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{code_lines, Line, TILE_ROWS};
+    use crate::ggml_matvec::{BlockFormat, Q8Rows, PREFETCH_BYTES};
+    use std::arch::x86_64::*;
+
+    /// An input row's codes, block scales, scaled block sums and exact block sums.
+    type InputRow<'a> = (&'a [i8], &'a [f32], &'a [f32], &'a [i32]);
+
+    /// One row group against input rows `r0..r0+count` (`count ≤ 4`) into `y`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn group(
+        format: BlockFormat,
+        tiles: &[Line],
+        nb: usize,
+        xq: &Q8Rows,
+        r0: usize,
+        count: usize,
+        y: &mut [[f32; TILE_ROWS]; 4],
+    ) {
+        match (format, count) {
+            (BlockFormat::Q4_0, 1) => tiles_of::<0, 1>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_0, 2) => tiles_of::<0, 2>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_0, 3) => tiles_of::<0, 3>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_0, _) => tiles_of::<0, 4>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_1, 1) => tiles_of::<1, 1>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_1, 2) => tiles_of::<1, 2>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_1, 3) => tiles_of::<1, 3>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_1, _) => tiles_of::<1, 4>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q8_0, 1) => tiles_of::<2, 1>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q8_0, 2) => tiles_of::<2, 2>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q8_0, 3) => tiles_of::<2, 3>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q8_0, _) => tiles_of::<2, 4>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q5_0, _) => unreachable!("never tiled"),
+        }
+    }
+
+    /// Four activations (bytes `at..at+4` of `x`) in every 32-bit lane.
+    #[inline(always)]
+    unsafe fn quad(x: *const i8, at: usize) -> __m512i {
+        _mm512_set1_epi32((x.add(at) as *const i32).read_unaligned())
+    }
+
+    /// The tiles of one group, `R` input rows at once: each tile's codes are loaded (and
+    /// Q4's nibbles split) once for the `R` rows. `FORMAT`: 0 Q4_0, 1 Q4_1, 2 Q8_0.
+    #[inline(always)]
+    unsafe fn tiles_of<const FORMAT: u8, const R: usize>(
+        tiles: &[Line],
+        nb: usize,
+        xq: &Q8Rows,
+        r0: usize,
+        y: &mut [[f32; TILE_ROWS]; 4],
+    ) {
+        let format = match FORMAT {
+            0 => BlockFormat::Q4_0,
+            1 => BlockFormat::Q4_1,
+            _ => BlockFormat::Q8_0,
+        };
+        let codes = code_lines(format);
+        let per_tile = codes + 1;
+        assert!(tiles.len() >= nb * per_tile);
+        let rows: [InputRow; R] = std::array::from_fn(|j| {
+            let (x, d, s) = xq.row(r0 + j);
+            (x, d, s, xq.q_sums(r0 + j))
+        });
+        for (x, d, s, q) in &rows {
+            assert!(x.len() >= nb * 32 && d.len() >= nb && s.len() >= nb && q.len() >= nb);
+        }
+        let nibble = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let base = tiles.as_ptr() as *const u8;
+        for b in 0..nb {
+            let tile = base.add(b * per_tile * 64);
+            for l in 0..per_tile {
+                // See PREFETCH_BYTES.
+                _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add(PREFETCH_BYTES + l * 64) as *const i8);
+            }
+            let scale_line = tile.add(codes * 64);
+            let d = _mm512_cvtph_ps(_mm256_load_si256(scale_line as *const __m256i));
+            if format == BlockFormat::Q8_0 {
+                let w: [__m512i; 8] =
+                    std::array::from_fn(|c| _mm512_load_si512(tile.add(c * 64) as *const _));
+                for j in 0..R {
+                    let x = rows[j].0.as_ptr().add(b * 32);
+                    let mut s = _mm512_set1_epi32(-128 * rows[j].3[b]);
+                    for (c, wc) in w.iter().enumerate() {
+                        s = _mm512_dpbusd_epi32(s, *wc, quad(x, 4 * c));
+                    }
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(rows[j].1[b]));
+                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j]);
+                }
+            } else {
+                let mut lo = [_mm512_setzero_si512(); 4];
+                let mut hi = [_mm512_setzero_si512(); 4];
+                for c in 0..4 {
+                    let v = _mm512_load_si512(tile.add(c * 64) as *const _);
+                    lo[c] = _mm512_and_si512(v, nibble);
+                    hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+                }
+                let m = if format == BlockFormat::Q4_1 {
+                    _mm512_cvtph_ps(_mm256_load_si256(scale_line.add(32) as *const __m256i))
+                } else {
+                    d
+                };
+                for j in 0..R {
+                    let x = rows[j].0.as_ptr().add(b * 32);
+                    let mut s = _mm512_setzero_si512();
+                    for c in 0..4 {
+                        s = _mm512_dpbusd_epi32(s, lo[c], quad(x, 4 * c));
+                        s = _mm512_dpbusd_epi32(s, hi[c], quad(x, 16 + 4 * c));
+                    }
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(rows[j].1[b]));
+                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j]);
+                    let offset = if format == BlockFormat::Q4_1 {
+                        rows[j].2[b]
+                    } else {
+                        -8.0 * rows[j].2[b]
+                    };
+                    acc[j] = _mm512_fmadd_ps(m, _mm512_set1_ps(offset), acc[j]);
+                }
+            }
+        }
+        for j in 0..R {
+            _mm512_storeu_ps(y[j].as_mut_ptr(), acc[j]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(state: &mut u64) -> u64 {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *state >> 33
+    }
+
+    /// Random blocks of `format` for a `[rows, cols]` weight, with realistic scales.
+    fn random_blocks(format: BlockFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        let bb = format.block_bytes();
+        let mut out = vec![0u8; rows * cols / 32 * bb];
+        for blk in out.chunks_exact_mut(bb) {
+            for byte in blk.iter_mut() {
+                *byte = lcg(&mut s) as u8;
+            }
+            let d = f16::from_f32(0.001 + (lcg(&mut s) % 1000) as f32 * 1e-5);
+            blk[0..2].copy_from_slice(&d.to_le_bytes());
+            if format == BlockFormat::Q4_1 {
+                let m = f16::from_f32(-0.05 + (lcg(&mut s) % 1000) as f32 * 1e-4);
+                blk[2..4].copy_from_slice(&m.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    fn random_x(m: usize, k: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..m * k)
+            .map(|_| (lcg(&mut s) % 20001) as f32 / 10000.0 - 1.0)
+            .collect()
+    }
+
+    const FORMATS: [BlockFormat; 3] = [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0];
+
+    #[test]
+    fn regrouping_gives_the_same_bytes_back() {
+        for format in FORMATS {
+            // 37 rows: two whole groups and a partial one.
+            let bytes = random_blocks(format, 37, 96, 1);
+            let tiled = TiledBlocks::from_blocks(format, &bytes, 37, 96).unwrap();
+            assert_eq!(tiled.to_blocks(), bytes, "{format:?}");
+        }
+    }
+
+    #[test]
+    fn dequantizing_matches_the_row_kernels_reference() {
+        for format in FORMATS {
+            let (rows, cols) = (21, 64);
+            let bytes = random_blocks(format, rows, cols, 2);
+            let dense = TiledBlocks::from_blocks(format, &bytes, rows, cols)
+                .unwrap()
+                .dequantize();
+            // Row i of the weight is what the row kernel's product with each unit vector
+            // gives; check it on the dequantized values through GGML's definition instead.
+            let bb = format.block_bytes();
+            for row in 0..rows {
+                for b in 0..cols / 32 {
+                    let blk = &bytes[(row * cols / 32 + b) * bb..][..bb];
+                    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                    for e in 0..32 {
+                        let want = match format {
+                            BlockFormat::Q8_0 => blk[2 + e] as i8 as f32 * d,
+                            _ => {
+                                let q = blk[bb - 16 + e % 16];
+                                let q = if e < 16 { q & 0x0F } else { q >> 4 } as f32;
+                                if format == BlockFormat::Q4_1 {
+                                    q * d + f16::from_le_bytes([blk[2], blk[3]]).to_f32()
+                                } else {
+                                    (q - 8.0) * d
+                                }
+                            }
+                        };
+                        let got = dense[row * cols + b * 32 + e];
+                        assert!(
+                            (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                            "{format:?} [{row}, {}]: {got} vs {want}",
+                            b * 32 + e
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The tiled product equals the row kernel's on GGML's layout (both round the
+    /// activations the same way; only the f32 accumulation order differs), for decoding's
+    /// one row and batched generation's several, a partial last group included.
+    #[test]
+    fn the_tiled_product_matches_the_row_kernel() {
+        for format in FORMATS {
+            for (m, rows) in [(1, 48), (1, 37), (3, 37), (8, 64)] {
+                let cols = 128;
+                let bytes = random_blocks(format, rows, cols, 3 + m as u64);
+                let x = random_x(m, cols, 7);
+                let want = crate::ggml_matvec::matmul_t(&x, m, cols, &bytes, rows, format).unwrap();
+                let tiled = TiledBlocks::from_blocks(format, &bytes, rows, cols).unwrap();
+                let got = tiled.matmul_t(&x, m).unwrap();
+                assert_eq!(got.len(), want.len());
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * scale,
+                        "{format:?} m={m} rows={rows} [{i}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Several weights on one input give what each gives alone, whatever the split of
+    /// groups over tasks (a task may span two weights).
+    #[test]
+    fn several_weights_share_one_call() {
+        for format in FORMATS {
+            let cols = 64;
+            let shapes = [37, 16, 5, 80];
+            let tiled: Vec<TiledBlocks> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &rows)| {
+                    let bytes = random_blocks(format, rows, cols, 20 + i as u64);
+                    TiledBlocks::from_blocks(format, &bytes, rows, cols).unwrap()
+                })
+                .collect();
+            for m in [1, 3] {
+                let x = random_x(m, cols, 21);
+                let refs: Vec<&TiledBlocks> = tiled.iter().collect();
+                let together = TiledBlocks::matmul_t_many(&refs, &x, m).unwrap();
+                for (w, got) in tiled.iter().zip(&together) {
+                    assert_eq!(got, &w.matmul_t(&x, m).unwrap(), "{format:?} m={m}");
+                }
+            }
+        }
+        let a = TiledBlocks::from_blocks(
+            BlockFormat::Q8_0,
+            &random_blocks(BlockFormat::Q8_0, 16, 64, 1),
+            16,
+            64,
+        )
+        .unwrap();
+        let b = TiledBlocks::from_blocks(
+            BlockFormat::Q8_0,
+            &random_blocks(BlockFormat::Q8_0, 16, 32, 1),
+            16,
+            32,
+        )
+        .unwrap();
+        assert!(TiledBlocks::matmul_t_many(&[&a, &b], &[0.0; 64], 1).is_err());
+    }
+
+    /// The VNNI kernel and the scalar reference do the same operations in the same order.
+    #[test]
+    fn the_vector_kernel_equals_the_reference() {
+        if !TiledBlocks::preferred() {
+            eprintln!("no AVX-512 VNNI here: only the reference runs");
+        }
+        for format in FORMATS {
+            let (rows, cols, m) = (32, 256, 5);
+            let bytes = random_blocks(format, rows, cols, 11);
+            let tiled = TiledBlocks::from_blocks(format, &bytes, rows, cols).unwrap();
+            let x = random_x(m, cols, 13);
+            let xq = Q8Rows::quantize(&x, cols);
+            let mut reference = vec![0f32; rows * m];
+            let mut vector = vec![0f32; rows * m];
+            for (g, (a, v)) in reference
+                .chunks_mut(TILE_ROWS * m)
+                .zip(vector.chunks_mut(TILE_ROWS * m))
+                .enumerate()
+            {
+                tiled.groups_into(g, &xq, m, a, false);
+                tiled.groups_into(g, &xq, m, v, TiledBlocks::preferred());
+            }
+            assert_eq!(reference, vector, "{format:?}");
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_reported() {
+        let bytes = random_blocks(BlockFormat::Q4_1, 4, 64, 5);
+        assert!(TiledBlocks::from_blocks(BlockFormat::Q4_1, &bytes, 4, 48).is_err());
+        assert!(TiledBlocks::from_blocks(BlockFormat::Q4_1, &bytes, 5, 64).is_err());
+        assert!(TiledBlocks::from_blocks(BlockFormat::Q5_0, &bytes, 4, 64).is_err());
+        let tiled = TiledBlocks::from_blocks(BlockFormat::Q4_1, &bytes, 4, 64).unwrap();
+        assert!(tiled.matmul_t(&[0.0; 63], 1).is_err());
+    }
+}
