@@ -22,7 +22,7 @@ use crate::decode_isa::Level;
 /// left the loop waiting on memory: Q4_1 decoding ran at 72-73 tokens/s without this and
 /// 106-122 with it (medians of 3 over 2-4 rounds: 1 KiB 95-97, 2 KiB 107-113, 3 KiB 118-119,
 /// 4 KiB 114-122, 5 KiB 115-118, 6 KiB 115-133, 8 KiB 110-130).
-pub(crate) const PREFETCH_BYTES: usize = 4096;
+const PREFETCH_BYTES: usize = 4096;
 
 /// The block formats this kernel reads (32 elements per block, as GGML lays them out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
