@@ -23,7 +23,7 @@
 
 use half::f16;
 
-use crate::ggml_matvec::{BlockFormat, Q8Rows};
+use crate::ggml_matvec::{BlockFormat, Isa, Q8Rows};
 
 /// Rows per tile.
 pub const TILE_ROWS: usize = 16;
@@ -70,17 +70,9 @@ impl TiledBlocks {
     }
 
     /// Whether decoding on this CPU (within `PEFT_DECODE_ISA`) runs faster tiled: it has
-    /// AVX-512 VNNI, which the tiled kernel is written for.
+    /// AVX-512 VNNI or AVX2, which the tiled kernels are written for.
     pub fn preferred() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            matches!(
-                crate::ggml_matvec::Isa::detect(),
-                crate::ggml_matvec::Isa::Vnni
-            )
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        !matches!(Isa::detect(), Isa::Generic)
     }
 
     /// Regroups `[rows, cols]` GGML blocks (`rows · cols / 32` blocks of `format`, row-major).
@@ -267,13 +259,13 @@ impl TiledBlocks {
             ));
         }
         let xq = Q8Rows::quantize(x, self.cols);
-        let vnni = Self::preferred();
+        let isa = Isa::detect();
         Ok(crate::ggml_matvec::rows_times_in(
             m,
             self.rows,
             TILE_ROWS,
             |first, out| {
-                self.groups_into(first / TILE_ROWS, &xq, m, out, vnni);
+                self.groups_into(first / TILE_ROWS, &xq, m, out, isa);
             },
         ))
     }
@@ -304,7 +296,7 @@ impl TiledBlocks {
             ));
         }
         let xq = Q8Rows::quantize(x, cols);
-        let vnni = Self::preferred();
+        let isa = Isa::detect();
         // Weight i's groups are global groups starts[i]..starts[i + 1].
         let mut starts = vec![0usize];
         for w in weights {
@@ -321,7 +313,7 @@ impl TiledBlocks {
                 let i = starts.partition_point(|&s| s <= g) - 1;
                 let here = end.min(starts[i + 1]) - g;
                 let (mine, rest) = std::mem::take(&mut out).split_at_mut(here * TILE_ROWS * m);
-                weights[i].groups_into(g - starts[i], &xq, m, mine, vnni);
+                weights[i].groups_into(g - starts[i], &xq, m, mine, isa);
                 out = rest;
                 g += here;
             }
@@ -340,7 +332,7 @@ impl TiledBlocks {
     }
 
     /// Row groups `g0..` (as many as `out: [16·groups, m]` holds) times every input row.
-    fn groups_into(&self, g0: usize, xq: &Q8Rows, m: usize, out: &mut [f32], vnni: bool) {
+    fn groups_into(&self, g0: usize, xq: &Q8Rows, m: usize, out: &mut [f32], isa: Isa) {
         let nb = self.blocks_per_row();
         let per_tile = code_lines(self.format) + 1;
         for (i, slot) in out.chunks_mut(TILE_ROWS * m).enumerate() {
@@ -349,14 +341,18 @@ impl TiledBlocks {
             while r < m {
                 let count = (m - r).min(4);
                 let mut y = [[0f32; TILE_ROWS]; 4];
-                if vnni {
+                match isa {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `preferred` found AVX-512 VNNI; `tiles` holds `nb` tiles.
-                    unsafe {
-                        x86::group(self.format, tiles, nb, xq, r, count, &mut y)
-                    };
-                } else {
-                    group_generic(self.format, tiles, nb, xq, r, count, &mut y);
+                    // SAFETY: `Isa::supported` found the features; `tiles` holds `nb` tiles.
+                    Isa::Vnni => unsafe {
+                        x86::group_vnni(self.format, tiles, nb, xq, r, count, &mut y)
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    Isa::Avx2 => unsafe {
+                        x86::group_avx2(self.format, tiles, nb, xq, r, count, &mut y)
+                    },
+                    Isa::Generic => group_generic(self.format, tiles, nb, xq, r, count, &mut y),
                 }
                 for (j, ys) in y.iter().enumerate().take(count) {
                     for (o, &v) in ys.iter().enumerate() {
@@ -432,7 +428,7 @@ mod x86 {
 
     /// One row group against input rows `r0..r0+count` (`count ≤ 4`) into `y`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn group(
+    pub(super) unsafe fn group_vnni(
         format: BlockFormat,
         tiles: &[Line],
         nb: usize,
@@ -546,6 +542,138 @@ mod x86 {
         }
         for j in 0..R {
             _mm512_storeu_ps(y[j].as_mut_ptr(), acc[j]);
+        }
+    }
+
+    /// [`group_vnni`] for CPUs with AVX2 but not AVX-512 VNNI: each tile as two halves of 8
+    /// rows (the low and high 32 bytes of every line), `vpmaddubsw` pairs into 16 bits, then
+    /// 32. Q4's pair sums (at most 2·15·127) add up across a block's 8 quads in 16 bits
+    /// without overflow; Q8_0's codes go back to signed bytes, multiplied as `|w|` by
+    /// `sign(w)·x` (at most 2·128·127), so no `128·Σx` is taken off.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group_avx2(
+        format: BlockFormat,
+        tiles: &[Line],
+        nb: usize,
+        xq: &Q8Rows,
+        r0: usize,
+        count: usize,
+        y: &mut [[f32; TILE_ROWS]; 4],
+    ) {
+        match (format, count) {
+            (BlockFormat::Q4_0, 1) => tiles_of_avx2::<0, 1>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_0, 2) => tiles_of_avx2::<0, 2>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_0, 3) => tiles_of_avx2::<0, 3>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_0, _) => tiles_of_avx2::<0, 4>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_1, 1) => tiles_of_avx2::<1, 1>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_1, 2) => tiles_of_avx2::<1, 2>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_1, 3) => tiles_of_avx2::<1, 3>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q4_1, _) => tiles_of_avx2::<1, 4>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q8_0, 1) => tiles_of_avx2::<2, 1>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q8_0, 2) => tiles_of_avx2::<2, 2>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q8_0, 3) => tiles_of_avx2::<2, 3>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q8_0, _) => tiles_of_avx2::<2, 4>(tiles, nb, xq, r0, y),
+            (BlockFormat::Q5_0, _) => unreachable!("never tiled"),
+        }
+    }
+
+    /// Four activations (bytes `at..at+4` of `x`) in every 32-bit lane of 256 bits.
+    #[inline(always)]
+    unsafe fn quad256(x: *const i8, at: usize) -> __m256i {
+        _mm256_set1_epi32((x.add(at) as *const i32).read_unaligned())
+    }
+
+    /// [`tiles_of`] in 256-bit halves.
+    #[inline(always)]
+    unsafe fn tiles_of_avx2<const FORMAT: u8, const R: usize>(
+        tiles: &[Line],
+        nb: usize,
+        xq: &Q8Rows,
+        r0: usize,
+        y: &mut [[f32; TILE_ROWS]; 4],
+    ) {
+        let format = match FORMAT {
+            0 => BlockFormat::Q4_0,
+            1 => BlockFormat::Q4_1,
+            _ => BlockFormat::Q8_0,
+        };
+        let codes = code_lines(format);
+        let per_tile = codes + 1;
+        assert!(tiles.len() >= nb * per_tile);
+        let rows: [InputRow; R] = std::array::from_fn(|j| {
+            let (x, d, s) = xq.row(r0 + j);
+            (x, d, s, xq.q_sums(r0 + j))
+        });
+        for (x, d, s, q) in &rows {
+            assert!(x.len() >= nb * 32 && d.len() >= nb && s.len() >= nb && q.len() >= nb);
+        }
+        let nibble = _mm256_set1_epi8(0x0F);
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        let base = tiles.as_ptr() as *const u8;
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let tile = base.add(b * per_tile * 64);
+                let line = |c: usize| _mm256_load_si256(tile.add(c * 64 + half * 32) as *const _);
+                let scale_line = tile.add(codes * 64);
+                let d = _mm256_cvtph_ps(_mm_load_si128(scale_line.add(half * 16) as *const _));
+                if format == BlockFormat::Q8_0 {
+                    let w: [__m256i; 8] = std::array::from_fn(|c| _mm256_xor_si256(line(c), flip));
+                    let magnitude: [__m256i; 8] =
+                        std::array::from_fn(|c| _mm256_sign_epi8(w[c], w[c]));
+                    for j in 0..R {
+                        let x = rows[j].0.as_ptr().add(b * 32);
+                        let mut s = _mm256_setzero_si256();
+                        for c in 0..8 {
+                            let xs = _mm256_sign_epi8(quad256(x, 4 * c), w[c]);
+                            let pairs = _mm256_maddubs_epi16(magnitude[c], xs);
+                            s = _mm256_add_epi32(s, _mm256_madd_epi16(pairs, ones));
+                        }
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(rows[j].1[b]));
+                        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[j]);
+                    }
+                } else {
+                    let mut lo = [_mm256_setzero_si256(); 4];
+                    let mut hi = [_mm256_setzero_si256(); 4];
+                    for c in 0..4 {
+                        let v = line(c);
+                        lo[c] = _mm256_and_si256(v, nibble);
+                        hi[c] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+                    }
+                    let m = if format == BlockFormat::Q4_1 {
+                        _mm256_cvtph_ps(_mm_load_si128(scale_line.add(32 + half * 16) as *const _))
+                    } else {
+                        d
+                    };
+                    for j in 0..R {
+                        let x = rows[j].0.as_ptr().add(b * 32);
+                        let mut pairs = _mm256_setzero_si256();
+                        for c in 0..4 {
+                            pairs = _mm256_add_epi16(
+                                pairs,
+                                _mm256_maddubs_epi16(lo[c], quad256(x, 4 * c)),
+                            );
+                            pairs = _mm256_add_epi16(
+                                pairs,
+                                _mm256_maddubs_epi16(hi[c], quad256(x, 16 + 4 * c)),
+                            );
+                        }
+                        let s = _mm256_madd_epi16(pairs, ones);
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(rows[j].1[b]));
+                        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[j]);
+                        let offset = if format == BlockFormat::Q4_1 {
+                            rows[j].2[b]
+                        } else {
+                            -8.0 * rows[j].2[b]
+                        };
+                        acc[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(offset), acc[j]);
+                    }
+                }
+            }
+            for j in 0..R {
+                _mm256_storeu_ps(y[j].as_mut_ptr().add(half * 8), acc[j]);
+            }
         }
     }
 }
@@ -705,13 +833,16 @@ mod tests {
         assert!(TiledBlocks::matmul_t_many(&[&a, &b], &[0.0; 64], 1).is_err());
     }
 
-    /// The VNNI kernel and the scalar reference do the same operations in the same order.
+    /// The vector kernels (AVX-512 VNNI, AVX2, whichever this CPU has) and the scalar
+    /// reference do the same operations in the same order.
     #[test]
-    fn the_vector_kernel_equals_the_reference() {
-        if !TiledBlocks::preferred() {
-            eprintln!("no AVX-512 VNNI here: only the reference runs");
-        }
-        for format in FORMATS {
+    fn the_vector_kernels_equal_the_reference() {
+        let isas = Isa::supported();
+        println!("instruction sets here: {isas:?}");
+        for (format, isa) in FORMATS
+            .into_iter()
+            .flat_map(|f| isas.iter().map(move |&i| (f, i)))
+        {
             let (rows, cols, m) = (32, 256, 5);
             let bytes = random_blocks(format, rows, cols, 11);
             let tiled = TiledBlocks::from_blocks(format, &bytes, rows, cols).unwrap();
@@ -724,10 +855,10 @@ mod tests {
                 .zip(vector.chunks_mut(TILE_ROWS * m))
                 .enumerate()
             {
-                tiled.groups_into(g, &xq, m, a, false);
-                tiled.groups_into(g, &xq, m, v, TiledBlocks::preferred());
+                tiled.groups_into(g, &xq, m, a, Isa::Generic);
+                tiled.groups_into(g, &xq, m, v, isa);
             }
-            assert_eq!(reference, vector, "{format:?}");
+            assert_eq!(reference, vector, "{format:?} {isa:?}");
         }
     }
 
