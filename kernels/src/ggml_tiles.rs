@@ -102,41 +102,62 @@ impl TiledBlocks {
         let groups = rows.div_ceil(TILE_ROWS);
         let per_tile = code_lines(format) + 1;
         let mut lines = vec![Line([0; LINE]); groups * nb * per_tile];
-        for (t, tile) in lines.chunks_exact_mut(per_tile).enumerate() {
-            let (g, b) = (t / nb, t % nb);
-            for r in 0..TILE_ROWS.min(rows - g * TILE_ROWS) {
-                let row = g * TILE_ROWS + r;
-                let blk = &bytes[(row * nb + b) * bb..][..bb];
-                let (scales, codes) = tile.split_last_mut().expect("per_tile > 0");
-                scales.0[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
-                match format {
-                    BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                        if format == BlockFormat::Q4_1 {
-                            scales.0[32 + 2 * r..34 + 2 * r].copy_from_slice(&blk[2..4]);
-                        }
-                        let qs = &blk[bb - 16..];
-                        for (c, line) in codes.iter_mut().enumerate() {
-                            line.0[4 * r..4 * r + 4].copy_from_slice(&qs[4 * c..4 * c + 4]);
-                        }
-                    }
-                    BlockFormat::Q8_0 => {
-                        let qs = &blk[2..];
-                        for (c, line) in codes.iter_mut().enumerate() {
-                            for j in 0..4 {
-                                line.0[4 * r + j] = qs[4 * c + j] ^ 0x80;
-                            }
-                        }
-                    }
-                    BlockFormat::Q5_0 => unreachable!("checked by supports"),
-                }
+        // Row groups in parallel (a 7B model's file is gigabytes).
+        let fill_group = |g: usize, group: &mut [Line]| {
+            for (b, tile) in group.chunks_exact_mut(per_tile).enumerate() {
+                Self::fill_tile(format, bytes, nb, rows, g, b, tile);
             }
-        }
+        };
+        use rayon::prelude::*;
+        lines
+            .par_chunks_mut(nb * per_tile)
+            .enumerate()
+            .for_each(|(g, group)| fill_group(g, group));
         Ok(TiledBlocks {
             format,
             rows,
             cols,
             lines,
         })
+    }
+
+    /// Tile `b` of row group `g` from the GGML blocks `bytes` (`nb` blocks per row).
+    fn fill_tile(
+        format: BlockFormat,
+        bytes: &[u8],
+        nb: usize,
+        rows: usize,
+        g: usize,
+        b: usize,
+        tile: &mut [Line],
+    ) {
+        let bb = format.block_bytes();
+        for r in 0..TILE_ROWS.min(rows - g * TILE_ROWS) {
+            let row = g * TILE_ROWS + r;
+            let blk = &bytes[(row * nb + b) * bb..][..bb];
+            let (scales, codes) = tile.split_last_mut().expect("per_tile > 0");
+            scales.0[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+            match format {
+                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                    if format == BlockFormat::Q4_1 {
+                        scales.0[32 + 2 * r..34 + 2 * r].copy_from_slice(&blk[2..4]);
+                    }
+                    let qs = &blk[bb - 16..];
+                    for (c, line) in codes.iter_mut().enumerate() {
+                        line.0[4 * r..4 * r + 4].copy_from_slice(&qs[4 * c..4 * c + 4]);
+                    }
+                }
+                BlockFormat::Q8_0 => {
+                    let qs = &blk[2..];
+                    for (c, line) in codes.iter_mut().enumerate() {
+                        for j in 0..4 {
+                            line.0[4 * r + j] = qs[4 * c + j] ^ 0x80;
+                        }
+                    }
+                }
+                BlockFormat::Q5_0 => unreachable!("checked by supports"),
+            }
+        }
     }
 
     pub fn format(&self) -> BlockFormat {
