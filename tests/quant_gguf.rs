@@ -227,14 +227,7 @@ fn cached_decoding_on_a_kept_base_matches_the_full_forward() {
                 .forward_last(Forward::ids(&step).with_cache(&mut cache))
                 .unwrap();
             let want = full.narrow(1, i, 1).unwrap().squeeze(1).unwrap();
-            let diff = (&logits - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = peft_tests::max_abs_diff(&logits, &want);
             assert!(
                 diff < 0.1,
                 "{file} step {i}: cached decoding differs by {diff}"

@@ -447,6 +447,29 @@ mod x86 {
     /// An input row's codes, block scales, scaled block sums and exact block sums.
     type InputRow<'a> = (&'a [i8], &'a [f32], &'a [f32], &'a [i32]);
 
+    /// The format of a kernel's const tag (0 Q4_0, 1 Q4_1, 2 Q8_0).
+    #[inline(always)]
+    fn format_of(tag: u8) -> BlockFormat {
+        match tag {
+            0 => BlockFormat::Q4_0,
+            1 => BlockFormat::Q4_1,
+            _ => BlockFormat::Q8_0,
+        }
+    }
+
+    /// Input rows `r0..r0+R`, checked to cover `nb` blocks.
+    #[inline(always)]
+    fn input_rows<const R: usize>(xq: &Q8Rows, r0: usize, nb: usize) -> [InputRow<'_>; R] {
+        let rows: [InputRow; R] = std::array::from_fn(|j| {
+            let (x, d, s) = xq.row(r0 + j);
+            (x, d, s, xq.q_sums(r0 + j))
+        });
+        for (x, d, s, q) in &rows {
+            assert!(x.len() >= nb * 32 && d.len() >= nb && s.len() >= nb && q.len() >= nb);
+        }
+        rows
+    }
+
     /// One row group against input rows `r0..r0+count` (`count ≤ 4`) into `y`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn group_vnni(
@@ -496,21 +519,11 @@ mod x86 {
         r0: usize,
         y: &mut [[f32; TILE_ROWS]; 4],
     ) {
-        let format = match FORMAT {
-            0 => BlockFormat::Q4_0,
-            1 => BlockFormat::Q4_1,
-            _ => BlockFormat::Q8_0,
-        };
+        let format = format_of(FORMAT);
         let codes = code_lines(format);
         let per_tile = codes + 1;
         assert!(tiles.len() >= nb * per_tile);
-        let rows: [InputRow; R] = std::array::from_fn(|j| {
-            let (x, d, s) = xq.row(r0 + j);
-            (x, d, s, xq.q_sums(r0 + j))
-        });
-        for (x, d, s, q) in &rows {
-            assert!(x.len() >= nb * 32 && d.len() >= nb && s.len() >= nb && q.len() >= nb);
-        }
+        let rows: [InputRow; R] = input_rows(xq, r0, nb);
         let nibble = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); R];
         let base = tiles.as_ptr() as *const u8;
@@ -613,21 +626,11 @@ mod x86 {
         r0: usize,
         y: &mut [[f32; TILE_ROWS]; 4],
     ) {
-        let format = match FORMAT {
-            0 => BlockFormat::Q4_0,
-            1 => BlockFormat::Q4_1,
-            _ => BlockFormat::Q8_0,
-        };
+        let format = format_of(FORMAT);
         let codes = code_lines(format);
         let per_tile = codes + 1;
         assert!(tiles.len() >= nb * per_tile);
-        let rows: [InputRow; R] = std::array::from_fn(|j| {
-            let (x, d, s) = xq.row(r0 + j);
-            (x, d, s, xq.q_sums(r0 + j))
-        });
-        for (x, d, s, q) in &rows {
-            assert!(x.len() >= nb * 32 && d.len() >= nb && s.len() >= nb && q.len() >= nb);
-        }
+        let rows: [InputRow; R] = input_rows(xq, r0, nb);
         let nibble = _mm256_set1_epi8(0x0F);
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
