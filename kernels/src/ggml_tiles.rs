@@ -1,4 +1,4 @@
-//! GGML Q4_0, Q4_1 and Q8_0 weights regrouped at load for decoding with AVX-512 VNNI: the
+//! GGML Q4_0, Q4_1, Q5_0 and Q8_0 weights regrouped at load for decoding with AVX-512 VNNI: the
 //! blocks of 16 consecutive rows side by side, so one 512-bit `vpdpbusd` multiplies four
 //! weights of each of the 16 rows by the same four (broadcast) activations, and its 16
 //! 32-bit lanes are 16 output rows' partial sums.
@@ -19,7 +19,13 @@
 //! takes `128·Σx` back off exactly, in integers). Q8_0's 16 `d` fill half a line, so two
 //! neighbouring tiles share one: their sixteen code lines, then a line with the first tile's
 //! `d` in bytes 0..32 and the second's in 32..64 (as many bytes per weight as the file; with a
-//! line of `d` per tile, Q8_0 read 6% more per token and decoded 15% slower). Tiles of one row group follow each other along the row, then the
+//! line of `d` per tile, Q8_0 read 6% more per token and decoded 15% slower). Q5_0's tile is
+//! Q4_0's four code lines (the low four bits) and a fifth line of the fifth bits, two tiles
+//! again sharing a line of `d`: byte `4r+t` of the fifth line has, in bit `c`, the fifth bit
+//! of code line `c`'s low-nibble element `t` of row `r` (element `4c+t`) and, in bit `4+c`,
+//! that of its high-nibble element (`16+4c+t`), so one shift and mask per code line puts each
+//! element's fifth bit in place (llama.cpp's Q4_K_M files keep most of a small model's
+//! layers in Q5_0 where rows are not a multiple of 256). Tiles of one row group follow each other along the row, then the
 //! next group. Rows past the weight's last (a partial last group) are zero and their outputs
 //! dropped. Regrouping is a permutation of
 //! bytes: [`TiledBlocks::to_blocks`] gives the file's bytes back exactly.
@@ -55,23 +61,40 @@ impl std::fmt::Debug for TiledBlocks {
     }
 }
 
-/// Code lines per tile.
+/// Code lines per tile (Q5_0's fifth is its line of fifth bits).
 const fn code_lines(format: BlockFormat) -> usize {
     match format {
         BlockFormat::Q8_0 => 8,
+        BlockFormat::Q5_0 => 5,
         _ => 4,
     }
 }
 
 /// Tiles that share one scale line (a unit: their code lines, then the scale line): two for
-/// Q8_0, whose 16 `d` fill half a line. Q4_0's `d` would pair up the same way (7% fewer
-/// bytes), but decoded no faster on the Zen 4 (noisy: 181-222 against 201-233 tokens/s), so
-/// it keeps a line per tile like Q4_1 (`d` and `m`).
+/// Q8_0 and Q5_0, whose 16 `d` fill half a line. Q4_0's `d` would pair up the same way (7%
+/// fewer bytes), but decoded no faster on the Zen 4 (noisy: 181-222 against 201-233
+/// tokens/s), so it keeps a line per tile like Q4_1 (`d` and `m`).
 const fn tiles_per_scale_line(format: BlockFormat) -> usize {
     match format {
-        BlockFormat::Q8_0 => 2,
+        BlockFormat::Q8_0 | BlockFormat::Q5_0 => 2,
         _ => 1,
     }
+}
+
+/// Byte `t` (of 4) of a row's Q5_0 fifth-bit lane, from the block's 32 fifth bits `qh`.
+fn fifth_bits_byte(qh: u32, t: usize) -> u8 {
+    (0..4).fold(0u8, |byte, c| {
+        let low = (qh >> (4 * c + t)) & 1;
+        let high = (qh >> (16 + 4 * c + t)) & 1;
+        byte | (low as u8) << c | (high as u8) << (4 + c)
+    })
+}
+
+/// The fifth bit (0 or 16) of element `e` of a row whose fifth-bit lane bytes are `lane`.
+fn fifth_bit(lane: &[u8], e: usize) -> u8 {
+    let (half, within) = (e / 16, e % 16);
+    let (c, t) = (within / 4, within % 4);
+    ((lane[t] >> (4 * half + c)) & 1) << 4
 }
 
 /// Lines of one row group of `nb` tiles (a partial last unit is padded).
@@ -109,7 +132,7 @@ impl TiledBlocks {
     pub fn supports(format: BlockFormat) -> bool {
         matches!(
             format,
-            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q8_0
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0 | BlockFormat::Q8_0
         )
     }
 
@@ -187,10 +210,16 @@ impl TiledBlocks {
             }
             let codes = &mut group[at.codes..at.codes + code_lines(format)];
             match format {
-                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0 => {
                     let qs = &blk[bb - 16..];
-                    for (c, line) in codes.iter_mut().enumerate() {
+                    for (c, line) in codes.iter_mut().take(4).enumerate() {
                         line.0[4 * r..4 * r + 4].copy_from_slice(&qs[4 * c..4 * c + 4]);
+                    }
+                    if format == BlockFormat::Q5_0 {
+                        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                        for t in 0..4 {
+                            codes[4].0[4 * r + t] = fifth_bits_byte(qh, t);
+                        }
                     }
                 }
                 BlockFormat::Q8_0 => {
@@ -201,7 +230,6 @@ impl TiledBlocks {
                         }
                     }
                 }
-                BlockFormat::Q5_0 => unreachable!("checked by supports"),
             }
         }
     }
@@ -241,13 +269,19 @@ impl TiledBlocks {
         let bb = self.format.block_bytes();
         out[0..2].copy_from_slice(&scales[at.d_at + 2 * r..at.d_at + 2 * r + 2]);
         match self.format {
-            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0 => {
                 if self.format == BlockFormat::Q4_1 {
                     out[2..4].copy_from_slice(&scales[32 + 2 * r..34 + 2 * r]);
                 }
                 let qs = &mut out[bb - 16..bb];
-                for (c, line) in codes.iter().enumerate() {
+                for (c, line) in codes.iter().take(4).enumerate() {
                     qs[4 * c..4 * c + 4].copy_from_slice(&line.0[4 * r..4 * r + 4]);
+                }
+                if self.format == BlockFormat::Q5_0 {
+                    let lane = &codes[4].0[4 * r..4 * r + 4];
+                    let qh =
+                        (0..32).fold(0u32, |qh, e| qh | ((fifth_bit(lane, e) >> 4) as u32) << e);
+                    out[2..6].copy_from_slice(&qh.to_le_bytes());
                 }
             }
             BlockFormat::Q8_0 => {
@@ -257,7 +291,6 @@ impl TiledBlocks {
                     }
                 }
             }
-            BlockFormat::Q5_0 => unreachable!("never tiled"),
         }
     }
 
@@ -292,17 +325,22 @@ impl TiledBlocks {
                         let d = f16_at(at.d_at + 2 * r);
                         let dst = &mut row[b * 32..b * 32 + 32];
                         match self.format {
-                            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                                let (scale, offset) = if self.format == BlockFormat::Q4_1 {
-                                    (d, f16_at(32 + 2 * r))
-                                } else {
-                                    (d, -8.0 * d)
+                            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0 => {
+                                let offset = match self.format {
+                                    BlockFormat::Q4_1 => f16_at(32 + 2 * r),
+                                    BlockFormat::Q5_0 => -16.0 * d,
+                                    _ => -8.0 * d,
                                 };
-                                for (c, line) in codes.iter().enumerate() {
+                                let fifth = |e: usize| match self.format {
+                                    BlockFormat::Q5_0 => fifth_bit(&codes[4].0[4 * r..], e),
+                                    _ => 0,
+                                };
+                                for (c, line) in codes.iter().take(4).enumerate() {
                                     for j in 0..4 {
                                         let q = line.0[4 * r + j];
-                                        dst[4 * c + j] = (q & 0x0F) as f32 * scale + offset;
-                                        dst[16 + 4 * c + j] = (q >> 4) as f32 * scale + offset;
+                                        let (lo, hi) = (4 * c + j, 16 + 4 * c + j);
+                                        dst[lo] = ((q & 0x0F) | fifth(lo)) as f32 * d + offset;
+                                        dst[hi] = ((q >> 4) | fifth(hi)) as f32 * d + offset;
                                     }
                                 }
                             }
@@ -314,7 +352,6 @@ impl TiledBlocks {
                                     }
                                 }
                             }
-                            BlockFormat::Q5_0 => unreachable!("never tiled"),
                         }
                     }
                 }
@@ -464,14 +501,21 @@ fn group_generic(
                 let f16_at = |at: usize| f16::from_le_bytes([scales[at], scales[at + 1]]);
                 let d = f16_at(at.d_at + 2 * r).to_f32();
                 let mut s = 0i32;
+                let fifth = |e: usize| match format {
+                    BlockFormat::Q5_0 => fifth_bit(&codes[4].0[4 * r..], e),
+                    _ => 0,
+                };
                 for (c, line) in codes.iter().enumerate() {
                     for t in 0..4 {
                         let q = line.0[4 * r + t];
                         match format {
                             BlockFormat::Q8_0 => s += q as i32 * xs[4 * c + t] as i32,
+                            // Q5_0's fifth line only feeds `fifth`.
+                            BlockFormat::Q5_0 if c == 4 => {}
                             _ => {
-                                s += (q & 0x0F) as i32 * xs[4 * c + t] as i32;
-                                s += (q >> 4) as i32 * xs[16 + 4 * c + t] as i32;
+                                let (lo, hi) = (4 * c + t, 16 + 4 * c + t);
+                                s += ((q & 0x0F) | fifth(lo)) as i32 * xs[lo] as i32;
+                                s += ((q >> 4) | fifth(hi)) as i32 * xs[hi] as i32;
                             }
                         }
                     }
@@ -482,6 +526,7 @@ fn group_generic(
                 *acc = (s as f32).mul_add(d * dx[b], *acc);
                 match format {
                     BlockFormat::Q4_0 => *acc = d.mul_add(-8.0 * sx[b], *acc),
+                    BlockFormat::Q5_0 => *acc = d.mul_add(-16.0 * sx[b], *acc),
                     BlockFormat::Q4_1 => *acc = f16_at(32 + 2 * r).to_f32().mul_add(sx[b], *acc),
                     _ => {}
                 }
@@ -499,14 +544,37 @@ mod x86 {
     /// An input row's codes, block scales, scaled block sums and exact block sums.
     type InputRow<'a> = (&'a [i8], &'a [f32], &'a [f32], &'a [i32]);
 
-    /// The format of a kernel's const tag (0 Q4_0, 1 Q4_1, 2 Q8_0).
+    /// The format of a kernel's const tag (0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q5_0).
     #[inline(always)]
     fn format_of(tag: u8) -> BlockFormat {
         match tag {
             0 => BlockFormat::Q4_0,
             1 => BlockFormat::Q4_1,
-            _ => BlockFormat::Q8_0,
+            2 => BlockFormat::Q8_0,
+            _ => BlockFormat::Q5_0,
         }
+    }
+
+    /// Calls `$kernel::<FORMAT tag, R>(args)` for a runtime format and row count (`≤ 4`).
+    macro_rules! by_format_and_rows {
+        ($kernel:ident, $format:expr, $count:expr, ($($arg:expr),*)) => {{
+            macro_rules! rows {
+                ($tag:literal) => {
+                    match $count {
+                        1 => $kernel::<$tag, 1>($($arg),*),
+                        2 => $kernel::<$tag, 2>($($arg),*),
+                        3 => $kernel::<$tag, 3>($($arg),*),
+                        _ => $kernel::<$tag, 4>($($arg),*),
+                    }
+                };
+            }
+            match $format {
+                BlockFormat::Q4_0 => rows!(0),
+                BlockFormat::Q4_1 => rows!(1),
+                BlockFormat::Q8_0 => rows!(2),
+                BlockFormat::Q5_0 => rows!(3),
+            }
+        }};
     }
 
     /// Input rows `r0..r0+R`, checked to cover `nb` blocks.
@@ -533,21 +601,7 @@ mod x86 {
         count: usize,
         y: &mut [[f32; TILE_ROWS]; 4],
     ) {
-        match (format, count) {
-            (BlockFormat::Q4_0, 1) => tiles_of::<0, 1>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_0, 2) => tiles_of::<0, 2>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_0, 3) => tiles_of::<0, 3>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_0, _) => tiles_of::<0, 4>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_1, 1) => tiles_of::<1, 1>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_1, 2) => tiles_of::<1, 2>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_1, 3) => tiles_of::<1, 3>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_1, _) => tiles_of::<1, 4>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q8_0, 1) => tiles_of::<2, 1>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q8_0, 2) => tiles_of::<2, 2>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q8_0, 3) => tiles_of::<2, 3>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q8_0, _) => tiles_of::<2, 4>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q5_0, _) => unreachable!("never tiled"),
-        }
+        by_format_and_rows!(tiles_of, format, count, (tiles, nb, xq, r0, y))
     }
 
     /// Four activations (bytes `at..at+4` of `x`) in every 32-bit lane.
@@ -602,6 +656,19 @@ mod x86 {
                     lo[c] = _mm512_and_si512(v, nibble);
                     hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
                 }
+                if format == BlockFormat::Q5_0 {
+                    // Bit c (low nibbles) and bit 4+c (high) of each byte, moved to bit 4.
+                    // 16-bit shifts: the mask keeps only bits that stayed in their byte.
+                    let fifth = _mm512_load_si512(tile.add(4 * 64) as *const _);
+                    let bit4 = _mm512_set1_epi8(0x10);
+                    for c in 0..4 {
+                        let up = _mm512_sll_epi16(fifth, _mm_cvtsi32_si128(4 - c as i32));
+                        let down = _mm512_srl_epi16(fifth, _mm_cvtsi32_si128(c as i32));
+                        // a | (b & c)
+                        lo[c] = _mm512_ternarylogic_epi32::<0xF8>(lo[c], up, bit4);
+                        hi[c] = _mm512_ternarylogic_epi32::<0xF8>(hi[c], down, bit4);
+                    }
+                }
                 let m = if format == BlockFormat::Q4_1 {
                     _mm512_cvtph_ps(_mm256_load_si256(scale_line.add(32) as *const __m256i))
                 } else {
@@ -616,10 +683,10 @@ mod x86 {
                     }
                     let scale = _mm512_mul_ps(d, _mm512_set1_ps(rows[j].1[b]));
                     acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j]);
-                    let offset = if format == BlockFormat::Q4_1 {
-                        rows[j].2[b]
-                    } else {
-                        -8.0 * rows[j].2[b]
+                    let offset = match format {
+                        BlockFormat::Q4_1 => rows[j].2[b],
+                        BlockFormat::Q5_0 => -16.0 * rows[j].2[b],
+                        _ => -8.0 * rows[j].2[b],
                     };
                     acc[j] = _mm512_fmadd_ps(m, _mm512_set1_ps(offset), acc[j]);
                 }
@@ -645,21 +712,7 @@ mod x86 {
         count: usize,
         y: &mut [[f32; TILE_ROWS]; 4],
     ) {
-        match (format, count) {
-            (BlockFormat::Q4_0, 1) => tiles_of_avx2::<0, 1>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_0, 2) => tiles_of_avx2::<0, 2>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_0, 3) => tiles_of_avx2::<0, 3>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_0, _) => tiles_of_avx2::<0, 4>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_1, 1) => tiles_of_avx2::<1, 1>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_1, 2) => tiles_of_avx2::<1, 2>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_1, 3) => tiles_of_avx2::<1, 3>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q4_1, _) => tiles_of_avx2::<1, 4>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q8_0, 1) => tiles_of_avx2::<2, 1>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q8_0, 2) => tiles_of_avx2::<2, 2>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q8_0, 3) => tiles_of_avx2::<2, 3>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q8_0, _) => tiles_of_avx2::<2, 4>(tiles, nb, xq, r0, y),
-            (BlockFormat::Q5_0, _) => unreachable!("never tiled"),
-        }
+        by_format_and_rows!(tiles_of_avx2, format, count, (tiles, nb, xq, r0, y))
     }
 
     /// Four activations (bytes `at..at+4` of `x`) in every 32-bit lane of 256 bits.
@@ -717,6 +770,17 @@ mod x86 {
                         lo[c] = _mm256_and_si256(v, nibble);
                         hi[c] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
                     }
+                    if format == BlockFormat::Q5_0 {
+                        // As in `tiles_of`.
+                        let fifth = line(4);
+                        let bit4 = _mm256_set1_epi8(0x10);
+                        for c in 0..4 {
+                            let up = _mm256_sll_epi16(fifth, _mm_cvtsi32_si128(4 - c as i32));
+                            let down = _mm256_srl_epi16(fifth, _mm_cvtsi32_si128(c as i32));
+                            lo[c] = _mm256_or_si256(lo[c], _mm256_and_si256(up, bit4));
+                            hi[c] = _mm256_or_si256(hi[c], _mm256_and_si256(down, bit4));
+                        }
+                    }
                     let m = if format == BlockFormat::Q4_1 {
                         _mm256_cvtph_ps(_mm_load_si128(scale_line.add(32 + half * 16) as *const _))
                     } else {
@@ -724,24 +788,32 @@ mod x86 {
                     };
                     for j in 0..R {
                         let x = rows[j].0.as_ptr().add(b * 32);
-                        let mut pairs = _mm256_setzero_si256();
+                        // Q5_0's pair sums (at most 2·31·127) only fit four to 16 bits.
+                        let mut pairs = [_mm256_setzero_si256(); 2];
                         for c in 0..4 {
-                            pairs = _mm256_add_epi16(
-                                pairs,
+                            pairs[0] = _mm256_add_epi16(
+                                pairs[0],
                                 _mm256_maddubs_epi16(lo[c], quad256(x, 4 * c)),
                             );
-                            pairs = _mm256_add_epi16(
-                                pairs,
+                            pairs[1] = _mm256_add_epi16(
+                                pairs[1],
                                 _mm256_maddubs_epi16(hi[c], quad256(x, 16 + 4 * c)),
                             );
                         }
-                        let s = _mm256_madd_epi16(pairs, ones);
+                        let s = if format == BlockFormat::Q5_0 {
+                            _mm256_add_epi32(
+                                _mm256_madd_epi16(pairs[0], ones),
+                                _mm256_madd_epi16(pairs[1], ones),
+                            )
+                        } else {
+                            _mm256_madd_epi16(_mm256_add_epi16(pairs[0], pairs[1]), ones)
+                        };
                         let scale = _mm256_mul_ps(d, _mm256_set1_ps(rows[j].1[b]));
                         acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[j]);
-                        let offset = if format == BlockFormat::Q4_1 {
-                            rows[j].2[b]
-                        } else {
-                            -8.0 * rows[j].2[b]
+                        let offset = match format {
+                            BlockFormat::Q4_1 => rows[j].2[b],
+                            BlockFormat::Q5_0 => -16.0 * rows[j].2[b],
+                            _ => -8.0 * rows[j].2[b],
                         };
                         acc[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(offset), acc[j]);
                     }
@@ -791,7 +863,12 @@ mod tests {
             .collect()
     }
 
-    const FORMATS: [BlockFormat; 3] = [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0];
+    const FORMATS: [BlockFormat; 4] = [
+        BlockFormat::Q4_0,
+        BlockFormat::Q4_1,
+        BlockFormat::Q5_0,
+        BlockFormat::Q8_0,
+    ];
 
     #[test]
     fn regrouping_gives_the_same_bytes_back() {
@@ -821,6 +898,13 @@ mod tests {
                     for e in 0..32 {
                         let want = match format {
                             BlockFormat::Q8_0 => blk[2 + e] as i8 as f32 * d,
+                            BlockFormat::Q5_0 => {
+                                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                                let q = blk[6 + e % 16];
+                                let q = if e < 16 { q & 0x0F } else { q >> 4 } as u32;
+                                let q = q | ((qh >> e) & 1) << 4;
+                                (q as f32 - 16.0) * d
+                            }
                             _ => {
                                 let q = blk[bb - 16 + e % 16];
                                 let q = if e < 16 { q & 0x0F } else { q >> 4 } as f32;
