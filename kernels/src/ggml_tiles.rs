@@ -11,23 +11,22 @@
 //! backend repacks its Q4_0 weights for the same reason (the idea carries over, the code is
 //! ours).
 //!
-//! A tile of Q4_0/Q4_1 is four 64-byte lines of codes and the 16 rows' `d` (f16) and, for
-//! Q4_1, their `m` (a fifth line). Code line `c`'s 32-bit lane `r` is bytes `4c..4c+4` of row `r`'s
+//! A tile of Q4_0/Q4_1 is four 64-byte lines of codes and the 16 rows' `d` (f16) and, for Q4_1,
+//! their `m` (a fifth line). Code line `c`'s 32-bit lane `r` is bytes `4c..4c+4` of row `r`'s
 //! block, unchanged: their low nibbles are elements `4c..4c+4` and their high nibbles elements
 //! `16+4c..20+4c`. Q8_0's tile is eight code lines (lane `r` of line `c`: row `r`'s elements
-//! `4c..4c+4`, stored `+128` so they are the unsigned operand `vpdpbusd` wants; the kernel
-//! takes `128·Σx` back off exactly, in integers). Q8_0's 16 `d` fill half a line, so two
-//! neighbouring tiles share one: their sixteen code lines, then a line with the first tile's
-//! `d` in bytes 0..32 and the second's in 32..64 (as many bytes per weight as the file; with a
-//! line of `d` per tile, Q8_0 read 6% more per token and decoded 15% slower). Q5_0's tile is
-//! Q4_0's four code lines (the low four bits) and a fifth line of the fifth bits, two tiles
-//! again sharing a line of `d`: byte `4r+t` of the fifth line has, in bit `c`, the fifth bit
-//! of code line `c`'s low-nibble element `t` of row `r` (element `4c+t`) and, in bit `4+c`,
-//! that of its high-nibble element (`16+4c+t`), so one shift and mask per code line puts each
-//! element's fifth bit in place (llama.cpp's Q4_K_M files keep most of a small model's
-//! layers in Q5_0 where rows are not a multiple of 256). Tiles of one row group follow each other along the row, then the
-//! next group. Rows past the weight's last (a partial last group) are zero and their outputs
-//! dropped. Regrouping is a permutation of
+//! `4c..4c+4`, stored `+128` so they are the unsigned operand `vpdpbusd` wants; the kernel takes
+//! `128·Σx` back off exactly, in integers). Q8_0's 16 `d` fill half a line, so two neighbouring
+//! tiles share one: their sixteen code lines, then a line with the first tile's `d` in bytes 0..32
+//! and the second's in 32..64 (as many bytes per weight as the file; with a line of `d` per tile,
+//! Q8_0 read 6% more per token and decoded 15% slower). Q5_0's tile is Q4_0's four code lines (the
+//! low four bits) and a fifth line of the fifth bits, two tiles again sharing a line of `d`: byte
+//! `4r+t` of the fifth line has, in bit `c`, the fifth bit of code line `c`'s low-nibble element
+//! `t` of row `r` (element `4c+t`) and, in bit `4+c`, that of its high-nibble element (`16+4c+t`),
+//! so one shift and mask per code line puts each element's fifth bit in place (llama.cpp's Q4_K_M
+//! files keep most of a small model's layers in Q5_0 where rows are not a multiple of 256). Tiles
+//! of one row group follow each other along the row, then the next group. Rows past the weight's
+//! last (a partial last group) are zero and their outputs dropped. Regrouping is a permutation of
 //! bytes: [`TiledBlocks::to_blocks`] gives the file's bytes back exactly.
 
 use half::f16;
