@@ -79,9 +79,9 @@ fn write_if_changed(path: &Path, content: &str) -> Result<()> {
 
 /// The optimisation level cells are compiled at: `$PEFT_CELL_OPT`, else 0 (evcxr's default
 /// is 2). A cell is glue around the prelude, which is optimised once in its shared library;
-/// at 0 rustc compiles a light cell in half the time (the notebook's `let` and printing cells
-/// 1.3-1.6 s → 0.6-0.9 s on a 2-core Zen 4, the whole notebook 79 → 70 s) and training runs
-/// as fast. A cell that loops over much data itself can ask for `:opt 2`.
+/// at 0 rustc compiles the notebook's cells that call generic prelude functions in about half
+/// the time (1.3-1.6 s → 0.5-1.0 s on a 2-core Zen 4, the 14 cells 79 → 70-78 s) and its
+/// training cells run as fast. A cell that loops over much data itself can ask for `:opt 2`.
 fn cell_opt_level() -> String {
     std::env::var("PEFT_CELL_OPT")
         .ok()

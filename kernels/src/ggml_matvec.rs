@@ -43,12 +43,22 @@ impl BlockFormat {
     pub const BLOCK: usize = 32;
 
     /// The format for a const-generic tag (0, 1, 2, 3 in declaration order).
-    const fn from_tag(tag: u8) -> Self {
+    pub(crate) const fn from_tag(tag: u8) -> Self {
         match tag {
             0 => BlockFormat::Q4_0,
             1 => BlockFormat::Q4_1,
             2 => BlockFormat::Q8_0,
             _ => BlockFormat::Q5_0,
+        }
+    }
+
+    /// The code that stands for zero in the symmetric formats (a weight is `d·(q − zero)`):
+    /// 8 for Q4_0, 16 for Q5_0; 0 for Q8_0 (signed codes) and Q4_1 (which adds `m` instead).
+    pub(crate) const fn zero_code(self) -> f32 {
+        match self {
+            BlockFormat::Q4_0 => 8.0,
+            BlockFormat::Q5_0 => 16.0,
+            BlockFormat::Q4_1 | BlockFormat::Q8_0 => 0.0,
         }
     }
 

@@ -327,8 +327,7 @@ impl TiledBlocks {
                             BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0 => {
                                 let offset = match self.format {
                                     BlockFormat::Q4_1 => f16_at(32 + 2 * r),
-                                    BlockFormat::Q5_0 => -16.0 * d,
-                                    _ => -8.0 * d,
+                                    _ => -self.format.zero_code() * d,
                                 };
                                 let fifth = |e: usize| match self.format {
                                     BlockFormat::Q5_0 => fifth_bit(&codes[4].0[4 * r..], e),
@@ -524,8 +523,9 @@ fn group_generic(
                 }
                 *acc = (s as f32).mul_add(d * dx[b], *acc);
                 match format {
-                    BlockFormat::Q4_0 => *acc = d.mul_add(-8.0 * sx[b], *acc),
-                    BlockFormat::Q5_0 => *acc = d.mul_add(-16.0 * sx[b], *acc),
+                    BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
+                        *acc = d.mul_add(-format.zero_code() * sx[b], *acc)
+                    }
                     BlockFormat::Q4_1 => *acc = f16_at(32 + 2 * r).to_f32().mul_add(sx[b], *acc),
                     _ => {}
                 }
@@ -542,17 +542,6 @@ mod x86 {
 
     /// An input row's codes, block scales, scaled block sums and exact block sums.
     type InputRow<'a> = (&'a [i8], &'a [f32], &'a [f32], &'a [i32]);
-
-    /// The format of a kernel's const tag (0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q5_0).
-    #[inline(always)]
-    fn format_of(tag: u8) -> BlockFormat {
-        match tag {
-            0 => BlockFormat::Q4_0,
-            1 => BlockFormat::Q4_1,
-            2 => BlockFormat::Q8_0,
-            _ => BlockFormat::Q5_0,
-        }
-    }
 
     /// Calls `$kernel::<FORMAT tag, R>(args)` for a runtime format and row count (`≤ 4`).
     macro_rules! by_format_and_rows {
@@ -610,7 +599,7 @@ mod x86 {
     }
 
     /// The tiles of one group, `R` input rows at once: each tile's codes are loaded (and
-    /// Q4's nibbles split) once for the `R` rows. `FORMAT`: 0 Q4_0, 1 Q4_1, 2 Q8_0.
+    /// Q4's nibbles split) once for the `R` rows. `FORMAT`: a [`BlockFormat::from_tag`] tag.
     ///
     /// No software prefetch (the row kernels of `ggml_matvec` need one, reading four rows
     /// apart): a task's tiles are one sequential stream, which the hardware prefetcher follows
@@ -624,7 +613,7 @@ mod x86 {
         r0: usize,
         y: &mut [[f32; TILE_ROWS]; 4],
     ) {
-        let format = format_of(FORMAT);
+        let format = BlockFormat::from_tag(FORMAT);
         assert!(tiles.len() >= group_lines(format, nb));
         let rows: [InputRow; R] = input_rows(xq, r0, nb);
         let nibble = _mm512_set1_epi8(0x0F);
@@ -684,8 +673,7 @@ mod x86 {
                     acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[j]);
                     let offset = match format {
                         BlockFormat::Q4_1 => rows[j].2[b],
-                        BlockFormat::Q5_0 => -16.0 * rows[j].2[b],
-                        _ => -8.0 * rows[j].2[b],
+                        _ => -format.zero_code() * rows[j].2[b],
                     };
                     acc[j] = _mm512_fmadd_ps(m, _mm512_set1_ps(offset), acc[j]);
                 }
@@ -729,7 +717,7 @@ mod x86 {
         r0: usize,
         y: &mut [[f32; TILE_ROWS]; 4],
     ) {
-        let format = format_of(FORMAT);
+        let format = BlockFormat::from_tag(FORMAT);
         assert!(tiles.len() >= group_lines(format, nb));
         let rows: [InputRow; R] = input_rows(xq, r0, nb);
         let nibble = _mm256_set1_epi8(0x0F);
@@ -811,8 +799,7 @@ mod x86 {
                         acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[j]);
                         let offset = match format {
                             BlockFormat::Q4_1 => rows[j].2[b],
-                            BlockFormat::Q5_0 => -16.0 * rows[j].2[b],
-                            _ => -8.0 * rows[j].2[b],
+                            _ => -format.zero_code() * rows[j].2[b],
                         };
                         acc[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(offset), acc[j]);
                     }
