@@ -69,13 +69,42 @@ pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     reattach(x, y, |g| Ok(g.clone()))
 }
 
+/// Moves `t`'s buffer out of its storage when `t` is f32 on the CPU and spans exactly all of
+/// it; `t` and every tensor sharing that storage are left empty (reading them afterwards
+/// panics). For graph nodes whose values nothing reads again, kept only for their backward:
+/// a block's packed adapters (the ops' forward has used the adapters themselves), a layer's
+/// output once the next layer's leaf holds it. Elsewhere (`None`) the buffer stays.
+pub fn take_f32_values(t: &Tensor) -> Result<Option<Vec<f32>>> {
+    struct Take(Mutex<Option<Vec<f32>>>);
+    impl candle_core::InplaceOp1 for Take {
+        fn name(&self) -> &'static str {
+            "take-values"
+        }
+        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+            if let CpuStorage::F32(values) = storage {
+                if layout.contiguous_offsets() == Some((0, values.len())) {
+                    *self.0.lock().expect("not poisoned") = Some(std::mem::take(values));
+                }
+            }
+            Ok(())
+        }
+    }
+    if !t.device().is_cpu() || t.dtype() != candle_core::DType::F32 {
+        return Ok(None);
+    }
+    let take = Take(Mutex::new(None));
+    t.inplace_op1(&take)?;
+    Ok(take.0.into_inner().expect("not poisoned"))
+}
+
 type InputGrad = dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync;
 type InputGrads2 = dyn Fn(&Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync;
 type InputGrads3 = dyn Fn(&Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync;
 
 /// Returns `y` (computed from `x` without a graph) as a function of `x` whose backward is
-/// `input_grad(dy)`. The graph keeps `x` and the returned tensor, not `y` itself (the op
-/// hands out a copy of `y` and drops it).
+/// `input_grad(dy)`. The graph keeps `x` and the returned tensor, not `y` itself: on the CPU
+/// in f32 the returned tensor takes over `y`'s buffer, so a tensor that shares `y`'s storage
+/// must not be read afterwards (pass a fresh `y`); elsewhere it gets a copy.
 pub fn reattach(
     x: &Tensor,
     y: Tensor,
@@ -179,6 +208,11 @@ impl Precomputed {
 
     fn cpu(&self) -> Result<(CpuStorage, Shape)> {
         let y = self.take()?;
+        // The result's own buffer becomes the op's output: no copy, and no freed buffer of
+        // the same size left behind in the heap between the activations kept for the backward.
+        if let Some(values) = take_f32_values(&y)? {
+            return Ok((CpuStorage::F32(values), y.shape().clone()));
+        }
         let (storage, layout) = y.storage_and_layout();
         let Storage::Cpu(s) = &*storage else {
             candle_core::bail!("frozen-operand: the result is not on the CPU")
@@ -390,6 +424,40 @@ mod tests {
             .to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
         assert_eq!(grads.get_ids().count(), 1, "only x has a gradient");
+        Ok(())
+    }
+
+    #[test]
+    fn only_a_whole_f32_buffer_is_taken() -> Result<()> {
+        let dev = Device::Cpu;
+        let values: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let t = Tensor::from_vec(values.clone(), (3, 4), &dev)?;
+        // A view of part of the buffer, or another dtype: nothing moves, values intact.
+        let part = t.narrow(0, 1, 2)?;
+        assert!(take_f32_values(&part)?.is_none());
+        let wide = t.to_dtype(candle_core::DType::F64)?;
+        assert!(take_f32_values(&wide)?.is_none());
+        assert_eq!(part.flatten_all()?.to_vec1::<f32>()?, values[4..].to_vec());
+        // The whole buffer moves out, once.
+        assert_eq!(take_f32_values(&t)?, Some(values));
+        assert!(take_f32_values(&t)?.is_none(), "a taken buffer is gone");
+        Ok(())
+    }
+
+    /// The result of a re-attached op takes over `y`'s buffer (no copy) and keeps its
+    /// values and its backward.
+    #[test]
+    fn reattached_results_keep_their_values_without_a_copy() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (3, 5), &dev)?;
+        let w = Tensor::randn(0f32, 1., (4, 5), &dev)?;
+        let expected = x.as_tensor().matmul(&w.t()?)?.to_vec2::<f32>()?;
+        let y = frozen_linear(x.as_tensor(), &w)?;
+        assert_eq!(y.to_vec2::<f32>()?, expected);
+        let grads = y.sum_all()?.backward()?;
+        let dx = grads.get(x.as_tensor()).expect("gradient reaches x");
+        let want = Tensor::ones((3, 4), candle_core::DType::F32, &dev)?.matmul(&w)?;
+        assert!((dx - want)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
         Ok(())
     }
 
