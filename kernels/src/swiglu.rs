@@ -164,6 +164,23 @@ pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Te
     gated_backward(g, u, dh, Gate::Silu)
 }
 
+/// [`swiglu_backward`] over the activations' own buffers: `g` becomes `d_gate` and `u`
+/// becomes `d_up` (each element reads its `g`, `u` and `dh` before writing), so the backward
+/// allocates nothing.
+pub(crate) fn swiglu_backward_in_place(g: &mut [f32], u: &mut [f32], dh: &[f32]) {
+    g.par_chunks_mut(BLOCK)
+        .zip(u.par_chunks_mut(BLOCK))
+        .zip(dh.par_chunks(BLOCK))
+        .for_each(|((gb, ub), dhb)| {
+            for ((g, u), &dh) in gb.iter_mut().zip(ub.iter_mut()).zip(dhb) {
+                let (a, da) = Gate::Silu.eval(*g);
+                let d_gate = dh * *u * da;
+                *u = dh * a;
+                *g = d_gate;
+            }
+        });
+}
+
 fn gated_backward(g: &Tensor, u: &Tensor, dh: &Tensor, act: Gate) -> Result<(Tensor, Tensor)> {
     let both = g.apply_op3_no_bwd(u, &dh.contiguous()?, &GatedUnitBwd(act))?;
     Ok((
@@ -279,6 +296,23 @@ mod tests {
             let (_, dur) = grad_of(&uv, &c, |u| gt.silu()? * u)?;
             assert_close("swiglu d_up", &du, &dur, 1e-6)?;
         }
+        Ok(())
+    }
+
+    /// Over the activations' own buffers, exactly what the allocating backward gives
+    /// (a length that is not a multiple of the parallel block, too).
+    #[test]
+    fn in_place_backward_equals_the_allocating_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let n = 3 * super::BLOCK + 37;
+        let g = Tensor::randn(0f32, 3., n, &dev)?;
+        let u = Tensor::randn(0f32, 1., n, &dev)?;
+        let dh = Tensor::randn(0f32, 1., n, &dev)?;
+        let (dg, du) = swiglu_backward(&g, &u, &dh)?;
+        let (mut gv, mut uv) = (g.to_vec1::<f32>()?, u.to_vec1::<f32>()?);
+        swiglu_backward_in_place(&mut gv, &mut uv, &dh.to_vec1::<f32>()?);
+        assert_eq!(gv, dg.to_vec1::<f32>()?);
+        assert_eq!(uv, du.to_vec1::<f32>()?);
         Ok(())
     }
 

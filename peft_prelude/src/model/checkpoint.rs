@@ -140,11 +140,13 @@ impl Model {
     }
 
     /// The gradients of `loss` (a scalar computed from `ck.hidden`) for `vars`, recomputing
-    /// every checkpointed layer's activations from its kept input, last layer first.
+    /// every checkpointed layer's activations from its kept input, last layer first. `loss`
+    /// is taken so that the head's graph (the final norm, the loss's saved gradient) is freed
+    /// before the layers' backward, where the step's memory peaks.
     pub fn backward_checkpointed(
         &self,
         ck: Checkpointed,
-        loss: &Tensor,
+        loss: Tensor,
         vars: &[Var],
     ) -> Result<Vec<Option<Tensor>>> {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
@@ -154,11 +156,12 @@ impl Model {
             crate::grads::accumulate(grads, vars, store)
         };
         let top = loss.backward()?;
+        drop(loss);
         add(&mut grads, &top)?;
         let Some(mut g) = top.get(ck.top.as_tensor()).map(Tensor::detach) else {
             return Ok(grads);
         };
-        drop(top);
+        drop((top, ck.top, ck.hidden));
         let mut kept = ck.kept;
         for (i, input) in ck.inputs.iter().enumerate().rev() {
             let (x, y) = match kept.get_mut(i).and_then(Option::take) {

@@ -343,7 +343,7 @@ impl PeftModel {
     pub fn backward_checkpointed(
         &self,
         ck: Checkpointed,
-        loss: &Tensor,
+        loss: Tensor,
         vars: &[Var],
     ) -> Result<Vec<Option<Tensor>>> {
         self.model.backward_checkpointed(ck, loss, vars)

@@ -211,7 +211,7 @@ pub fn batch_gradients(
         let (loss, count) = fused_head_loss(&ck.hidden, &head, &batch.labels)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let scaled = (loss * (count as f64 * weight))?;
-        let grads = model.backward_checkpointed(ck, &scaled, params)?;
+        let grads = model.backward_checkpointed(ck, scaled, params)?;
         return Ok((value, count, grads));
     }
     let (loss, count) = batch_loss(model, batch)?;
