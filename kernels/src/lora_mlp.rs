@@ -325,6 +325,22 @@ mod tests {
         Ok(())
     }
 
+    /// The backward turns the saved activations into their gradients, so a second backward
+    /// over the same forward is an error that says so (not silently wrong numbers).
+    #[test]
+    fn a_second_backward_over_one_forward_is_an_error() -> Result<()> {
+        let s = setup(64, 128, 4)?;
+        let p = projections(&s, false)?;
+        let y = lora_mlp(&s.x, (&s.norm, 1e-5), [&p[0], &p[1], &p[2]], false)?;
+        let loss = (&y * &s.c)?.sum_all()?;
+        loss.backward()?;
+        let again = loss
+            .backward()
+            .expect_err("the saved activations are used up");
+        assert!(again.to_string().contains("backward ran twice"), "{again}");
+        Ok(())
+    }
+
     #[test]
     fn mismatched_shapes_are_errors() -> Result<()> {
         let s = setup(64, 128, 4)?;
