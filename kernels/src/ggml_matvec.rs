@@ -434,10 +434,8 @@ fn dot_generic(format: BlockFormat, row: &[u8], x: &[i8], dx: &[f32], sx: &[f32]
         }
         total += d * d_x * acc as f32;
         total += match format {
-            BlockFormat::Q4_0 => -8.0 * d * s_x,
             BlockFormat::Q4_1 => scale(blk, 2) * s_x,
-            BlockFormat::Q8_0 => 0.0,
-            BlockFormat::Q5_0 => -16.0 * d * s_x,
+            _ => -format.zero_code() * d * s_x,
         };
     }
     total
@@ -522,10 +520,8 @@ pub(crate) mod x86 {
         let sums = _mm256_cvtepi32_ps(int_dot::<VNNI>(w, xv));
         *acc = _mm256_fmadd_ps(sums, _mm256_set1_ps(d * dx), *acc);
         match format {
-            BlockFormat::Q4_0 => -8.0 * d * sx,
             BlockFormat::Q4_1 => f16_at(blk, 2) * sx,
-            BlockFormat::Q8_0 => 0.0,
-            BlockFormat::Q5_0 => -16.0 * d * sx,
+            _ => -format.zero_code() * d * sx,
         }
     }
 
@@ -632,16 +628,14 @@ pub(crate) mod x86 {
                 acc[r] = _mm256_fmadd_ps(sums, d, acc[r]);
             }
             match format {
-                BlockFormat::Q4_0 => {
-                    offsets = _mm_fmadd_ps(d, _mm_set1_ps(-8.0 * sx[b]), offsets);
-                }
                 BlockFormat::Q4_1 => {
                     offsets =
                         _mm_fmadd_ps(four_f16(&w, b * bytes + 2), _mm_set1_ps(sx[b]), offsets);
                 }
                 BlockFormat::Q8_0 => {}
-                BlockFormat::Q5_0 => {
-                    offsets = _mm_fmadd_ps(d, _mm_set1_ps(-16.0 * sx[b]), offsets);
+                BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
+                    let zero = format.zero_code();
+                    offsets = _mm_fmadd_ps(d, _mm_set1_ps(-zero * sx[b]), offsets);
                 }
             }
         }

@@ -113,8 +113,9 @@ pub fn lora_mlp(
     y.reshape(x.shape())
 }
 
-/// `(d_gate, d_up)` written over the activations' buffers where they own them (the peak of
-/// the step is in the last layer's backward: 12.6 MB less there on SmolLM2), else allocated.
+/// `(d_gate, d_up)` written over the activations' buffers where they own them, else
+/// allocated. The step's memory peaks in the last layer's backward (heaptrack, SmolLM2), where
+/// this avoids a 12.6 MB buffer.
 fn gate_and_up_gradients(g: Tensor, u: Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
     use crate::frozen::take_f32_values;
     let dims = g.dims2()?;

@@ -29,30 +29,30 @@ use peft_prelude::quant::Quantization;
 use peft_prelude::train::sft::batch_gradients;
 use peft_prelude::train::{AdamW, AdamWConfig};
 
-fn peak_rss_mb() -> f64 {
+/// A `/proc/self/status` field (`VmHWM:`, `VmRSS:`, …) in MiB.
+fn status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
 /// The resident set now, split as the kernel counts it: anonymous memory and mapped files.
 fn rss_now_mb() -> serde_json::Value {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(f64::NAN, |kb| kb / 1024.0)
-    };
-    serde_json::json!({"total": field("VmRSS:"), "anon": field("RssAnon:"), "file": field("RssFile:")})
+    serde_json::json!({
+        "total": status_mb("VmRSS:"),
+        "anon": status_mb("RssAnon:"),
+        "file": status_mb("RssFile:"),
+    })
 }
 
 fn main() -> anyhow::Result<()> {
