@@ -10,14 +10,16 @@ use peft_tests::{max_abs, max_abs_diff};
 
 use candle_core::{DType, Device, Tensor};
 
+use peft_prelude::data::collate::Batch;
 use peft_prelude::model::load::load_model_from_dir;
 use peft_prelude::model::weights::{SafetensorsSource, WeightSource};
 use peft_prelude::model::{Forward, FrozenLinear, LoadOptions, Model};
 use peft_prelude::peft::lora::LoraLinear;
-use peft_prelude::peft::{get_peft_model, LoraConfig, LoraInit};
+use peft_prelude::peft::{get_peft_model, LoraConfig, LoraInit, PeftModel};
 use peft_prelude::quant::nf4::{double_quantize, quantize_blocks};
 use peft_prelude::quant::{bnb, Absmax, Nf4Weight, Quantization, QuantizedWeight};
 use peft_prelude::train::causal_lm_loss;
+use peft_prelude::train::sft::batch_gradients;
 use peft_tests::{assert_logits_match, fixture, tensors};
 
 const TOL: f32 = 1e-4;
@@ -323,6 +325,35 @@ fn lora_difference(quantized: Model, dense: Model) -> (f32, f32, f32) {
     (fwd, worst, largest)
 }
 
+/// The trainers' fused head loss (`batch_gradients`, the path every SFT step takes) over
+/// `quantized` against `dense`: `(loss difference, largest adapter-gradient difference, the
+/// dense model's loss)`.
+fn fused_loss_difference(quantized: &PeftModel, dense: &PeftModel) -> (f32, f32, f32) {
+    let ids = input_ids();
+    let (b, t) = ids.dims2().unwrap();
+    let batch = Batch {
+        labels: ids.to_dtype(DType::I64).unwrap(),
+        input_ids: ids,
+        attention_mask: None,
+        position_ids: None,
+        segment_ids: None,
+        num_tokens: b * t,
+        num_label_tokens: b * (t - 1),
+    };
+    let run = |m: &PeftModel| {
+        m.train();
+        let vars: Vec<_> = m.trainable_vars().into_iter().map(|(_, v)| v).collect();
+        batch_gradients(m, &batch, 1.0, &vars, false).unwrap()
+    };
+    let ((lq, _, gq), (ld, _, gd)) = (run(quantized), run(dense));
+    let worst = gq
+        .iter()
+        .zip(&gd)
+        .map(|(a, b)| max_abs_diff(a.as_ref().unwrap(), b.as_ref().unwrap()))
+        .fold(0f32, f32::max);
+    ((lq - ld).abs() as f32, worst, ld as f32)
+}
+
 /// Both ways a 4-bit base trains. With the integer products off: equal to LoRA over the same
 /// weights dense, to f32 rounding. On the integer GEMM (8-bit blocks, where the CPU has
 /// AVX512-VNNI): off from it by a small fraction of what the 4-bit base itself moves the
@@ -349,6 +380,39 @@ fn qlora_forward_and_gradients_match_the_dense_model() {
     }
     assert!(int8.0 < 0.25 * nf4.0, "forward: {int8:?} against {nf4:?}");
     assert!(int8.1 < 0.25 * nf4.1, "gradients: {int8:?} against {nf4:?}");
+
+    // The same through the trainers' fused loss, where the head (dense f32 over a 4-bit base,
+    // as in QLoRA) takes the integer products too when the base does.
+    let (quantized, dense_peft) = (lora_on(bnb_model()), lora_on(dense()));
+    peft_prelude::quant::set_integer_products(false);
+    let fused_exact = fused_loss_difference(&quantized, &dense_peft);
+    assert!(!quantized.model().holds_integer_head());
+    let fused_nf4 = fused_loss_difference(&lora_on(dense()), &lora_on(original()));
+    peft_prelude::quant::set_integer_products(true);
+    let fused_int8 = fused_loss_difference(&quantized, &dense_peft);
+    println!(
+        "fused loss (loss, gradients): exact {fused_exact:?}, integer products {fused_int8:?}; \
+         the 4-bit base vs the original: {fused_nf4:?}"
+    );
+    assert!(
+        fused_exact.0 < TOL && fused_exact.1 < TOL,
+        "{fused_exact:?}"
+    );
+    // The gradients as above. The 4-bit base's errors largely cancel in the mean loss (it moves
+    // it by 0.014 of 10.4), the 8-bit blocks' too: the loss is held to 0.1% of its value.
+    assert!(
+        fused_int8.1 < 0.25 * fused_nf4.1,
+        "{fused_int8:?} against {fused_nf4:?}"
+    );
+    assert!(fused_int8.0 < 1e-3 * fused_int8.2, "{fused_int8:?}");
+    // Kept for the next batch where the CPU has the kernel, never for a dense base.
+    assert_eq!(
+        quantized.model().holds_integer_head(),
+        peft_prelude::quant::integer_products()
+    );
+    assert!(!dense_peft.model().holds_integer_head());
+    quantized.release_training_buffers();
+    assert!(!quantized.model().holds_integer_head());
     // A training batch builds the integer products (where the CPU has the kernel); releasing
     // the training buffers drops every one of them.
     let peft = lora_on(bnb_model());

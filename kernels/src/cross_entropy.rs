@@ -16,7 +16,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::common::{cpu_dtype, dispatch_float, slice, Float};
+use crate::common::{cpu_dtype, dispatch_float, slice, with_cpu_f32, Float};
+use crate::q8_gemm::{self, Q8Error, Q8Matrix, Q8Rows};
 
 /// The label value that excludes a token from the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -38,6 +39,113 @@ pub fn fused_linear_cross_entropy(
     head: &Tensor,
     labels: &Tensor,
     chunk: usize,
+) -> Result<(Tensor, usize)> {
+    cross_entropy(hidden, head, labels, Products::Dense { chunk })
+}
+
+/// [`fused_linear_cross_entropy`] with the head's two products per chunk on the integer GEMM
+/// (`products`, built from `head`): `hidden` and the chunk's `e^{l−m}` are rounded to 8 bits
+/// per block of 64 on the way in, as a quantized base's layers round theirs. `head` itself
+/// (f32, CPU) still gives the target rows, exactly. On AVX512-VNNI the two products run about
+/// three times the f32 rate: the head is most of the step's f32 work over a quantized base.
+pub fn fused_linear_cross_entropy_int8(
+    hidden: &Tensor,
+    head: &Tensor,
+    products: &Int8Head,
+    labels: &Tensor,
+) -> Result<(Tensor, usize)> {
+    let (vocab, hd) = head.dims2()?;
+    if (vocab, hd) != (products.vocab, products.hidden) {
+        bail!(
+            "cross_entropy: head {:?} is not the one its integer products were built from ({}, {})",
+            head.dims(),
+            products.vocab,
+            products.hidden
+        )
+    }
+    if hidden.dtype() != DType::F32 || !hidden.device().is_cpu() {
+        bail!(
+            "cross_entropy: the integer head takes f32 on the CPU, got {:?} on {:?}",
+            hidden.dtype(),
+            hidden.device().location()
+        )
+    }
+    cross_entropy(hidden, head, labels, Products::Int8(products))
+}
+
+/// A frozen head `[vocab, hidden]` held for the integer GEMM, vocabulary chunk by chunk: each
+/// chunk's rows as they are (for `h·W_cᵀ`) and transposed, in blocks along the vocabulary
+/// (for `p·W_c`). Two bytes and a bit per weight.
+pub struct Int8Head {
+    vocab: usize,
+    hidden: usize,
+    chunks: Vec<(Q8Matrix, Q8Matrix)>,
+}
+
+impl std::fmt::Debug for Int8Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Int8Head[{}, {}]", self.vocab, self.hidden)
+    }
+}
+
+impl Int8Head {
+    /// Whether a head of this shape can be held this way: both dimensions in whole blocks.
+    pub fn fits(vocab: usize, hidden: usize) -> bool {
+        vocab.is_multiple_of(q8_gemm::BLOCK) && hidden.is_multiple_of(q8_gemm::BLOCK)
+    }
+
+    /// `w: [vocab, hidden]` row-major, in chunks of [`DEFAULT_CHUNK`] rows.
+    pub fn new(w: &[f32], vocab: usize, hidden: usize) -> std::result::Result<Self, Q8Error> {
+        if w.len() != vocab * hidden {
+            return Err(Q8Error::Len {
+                what: "head",
+                expected: vocab * hidden,
+                got: w.len(),
+            });
+        }
+        if !vocab.is_multiple_of(q8_gemm::BLOCK) {
+            return Err(Q8Error::Cols(vocab));
+        }
+        let chunks = (0..vocab)
+            .step_by(DEFAULT_CHUNK)
+            .map(|v0| {
+                let c = DEFAULT_CHUNK.min(vocab - v0);
+                let rows = &w[v0 * hidden..(v0 + c) * hidden];
+                Ok((
+                    Q8Matrix::quantize(rows, c, hidden)?,
+                    Q8Matrix::quantize_transposed(rows, c, hidden)?,
+                ))
+            })
+            .collect::<std::result::Result<_, Q8Error>>()?;
+        Ok(Int8Head {
+            vocab,
+            hidden,
+            chunks,
+        })
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.chunks
+            .iter()
+            .map(|(a, b)| a.size_in_bytes() + b.size_in_bytes())
+            .sum()
+    }
+}
+
+/// How the loop multiplies by the head's chunks.
+enum Products<'a> {
+    /// The head tensor itself, `chunk` rows at a time.
+    Dense {
+        chunk: usize,
+    },
+    Int8(&'a Int8Head),
+}
+
+fn cross_entropy(
+    hidden: &Tensor,
+    head: &Tensor,
+    labels: &Tensor,
+    products: Products<'_>,
 ) -> Result<(Tensor, usize)> {
     let hd = hidden.dim(D::Minus1)?;
     let (vocab, hw) = head.dims2()?;
@@ -103,17 +211,41 @@ pub fn fused_linear_cross_entropy(
     let mut sum_w = want_grad
         .then(|| Tensor::zeros((count, hd), acc, dev))
         .transpose()?;
-    let chunk = chunk.max(1);
-    for v0 in (0..vocab).step_by(chunk) {
+    let q8 = |r: std::result::Result<Vec<f32>, Q8Error>| r.map_err(candle_core::Error::wrap);
+    let (chunk, h_q8) = match products {
+        Products::Dense { chunk } => (chunk.max(1), None),
+        Products::Int8(p) => {
+            let rows = with_cpu_f32(&h_sel, |h| Q8Rows::new(h, count, hd))?;
+            (
+                DEFAULT_CHUNK,
+                Some((p, rows.map_err(candle_core::Error::wrap)?)),
+            )
+        }
+    };
+    for (i, v0) in (0..vocab).step_by(chunk).enumerate() {
         let c = chunk.min(vocab - v0);
         let w_c = head.narrow(0, v0, c)?;
-        let logits = h_sel.matmul(&w_c.t()?)?;
+        let logits = match &h_q8 {
+            None => h_sel.matmul(&w_c.t()?)?,
+            Some((p, h)) => Tensor::from_vec(
+                q8(q8_gemm::matmul_t_rows(h, &p.chunks[i].0))?,
+                (count, c),
+                dev,
+            )?,
+        };
         state = logits.apply_op3_no_bwd(&targets, &state, &ChunkStats { v0 })?;
         if let Some(acc_w) = sum_w.as_mut() {
             // logits ← e^{l − m}, then acc ← acc·α + e^{l−m}·W_c.
             logits.inplace_op2(&state, &ExpShifted)?;
             let alpha = state.narrow(1, 3, 1)?;
-            let pw = logits.matmul(&w_c)?.to_dtype(acc)?;
+            let pw = match &h_q8 {
+                None => logits.matmul(&w_c)?.to_dtype(acc)?,
+                Some((p, _)) => {
+                    let pw =
+                        with_cpu_f32(&logits, |l| q8_gemm::matmul_t(l, count, &p.chunks[i].1))?;
+                    Tensor::from_vec(q8(pw)?, (count, hd), dev)?
+                }
+            };
             *acc_w = (acc_w.broadcast_mul(&alpha)? + pw)?;
         }
     }
@@ -315,6 +447,41 @@ mod tests {
         assert!(fused_linear_cross_entropy(&h, &head, &all_ignored, 4).is_err());
         let bad = Tensor::new(&[11i64, 0, 0, 0, 0], &dev)?;
         assert!(fused_linear_cross_entropy(&h, &head, &bad, 4).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_integer_head_follows_the_exact_loss_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        // Three chunks, the last one partial (2,048 + 2,048 + 64 rows).
+        let (b, t, hd, v) = (2, 9, 128, 2 * DEFAULT_CHUNK + 64);
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1., (b, t, hd), &dev)?)?;
+        let head = Tensor::randn(0f32, 0.1, (v, hd), &dev)?;
+        let mut labels: Vec<i64> = (0..b * t).map(|i| (i * 977 % v) as i64).collect();
+        labels[4] = IGNORE_INDEX;
+        labels[11] = (v - 1) as i64;
+        let lt = Tensor::from_vec(labels.clone(), (b, t), &dev)?;
+        let products = Int8Head::new(&head.flatten_all()?.to_vec1::<f32>()?, v, hd)
+            .map_err(candle_core::Error::wrap)?;
+        assert_eq!(products.chunks.len(), 3);
+        let one = Tensor::ones((), DType::F32, &dev)?;
+        let (loss, dh) = grad_of(&h, &one, |h| {
+            let (loss, count) = fused_linear_cross_entropy_int8(h, &head, &products, &lt)?;
+            assert_eq!(count, b * t - 1);
+            Ok(loss)
+        })?;
+        let (loss_ref, dh_ref) = grad_of(&h, &one, |h| reference(h, &head, &labels))?;
+        // 8-bit blocks of 64 for h, the head and e^{l−m}: about 1/254 of each block's largest
+        // value per element, not the f32 path's 1e-5.
+        assert_close("int8 ce loss", &loss, &loss_ref, 2e-3)?;
+        assert_close("int8 ce dh", &dh, &dh_ref, 5e-3)?;
+        let exact = fused_linear_cross_entropy(h.as_tensor(), &head, &lt, DEFAULT_CHUNK)?.0;
+        assert_ne!(loss.to_scalar::<f32>()?, exact.to_scalar::<f32>()?);
+
+        // A head that is not the one the products hold is refused.
+        let other = Tensor::zeros((v - 64, hd), DType::F32, &dev)?;
+        assert!(fused_linear_cross_entropy_int8(h.as_tensor(), &other, &products, &lt).is_err());
+        assert!(Int8Head::new(&[0.; 65 * 64], 65, 64).is_err());
         Ok(())
     }
 }

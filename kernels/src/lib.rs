@@ -34,7 +34,9 @@ pub mod swiglu_lora;
 #[cfg(test)]
 mod testing;
 
-pub use cross_entropy::{fused_linear_cross_entropy, IGNORE_INDEX};
+pub use cross_entropy::{
+    fused_linear_cross_entropy, fused_linear_cross_entropy_int8, IGNORE_INDEX,
+};
 pub use lora::{
     lora_linear, lora_linear_residual, lora_linear_with, FrozenOperand, Int8Products,
     LoraProjection,

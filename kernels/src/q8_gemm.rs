@@ -213,6 +213,10 @@ impl Q8Rows {
         Ok(Self::quantize(Isa::detect(), x, rows, cols))
     }
 
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.cols.max(1)
+    }
+
     /// The values as rounded, `[rows, cols]` row-major.
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.data.len()];
@@ -361,14 +365,28 @@ const M_CHUNK: usize = 64;
 /// [`matmul_t`] on a given implementation (tests compare them).
 pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &Q8Matrix) -> Result<Vec<f32>, Q8Error> {
     check_len("activation", m * w.cols, x.len())?;
-    let n = w.rows;
-    if m == 0 || n == 0 {
-        return Ok(vec![0f32; m * n]);
+    if m == 0 || w.rows == 0 {
+        return Ok(vec![0f32; m * w.rows]);
     }
+    Ok(product(isa, &Q8Rows::quantize(isa, x, m, w.cols), m, w))
+}
+
+/// `x·Wᵀ` for activations already rounded ([`Q8Rows::new`]): one rounding of `x` serves
+/// several weight matrices (a vocabulary's chunks, say).
+pub fn matmul_t_rows(x: &Q8Rows, w: &Q8Matrix) -> Result<Vec<f32>, Q8Error> {
+    check_len("activation columns", w.cols, x.cols)?;
+    let m = x.rows();
+    if m == 0 || w.rows == 0 {
+        return Ok(vec![0f32; m * w.rows]);
+    }
+    Ok(product(Isa::detect(), x, m, w))
+}
+
+fn product(isa: Isa, xq: &Q8Rows, m: usize, w: &Q8Matrix) -> Vec<f32> {
+    let n = w.rows;
     // Not zeroed: every element is stored below, and zeroing a fresh output of a few MB per
     // product (calloc re-using freed memory clears it) showed as `memset` in the step.
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let xq = Q8Rows::quantize(isa, x, m, w.cols);
     let out = SendPtr(y.as_mut_ptr());
     // Work items: (column panel of up to NR tiles) × (chunk of rows); each writes its own
     // rectangle of y.
@@ -381,13 +399,13 @@ pub fn matmul_t_with(isa: Isa, x: &[f32], m: usize, w: &Q8Matrix) -> Result<Vec<
         let out = &out;
         // SAFETY: each work item writes only y[rows, columns of `tiles`] (within the
         // capacity), disjoint from every other item's, and y outlives the parallel loop.
-        unsafe { panel(isa, &xq, w, rows, tiles, out.0, n) }
+        unsafe { panel(isa, xq, w, rows, tiles, out.0, n) }
     });
     // SAFETY: the work items cover every row chunk times every column panel, and each panel
     // stores every row of its chunk and every column below n of its tiles (all three
     // implementations), so all m·n elements are initialized.
     unsafe { y.set_len(m * n) };
-    Ok(y)
+    y
 }
 
 struct SendPtr(*mut f32);

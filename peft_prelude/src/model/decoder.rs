@@ -13,7 +13,8 @@ use peft_kernels::lora_qkv::HeadShape;
 use super::cache::KvCache;
 use super::config::ModelConfig;
 use super::forward::{Forward, Input};
-use super::linear::{FrozenLinear, Linear};
+use super::head::{FrozenHead, Int8HeadCache};
+use super::linear::{FrozenLinear, FrozenWeight, Linear};
 use super::mask::{attention_bias, mask_rows, segment_rows, AttentionLayout};
 use super::norm::RmsNorm;
 use super::rope::Rope;
@@ -473,6 +474,8 @@ pub struct Model {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Box<dyn Linear>,
+    /// The head on integer products, for losses over a quantized base ([`Model::frozen_head`]).
+    head_int8: Int8HeadCache,
     /// RoPE of full-attention layers (of every layer, unless `local_rope`).
     rope: Rope,
     /// RoPE of sliding-window layers where it differs (Gemma 3).
@@ -603,6 +606,7 @@ impl Model {
             layers,
             norm: norm(weights.norm)?,
             lm_head: Box::new(FrozenLinear::new(lm_head, None)),
+            head_int8: Int8HeadCache::default(),
             rope,
             local_rope,
             device,
@@ -784,18 +788,44 @@ impl Model {
             .reshape((b, t, hidden))?)
     }
 
-    /// The output head's dense weight `[vocab, hidden]` when the head is a plain frozen
-    /// projection (no adapter on it): losses can then fuse the head into the cross-entropy. A
-    /// quantized head is dequantized (transiently: the caller drops it after the loss).
-    pub fn frozen_head_weight(&self) -> Option<Tensor> {
+    /// The output head when it is a plain frozen projection (no adapter on it, no bias):
+    /// losses can then fuse the head into the cross-entropy. Its dense weight `[vocab, hidden]`
+    /// (a quantized head dequantized, transiently: the caller drops it after the loss), and
+    /// when the base's projections are quantized and train on integer products
+    /// ([`peft_kernels::q8_gemm::integer_products`]), the head on integer products too.
+    pub fn frozen_head(&self) -> Option<FrozenHead> {
         let head = self.lm_head.as_any().downcast_ref::<FrozenLinear>()?;
         if head.bias().is_some() {
             return None;
         }
-        match head.frozen_weight() {
-            super::linear::FrozenWeight::Dense(w) => Some(w.clone()),
-            super::linear::FrozenWeight::Quantized(q) => q.dequantize().ok(),
-        }
+        let weight = match head.frozen_weight() {
+            FrozenWeight::Dense(w) => w.clone(),
+            FrozenWeight::Quantized(q) => q.dequantize().ok()?,
+        };
+        let wanted = peft_kernels::q8_gemm::integer_products() && self.base_is_quantized();
+        let int8 = self
+            .head_int8
+            .products(head.frozen_weight(), &weight, wanted);
+        Some(FrozenHead { weight, int8 })
+    }
+
+    /// Whether the head's integer products are kept (see [`frozen_head`](Self::frozen_head)).
+    pub fn holds_integer_head(&self) -> bool {
+        self.head_int8.holds()
+    }
+
+    /// Drops the head's integer products, if kept (rebuilt at the next training batch).
+    pub fn release_integer_head(&self) {
+        self.head_int8.release()
+    }
+
+    /// Whether any of the layers' projections holds a quantized base weight.
+    fn base_is_quantized(&self) -> bool {
+        self.linear_paths()
+            .iter()
+            .filter(|p| *p != "lm_head")
+            .filter_map(|p| self.linear(p).ok())
+            .any(|l| l.base().is_quantized())
     }
 
     /// A fresh cache for decoding with this model.

@@ -16,8 +16,8 @@ use super::{bottleneck, ia3, lora, saved};
 use crate::error::{Error, Result};
 use crate::model::forward::Input;
 use crate::model::{
-    CausalLm, Checkpointed, Checkpointing, Forward, FrozenLinear, KvCache, Linear, Model,
-    ModelConfig,
+    CausalLm, Checkpointed, Checkpointing, Forward, FrozenHead, FrozenLinear, KvCache, Linear,
+    Model, ModelConfig,
 };
 use crate::rng::Rng;
 
@@ -182,6 +182,7 @@ impl PeftModel {
                 l.release_integer_products();
             }
         }
+        self.model.release_integer_head();
     }
 
     fn acting_prompt(&self) -> Option<&PromptLearning> {
@@ -311,8 +312,8 @@ impl PeftModel {
     /// head weight, when the head carries no adapter and no prompt method acts: a loss can
     /// then fuse the head into the cross-entropy, never materialising the logits. `None`: the
     /// loss must go through [`CausalLm::logits`].
-    pub fn hidden_for_loss(&self, args: Forward<'_>) -> Result<Option<(Tensor, Tensor)>> {
-        match (self.model.frozen_head_weight(), self.acting_prompt()) {
+    pub fn hidden_for_loss(&self, args: Forward<'_>) -> Result<Option<(Tensor, FrozenHead)>> {
+        match (self.model.frozen_head(), self.acting_prompt()) {
             (Some(head), None) => Ok(Some((self.model.hidden_states(args)?, head))),
             // Prompt-learning methods keep the logits path (they are small and rare).
             _ => Ok(None),
@@ -328,8 +329,8 @@ impl PeftModel {
         &self,
         args: Forward<'_>,
         checkpointing: impl Into<Checkpointing>,
-    ) -> Result<Option<(Checkpointed, Tensor)>> {
-        match (self.model.frozen_head_weight(), self.acting_prompt()) {
+    ) -> Result<Option<(Checkpointed, FrozenHead)>> {
+        match (self.model.frozen_head(), self.acting_prompt()) {
             (Some(head), None) => Ok(Some((
                 self.model
                     .hidden_states_layered(args, checkpointing.into())?,

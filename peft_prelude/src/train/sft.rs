@@ -11,7 +11,7 @@ use crate::data::collate::{pack_examples, packed_batch, pad_batch, Batch, Packed
 use crate::data::tokenize::{tokenize_dataset, Example, TokenizeOptions};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::model::{CausalLm, Checkpointing};
+use crate::model::{CausalLm, Checkpointing, FrozenHead};
 use crate::peft::PeftModel;
 use crate::tokenizer::Tokenizer;
 
@@ -222,8 +222,9 @@ pub fn batch_gradients(
     Ok((value, count, grads))
 }
 
-/// The frozen head fused into a chunked cross-entropy over next-token labels.
-fn fused_head_loss(hidden: &Tensor, head: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+/// The frozen head fused into a chunked cross-entropy over next-token labels (on integer
+/// products where the head holds them).
+fn fused_head_loss(hidden: &Tensor, head: &FrozenHead, labels: &Tensor) -> Result<(Tensor, usize)> {
     let t = hidden.dim(1)?;
     if t < 2 {
         return Err(Error::InvalidArgument(
@@ -232,13 +233,18 @@ fn fused_head_loss(hidden: &Tensor, head: &Tensor, labels: &Tensor) -> Result<(T
     }
     let h = hidden.narrow(1, 0, t - 1)?;
     let labels = labels.narrow(1, 1, t - 1)?.contiguous()?;
-    let head = head.to_dtype(h.dtype())?;
-    peft_kernels::fused_linear_cross_entropy(
-        &h,
-        &head,
-        &labels,
-        peft_kernels::cross_entropy::DEFAULT_CHUNK,
-    )
+    let weight = head.weight.to_dtype(h.dtype())?;
+    match &head.int8 {
+        Some(products) if h.dtype() == DType::F32 => {
+            peft_kernels::fused_linear_cross_entropy_int8(&h, &weight, products, &labels)
+        }
+        _ => peft_kernels::fused_linear_cross_entropy(
+            &h,
+            &weight,
+            &labels,
+            peft_kernels::cross_entropy::DEFAULT_CHUNK,
+        ),
+    }
     .map_err(|e| match e.to_string() {
         m if m.contains("ignored") => Error::InvalidArgument(m),
         _ => Error::Candle(e),
