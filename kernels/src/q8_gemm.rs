@@ -219,17 +219,23 @@ impl Q8Rows {
 
     /// The values as rounded, `[rows, cols]` row-major.
     pub fn to_f32(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.data.len()];
-        out.par_chunks_mut(BLOCK * 64)
+        // Not zeroed first (`memset` showed in the step): every element is written below.
+        let n = self.data.len();
+        let mut out: Vec<f32> = Vec::with_capacity(n);
+        out.spare_capacity_mut()[..n]
+            .par_chunks_mut(BLOCK * 64)
             .zip(self.data.par_chunks(BLOCK * 64))
             .zip(self.scales.par_chunks(64))
             .for_each(|((out, data), scales)| {
                 for ((out, data), &s) in out.chunks_mut(BLOCK).zip(data.chunks(BLOCK)).zip(scales) {
                     for (o, &u) in out.iter_mut().zip(data) {
-                        *o = (u as i32 - 128) as f32 * s;
+                        o.write((u as i32 - 128) as f32 * s);
                     }
                 }
             });
+        // SAFETY: `data` holds whole blocks of BLOCK values (one scale each), so the loop above
+        // wrote all n elements.
+        unsafe { out.set_len(n) };
         out
     }
 
@@ -240,12 +246,31 @@ impl Q8Rows {
 
     fn quantize(isa: Isa, x: &[f32], rows: usize, cols: usize) -> Self {
         let blocks = cols / BLOCK;
-        let mut data = vec![0u8; rows * cols];
-        let mut scales = vec![0f32; rows * blocks];
-        data.par_chunks_mut(cols)
-            .zip(scales.par_chunks_mut(blocks))
-            .zip(x.par_chunks(cols))
-            .for_each(|((data, scales), x)| quantize_row(isa, x, data, scales));
+        // Not zeroed first (`memset` showed in the step): every byte and scale is written.
+        let mut data: Vec<u8> = Vec::with_capacity(rows * cols);
+        let mut scales: Vec<f32> = Vec::with_capacity(rows * blocks);
+        if cols > 0 {
+            data.spare_capacity_mut()[..rows * cols]
+                .par_chunks_mut(cols)
+                .zip(scales.spare_capacity_mut()[..rows * blocks].par_chunks_mut(blocks))
+                .zip(x.par_chunks(cols))
+                .for_each(|((data, scales), x)| {
+                    // SAFETY: one row: `cols` bytes and `blocks` scales, both writable.
+                    unsafe {
+                        quantize_row_raw(
+                            isa,
+                            x,
+                            data.as_mut_ptr().cast(),
+                            scales.as_mut_ptr().cast(),
+                        )
+                    }
+                });
+        }
+        // SAFETY: quantize_row_raw wrote every row's bytes and scales.
+        unsafe {
+            data.set_len(rows * cols);
+            scales.set_len(rows * blocks);
+        }
         Q8Rows {
             cols,
             blocks,
@@ -257,21 +282,34 @@ impl Q8Rows {
 
 /// One row of `blocks · 64` values to offset 8-bit blocks and their scales.
 fn quantize_row(isa: Isa, x: &[f32], data: &mut [u8], scales: &mut [f32]) {
+    assert!(data.len() == x.len() && scales.len() * BLOCK == x.len());
+    // SAFETY: the slices are as long as the row needs (checked above).
+    unsafe { quantize_row_raw(isa, x, data.as_mut_ptr(), scales.as_mut_ptr()) }
+}
+
+/// [`quantize_row`] into memory that need not be initialised.
+///
+/// # Safety
+/// `x.len()` is a multiple of [`BLOCK`]; `data` is valid for writes of `x.len()` bytes and
+/// `scales` of `x.len() / BLOCK` values. All of them are written.
+unsafe fn quantize_row_raw(isa: Isa, x: &[f32], data: *mut u8, scales: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     match isa {
         // SAFETY: the CPU has AVX-512 / AVX2 (these ISAs are only chosen when it does); the
-        // three slices are one row of `blocks · 64` values.
-        Isa::Avx512Vnni => return unsafe { vnni::quantize_row(x, data, scales) },
-        Isa::AvxVnni => return unsafe { avx_vnni::quantize_row(x, data, scales) },
+        // pointers as the caller promises.
+        Isa::Avx512Vnni => return vnni::quantize_row(x, data, scales),
+        Isa::AvxVnni => return avx_vnni::quantize_row(x, data, scales),
         Isa::Generic => {}
     }
     let _ = isa;
     let mut q = [0i8; BLOCK];
-    for (b, scale) in scales.iter_mut().enumerate() {
+    for b in 0..x.len() / BLOCK {
         let xs = &x[b * BLOCK..(b + 1) * BLOCK];
-        *scale = quantize_block(xs.iter().copied(), &mut q);
-        for (o, &v) in data[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(&q) {
-            *o = (v as i16 + 128) as u8;
+        scales
+            .add(b)
+            .write(quantize_block(xs.iter().copied(), &mut q));
+        for (i, &v) in q.iter().enumerate() {
+            data.add(b * BLOCK + i).write((v as i16 + 128) as u8);
         }
     }
 }
@@ -509,23 +547,28 @@ mod vnni {
 
     /// One row of activations to offset 8-bit blocks, exactly as [`Q8Rows::quantize`]'s
     /// scalar loop does it (the same multiply, rounding half to even).
+    ///
+    /// # Safety
+    /// As [`super::quantize_row_raw`]; the CPU has AVX512F and AVX512BW.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quantize_row(x: &[f32], data: &mut [u8], scales: &mut [f32]) {
+    pub(super) unsafe fn quantize_row(x: &[f32], data: *mut u8, scales: *mut f32) {
         let offset = _mm512_set1_epi32(128);
-        for (b, scale) in scales.iter_mut().enumerate() {
+        for b in 0..x.len() / BLOCK {
             let xs = x.as_ptr().add(b * BLOCK);
             let v: [__m512; 4] = std::array::from_fn(|i| _mm512_loadu_ps(xs.add(16 * i)));
             let amax = _mm512_reduce_max_ps(_mm512_max_ps(
                 _mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
                 _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3])),
             ));
-            let out = data.as_mut_ptr().add(b * BLOCK);
+            let out = data.add(b * BLOCK);
             if amax == 0.0 || !amax.is_finite() {
                 std::ptr::write_bytes(out, 128, BLOCK);
-                *scale = if amax.is_finite() { 0.0 } else { f32::NAN };
+                scales
+                    .add(b)
+                    .write(if amax.is_finite() { 0.0 } else { f32::NAN });
                 continue;
             }
-            *scale = amax / 127.0;
+            scales.add(b).write(amax / 127.0);
             let inv = _mm512_set1_ps(127.0 / amax);
             for (i, v) in v.iter().enumerate() {
                 let q = _mm512_cvtps_epi32(_mm512_mul_ps(*v, inv));
@@ -631,8 +674,11 @@ mod avx_vnni {
 
     /// One row of activations to offset 8-bit blocks, exactly as the scalar loop does it (the
     /// same multiply, rounding half to even).
+    ///
+    /// # Safety
+    /// As [`super::quantize_row_raw`]; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn quantize_row(x: &[f32], data: &mut [u8], scales: &mut [f32]) {
+    pub(super) unsafe fn quantize_row(x: &[f32], data: *mut u8, scales: *mut f32) {
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         let (lo, hi, offset) = (
             _mm256_set1_epi32(-127),
@@ -641,7 +687,7 @@ mod avx_vnni {
         );
         // packus interleaves 128-bit lanes: this gathers the 4-byte groups back in order.
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        for (b, scale) in scales.iter_mut().enumerate() {
+        for b in 0..x.len() / BLOCK {
             let xs = x.as_ptr().add(b * BLOCK);
             let v: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(xs.add(8 * i)));
             let mut m = _mm256_and_ps(v[0], abs_mask);
@@ -651,13 +697,15 @@ mod avx_vnni {
             let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
             let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
             let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
-            let out = data.as_mut_ptr().add(b * BLOCK);
+            let out = data.add(b * BLOCK);
             if amax == 0.0 || !amax.is_finite() {
                 std::ptr::write_bytes(out, 128, BLOCK);
-                *scale = if amax.is_finite() { 0.0 } else { f32::NAN };
+                scales
+                    .add(b)
+                    .write(if amax.is_finite() { 0.0 } else { f32::NAN });
                 continue;
             }
-            *scale = amax / 127.0;
+            scales.add(b).write(amax / 127.0);
             let inv = _mm256_set1_ps(127.0 / amax);
             let q: [__m256i; 8] = std::array::from_fn(|i| {
                 let q = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
