@@ -19,7 +19,7 @@ use peft_prelude::peft::{get_peft_model, LoraConfig, LoraInit, PeftModel};
 use peft_prelude::quant::nf4::{double_quantize, quantize_blocks};
 use peft_prelude::quant::{bnb, Absmax, Nf4Weight, Quantization, QuantizedWeight};
 use peft_prelude::train::causal_lm_loss;
-use peft_prelude::train::sft::batch_gradients;
+use peft_prelude::train::sft::{batch_gradients, batch_loss};
 use peft_tests::{assert_logits_match, fixture, tensors};
 
 const TOL: f32 = 1e-4;
@@ -325,13 +325,11 @@ fn lora_difference(quantized: Model, dense: Model) -> (f32, f32, f32) {
     (fwd, worst, largest)
 }
 
-/// The trainers' fused head loss (`batch_gradients`, the path every SFT step takes) over
-/// `quantized` against `dense`: `(loss difference, largest adapter-gradient difference, the
-/// dense model's loss)`.
-fn fused_loss_difference(quantized: &PeftModel, dense: &PeftModel) -> (f32, f32, f32) {
+/// The reference input as one training batch, every next token counted.
+fn whole_batch() -> Batch {
     let ids = input_ids();
     let (b, t) = ids.dims2().unwrap();
-    let batch = Batch {
+    Batch {
         labels: ids.to_dtype(DType::I64).unwrap(),
         input_ids: ids,
         attention_mask: None,
@@ -339,7 +337,14 @@ fn fused_loss_difference(quantized: &PeftModel, dense: &PeftModel) -> (f32, f32,
         segment_ids: None,
         num_tokens: b * t,
         num_label_tokens: b * (t - 1),
-    };
+    }
+}
+
+/// The trainers' fused head loss (`batch_gradients`, the path every SFT step takes) over
+/// `quantized` against `dense`: `(loss difference, largest adapter-gradient difference, the
+/// dense model's loss)`.
+fn fused_loss_difference(quantized: &PeftModel, dense: &PeftModel) -> (f32, f32, f32) {
+    let batch = whole_batch();
     let run = |m: &PeftModel| {
         m.train();
         let vars: Vec<_> = m.trainable_vars().into_iter().map(|(_, v)| v).collect();
@@ -411,7 +416,17 @@ fn qlora_forward_and_gradients_match_the_dense_model() {
         peft_prelude::quant::integer_products()
     );
     assert!(!dense_peft.model().holds_integer_head());
+    // An evaluation (the layers' f32 products) leaves them for the next training batch.
+    quantized.eval();
+    batch_loss(&quantized, &whole_batch()).unwrap();
+    assert_eq!(
+        quantized.model().holds_integer_head(),
+        peft_prelude::quant::integer_products()
+    );
     quantized.release_training_buffers();
+    assert!(!quantized.model().holds_integer_head());
+    // ... and builds none.
+    batch_loss(&quantized, &whole_batch()).unwrap();
     assert!(!quantized.model().holds_integer_head());
     // A training batch builds the integer products (where the CPU has the kernel); releasing
     // the training buffers drops every one of them.

@@ -791,9 +791,10 @@ impl Model {
     /// The output head when it is a plain frozen projection (no adapter on it, no bias):
     /// losses can then fuse the head into the cross-entropy. Its dense weight `[vocab, hidden]`
     /// (a quantized head dequantized, transiently: the caller drops it after the loss), and
-    /// when the base's projections are quantized and train on integer products
-    /// ([`peft_kernels::q8_gemm::integer_products`]), the head on integer products too.
-    pub fn frozen_head(&self) -> Option<FrozenHead> {
+    /// for a `training` batch when the base's projections are quantized and train on integer
+    /// products ([`peft_kernels::q8_gemm::integer_products`]), the head on integer products
+    /// too (an evaluation, like the layers', keeps the f32 products and leaves kept ones be).
+    pub fn frozen_head(&self, training: bool) -> Option<FrozenHead> {
         let head = self.lm_head.as_any().downcast_ref::<FrozenLinear>()?;
         if head.bias().is_some() {
             return None;
@@ -805,7 +806,7 @@ impl Model {
         let wanted = peft_kernels::q8_gemm::integer_products() && self.base_is_quantized();
         let int8 = self
             .head_int8
-            .products(head.frozen_weight(), &weight, wanted);
+            .products(head.frozen_weight(), &weight, wanted, training);
         Some(FrozenHead { weight, int8 })
     }
 

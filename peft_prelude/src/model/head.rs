@@ -52,12 +52,14 @@ pub(crate) struct Int8HeadCache(Mutex<Option<(Source, Arc<Int8Head>)>>);
 impl Int8HeadCache {
     /// The products for `head` (whose dense values are `dense`), or `None` where they do not
     /// apply: `wanted` false (a dense base, or integer products off or slower on this CPU),
-    /// not f32 on the CPU, or a shape out of whole blocks.
+    /// not f32 on the CPU, or a shape out of whole blocks (kept products are then dropped);
+    /// or not `training` (kept products stay for the next training batch).
     pub(crate) fn products(
         &self,
         head: &FrozenWeight,
         dense: &Tensor,
         wanted: bool,
+        training: bool,
     ) -> Option<Arc<Int8Head>> {
         let mut kept = self.0.lock().expect("not poisoned");
         let (vocab, hidden) = dense.dims2().ok()?;
@@ -67,6 +69,9 @@ impl Int8HeadCache {
             && Int8Head::fits(vocab, hidden))
         {
             *kept = None;
+            return None;
+        }
+        if !training {
             return None;
         }
         if let Some((source, products)) = kept.as_ref() {

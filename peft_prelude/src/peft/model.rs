@@ -313,7 +313,10 @@ impl PeftModel {
     /// then fuse the head into the cross-entropy, never materialising the logits. `None`: the
     /// loss must go through [`CausalLm::logits`].
     pub fn hidden_for_loss(&self, args: Forward<'_>) -> Result<Option<(Tensor, FrozenHead)>> {
-        match (self.model.frozen_head(), self.acting_prompt()) {
+        match (
+            self.model.frozen_head(self.switch.get().training),
+            self.acting_prompt(),
+        ) {
             (Some(head), None) => Ok(Some((self.model.hidden_states(args)?, head))),
             // Prompt-learning methods keep the logits path (they are small and rare).
             _ => Ok(None),
@@ -330,7 +333,10 @@ impl PeftModel {
         args: Forward<'_>,
         checkpointing: impl Into<Checkpointing>,
     ) -> Result<Option<(Checkpointed, FrozenHead)>> {
-        match (self.model.frozen_head(), self.acting_prompt()) {
+        match (
+            self.model.frozen_head(self.switch.get().training),
+            self.acting_prompt(),
+        ) {
             (Some(head), None) => Ok(Some((
                 self.model
                     .hidden_states_layered(args, checkpointing.into())?,
