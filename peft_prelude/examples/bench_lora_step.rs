@@ -156,6 +156,8 @@ fn main() -> anyhow::Result<()> {
             "frozen_weight_protection": protected,
             "gradient_checkpointing": format!("{checkpointing:?}"),
             "integer_products": peft_prelude::quant::integer_products() && base != "dense-f32",
+            // Whether the fused loss multiplied by the head on integer products too.
+            "integer_head": peft.model().holds_integer_head(),
             "batch": batch,
             "seq": seq,
             "rank": rank,
