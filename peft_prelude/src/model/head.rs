@@ -79,6 +79,8 @@ impl Int8HeadCache {
                 return Some(Arc::clone(products));
             }
         }
+        // Another head's products go first, not after the new ones are built.
+        *kept = None;
         // A head that cannot be read keeps the f32 path, which reports the error.
         let values = dense.flatten_all().ok()?.to_vec1::<f32>().ok()?;
         let products = Arc::new(Int8Head::new(&values, vocab, hidden).ok()?);
@@ -89,9 +91,7 @@ impl Int8HeadCache {
         *kept = Some((source, Arc::clone(&products)));
         Some(products)
     }
-}
 
-impl Int8HeadCache {
     /// Whether products are kept.
     pub(crate) fn holds(&self) -> bool {
         self.0.lock().expect("not poisoned").is_some()
