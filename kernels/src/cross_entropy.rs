@@ -17,7 +17,8 @@ use candle_core::{
 use rayon::prelude::*;
 
 use crate::common::{cpu_dtype, dispatch_float, slice, with_cpu_f32, Float};
-use crate::q8_gemm::{self, Q8Error, Q8Matrix, Q8Rows};
+use crate::lora::Int8Products;
+use crate::q8_gemm::{self, Q8Error, Q8Rows};
 
 /// The label value that excludes a token from the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -73,13 +74,13 @@ pub fn fused_linear_cross_entropy_int8(
     cross_entropy(hidden, head, labels, Products::Int8(products))
 }
 
-/// A frozen head `[vocab, hidden]` held for the integer GEMM, vocabulary chunk by chunk: each
-/// chunk's rows as they are (for `h·W_cᵀ`) and transposed, in blocks along the vocabulary
-/// (for `p·W_c`). Two bytes and a bit per weight.
+/// A frozen head `[vocab, hidden]` held for the integer GEMM, vocabulary chunk by chunk, each
+/// chunk as a frozen layer's weight is ([`Int8Products`]: its rows for `h·W_cᵀ`, transposed
+/// for `p·W_c`). Two bytes and a bit per weight.
 pub struct Int8Head {
     vocab: usize,
     hidden: usize,
-    chunks: Vec<(Q8Matrix, Q8Matrix)>,
+    chunks: Vec<Int8Products>,
 }
 
 impl std::fmt::Debug for Int8Head {
@@ -110,11 +111,7 @@ impl Int8Head {
             .step_by(DEFAULT_CHUNK)
             .map(|v0| {
                 let c = DEFAULT_CHUNK.min(vocab - v0);
-                let rows = &w[v0 * hidden..(v0 + c) * hidden];
-                Ok((
-                    Q8Matrix::quantize(rows, c, hidden)?,
-                    Q8Matrix::quantize_transposed(rows, c, hidden)?,
-                ))
+                Int8Products::new(&w[v0 * hidden..(v0 + c) * hidden], c, hidden)
             })
             .collect::<std::result::Result<_, Q8Error>>()?;
         Ok(Int8Head {
@@ -125,10 +122,7 @@ impl Int8Head {
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        self.chunks
-            .iter()
-            .map(|(a, b)| a.size_in_bytes() + b.size_in_bytes())
-            .sum()
+        self.chunks.iter().map(Int8Products::size_in_bytes).sum()
     }
 }
 
@@ -211,7 +205,6 @@ fn cross_entropy(
     let mut sum_w = want_grad
         .then(|| Tensor::zeros((count, hd), acc, dev))
         .transpose()?;
-    let q8 = |r: std::result::Result<Vec<f32>, Q8Error>| r.map_err(candle_core::Error::wrap);
     let (chunk, h_q8) = match products {
         Products::Dense { chunk } => (chunk.max(1), None),
         Products::Int8(p) => {
@@ -227,11 +220,7 @@ fn cross_entropy(
         let w_c = head.narrow(0, v0, c)?;
         let logits = match &h_q8 {
             None => h_sel.matmul(&w_c.t()?)?,
-            Some((p, h)) => Tensor::from_vec(
-                q8(q8_gemm::matmul_t_rows(h, &p.chunks[i].0))?,
-                (count, c),
-                dev,
-            )?,
+            Some((p, h)) => Tensor::from_vec(p.chunks[i].forward_rows(h)?, (count, c), dev)?,
         };
         state = logits.apply_op3_no_bwd(&targets, &state, &ChunkStats { v0 })?;
         if let Some(acc_w) = sum_w.as_mut() {
@@ -240,11 +229,7 @@ fn cross_entropy(
             let alpha = state.narrow(1, 3, 1)?;
             let pw = match &h_q8 {
                 None => logits.matmul(&w_c)?.to_dtype(acc)?,
-                Some((p, _)) => {
-                    let pw =
-                        with_cpu_f32(&logits, |l| q8_gemm::matmul_t(l, count, &p.chunks[i].1))?;
-                    Tensor::from_vec(q8(pw)?, (count, hd), dev)?
-                }
+                Some((p, _)) => p.chunks[i].input_gradient(&logits)?,
             };
             *acc_w = (acc_w.broadcast_mul(&alpha)? + pw)?;
         }

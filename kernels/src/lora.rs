@@ -16,7 +16,7 @@ use candle_core::{
 };
 
 use crate::common::{cpu_dtype, cpu_tensor, dispatch_float, slice, Float};
-use crate::q8_gemm::{Q8Error, Q8Matrix};
+use crate::q8_gemm::{Q8Error, Q8Matrix, Q8Rows};
 
 /// The frozen weight of a fused LoRA layer: dense, or rebuilt whenever a product needs it (a
 /// quantized base dequantized for the forward and again for the backward, one layer at a
@@ -75,8 +75,14 @@ impl Int8Products {
         crate::q8_gemm::matmul_t(x, m, &self.forward).map_err(candle_core::Error::wrap)
     }
 
+    /// `x·Wᵀ` for activations already rounded to 8 bits (one rounding serving several
+    /// products: the vocabulary chunks of a head).
+    pub(crate) fn forward_rows(&self, x: &Q8Rows) -> Result<Vec<f32>> {
+        crate::q8_gemm::matmul_t_rows(x, &self.forward).map_err(candle_core::Error::wrap)
+    }
+
     /// `dy·W` for `dy: [m, out]`, as a `[m, in]` tensor on the CPU.
-    fn input_gradient(&self, dy: &Tensor) -> Result<Tensor> {
+    pub(crate) fn input_gradient(&self, dy: &Tensor) -> Result<Tensor> {
         let m = dy.dims2()?.0;
         let dx = crate::common::with_cpu_f32(&dy.to_dtype(DType::F32)?, |dy| {
             crate::q8_gemm::matmul_t(dy, m, &self.backward)
